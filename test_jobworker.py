@@ -1,0 +1,765 @@
+"""Tests of jobworker, grouped by the sections of jobworker.py. Real cgroups, real processes.
+
+Every cgroup a test makes lives under one parent made for this test run
+(jobworker-test-<pid>, below this process's own cgroup in each hierarchy) and is removed
+afterwards, also on failure.
+"""
+
+import errno
+import itertools
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+import jobworker as jw
+
+RUN_PARENT = f"jobworker-test-{os.getpid()}"
+_counter = itertools.count()
+
+
+def _unified_mount():
+    for mountpoint, fstype, _, _ in jw._mounts("/proc/self/mountinfo"):
+        if fstype == "cgroup2":
+            return mountpoint
+    return None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cgroup_run_parent():
+    assert os.geteuid() == 0, "the tests need root: they create cgroups and run jobs"
+    yield RUN_PARENT
+    jw.detect_cgroups(RUN_PARENT).remove_parent()
+
+
+def _make_manager(tmp_path, **kw):
+    driver = kw.pop("cgroups", None) or jw.detect_cgroups(f"{RUN_PARENT}/t{next(_counter)}")
+    return jw.JobManager(str(tmp_path / "state"), driver, **kw), driver
+
+
+@pytest.fixture
+def manager(tmp_path):
+    m, driver = _make_manager(tmp_path)
+    yield m
+    m.close(grace=0)
+    driver.remove_parent()
+
+
+def output(m, job_id, offset=0):
+    """(stdout bytes, stderr bytes, chunks) of a job, following it until it is final."""
+    chunks = list(m.follow(job_id, offset))
+    out = b"".join(c.data for c in chunks if c.stream == jw.STDOUT)
+    err = b"".join(c.data for c in chunks if c.stream == jw.STDERR)
+    return out, err, chunks
+
+
+def wait_final(m, job_id, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = m.status(job_id)
+        if s.state in jw.FINAL_STATES:
+            return s
+        time.sleep(0.02)
+    raise AssertionError(f"job {job_id} still running after {timeout}s")
+
+
+def wait_for(predicate, timeout=10, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def pid_alive(pid):
+    """True unless the pid is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def zombies_of(pid):
+    kids = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            kids += [int(p) for p in f.read().split()]
+    return [k for k in kids if not pid_alive(k)]
+
+
+def cpu_share(m, job_id, seconds):
+    """Fraction of one CPU the job used over `seconds` of wall time."""
+    before = m.status(job_id).usage["cpu_seconds"]
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    used = m.status(job_id).usage["cpu_seconds"] - before
+    return used / (time.monotonic() - t0)
+
+
+# ================================================================================================
+# Limits
+# ================================================================================================
+
+@pytest.mark.parametrize("text,expected", [
+    ("50%", 50.0), ("150%", 150.0), ("1%", 1.0), ("12.5%", 12.5), (" 50 % ", 50.0), ("", None)])
+def test_cpu_quota_parses_systemd_percent(text, expected):
+    if expected and expected > 100 * os.cpu_count():
+        pytest.skip("needs more CPUs")
+    assert jw.parse_cpu_quota(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0%", "-5%", "abc", "50", "0.5%", "50%%", "1e3%", "%"])
+def test_cpu_quota_rejects_bad_values_naming_the_field(text):
+    with pytest.raises(jw.InvalidArgument) as e:
+        jw.parse_cpu_quota(text)
+    assert e.value.field == "cpu_quota" and "50%" in str(e.value)
+
+
+def test_cpu_quota_above_host_cpus_is_rejected():
+    too_many = f"{os.cpu_count() * 100 + 1}%"
+    with pytest.raises(jw.InvalidArgument, match="on this host"):
+        jw.parse_cpu_quota(too_many)
+    assert jw.parse_cpu_quota(f"{os.cpu_count() * 100}%") == os.cpu_count() * 100
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("256M", 256 << 20), ("256m", 256 << 20), ("1G", 1 << 30), ("4096", 4096), ("64K", 64 << 10),
+    ("1.5G", 3 << 29), ("256MB", 256 << 20), ("256MiB", 256 << 20), ("1T", 1 << 40), ("", None)])
+def test_memory_parses_base_1024(text, expected):
+    assert jw.parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0", "4095", "1K", "abc", "-5M", "10XB", "M", "256 MBs"])
+def test_memory_rejects_bad_values(text):
+    with pytest.raises(jw.InvalidArgument) as e:
+        jw.parse_memory(text)
+    assert e.value.field == "memory_limit" and "256M" in str(e.value)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("10MB/s", 10_000_000), ("10M", 10_000_000), ("10mb/s", 10_000_000), ("1GB/s", 10 ** 9),
+    ("10MiB/s", 10 << 20), ("500KB/s", 500_000), ("4096", 4096), ("", None)])
+def test_disk_io_parses_systemd_units(text, expected):
+    assert jw.parse_disk_io(text) == expected
+
+
+@pytest.mark.parametrize("text", ["10XB/s", "0", "abc", "-1MB/s", "10MB/h", "100", "iB/s"])
+def test_disk_io_rejects_bad_values(text):
+    with pytest.raises(jw.InvalidArgument) as e:
+        jw.parse_disk_io(text)
+    assert e.value.field == "disk_io" and "10MB/s" in str(e.value)
+
+
+def test_pids_parse():
+    assert jw.parse_pids("100") == 100 and jw.parse_pids("") is None
+    for bad in ["-1", "abc", "1.5", str(jw.MAX_PIDS + 1)]:
+        with pytest.raises(jw.InvalidArgument, match="pids"):
+            jw.parse_pids(bad)
+
+
+@pytest.mark.parametrize("bad", ["..", "../x", "a/b", "x\0y", "A" * 10_000, "",
+                                 "6F9619FF-8B86-D011-B42D-00C04FC964FF"])
+def test_job_id_validated_before_any_path_use(bad, manager):
+    with pytest.raises(jw.InvalidArgument):
+        jw.validate_job_id(bad)
+    with pytest.raises(jw.InvalidArgument):
+        manager.status(bad)
+    with pytest.raises(jw.InvalidArgument):
+        manager.cgroups.job(bad)
+
+
+def test_unknown_job_is_not_found(manager):
+    with pytest.raises(jw.JobNotFound):
+        manager.status("6f9619ff-8b86-4011-b42d-00c04fc964ff")
+
+
+def test_bad_limits_create_nothing(manager):
+    with pytest.raises(jw.InvalidArgument):
+        jw.parse_limits(cpu="50%", memory="10XB")
+    assert manager.list() == [] and manager.cgroups.leftover_job_ids() == []
+
+
+def test_huge_argv_is_refused_before_anything_is_created(manager):
+    with pytest.raises(jw.CapReached):
+        manager.start("echo", ["x" * (jw.MAX_ARGV_BYTES + 1)])
+    with pytest.raises(jw.CapReached):
+        manager.start("echo", ["x"] * jw.MAX_ARGS)
+    with pytest.raises(jw.InvalidArgument):
+        manager.start("echo", ["a\0b"])
+    assert manager.list() == [] and manager.cgroups.leftover_job_ids() == []
+
+
+# ================================================================================================
+# Cgroups
+# ================================================================================================
+
+def test_detect_hybrid_layout(tmp_path):
+    (tmp_path / "mountinfo").write_text(
+        "32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n"
+        "35 31 0:32 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
+        "36 31 0:33 / /sys/fs/cgroup/cpuset rw - cgroup cgroup rw,cpuset\n"
+        "41 31 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n")
+    (tmp_path / "cgroup").write_text(
+        "4:memory:/user.slice\n3:cpuset:/\n2:cpu,cpuacct:/system.slice/x.service\n0::/system.slice/x.service\n")
+    d = jw.detect_cgroups("jw", str(tmp_path / "mountinfo"), str(tmp_path / "cgroup"))
+    assert d.version == 1
+    assert d.parents == {"cpu": "/sys/fs/cgroup/cpu,cpuacct/system.slice/x.service/jw",
+                         "cpuacct": "/sys/fs/cgroup/cpu,cpuacct/system.slice/x.service/jw",
+                         "memory": "/sys/fs/cgroup/memory/user.slice/jw"}
+    assert d.unified_parent == "/sys/fs/cgroup/unified/system.slice/x.service/jw"
+    job = d.job("6f9619ff-8b86-4011-b42d-00c04fc964ff")
+    assert len(job.procs_files) == 3   # co-mounted cpu,cpuacct joined once
+
+
+def test_detect_pure_v2_layout(tmp_path):
+    (tmp_path / "mountinfo").write_text(
+        "30 23 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n")
+    (tmp_path / "cgroup").write_text("0::/system.slice/jobworker.service\n")
+    d = jw.detect_cgroups("jobworker", str(tmp_path / "mountinfo"), str(tmp_path / "cgroup"))
+    assert d.version == 2
+    assert d.parent == "/sys/fs/cgroup/system.slice/jobworker.service/jobworker"
+
+
+def test_detect_refuses_escaping_parent():
+    for bad in ["/abs", "../up", "a/../../b"]:
+        with pytest.raises(jw.InvalidArgument):
+            jw.detect_cgroups(bad)
+
+
+def test_v2_controller_files_written_exactly(tmp_path):
+    cg = jw.CgroupV2(str(tmp_path))
+    for name in ["cpu.max", "memory.max", "memory.swap.max", "io.max", "pids.max"]:
+        (tmp_path / name).write_text("")
+    cg.set_limits(jw.parse_limits("50%", "256M", "10MB/s", "100"), ["254:0"])
+    assert (tmp_path / "cpu.max").read_text() == "50000 100000"
+    assert (tmp_path / "memory.max").read_text() == str(256 << 20)
+    assert (tmp_path / "memory.swap.max").read_text() == "0"
+    assert (tmp_path / "io.max").read_text() == "254:0 rbps=10000000 wbps=10000000"
+    assert (tmp_path / "pids.max").read_text() == "100"
+    (tmp_path / "pids.max").unlink()
+    with pytest.raises(jw.CgroupError, match="pids.max"):
+        cg.set_limits(jw.Limits(pids=5), [])
+
+
+def test_v2_setup_moves_server_into_leaf_and_enables_controllers(tmp_path):
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    (own / "cgroup.subtree_control").write_text("")
+    (own / "cgroup.procs").write_text(f"{os.getpid()}\n")
+    real_makedirs = os.makedirs
+
+    def makedirs(path, *a, **kw):   # a real cgroupfs fills new dirs with its files
+        real_makedirs(path, *a, **kw)
+        for name, text in [("cgroup.controllers", "cpu io memory pids"),
+                           ("cgroup.subtree_control", ""), ("cgroup.procs", "")]:
+            p = os.path.join(path, name)
+            if not os.path.exists(p):
+                open(p, "w").write(text)
+    os.makedirs = makedirs
+    try:
+        jw.CgroupV2Driver(str(own), "jobworker").setup()
+    finally:
+        os.makedirs = real_makedirs
+    assert (own / "server" / "cgroup.procs").read_text() == str(os.getpid())
+    assert (own / "cgroup.subtree_control").read_text() == "+cpu +memory +io +pids"
+    assert (own / "jobworker" / "cgroup.subtree_control").read_text() == "+cpu +memory +io +pids"
+
+
+def test_block_devices_skip_virtual_disks(tmp_path):
+    for name, size, dev in [("vda", "100", "254:0"), ("loop0", "100", "7:0"),
+                            ("zram0", "0", "253:0"), ("sr0", "0", "11:0"), ("ram0", "8", "1:0")]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "size").write_text(size)
+        (tmp_path / name / "dev").write_text(dev + "\n")
+    assert jw.block_devices(str(tmp_path)) == ["254:0"]
+
+
+def test_v1_limit_files_hold_exactly_the_requested_values(manager):
+    limits = jw.parse_limits("50%", "256M", "10MB/s", "77")
+    job = manager.start("sleep", ["60"], limits)
+    cg = manager.cgroups.job(job.id)
+    read = lambda c, f: open(f"{cg.dirs[c]}/{f}").read().strip()
+    assert read("cpu", "cpu.cfs_quota_us") == "50000"
+    assert read("cpu", "cpu.cfs_period_us") == "100000"
+    assert read("memory", "memory.limit_in_bytes") == str(256 << 20)
+    if os.path.exists(f"{cg.dirs['memory']}/memory.memsw.limit_in_bytes"):
+        assert read("memory", "memory.memsw.limit_in_bytes") == str(256 << 20)
+    expected = sorted(f"{dev} 10000000" for dev in jw.block_devices())
+    assert expected, "this host should have a disk to throttle"
+    assert sorted(read("blkio", "blkio.throttle.read_bps_device").splitlines()) == expected
+    assert sorted(read("blkio", "blkio.throttle.write_bps_device").splitlines()) == expected
+    assert read("pids", "pids.max") == "77"
+    manager.stop(job.id, grace=0)
+
+
+def test_default_pids_limit_applies(manager):
+    job = manager.start("sleep", ["60"])
+    assert job.limits.pids == jw.DEFAULT_PIDS_LIMIT
+    assert open(f"{manager.cgroups.job(job.id).dirs['pids']}/pids.max").read().strip() == \
+        str(jw.DEFAULT_PIDS_LIMIT)
+    manager.stop(job.id, grace=0)
+
+
+def test_child_is_in_every_job_cgroup_before_exec(manager):
+    job = manager.start("cat", ["/proc/self/cgroup"])
+    out, _, _ = output(manager, job.id)
+    lines = {line.split(":", 2)[1]: line.split(":", 2)[2] for line in out.decode().splitlines()}
+    drv = manager.cgroups
+    for controller in drv.parents:
+        key = next(k for k in lines if controller in k.split(","))
+        assert lines[key].endswith(f"/{job.id}"), (controller, lines[key])
+    if drv.unified_parent:
+        assert lines[""].endswith(f"/{job.id}")
+
+
+def test_unified_mount_mechanics_create_attach_kill_events_remove(tmp_path):
+    """The v2 implementation on this host's real cgroup2 mount (no controllers here)."""
+    mount = _unified_mount()
+    if mount is None:
+        pytest.skip("no cgroup2 mount on this host")
+    own = jw._join(mount, "/", jw._own_cgroups("/proc/self/cgroup")["unified"])
+    driver = jw.CgroupV2Driver(own, f"{RUN_PARENT}-v2")
+    m = jw.JobManager(str(tmp_path / "state"), driver, default_pids=None)
+    try:
+        job = m.start("sh", ["-c", "trap '' TERM; cat /proc/self/cgroup; setsid sleep 600 & echo $!; "
+                                   "sleep 600"])
+        cg = driver.job(job.id)
+        wait_for(lambda: len(cg.pids()) == 3, what="three processes in the job cgroup")
+        events = open(f"{cg.path}/cgroup.events").read()
+        assert "populated 1" in events
+        stopped = m.stop(job.id, grace=0)
+        assert stopped.state == jw.STOPPED and stopped.signal == signal.SIGKILL
+        out, _, _ = output(m, job.id)
+        lines = out.decode().splitlines()
+        assert f"0::{own[len(mount):].rstrip('/')}/{RUN_PARENT}-v2/{job.id}" in lines
+        assert not pid_alive(int(lines[-1]))
+        assert not os.path.exists(cg.path)
+    finally:
+        m.close(grace=0)
+        driver.remove_parent()
+
+
+def test_v1_kill_works_without_cgroup_kill_through_the_freezer(manager):
+    """A fork loop is frozen, killed and thawed until nothing is left."""
+    job = manager.start("sh", ["-c", "while :; do sleep 600 & done"], jw.Limits(pids=64))
+    cg = manager.cgroups.job(job.id)
+    wait_for(lambda: len(cg.pids()) > 10, what="the fork loop to grow")
+    cg_without_unified = jw.CgroupV1(cg.dirs, None)
+    cg_without_unified.kill_all()
+    assert cg.pids() == set()
+    assert wait_final(manager, job.id).state == jw.EXITED
+
+
+# ================================================================================================
+# Launcher
+# ================================================================================================
+
+def test_nonexistent_program_fails_synchronously_leaving_nothing(manager):
+    with pytest.raises(jw.SpawnError) as e:
+        manager.start("no-such-program-xyz")
+    assert str(e.value) == "no such file: no-such-program-xyz"
+    assert manager.list() == []
+    assert manager.cgroups.leftover_job_ids() == []
+    assert os.listdir(manager.jobs_dir) == []
+
+
+def test_non_executable_program_reports_permission_denied(manager, tmp_path):
+    script = tmp_path / "script.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    script.chmod(0o644)
+    with pytest.raises(jw.SpawnError, match=f"permission denied: {script}"):
+        manager.start(str(script))
+    assert manager.cgroups.leftover_job_ids() == []
+
+
+def test_job_gets_only_fds_0_to_2_and_devnull_stdin(manager):
+    job = manager.start("ls", ["-l", "/proc/self/fd"])
+    out, _, _ = output(manager, job.id)
+    fds = {}
+    for line in out.decode().splitlines()[1:]:
+        name, _, target = line.split()[-3:]
+        fds[int(name)] = target
+    assert fds[0] == "/dev/null"
+    assert fds[1].startswith("pipe:") and fds[2].startswith("pipe:") and fds[1] != fds[2]
+    assert set(fds) == {0, 1, 2, 3} and fds[3].startswith("/proc/")   # 3: ls reading the dir
+
+
+def test_job_environment_is_clean_and_documented(tmp_path, monkeypatch):
+    monkeypatch.setenv("JOBWORKER_TEST_SECRET", "hunter2")
+    m, driver = _make_manager(tmp_path)
+    try:
+        job = m.start("sh", ["-c", "env; pwd; ps -o sid= -p $$; echo $$"])
+        out, _, _ = output(m, job.id)
+    finally:
+        m.close(grace=0)
+        driver.remove_parent()
+    lines = out.decode().splitlines()
+    env = dict(line.split("=", 1) for line in lines if "=" in line)
+    assert "JOBWORKER_TEST_SECRET" not in env and b"hunter2" not in out
+    assert env["PATH"] == jw.JOB_PATH and env["LANG"] == jw.JOB_LANG and env["HOME"] == "/root"
+    assert lines[-3] == jw.JOB_CWD
+    assert lines[-2].strip() == lines[-1]   # its own session: sid == pid
+
+
+def test_job_runs_as_configured_unprivileged_user(tmp_path):
+    m, driver = _make_manager(tmp_path, job_user="nobody")
+    try:
+        job = m.start("sh", ["-c", "id -u; id -g; echo $HOME"])
+        out, _, _ = output(m, job.id)
+    finally:
+        m.close(grace=0)
+        driver.remove_parent()
+    import pwd
+    pw = pwd.getpwnam("nobody")
+    assert out.decode().split() == [str(pw.pw_uid), str(pw.pw_gid), pw.pw_dir]
+
+
+def test_signals_ignored_by_the_server_are_default_in_the_job(manager):
+    # Python ignores SIGPIPE; a job that inherited that would not die on a closed pipe.
+    job = manager.start("sh", ["-c", "grep -E '^SigIgn' /proc/self/status"])
+    out, _, _ = output(manager, job.id)
+    assert out.decode().split() == ["SigIgn:", "0000000000000000"]
+
+
+# ================================================================================================
+# Logs
+# ================================================================================================
+
+PY = "python3"
+
+
+def test_output_is_byte_exact_and_streams_kept_apart(manager):
+    code = ("import sys, os\n"
+            "os.write(1, b'\\x00\\xff\\xfe not utf-8 \\x00')\n"
+            "os.write(2, b'err\\x00')\n"
+            "os.write(1, b'x' * 1000000)\n")
+    job = manager.start(PY, ["-c", code])
+    out, err, _ = output(manager, job.id)
+    assert out == b"\x00\xff\xfe not utf-8 \x00" + b"x" * 1_000_000
+    assert err == b"err\x00"
+
+
+def test_relative_order_of_stdout_and_stderr_is_kept(manager):
+    job = manager.start("sh", ["-c", "for i in 1 2 3; do echo out$i; sleep 0.05; echo err$i >&2; "
+                                     "sleep 0.05; done"])
+    _, _, chunks = output(manager, job.id)
+    seen = [(c.stream, line) for c in chunks for line in c.data.decode().split()]
+    assert seen == [(jw.STDOUT, "out1"), (jw.STDERR, "err1"), (jw.STDOUT, "out2"),
+                    (jw.STDERR, "err2"), (jw.STDOUT, "out3"), (jw.STDERR, "err3")]
+    offsets = [c.offset for c in chunks]
+    assert offsets == sorted(offsets) and offsets[0] == 0
+
+
+def test_followers_early_and_late_get_identical_output_live(manager):
+    job = manager.start("sh", ["-c", "for i in $(seq 1 30); do echo line $i; echo e$i >&2; "
+                                     "sleep 0.02; done"])
+    results = {}
+
+    def follow(name):
+        results[name] = [(c.stream, c.offset, c.data) for c in manager.follow(job.id)]
+
+    early = threading.Thread(target=follow, args=("early",))
+    early.start()
+    time.sleep(0.3)
+    late = threading.Thread(target=follow, args=("late",))
+    late.start()
+    early.join(30)
+    late.join(30)
+    joined = lambda name: b"".join(d for _, _, d in results[name])
+    assert joined("early") == joined("late")
+    assert joined("early").count(b"line") == 30
+    assert manager.status(job.id).state == jw.EXITED
+
+
+def test_follow_resumes_from_an_offset(manager):
+    job = manager.start("sh", ["-c", "printf abc; sleep 0.1; printf DEF >&2; sleep 0.1; printf ghi"])
+    _, _, chunks = output(manager, job.id)
+    everything = b"".join(c.data for c in chunks)
+    for offset in range(len(everything) + 1):
+        assert b"".join(c.data for c in manager.follow(job.id, offset)) == everything[offset:]
+    tail = list(manager.follow(job.id, 4))
+    assert [(c.stream, c.offset, c.data) for c in tail] == \
+        [(jw.STDERR, 4, b"EF"), (jw.STDOUT, 6, b"ghi")]
+    with pytest.raises(jw.InvalidArgument, match="offset"):
+        manager.follow(job.id, len(everything) + 1)
+    with pytest.raises(jw.InvalidArgument, match="offset"):
+        manager.follow(job.id, -1)
+
+
+def test_output_cap_drops_with_a_visible_marker_and_flag(tmp_path):
+    m, driver = _make_manager(tmp_path, log_cap=64 << 10)
+    try:
+        job = m.start("head", ["-c", "10000000", "/dev/zero"])
+        out, err, _ = output(m, job.id)
+        status = m.status(job.id)
+    finally:
+        m.close(grace=0)
+        driver.remove_parent()
+    assert status.state == jw.EXITED and status.exit_code == 0   # not blocked, not killed
+    assert status.log_truncated
+    assert 0 < len(out) < 64 << 10
+    assert b"output cap of 65536 bytes reached" in err
+    assert os.path.getsize(tmp_path / "state" / "jobs" / job.id / "output.log") <= 64 << 10
+
+
+def test_cancelled_follower_returns_at_once(manager):
+    job = manager.start("sleep", ["60"])
+    follow = manager.follow(job.id)
+    done = threading.Event()
+    threading.Thread(target=lambda: (list(follow), done.set())).start()
+    time.sleep(0.1)
+    assert not done.is_set()
+    follow.cancel()
+    assert done.wait(5)
+    manager.stop(job.id, grace=0)
+
+
+def test_log_files_are_private(manager):
+    job = manager.start("echo", ["hi"])
+    output(manager, job.id)
+    assert os.stat(manager.state_dir).st_mode & 0o777 == 0o700
+    for name in ["output.log", "output.idx", "job.json"]:
+        assert os.stat(f"{manager.jobs_dir}/{job.id}/{name}").st_mode & 0o777 == 0o600
+
+
+# ================================================================================================
+# Jobs
+# ================================================================================================
+
+def test_exit_code_and_signal_are_reported_without_guessing(manager):
+    a = manager.start("sh", ["-c", "exit 3"])
+    b = manager.start("sh", ["-c", "kill -9 $$"])
+    c = manager.start("sh", ["-c", "exit 137"])
+    sa, sb, sc = (wait_final(manager, j.id) for j in (a, b, c))
+    assert (sa.state, sa.exit_code, sa.signal) == (jw.EXITED, 3, None)
+    assert (sb.state, sb.exit_code, sb.signal, sb.oom_killed) == (jw.EXITED, None, 9, False)
+    assert (sc.exit_code, sc.oom_killed) == (137, False)
+    assert sa.ended_at >= sa.started_at
+
+
+def test_cpu_quota_holds_near_half_a_cpu(manager):
+    job = manager.start("sh", ["-c", "while :; do :; done"], jw.parse_limits(cpu="50%"))
+    time.sleep(0.5)
+    share = cpu_share(manager, job.id, 3)
+    manager.stop(job.id, grace=0)
+    assert 0.35 <= share <= 0.65, share
+
+
+def test_cpu_hogs_side_by_side_each_get_their_share(manager):
+    a = manager.start("sh", ["-c", "while :; do :; done"], jw.parse_limits(cpu="20%"))
+    b = manager.start("sh", ["-c", "while :; do :; done"], jw.parse_limits(cpu="60%"))
+    time.sleep(0.5)
+    before = [manager.status(j.id).usage["cpu_seconds"] for j in (a, b)]
+    t0 = time.monotonic()
+    time.sleep(3)
+    after = [manager.status(j.id).usage["cpu_seconds"] for j in (a, b)]
+    elapsed = time.monotonic() - t0
+    for j in (a, b):
+        manager.stop(j.id, grace=0)
+    share_a, share_b = ((x - y) / elapsed for x, y in zip(after, before))
+    assert 0.10 <= share_a <= 0.30, share_a
+    assert 0.40 <= share_b <= 0.75, share_b
+
+
+def test_memory_limit_oom_is_read_from_the_kernel_and_neighbour_survives(manager):
+    neighbour = manager.start("sleep", ["60"], jw.parse_limits(memory="64M"))
+    hog = manager.start(PY, ["-c", "b = bytearray(200 << 20)\n"
+                                   "for i in range(0, len(b), 4096): b[i] = 1\n"],
+                        jw.parse_limits(memory="64M"))
+    s = wait_final(manager, hog.id)
+    assert s.oom_killed and s.signal == signal.SIGKILL
+    assert s.usage["memory_peak_bytes"] <= (64 << 20) + (1 << 20)
+    assert manager.status(neighbour.id).state == jw.RUNNING
+    assert not manager.status(neighbour.id).oom_killed
+    manager.stop(neighbour.id, grace=0)
+
+
+def test_pids_limit_stops_a_fork_bomb(manager):
+    job = manager.start("sh", ["-c", "i=0; while [ $i -lt 200 ]; do sleep 600 & i=$((i+1)); done; "
+                                     "echo started; wait"], jw.Limits(pids=30))
+    cg = manager.cgroups.job(job.id)
+    most = 0
+    while manager.status(job.id).state == jw.RUNNING and most < 30:
+        most = max(most, len(cg.pids()))
+    time.sleep(0.3)
+    most = max(most, len(cg.pids()))
+    assert most <= 30
+    try:   # dash gives up once fork fails; the leftovers are killed with it
+        manager.stop(job.id, grace=0)
+    except jw.JobNotRunning:
+        pass
+    _, err, _ = output(manager, job.id)
+    assert b"fork" in err.lower()
+    assert manager.cgroups.leftover_job_ids() == []
+
+
+def test_disk_io_limit_throttles_direct_writes(manager, tmp_path):
+    target = tmp_path / "io-test"
+    job = manager.start("dd", ["if=/dev/zero", f"of={target}", "bs=1M", "count=20", "oflag=direct"],
+                        jw.parse_limits(disk_io="10MB/s"))
+    s = wait_final(manager, job.id, timeout=60)
+    took = s.ended_at - s.started_at
+    assert s.exit_code == 0, output(manager, job.id)[1]
+    assert 1.5 <= took <= 12, took   # 20 MiB at 10 MB/s is about 2.1 s
+    assert s.usage["io_write_bytes"] >= 20 << 20
+
+
+def test_stop_kills_a_setsid_double_forked_daemon(manager):
+    job = manager.start("sh", ["-c", "setsid sh -c 'sleep 600 & echo $!' ; sleep 600"])
+    out = wait_for(lambda: b"".join(c.data for c in itertools.islice(manager.follow(job.id), 1)),
+                   what="the daemon's pid")
+    daemon = int(out.split()[0])
+    assert pid_alive(daemon)
+    final = manager.stop(job.id, grace=2)
+    assert final.state == jw.STOPPED
+    assert not pid_alive(daemon)
+    assert manager.cgroups.job(job.id).pids() == set()
+    assert manager.cgroups.leftover_job_ids() == []
+
+
+def test_stop_escalates_to_sigkill_for_a_sigterm_ignoring_job(manager):
+    job = manager.start("sh", ["-c", "trap '' TERM; echo ready; while :; do sleep 1; done"])
+    wait_for(lambda: manager.status(job.id).output_bytes > 0, what="the trap")
+    t0 = time.monotonic()
+    final = manager.stop(job.id, grace=0.5)
+    took = time.monotonic() - t0
+    assert final.state == jw.STOPPED and final.signal == signal.SIGKILL
+    assert took >= 0.5
+    with pytest.raises(jw.JobNotRunning):
+        manager.stop(job.id)
+
+
+def test_stop_sends_sigterm_first(manager):
+    job = manager.start("sh", ["-c", "trap 'echo got TERM; exit 7' TERM; echo ready; "
+                                     "while :; do sleep 0.1; done"])
+    wait_for(lambda: manager.status(job.id).output_bytes > 0, what="the trap")
+    final = manager.stop(job.id, grace=10)
+    assert (final.state, final.exit_code) == (jw.STOPPED, 7)
+    assert b"got TERM" in output(manager, job.id)[0]
+
+
+def test_leftovers_are_killed_when_the_main_process_exits(manager):
+    job = manager.start("sh", ["-c", "setsid sleep 600 & echo $!"])
+    s = wait_final(manager, job.id)
+    out, _, _ = output(manager, job.id)
+    assert s.state == jw.EXITED and s.exit_code == 0
+    assert not pid_alive(int(out))
+    assert manager.cgroups.leftover_job_ids() == []
+
+
+def test_sub_cgroups_made_by_the_job_are_removed(manager):
+    script = ("d=/sys/fs/cgroup/pids$(grep ':pids:' /proc/self/cgroup | cut -d: -f3); "
+              "mkdir $d/sub && sh -c \"echo \\$\\$ > $d/sub/cgroup.procs; exec sleep 600\" & "
+              "sleep 0.3; echo $d")
+    job = manager.start("sh", ["-c", script])
+    s = wait_final(manager, job.id)
+    path = output(manager, job.id)[0].decode().strip()
+    assert s.state == jw.EXITED and path.endswith(job.id)
+    assert not os.path.exists(path)
+    assert manager.cgroups.leftover_job_ids() == []
+
+
+def test_concurrent_stops_make_one_transition(manager):
+    job = manager.start("sleep", ["600"])
+    results, errors = [], []
+
+    def stop():
+        try:
+            results.append(manager.stop(job.id, grace=1).state)
+        except jw.JobNotRunning as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=stop) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) + len(errors) == 10 and results
+    assert set(results) == {jw.STOPPED}
+    assert manager.status(job.id).state == jw.STOPPED
+
+
+def test_list_filters_by_owner_and_status_hides_foreign_jobs(manager):
+    a = manager.start("true", owner="alice")
+    b = manager.start("true", owner="bob")
+    assert [s.id for s in manager.list("alice")] == [a.id]
+    assert {s.id for s in manager.list()} == {a.id, b.id}
+    with pytest.raises(jw.JobNotFound):
+        manager.status(b.id, owner="alice")
+    with pytest.raises(jw.JobNotFound):
+        manager.follow(b.id, owner="alice")
+    with pytest.raises(jw.JobNotFound):
+        manager.stop(b.id, owner="alice")
+
+
+def test_usage_is_live_and_kept_after_the_end(manager):
+    job = manager.start(PY, ["-c", "b = bytearray(30 << 20)\n"
+                                   "for i in range(0, len(b), 4096): b[i] = 1\n"
+                                   "import time; t = time.time()\n"
+                                   "while time.time() - t < 0.5: pass\n"
+                                   "print('ok', flush=True)\n"
+                                   "time.sleep(60)\n"])
+    wait_for(lambda: manager.status(job.id).output_bytes > 0, what="the job to print")
+    live = manager.status(job.id).usage
+    assert live["memory_bytes"] >= 30 << 20 and live["cpu_seconds"] > 0.3 and live["tasks"] == 1
+    final = manager.stop(job.id, grace=0)
+    assert final.usage["memory_peak_bytes"] >= 30 << 20 and final.usage["cpu_seconds"] > 0.3
+
+
+def test_records_and_output_survive_a_restart(tmp_path):
+    m, driver = _make_manager(tmp_path)
+    job = m.start("sh", ["-c", "printf 'one\\0'; printf two >&2"], owner="alice")
+    out, err, chunks = output(m, job.id)
+    running = m.start("sleep", ["600"])
+    pid = running.pid
+    # A crash: the launcher and the manager vanish without stopping anything.
+    m._launcher.process.kill()
+    m._engine.stop()
+    m._finisher.shutdown()
+    assert pid_alive(pid)
+    m2 = jw.JobManager(str(tmp_path / "state"), driver)
+    try:
+        s = m2.status(job.id, owner="alice")
+        assert (s.state, s.exit_code, s.command) == (jw.EXITED, 0, ["sh", "-c", job.command[2]])
+        again = list(m2.follow(job.id))
+        assert [(c.stream, c.offset, c.data) for c in again] == \
+            [(c.stream, c.offset, c.data) for c in chunks]
+        lost = m2.status(running.id)
+        assert lost.state == jw.LOST
+        wait_for(lambda: not pid_alive(pid), what="the lost job's process to be killed")
+        assert driver.leftover_job_ids() == []
+    finally:
+        m2.close(grace=0)
+        driver.remove_parent()
+
+
+def test_many_jobs_leak_nothing(manager):
+    def fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    for _ in range(10):   # warm up lazily created threads and fds
+        output(manager, manager.start("true").id)
+    base_fds, base_threads = fds(), threading.active_count()
+    for i in range(200):
+        kind = i % 4
+        if kind == 0:
+            output(manager, manager.start("echo", [str(i)]).id)
+        elif kind == 1:
+            manager.stop(manager.start("sleep", ["600"]).id, grace=0)
+        elif kind == 2:
+            with pytest.raises(jw.SpawnError):
+                manager.start("/nonexistent")
+        else:
+            output(manager, manager.start("sh", ["-c", "setsid sleep 600 & exit 1"]).id)
+    time.sleep(0.2)
+    assert fds() <= base_fds + 2
+    assert threading.active_count() <= base_threads + 2
+    assert manager.cgroups.leftover_job_ids() == []
+    assert zombies_of(manager._launcher.process.pid) == []
+    assert all(s.state in jw.FINAL_STATES for s in manager.list())
