@@ -5,7 +5,7 @@ VENV   := .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: test venv clean
+.PHONY: test venv clean stubs
 
 venv: $(STAMP)
 
@@ -15,8 +15,13 @@ $(STAMP): requirements.txt requirements-dev.txt
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-test: $(STAMP)
+test: $(STAMP) $(STUBS)
 	$(VPY) -m pytest -q -ra test_jobworker.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .hypothesis __pycache__ jobworker.pyz
+
+STUBS := jobworker_pb2.py jobworker_pb2_grpc.py
+stubs: $(STUBS)
+$(STUBS): jobworker.proto $(STAMP)
+	$(VPY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. jobworker.proto

@@ -18,6 +18,7 @@ is started before any gRPC thread exists.
 import array
 import bisect
 import concurrent.futures
+import contextlib
 import dataclasses
 import errno
 import json
@@ -651,6 +652,15 @@ class CgroupDriver:
             except FileNotFoundError:
                 continue
         return sorted(ids)
+
+    def remove_parent_if_empty(self):
+        """Tidy up at a clean shutdown; a parent still holding cgroups stays."""
+        for d in self.parent_dirs():
+            try:
+                os.rmdir(d)
+            except OSError as e:
+                if e.errno not in (errno.ENOENT, errno.EBUSY, errno.ENOTEMPTY):
+                    log.warning("removing %s: %s", d, e.strerror)
 
     def remove_parent(self):
         """Kill whatever is left under the parent and remove it (tests, uninstall)."""
@@ -1463,6 +1473,7 @@ class JobManager:
         self._launcher.close()
         for job in self._jobs.values():
             job.log.close_writer()
+        self.cgroups.remove_parent_if_empty()
 
     def __enter__(self):
         return self
@@ -1675,3 +1686,1079 @@ def _remove_tree(path):
     for name in os.listdir(path):
         os.unlink(os.path.join(path, name))
     os.rmdir(path)
+
+
+# ================================================================================================
+# Auth
+# ================================================================================================
+# Roles travel in a custom X.509 extension of the client certificate:
+#   OID   2.25.52511606258847999243873323235950800237  (a UUID-based OID, ITU-T X.667; non-critical)
+#   value DER  SEQUENCE OF UTF8String, each one of "reader", "writer", "admin"
+# The interceptor reads it from the peer certificate for EVERY call, unary and streaming, and
+# decides with POLICY before any servicer code runs. Deny by default.
+
+ROLE_OID = "2.25.52511606258847999243873323235950800237"
+ROLES = ("reader", "writer", "admin")
+ANY, OWN = "any", "own"          # which jobs a role may act on
+SERVICE_NAME = "jobworker.v1.JobService"
+_READ = {"reader": ANY, "writer": OWN, "admin": ANY}
+POLICY = {
+    f"/{SERVICE_NAME}/Start": {"writer": OWN, "admin": ANY},
+    f"/{SERVICE_NAME}/Stop": {"writer": OWN, "admin": ANY},
+    f"/{SERVICE_NAME}/Query": _READ,
+    f"/{SERVICE_NAME}/Stream": _READ,
+    f"/{SERVICE_NAME}/List": _READ,
+}
+# grpcio has no minimum-TLS-version setting. With an ECDSA server key and only RSA-authenticated
+# TLS 1.2 suites allowed, no TLS 1.2 handshake can succeed; TLS 1.3 suites are not affected by
+# this variable. It must be set before grpc is imported. The interceptor checks the version too.
+TLS12_NO_SHARED_SUITES = "ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES256-GCM-SHA384"
+
+audit_log = logging.getLogger("jobworker.audit")
+
+
+def _grpc():
+    """Import grpc (once), with the TLS 1.2 suites restricted as described above."""
+    if "grpc" not in sys.modules:
+        os.environ["GRPC_SSL_CIPHER_SUITES"] = TLS12_NO_SHARED_SUITES
+        os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+    import grpc
+    return grpc
+
+
+def _pb():
+    """The generated protobuf modules (built from jobworker.proto by `make` or build_zipapp.py)."""
+    try:
+        import jobworker_pb2
+        import jobworker_pb2_grpc
+    except ImportError as e:
+        raise JobworkerError(f"generated gRPC modules missing ({e}); run `make stubs`") from None
+    return jobworker_pb2, jobworker_pb2_grpc
+
+
+def encode_roles(roles):
+    """DER of SEQUENCE OF UTF8String."""
+    def tlv(tag, body):
+        n = len(body)
+        size = bytes([n]) if n < 0x80 else bytes([0x80 | ((n.bit_length() + 7) // 8)]) + \
+            n.to_bytes((n.bit_length() + 7) // 8, "big")
+        return bytes([tag]) + size + body
+    return tlv(0x30, b"".join(tlv(0x0C, r.encode()) for r in roles))
+
+
+def decode_roles(der):
+    """Roles from the extension's DER; ValueError if malformed or naming an unknown role."""
+    def read_tlv(buf, pos):
+        if pos + 2 > len(buf):
+            raise ValueError("truncated")
+        tag, first = buf[pos], buf[pos + 1]
+        pos += 2
+        if first & 0x80:
+            n = first & 0x7F
+            if n == 0 or n > 4 or pos + n > len(buf):
+                raise ValueError("bad length")
+            size = int.from_bytes(buf[pos:pos + n], "big")
+            pos += n
+        else:
+            size = first
+        if pos + size > len(buf):
+            raise ValueError("truncated")
+        return tag, buf[pos:pos + size], pos + size
+
+    tag, body, end = read_tlv(der, 0)
+    if tag != 0x30 or end != len(der):
+        raise ValueError("not a SEQUENCE")
+    roles, pos = [], 0
+    while pos < len(body):
+        tag, value, pos = read_tlv(body, pos)
+        role = value.decode("utf-8") if tag == 0x0C else None
+        if role not in ROLES:
+            raise ValueError(f"unknown role {value!r}")
+        roles.append(role)
+    if not roles:
+        raise ValueError("no role")
+    return tuple(dict.fromkeys(roles))
+
+
+class AccessDenied(JobworkerError):
+    """The caller's certificate does not allow the call."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """The authenticated peer of one call."""
+    identity: str      # certificate subject CN
+    roles: tuple
+    role: str = ""     # the role that granted this call
+    scope: str = OWN   # ANY: every job; OWN: jobs it started
+
+    @property
+    def owner_filter(self):
+        """What JobManager calls take as `owner`: None for every job, else this identity."""
+        return None if self.scope == ANY else self.identity
+
+
+_identity_cache = {}
+
+
+def identity_from_pem(pem):
+    """(CN, roles) of a client certificate; AccessDenied if it has no clientAuth EKU, no CN,
+    or a missing or malformed role extension. Cached per certificate."""
+    cached = _identity_cache.get(pem)
+    if cached:
+        return cached
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    cert = x509.load_pem_x509_certificate(pem)
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        eku = ()
+    if ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
+        raise AccessDenied("client certificate lacks the clientAuth extended key usage")
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not cns or not cns[0].value:
+        raise AccessDenied("client certificate has no subject CN")
+    try:
+        ext = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(ROLE_OID))
+    except x509.ExtensionNotFound:
+        raise AccessDenied(f"client certificate has no jobworker role extension ({ROLE_OID})") \
+            from None
+    try:
+        roles = decode_roles(ext.value.value)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise AccessDenied(f"client certificate's role extension is malformed: {e}") from None
+    result = (cns[0].value, roles)
+    if len(_identity_cache) > 4096:
+        _identity_cache.clear()
+    _identity_cache[pem] = result
+    return result
+
+
+def authorize(method, auth_context, policy=POLICY):
+    """The Caller of one call, or AccessDenied. Every decision is made here."""
+    version = b"".join(auth_context.get("ssl_tls_version", []))
+    if version != b"TLSv1.3":
+        raise AccessDenied(f"TLS 1.3 required (connection uses {version.decode() or 'unknown'})")
+    pems = auth_context.get("x509_pem_cert")
+    if not pems:
+        raise AccessDenied("no client certificate")
+    identity, roles = identity_from_pem(pems[0])
+    rules = policy.get(method)
+    if rules is None:
+        raise AccessDenied(f"{method} is not allowed to anyone")
+    granted = [(rules[r], r) for r in roles if r in rules]
+    if not granted:
+        raise AccessDenied(f"role {'/'.join(roles)} may not call {method.rsplit('/', 1)[-1]}")
+    scope, role = min(granted, key=lambda g: g[0] != ANY)   # ANY beats OWN
+    return Caller(identity, roles, role, scope)
+
+
+class CallContext:
+    """The grpc context of one call plus its Caller; remembers the status code it ended with."""
+
+    def __init__(self, context, caller):
+        self._context = context
+        self.caller = caller
+        self.code = None
+
+    def abort(self, code, details):
+        self.code = code
+        self._context.abort(code, details)
+
+    def __getattr__(self, name):
+        return getattr(self._context, name)
+
+
+class AuthInterceptor:
+    """grpc server interceptor: authorizes every call of every kind and writes its audit line."""
+
+    def __init__(self, policy=POLICY):
+        self.policy = policy
+        self.grpc = _grpc()
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None:
+            return None   # unknown method: grpc answers UNIMPLEMENTED
+        grpc = self.grpc
+        method = details.method
+        kinds = [("unary_unary", grpc.unary_unary_rpc_method_handler),
+                 ("unary_stream", grpc.unary_stream_rpc_method_handler),
+                 ("stream_unary", grpc.stream_unary_rpc_method_handler),
+                 ("stream_stream", grpc.stream_stream_rpc_method_handler)]
+        for kind, make in kinds:
+            behavior = getattr(handler, kind)
+            if behavior is not None:
+                wrap = self._wrap_stream if kind.endswith("_stream") else self._wrap_unary
+                return make(wrap(behavior, method), handler.request_deserializer,
+                            handler.response_serializer)
+        return None
+
+    def _enter(self, method, request, context):
+        try:
+            caller = authorize(method, context.auth_context(), self.policy)
+        except AccessDenied as e:
+            code = (self.grpc.StatusCode.UNAUTHENTICATED if "TLS" in str(e)
+                    else self.grpc.StatusCode.PERMISSION_DENIED)
+            self._audit(None, method, request, None, code)
+            context.abort(code, str(e))
+        except Exception:
+            log.exception("authorizing %s", method)
+            self._audit(None, method, request, None, self.grpc.StatusCode.INTERNAL)
+            context.abort(self.grpc.StatusCode.INTERNAL, "internal error; see the server log")
+        return CallContext(context, caller)
+
+    def _wrap_unary(self, behavior, method):
+        def call(request, context):
+            ctx = self._enter(method, request, context)
+            response = None
+            try:
+                response = behavior(request, ctx)
+                return response
+            finally:
+                self._audit(ctx.caller, method, request, response, self._code(ctx, sys.exc_info()))
+        return call
+
+    def _wrap_stream(self, behavior, method):
+        def call(request, context):
+            ctx = self._enter(method, request, context)
+            try:
+                yield from behavior(request, ctx)
+            finally:
+                self._audit(ctx.caller, method, request, None, self._code(ctx, sys.exc_info()))
+        return call
+
+    def _code(self, ctx, exc_info):
+        if ctx.code is not None:
+            return ctx.code
+        if exc_info[0] is None:
+            return self.grpc.StatusCode.OK
+        if exc_info[0] is GeneratorExit or not ctx.is_active():
+            return self.grpc.StatusCode.CANCELLED
+        return self.grpc.StatusCode.UNKNOWN
+
+    @staticmethod
+    def _audit(caller, method, request, response, code):
+        job_id = getattr(request, "job_id", "") or getattr(response, "job_id", "") or "-"
+        if not isinstance(job_id, str) or not _JOB_ID_RE.fullmatch(job_id):
+            job_id = "invalid" if job_id != "-" else "-"
+        audit_log.info("identity=%s role=%s method=%s job=%s code=%s",
+                       json.dumps(caller.identity) if caller else "-",
+                       caller.role if caller else "-", method.rsplit("/", 1)[-1], job_id,
+                       code.name)
+
+
+# ================================================================================================
+# Service
+# ================================================================================================
+
+DEFAULT_MAX_STREAMS = 1000
+DEFAULT_MAX_REQUEST_BYTES = 1 << 20
+UNARY_WORKERS = 64
+STREAM_CHUNK = 1 << 20
+
+# The one table from library errors to status codes (most specific first).
+ERROR_CODES = (
+    (InvalidArgument, "INVALID_ARGUMENT"),
+    (JobNotFound, "NOT_FOUND"),
+    (JobNotRunning, "FAILED_PRECONDITION"),
+    (CapReached, "RESOURCE_EXHAUSTED"),
+    (SpawnError, "FAILED_PRECONDITION"),
+    (CgroupError, "FAILED_PRECONDITION"),
+    (LauncherError, "UNAVAILABLE"),
+    (AccessDenied, "PERMISSION_DENIED"),
+)
+
+
+def status_code_for(exc):
+    """Name of the grpc status code for a library error; INTERNAL for anything unexpected."""
+    if isinstance(exc, SpawnError) and exc.stage == "exec":
+        return "INVALID_ARGUMENT"   # the program named in the request cannot be run
+    for cls, code in ERROR_CODES:
+        if isinstance(exc, cls):
+            return code
+    return "INTERNAL"
+
+
+def _abort_with(context, exc):
+    grpc = _grpc()
+    code = status_code_for(exc)
+    if code == "INTERNAL":
+        log.error("internal error", exc_info=exc)
+        context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+    context.abort(getattr(grpc.StatusCode, code), str(exc))
+
+
+def _translating(fn):
+    """Servicer method -> the same, with library errors turned into status codes."""
+    import functools
+    import inspect
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def stream(self, request, context):
+            try:
+                yield from fn(self, request, context)
+            except Exception as e:
+                _abort_with(context, e)
+        return stream
+
+    @functools.wraps(fn)
+    def unary(self, request, context):
+        try:
+            return fn(self, request, context)
+        except Exception as e:
+            _abort_with(context, e)
+    return unary
+
+
+def _timestamp(pb_ts, seconds):
+    if seconds is not None:
+        pb_ts.FromNanoseconds(int(seconds * 1e9))
+
+
+def status_to_proto(pb, s):
+    """JobStatus -> jobworker.v1.JobStatus."""
+    msg = pb.JobStatus(
+        job_id=s.id, owner=s.owner, command=s.command,
+        limits=pb.Limits(cpu_percent=s.limits.cpu_percent or 0,
+                         memory_bytes=s.limits.memory_bytes or 0,
+                         io_bytes_per_second=s.limits.io_bps or 0, pids=s.limits.pids or 0),
+        state=getattr(pb, f"JOB_STATE_{s.state.upper()}"), oom_killed=s.oom_killed,
+        usage=pb.Usage(**{k: v for k, v in (s.usage or {}).items()
+                          if k in pb.Usage.DESCRIPTOR.fields_by_name}),
+        log_truncated=s.log_truncated, log_error=s.log_error, output_bytes=s.output_bytes,
+        pid=s.pid or 0)
+    if s.exit_code is not None:
+        msg.exit_code = s.exit_code
+    if s.signal is not None:
+        msg.signal = s.signal
+    _timestamp(msg.started_at, s.started_at)
+    _timestamp(msg.ended_at, s.ended_at)
+    return msg
+
+
+class JobService:
+    """The servicer: translates between proto messages and JobManager; decides nothing about
+    access (the interceptor did, and passed the Caller on the context)."""
+
+    def __init__(self, manager, max_streams=DEFAULT_MAX_STREAMS):
+        self.manager = manager
+        self.pb, _ = _pb()
+        self.max_streams = max_streams
+        self._streams = 0
+        self._lock = threading.Lock()
+
+    @_translating
+    def Start(self, request, context):
+        r = request.resources
+        limits = parse_limits(r.cpu_quota, r.memory_limit, r.disk_io, r.pids)
+        status = self.manager.start(request.name, list(request.args), limits,
+                                    owner=context.caller.identity)
+        return self.pb.StartResponse(job_id=status.id, status=status_to_proto(self.pb, status))
+
+    @_translating
+    def Stop(self, request, context):
+        grace = None
+        if request.HasField("grace_seconds"):
+            grace = request.grace_seconds
+            if not 0 <= grace <= 3600:   # also refuses NaN
+                raise InvalidArgument("grace_seconds", grace, "seconds from 0 to 3600")
+        status = self.manager.stop(request.job_id, grace, owner=context.caller.owner_filter)
+        return self.pb.StopResponse(status=status_to_proto(self.pb, status))
+
+    @_translating
+    def Query(self, request, context):
+        status = self.manager.status(request.job_id, owner=context.caller.owner_filter)
+        return self.pb.QueryResponse(status=status_to_proto(self.pb, status))
+
+    @_translating
+    def List(self, request, context):
+        jobs = self.manager.list(owner=context.caller.owner_filter)
+        return self.pb.ListResponse(jobs=[status_to_proto(self.pb, s) for s in jobs])
+
+    @_translating
+    def Stream(self, request, context):
+        follow = self.manager.follow(request.job_id, request.offset,
+                                     owner=context.caller.owner_filter, max_chunk=STREAM_CHUNK)
+        with self._lock:
+            if self._streams >= self.max_streams:
+                raise CapReached("concurrent streams", self.max_streams)
+            self._streams += 1
+        try:
+            # A client that goes away ends the follow at once and gives the thread back.
+            context.add_callback(follow.cancel)
+            for chunk in follow:
+                yield self.pb.StreamResponse(chunk=self.pb.OutputChunk(
+                    stream=chunk.stream, offset=chunk.offset, data=chunk.data))
+            if not follow.cancelled:
+                status = self.manager.status(request.job_id)
+                yield self.pb.StreamResponse(final_status=status_to_proto(self.pb, status))
+        finally:
+            with self._lock:
+                self._streams -= 1
+
+
+# ================================================================================================
+# Server
+# ================================================================================================
+
+DEFAULT_LISTEN = "[::]:50051"
+DEFAULT_SERVER = "localhost:50051"
+SHUTDOWN_GRACE = 30.0
+
+
+def _read_file(path, what):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise JobworkerError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
+def check_server_key(path):
+    """The server key must be private and ECDSA (TLS 1.3-only enforcement relies on it)."""
+    mode = os.stat(path).st_mode
+    if mode & 0o077:
+        raise JobworkerError(f"server key {path} is readable by group or others "
+                             f"(mode {mode & 0o777:o}); run: chmod 600 {path}")
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    key = load_pem_private_key(_read_file(path, "server key"), None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise JobworkerError(f"server key {path} must be an ECDSA key: with it, no TLS 1.2 "
+                             "cipher suite can be agreed (make one with `certs init`)")
+
+
+@contextlib.contextmanager
+def serve_grpc(manager, listen="127.0.0.1:0", *, ca, cert, key, max_streams=DEFAULT_MAX_STREAMS,
+               max_request_bytes=DEFAULT_MAX_REQUEST_BYTES, close_manager=False):
+    """Serve JobService over mutual TLS 1.3; yields the bound port. On exit: stop accepting,
+    close the manager if asked (running jobs are stopped, streams end with their final status),
+    then wait for calls in flight."""
+    check_server_key(key)
+    ca_pem, cert_pem, key_pem = (_read_file(p, w) for p, w in
+                                 ((ca, "CA certificate"), (cert, "server certificate"),
+                                  (key, "server key")))
+    grpc = _grpc()
+    _, pb_grpc = _pb()
+    workers = max_streams + UNARY_WORKERS
+    pool = concurrent.futures.ThreadPoolExecutor(workers, "jobworker-rpc")
+    server = grpc.server(
+        pool, interceptors=[AuthInterceptor()],
+        # A backstop: a call past the pool is refused at once instead of queueing forever.
+        maximum_concurrent_rpcs=workers,
+        options=[("grpc.max_receive_message_length", max_request_bytes),
+                 ("grpc.so_reuseport", 0)])
+    pb_grpc.add_JobServiceServicer_to_server(JobService(manager, max_streams), server)
+    creds = grpc.ssl_server_credentials([(key_pem, cert_pem)], root_certificates=ca_pem,
+                                        require_client_auth=True)
+    try:
+        port = server.add_secure_port(listen, creds)
+    except RuntimeError as e:
+        raise JobworkerError(f"cannot listen on {listen}: {e}") from None
+    if not port:
+        raise JobworkerError(f"cannot listen on {listen}")
+    server.start()
+    try:
+        yield port
+    finally:
+        stopped = server.stop(SHUTDOWN_GRACE)
+        if close_manager:
+            manager.close()
+        stopped.wait()
+        pool.shutdown(wait=False)
+
+
+# ================================================================================================
+# Certificates
+# ================================================================================================
+
+CA_DAYS = 3650
+LEAF_DAYS = 825
+
+
+def _new_key():
+    from cryptography.hazmat.primitives.asymmetric import ec
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _pem_key(key):
+    from cryptography.hazmat.primitives import serialization
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _pem_cert(cert):
+    from cryptography.hazmat.primitives import serialization
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _builder(subject_cn, issuer, public_key, not_before, not_after):
+    """A certificate builder; issuer None means self-signed."""
+    import datetime
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+    now = datetime.datetime.now(datetime.timezone.utc)
+    nb = now - datetime.timedelta(minutes=5) if not_before is None else not_before
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)])
+    return (x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer or subject).public_key(public_key).serial_number(x509.random_serial_number())
+            .not_valid_before(nb).not_valid_after(not_after)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), False))
+
+
+def make_ca(common_name="jobworker CA", days=CA_DAYS):
+    """(key, cert) of a new self-signed CA."""
+    import datetime
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    key = _new_key()
+    end = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=days)
+    b = _builder(common_name, None, key.public_key(), None, end)
+    b = (b.add_extension(x509.BasicConstraints(ca=True, path_length=0), True)
+         .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+                        True))
+    return key, b.sign(key, hashes.SHA256())
+
+
+def make_leaf(ca_key, ca_cert, common_name, *, hosts=None, roles=None, days=LEAF_DAYS,
+              not_before=None, not_after=None, client_auth=True, role_der=None):
+    """(key, cert) signed by the CA. hosts: a server certificate with these SANs; else a client
+    certificate carrying `roles` (or raw `role_der`) in the role extension."""
+    import datetime
+    import ipaddress
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+    key = _new_key()
+    if not_after is None:
+        not_after = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=days)
+    b = _builder(common_name, ca_cert.subject, key.public_key(), not_before, not_after)
+    b = (b.add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
+         .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False),
+                        True)
+         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                        False))
+    if hosts is not None:
+        sans = []
+        for h in hosts:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+            except ValueError:
+                sans.append(x509.DNSName(h))
+        b = (b.add_extension(x509.SubjectAlternativeName(sans), False)
+             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False))
+    else:
+        if client_auth:
+            b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
+        der = role_der if role_der is not None else (encode_roles(roles) if roles else None)
+        if der is not None:
+            b = b.add_extension(x509.UnrecognizedExtension(x509.ObjectIdentifier(ROLE_OID), der),
+                                False)
+    return key, b.sign(ca_key, hashes.SHA256())
+
+
+def _write_secret(path, data):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600)
+
+
+def _write_public(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o644)
+
+
+def _load_ca(directory):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    return (load_pem_private_key(_read_file(f"{directory}/ca.key", "CA key"), None),
+            x509.load_pem_x509_certificate(_read_file(f"{directory}/ca.crt", "CA certificate")))
+
+
+def certs_init(directory, hosts=(), force=False):
+    """Write DIR/ca.{crt,key} and DIR/server.{crt,key} (SANs localhost, 127.0.0.1, ::1 + hosts)."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    if os.path.exists(f"{directory}/ca.key") and not force:
+        raise JobworkerError(f"{directory}/ca.key exists; a new CA would orphan every issued "
+                             "certificate (use --force to replace it)")
+    ca_key, ca_cert = make_ca()
+    _write_secret(f"{directory}/ca.key", _pem_key(ca_key))
+    _write_public(f"{directory}/ca.crt", _pem_cert(ca_cert))
+    all_hosts = list(dict.fromkeys(["localhost", "127.0.0.1", "::1", *hosts]))
+    key, cert = make_leaf(ca_key, ca_cert, hosts[0] if hosts else "localhost", hosts=all_hosts)
+    _write_secret(f"{directory}/server.key", _pem_key(key))
+    _write_public(f"{directory}/server.crt", _pem_cert(cert))
+
+
+def certs_issue(directory, name, roles, days=LEAF_DAYS):
+    """Write DIR/NAME.{crt,key}: a client certificate for identity NAME with these roles."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}", name) or name in ("ca", "server"):
+        raise InvalidArgument("name", name, "letters, digits, '.', '_', '@', '-' (not ca or server)")
+    ca_key, ca_cert = _load_ca(directory)
+    key, cert = make_leaf(ca_key, ca_cert, name, roles=roles, days=days)
+    _write_secret(f"{directory}/{name}.key", _pem_key(key))
+    _write_public(f"{directory}/{name}.crt", _pem_cert(cert))
+
+
+# ================================================================================================
+# CLI
+# ================================================================================================
+# Exit codes: 0 success; 1 other error; 2 usage; 3 cannot reach the server or TLS failed;
+# 4 job not found; 5 permission denied; 6 request refused (invalid, wrong state, cannot run);
+# 7 a server cap is reached; 8 server internal error; 130 interrupted (Ctrl-C).
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONNECT, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
+EXIT_DENIED, EXIT_REFUSED, EXIT_EXHAUSTED, EXIT_INTERNAL, EXIT_INTERRUPTED = 5, 6, 7, 8, 130
+_EXIT_FOR_CODE = {
+    "UNAVAILABLE": EXIT_CONNECT, "DEADLINE_EXCEEDED": EXIT_CONNECT, "NOT_FOUND": EXIT_NOT_FOUND,
+    "PERMISSION_DENIED": EXIT_DENIED, "UNAUTHENTICATED": EXIT_DENIED,
+    "INVALID_ARGUMENT": EXIT_REFUSED, "FAILED_PRECONDITION": EXIT_REFUSED,
+    "RESOURCE_EXHAUSTED": EXIT_EXHAUSTED, "INTERNAL": EXIT_INTERNAL,
+}
+DEFAULT_CERTS_DIR = "certs"
+CLIENT_DEFAULTS = {   # flag: (environment variable, default)
+    "server": ("JOBWORKER_SERVER", DEFAULT_SERVER),
+    "ca": ("JOBWORKER_CA", f"{DEFAULT_CERTS_DIR}/ca.crt"),
+    "cert": ("JOBWORKER_CERT", f"{DEFAULT_CERTS_DIR}/client.crt"),
+    "key": ("JOBWORKER_KEY", f"{DEFAULT_CERTS_DIR}/client.key"),
+}
+RPC_TIMEOUT = 30.0   # unary calls; Stop adds its grace period
+
+
+class CliError(Exception):
+    """One line for stderr and an exit code."""
+
+    def __init__(self, message, code=EXIT_ERROR):
+        super().__init__(message)
+        self.code = code
+
+
+# -- connection ------------------------------------------------------------------------------
+
+class Client:
+    """A channel to one server with the CLI's certificates; turns RpcErrors into CliErrors."""
+
+    def __init__(self, args):
+        self.server = args.server
+        self.files = {"ca": args.ca, "cert": args.cert, "key": args.key}
+        pems = {}
+        for what, path in self.files.items():
+            try:
+                with open(path, "rb") as f:
+                    pems[what] = f.read()
+            except OSError as e:
+                raise CliError(f"cannot read {what} file {path}: {e.strerror} (set --{what} or "
+                               f"{CLIENT_DEFAULTS[what][0]})", EXIT_CONNECT) from None
+        self.grpc = _grpc()
+        self.pb, pb_grpc = _pb()
+        creds = self.grpc.ssl_channel_credentials(pems["ca"], pems["key"], pems["cert"])
+        self.channel = self.grpc.secure_channel(self.server, creds)
+        self.stub = pb_grpc.JobServiceStub(self.channel)
+
+    def call(self, method, request, timeout=RPC_TIMEOUT):
+        try:
+            return getattr(self.stub, method)(request, timeout=timeout)
+        except self.grpc.RpcError as e:
+            raise self.error(e) from None
+
+    def error(self, e):
+        code = e.code().name if e.code() else "UNKNOWN"
+        details = e.details() or code
+        if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+            files = ", ".join(f"{k}={v}" for k, v in self.files.items())
+            return CliError(f"cannot reach server {self.server} ({files}): {details}",
+                            EXIT_CONNECT)
+        return CliError(details, _EXIT_FOR_CODE.get(code, EXIT_ERROR))
+
+    def close(self):
+        self.channel.close()
+
+
+# -- output formatting -----------------------------------------------------------------------
+
+def _human_bytes(n, base=1024, suffixes="BKMGT"):
+    n = float(n)
+    for s in suffixes:
+        if n < base or s == suffixes[-1]:
+            return f"{n:.0f}{s}" if s == "B" else f"{n:.1f}{s}"
+        n /= base
+
+
+def _iso(ts):
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+def _signal_name(num):
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
+
+
+def status_to_dict(pb, msg):
+    """jobworker.v1.JobStatus -> the CLI's JSON form (stable keys)."""
+    ts = lambda t: t.ToNanoseconds() / 1e9 if t.seconds or t.nanos else None
+    return {
+        "id": msg.job_id, "owner": msg.owner, "command": list(msg.command),
+        "state": pb.JobState.Name(msg.state).removeprefix("JOB_STATE_").lower(),
+        "exit_code": msg.exit_code if msg.HasField("exit_code") else None,
+        "signal": _signal_name(msg.signal) if msg.HasField("signal") else None,
+        "oom_killed": msg.oom_killed,
+        "started_at": _iso(ts(msg.started_at)), "ended_at": _iso(ts(msg.ended_at)),
+        "pid": msg.pid or None,
+        "limits": {"cpu_percent": msg.limits.cpu_percent or None,
+                   "memory_bytes": msg.limits.memory_bytes or None,
+                   "io_bytes_per_second": msg.limits.io_bytes_per_second or None,
+                   "pids": msg.limits.pids or None},
+        "usage": {"cpu_seconds": round(msg.usage.cpu_seconds, 6),
+                  "memory_bytes": msg.usage.memory_bytes,
+                  "memory_peak_bytes": msg.usage.memory_peak_bytes,
+                  "io_read_bytes": msg.usage.io_read_bytes,
+                  "io_write_bytes": msg.usage.io_write_bytes, "tasks": msg.usage.tasks},
+        "output_bytes": msg.output_bytes, "log_truncated": msg.log_truncated,
+        "log_error": msg.log_error or None,
+    }
+
+
+def _command_line(argv):
+    import shlex
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def _duration(seconds):
+    seconds = max(0, seconds)
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h {m}min {s}s" if h else f"{m}min {s}s"
+
+
+def format_status(pb, msg):
+    """A `systemctl status`-like view of one job."""
+    d = status_to_dict(pb, msg)
+    start = msg.started_at.ToNanoseconds() / 1e9
+    end = msg.ended_at.ToNanoseconds() / 1e9 if d["ended_at"] else time.time()
+    if d["state"] == "running":
+        state = f"running (pid {d['pid']}) since {d['started_at']}; {_duration(end - start)}"
+    else:
+        how = (f"exit code {d['exit_code']}" if d["exit_code"] is not None
+               else f"killed by {d['signal']}" if d["signal"] else "ended")
+        oom = ", OOM-killed" if d["oom_killed"] else ""
+        state = f"{d['state']} ({how}{oom}) at {d['ended_at']}; ran {_duration(end - start)}"
+    lim = d["limits"]
+    limits = ", ".join(x for x in [
+        f"cpu {lim['cpu_percent']:g}%" if lim["cpu_percent"] else "",
+        f"memory {_human_bytes(lim['memory_bytes'])}" if lim["memory_bytes"] else "",
+        f"disk-io {_human_bytes(lim['io_bytes_per_second'], 1000)}B/s"
+        if lim["io_bytes_per_second"] else "",
+        f"pids {lim['pids']}" if lim["pids"] else ""] if x) or "none"
+    u = d["usage"]
+    output = f"{_human_bytes(d['output_bytes'])}"
+    if d["log_truncated"]:
+        output += " (truncated at the server's cap)"
+    if d["log_error"]:
+        output += f" ({d['log_error']})"
+    rows = [("State", state), ("Owner", d["owner"]), ("Limits", limits),
+            ("CPU", f"{u['cpu_seconds']:.3f}s"),
+            ("Memory", f"{_human_bytes(u['memory_bytes'])} (peak "
+                       f"{_human_bytes(u['memory_peak_bytes'])})"),
+            ("IO", f"read {_human_bytes(u['io_read_bytes'])}, "
+                   f"written {_human_bytes(u['io_write_bytes'])}"),
+            ("Tasks", str(u["tasks"])), ("Output", output)]
+    dot = {"running": "●", "exited": "○" if d["exit_code"] == 0 else "×"}.get(d["state"], "×")
+    lines = [f"{dot} {d['id']} - {_command_line(d['command'])}"]
+    lines += [f"{k:>10}: {v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+# -- subcommands ----------------------------------------------------------------------------
+
+START_VALUE_OPTIONS = {"--cpu", "--memory", "--disk-io", "--pids", "--server", "--ca", "--cert",
+                       "--key"}
+
+
+def split_start_args(tokens):
+    """(jobworker options, command) of `start`. With `--`, everything after it is the command.
+    Without, jobworker's own options are recognised anywhere, before or after the command."""
+    if "--" in tokens:
+        k = tokens.index("--")
+        return tokens[:k], tokens[k + 1:]
+    opts, cmd, i = [], [], 0
+    while i < len(tokens):
+        t = tokens[i]
+        name = t.split("=", 1)[0]
+        if name in START_VALUE_OPTIONS:
+            take = 1 if "=" in t else 2
+            opts += tokens[i:i + take]
+            i += take
+            continue
+        if t in ("-h", "--help") and not cmd:
+            opts.append(t)
+        else:
+            cmd.append(t)
+        i += 1
+    return opts, cmd
+
+
+def cmd_start(args):
+    limits = {"cpu_quota": args.cpu or "", "memory_limit": args.memory or "",
+              "disk_io": args.disk_io or "", "pids": args.pids or ""}
+    # Check locally too: a typo is reported without a round trip, with the same message.
+    try:
+        parse_limits(limits["cpu_quota"], limits["memory_limit"], limits["disk_io"],
+                     limits["pids"])
+    except InvalidArgument as e:
+        if e.field != "cpu_quota":   # the server's CPU count decides the CPU range
+            raise CliError(str(e), EXIT_REFUSED) from None
+    client = Client(args)
+    pb = client.pb
+    req = pb.StartRequest(name=args.command[0], args=args.command[1:],
+                          resources=pb.ResourceConfig(**limits))
+    print(client.call("Start", req).job_id)
+    return EXIT_OK
+
+
+def cmd_stop(args):
+    client = Client(args)
+    req = client.pb.StopRequest(job_id=args.job_id)
+    timeout = RPC_TIMEOUT + DEFAULT_GRACE_SECONDS
+    if args.grace is not None:
+        req.grace_seconds = args.grace
+        timeout = RPC_TIMEOUT + args.grace
+    status = client.call("Stop", req, timeout=timeout).status
+    d = status_to_dict(client.pb, status)
+    how = f"exit code {d['exit_code']}" if d["exit_code"] is not None else f"{d['signal']}"
+    print(f"{d['id']} {d['state']} ({how})", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_query(args):
+    client = Client(args)
+    status = client.call("Query", client.pb.QueryRequest(job_id=args.job_id)).status
+    if args.json:
+        print(json.dumps(status_to_dict(client.pb, status), indent=2))
+    else:
+        print(format_status(client.pb, status))
+    return EXIT_OK
+
+
+def cmd_list(args):
+    client = Client(args)
+    jobs = client.call("List", client.pb.ListRequest()).jobs
+    if args.json:
+        print(json.dumps([status_to_dict(client.pb, j) for j in jobs], indent=2))
+        return EXIT_OK
+    print(f"{'ID':36}  {'STATE':8}  {'EXIT':>8}  {'OWNER':12}  {'STARTED':20}  COMMAND")
+    for j in jobs:
+        d = status_to_dict(client.pb, j)
+        exit_ = (str(d["exit_code"]) if d["exit_code"] is not None else d["signal"] or "")
+        print(f"{d['id']:36}  {d['state']:8}  {exit_:>8}  {d['owner'][:12]:12}  "
+              f"{(d['started_at'] or '')[:19]:20}  {_command_line(d['command'])[:80]}")
+    return EXIT_OK
+
+
+def cmd_stream(args):
+    client = Client(args)
+    pb = client.pb
+    outs = {pb.OUTPUT_STREAM_STDOUT: sys.stdout.buffer, pb.OUTPUT_STREAM_STDERR: sys.stderr.buffer}
+    call = client.stub.Stream(pb.StreamRequest(job_id=args.job_id, offset=args.offset))
+    try:
+        for msg in call:
+            if msg.HasField("chunk"):
+                out = outs[msg.chunk.stream]
+                out.write(msg.chunk.data)
+                out.flush()
+    except client.grpc.RpcError as e:
+        raise client.error(e) from None
+    except BrokenPipeError:
+        call.cancel()
+        # stdout went away (`| head`): nothing more to say, and nothing to flush at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    return EXIT_OK
+
+
+def cmd_certs_init(args):
+    certs_init(args.dir, args.host or (), force=args.force)
+    print(f"wrote {args.dir}/ca.crt, ca.key, server.crt, server.key", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_certs_issue(args):
+    certs_issue(args.dir, args.name, args.role, days=args.days)
+    print(f"wrote {args.dir}/{args.name}.crt, {args.name}.key (roles: {', '.join(args.role)})",
+          file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_serve(args):
+    ca, cert, key = args.ca, args.cert, args.key
+    if args.certs or not (ca or cert or key):
+        d = args.certs or DEFAULT_CERTS_DIR
+        ca, cert, key = (ca or f"{d}/ca.crt", cert or f"{d}/server.crt", key or f"{d}/server.key")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.Formatter.converter = time.gmtime
+    check_server_key(key)    # before anything is created
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    # The manager (and its launcher process) exists before grpc is imported.
+    manager = JobManager(args.state_dir, detect_cgroups(args.cgroup_parent),
+                         default_pids=args.default_pids, log_cap=args.log_cap,
+                         max_jobs=args.max_jobs, job_user=args.job_user, grace=args.grace)
+    try:
+        with serve_grpc(manager, args.listen, ca=ca, cert=cert, key=key,
+                        max_streams=args.max_streams, max_request_bytes=args.max_request_bytes,
+                        close_manager=True) as port:
+            log.info("serving on %s (port %d), cgroup v%d, state in %s", args.listen, port,
+                     manager.cgroups.version, args.state_dir)
+            while not stop.wait(3600):
+                pass
+            log.info("shutting down: stopping jobs")
+    finally:
+        manager.close()
+    log.info("stopped")
+    return EXIT_OK
+
+
+def _add_client_options(p):
+    for flag, (env, default) in CLIENT_DEFAULTS.items():
+        p.add_argument(f"--{flag}", default=os.environ.get(env, default),
+                       help=f"(env {env}; default {default})")
+
+
+def build_parser():
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog="jobworker", description="Run and watch commands on Linux hosts, each in its "
+        "own cgroup, over mutual-TLS gRPC.",
+        epilog="Exit codes: 0 ok, 1 error, 2 usage, 3 cannot reach server, 4 not found, "
+        "5 permission denied, 6 refused, 7 cap reached, 8 server error, 130 interrupted.")
+    parser.add_argument("--version", action="version", version=f"jobworker {__version__}")
+    sub = parser.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+
+    p = sub.add_parser("serve", help="run the server (as root)")
+    p.add_argument("--listen", default=DEFAULT_LISTEN, help=f"HOST:PORT (default {DEFAULT_LISTEN})")
+    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
+                   help=f"job records and output (default {DEFAULT_STATE_DIR})")
+    p.add_argument("--certs", help=f"DIR holding ca.crt, server.crt, server.key "
+                                   f"(default ./{DEFAULT_CERTS_DIR})")
+    p.add_argument("--ca", help="CA certificate that client certificates must chain to")
+    p.add_argument("--cert", help="server certificate")
+    p.add_argument("--key", help="server private key (ECDSA, mode 0600)")
+    p.add_argument("--job-user", help="run jobs as this user instead of root")
+    p.add_argument("--cgroup-parent", default=DEFAULT_CGROUP_PARENT,
+                   help="job cgroups' parent, relative to the server's own cgroup "
+                        f"(default {DEFAULT_CGROUP_PARENT})")
+    p.add_argument("--grace", type=float, default=DEFAULT_GRACE_SECONDS,
+                   help=f"Stop's default SIGTERM-to-SIGKILL seconds ({DEFAULT_GRACE_SECONDS:g})")
+    p.add_argument("--default-pids", type=int, default=DEFAULT_PIDS_LIMIT,
+                   help=f"pids limit of jobs that set none ({DEFAULT_PIDS_LIMIT})")
+    p.add_argument("--log-cap", type=parse_memory, default=DEFAULT_LOG_CAP,
+                   help="output kept per job (default 2G)")
+    p.add_argument("--max-jobs", type=int, default=DEFAULT_MAX_JOBS,
+                   help=f"running jobs at once ({DEFAULT_MAX_JOBS})")
+    p.add_argument("--max-streams", type=int, default=DEFAULT_MAX_STREAMS,
+                   help=f"concurrent Stream calls ({DEFAULT_MAX_STREAMS})")
+    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                   help=f"largest request message ({DEFAULT_MAX_REQUEST_BYTES})")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("start", usage="jobworker start [--cpu P%%] [--memory SIZE] "
+                       "[--disk-io RATE] [--pids N] [--] CMD [ARG...]",
+                       help="start a job; prints only its id",
+                       description="Options may come before or after the command; after `--` "
+                                   "everything is the command's.")
+    p.add_argument("--cpu", help="CPU quota, percent of one CPU: 50%%, 150%%")
+    p.add_argument("--memory", help="memory limit: 256M, 1G (base 1024)")
+    p.add_argument("--disk-io", help="read and write bandwidth per disk: 10MB/s (base 1000)")
+    p.add_argument("--pids", help=f"most processes (server default {DEFAULT_PIDS_LIMIT})")
+    _add_client_options(p)
+    p.set_defaults(func=cmd_start)
+
+    p = sub.add_parser("stop", help="stop a job (SIGTERM, then SIGKILL after the grace period)")
+    p.add_argument("job_id")
+    p.add_argument("--grace", type=float, help="seconds between SIGTERM and SIGKILL")
+    _add_client_options(p)
+    p.set_defaults(func=cmd_stop)
+
+    p = sub.add_parser("query", help="show a job's status")
+    p.add_argument("job_id")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_client_options(p)
+    p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("stream", help="print a job's output from the start, live until it ends")
+    p.add_argument("job_id")
+    p.add_argument("--offset", type=int, default=0, help="resume from this output position")
+    _add_client_options(p)
+    p.set_defaults(func=cmd_stream)
+
+    p = sub.add_parser("list", help="list the jobs you may see")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_client_options(p)
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("certs", help="make a CA, server and client certificates")
+    certs = p.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
+    c = certs.add_parser("init", help="write DIR/ca.{crt,key} and DIR/server.{crt,key}")
+    c.add_argument("dir")
+    c.add_argument("--host", action="append", help="extra server name or IP (repeatable)")
+    c.add_argument("--force", action="store_true", help="replace an existing CA")
+    c.set_defaults(func=cmd_certs_init)
+    c = certs.add_parser("issue", help="write DIR/NAME.{crt,key}, a client certificate")
+    c.add_argument("dir")
+    c.add_argument("name", help="the identity (certificate CN)")
+    c.add_argument("--role", action="append", choices=ROLES, required=True,
+                   help="reader, writer or admin (repeatable)")
+    c.add_argument("--days", type=int, default=LEAF_DAYS, help=f"validity ({LEAF_DAYS})")
+    c.set_defaults(func=cmd_certs_issue)
+    return parser
+
+
+def main(argv=None):
+    """Run one subcommand; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    command = None
+    if argv and argv[0] == "start":
+        opts, command = split_start_args(argv[1:])
+        argv = ["start", *opts]
+    args = parser.parse_args(argv)
+    if args.subcommand == "start":
+        if not command:
+            parser.parse_args(["start", "--help"] if not opts else ["start"] + opts + ["-h"])
+        args.command = command
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except CliError as e:
+        print(f"jobworker: {e}", file=sys.stderr)
+        return e.code
+    except JobworkerError as e:
+        print(f"jobworker: {e}", file=sys.stderr)
+        return _EXIT_FOR_CODE.get(status_code_for(e), EXIT_ERROR)
+    except OSError as e:
+        print(f"jobworker: {e.filename + ': ' if e.filename else ''}{e.strerror or e}",
+              file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as e:
+        if os.environ.get("JOBWORKER_DEBUG"):
+            raise
+        print(f"jobworker: unexpected error: {e!r} (JOBWORKER_DEBUG=1 shows where)",
+              file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
