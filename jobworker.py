@@ -642,6 +642,7 @@ class CgroupDriver:
     def setup(self): raise NotImplementedError
     def job(self, job_id): raise NotImplementedError
     def parent_dirs(self): raise NotImplementedError
+    def _as_cgroup(self): raise NotImplementedError   # the parent itself, as one cgroup
 
     def leftover_job_ids(self):
         """Ids of job cgroups found under the parent (jobs of an earlier server run)."""
@@ -663,13 +664,10 @@ class CgroupDriver:
                     log.warning("removing %s: %s", d, e.strerror)
 
     def remove_parent(self):
-        """Kill whatever is left under the parent and remove it (tests, uninstall)."""
-        for job_id in self.leftover_job_ids():
-            cg = self.job(job_id)
-            cg.kill_all()
-            cg.remove()
-        for d in self.parent_dirs():
-            _rmdir_tree(d)
+        """Kill every process anywhere below the parent and remove it all (tests, uninstall)."""
+        whole = self._as_cgroup()
+        whole.kill_all()
+        whole.remove()
 
 
 class CgroupV1Driver(CgroupDriver):
@@ -683,6 +681,9 @@ class CgroupV1Driver(CgroupDriver):
     def parent_dirs(self):
         dirs = list(self.parents.values()) + ([self.unified_parent] if self.unified_parent else [])
         return list(dict.fromkeys(dirs))
+
+    def _as_cgroup(self):
+        return CgroupV1(dict(self.parents), self.unified_parent)
 
     def setup(self):
         for d in self.parent_dirs():
@@ -707,6 +708,9 @@ class CgroupV2Driver(CgroupDriver):
 
     def parent_dirs(self):
         return [self.parent]
+
+    def _as_cgroup(self):
+        return CgroupV2(self.parent)
 
     def _enable(self, path, wanted):
         available = set(_read(f"{path}/cgroup.controllers").split())
@@ -942,12 +946,33 @@ def _launcher_reap(sock, children):
             _send_msg(sock, {"exit": pid, "status": status})
 
 
+_SYS_RT_SIGACTION = {"x86_64": 13, "aarch64": 134}
+
+
+def _reset_reserved_signals(libc):
+    """Ignored signals survive exec. Python's signal module can reset every signal but those
+    glibc reserves for itself (32, 33), which a parent may still have ignored (GNU make does):
+    reset those with the raw syscall, so jobs start with every disposition at its default."""
+    import ctypes
+    nr = _SYS_RT_SIGACTION.get(os.uname().machine)
+    if nr is None:
+        return
+    with open("/proc/self/status") as f:
+        ignored = int(next(l for l in f if l.startswith("SigIgn:")).split()[1], 16)
+    valid = set(signal.valid_signals())
+    act = (ctypes.c_ulong * 4)(0, 0, 0, 0)   # handler SIG_DFL, flags, restorer, mask
+    for sig in range(1, 65):
+        if ignored >> (sig - 1) & 1 and sig not in valid:
+            libc.syscall(nr, sig, ctypes.byref(act), None, 8)
+
+
 def launcher_main(sock_fd):
     """Entry point of the launcher process: serve spawn requests until the server goes away."""
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     # Orphaned daemons of a job are re-parented here and reaped, so none stays a zombie.
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    _reset_reserved_signals(libc)
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # a Ctrl-C meant for the server
     wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     signal.set_wakeup_fd(wake_w)
@@ -2088,6 +2113,7 @@ class JobService:
         try:
             # A client that goes away ends the follow at once and gives the thread back.
             context.add_callback(follow.cancel)
+            context.send_initial_metadata(())   # the client learns at once that it is admitted
             for chunk in follow:
                 yield self.pb.StreamResponse(chunk=self.pb.OutputChunk(
                     stream=chunk.stream, offset=chunk.offset, data=chunk.data))
