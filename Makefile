@@ -5,7 +5,7 @@ VENV   := .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: test venv clean stubs
+.PHONY: test venv clean stubs pyz run
 
 venv: $(STAMP)
 
@@ -25,3 +25,24 @@ STUBS := jobworker_pb2.py jobworker_pb2_grpc.py
 stubs: $(STUBS)
 $(STUBS): jobworker.proto $(STAMP)
 	$(VPY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. jobworker.proto
+
+# The pyz for the CPython versions and arch of this machine's pyenv (what users scp to hosts).
+PYZ_PYTHONS ?= 3.10,3.11,3.12,3.13
+pyz: jobworker.pyz
+jobworker.pyz: jobworker.py jobworker.proto build_zipapp.py requirements.txt $(STAMP)
+	$(VPY) build_zipapp.py -o $@ --python $(PYZ_PYTHONS)
+
+# Development certificates (private keys never leave certs/, which git ignores).
+certs/server.crt: | jobworker.pyz
+	./jobworker.pyz certs init certs
+certs/client.crt: certs/server.crt
+	./jobworker.pyz certs issue certs client --role writer
+	./jobworker.pyz certs issue certs admin --role admin
+	./jobworker.pyz certs issue certs reader --role reader
+
+run: jobworker.pyz certs/client.crt
+	@echo "jobworker serves on localhost:50051. From another terminal in $(CURDIR):"
+	@echo "  ID=\$$(./jobworker.pyz start bash -c 'while true; do echo hello; sleep 1; done' --cpu 50% --memory 256M --disk-io 10MB/s)"
+	@echo "  ./jobworker.pyz stream \$$ID        # Ctrl-C leaves; the job goes on"
+	@echo "  ./jobworker.pyz query \$$ID && ./jobworker.pyz stop \$$ID"
+	./jobworker.pyz serve --listen localhost:50051 --certs certs --state-dir build/state

@@ -797,6 +797,7 @@ def test_many_jobs_leak_nothing(manager):
 # ================================================================================================
 
 import contextlib
+import json
 import datetime
 import hashlib
 
@@ -1294,3 +1295,357 @@ def test_fork_safety_2000_spawns_while_8_followers_stream(pki, api, peers, capfd
     assert all(r[2].state == pb.JOB_STATE_EXITED for r in results)
     captured = capfd.readouterr()
     assert "fork" not in (captured.out + captured.err).lower()
+
+
+# ================================================================================================
+# CLI and jobworker.pyz (built once, run by every CPython on this machine as users do)
+# ================================================================================================
+
+import glob
+import shutil
+
+HERE = os.path.dirname(os.path.abspath(jw.__file__))
+PYTHONS = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.1[0-3].*/bin/python3")))
+
+
+@pytest.fixture(scope="session")
+def pyz(tmp_path_factory):
+    """jobworker.pyz for every CPython 3.10-3.13 found here, built with build_zipapp.py."""
+    assert len(PYTHONS) >= 4, f"CPython 3.10-3.13 expected under ~/.pyenv, found {PYTHONS}"
+    out = tmp_path_factory.mktemp("pyz") / "jobworker.pyz"
+    versions = ",".join(".".join(p.split("/versions/")[1].split(".")[:2]) for p in PYTHONS)
+    subprocess.run([sys.executable, os.path.join(HERE, "build_zipapp.py"), "-o", str(out),
+                    "--python", versions], check=True, timeout=600)
+    return out
+
+
+@pytest.fixture(scope="session")
+def venvs(tmp_path_factory):
+    """{version: python} of venvs with no packages at all, one per CPython."""
+    made = {}
+    for python in PYTHONS:
+        version = ".".join(python.split("/versions/")[1].split(".")[:2])
+        d = tmp_path_factory.mktemp(f"venv{version}")
+        subprocess.run([python, "-m", "venv", "--without-pip", str(d)], check=True, timeout=120)
+        made[version] = str(d / "bin" / "python")
+    return made
+
+
+class ServeProcess:
+    """`jobworker serve` in a subprocess on a free port; stop() sends SIGTERM."""
+
+    def __init__(self, argv, certs, state, parent, listen="127.0.0.1:0", env=None):
+        self.proc = subprocess.Popen(
+            [*argv, "serve", "--listen", listen, "--certs", str(certs), "--state-dir", str(state),
+             "--cgroup-parent", parent], stderr=subprocess.PIPE, text=True, env=env)
+        self.lines = []
+        ready = threading.Event()
+
+        def read():
+            for line in self.proc.stderr:
+                self.lines.append(line)
+                if "serving on" in line:
+                    self.port = int(line.split("(port ")[1].split(")")[0])
+                    ready.set()
+        self.reader = threading.Thread(target=read, daemon=True)
+        self.reader.start()
+        if not ready.wait(60):
+            self.proc.kill()
+            raise AssertionError("server did not start:\n" + "".join(self.lines))
+
+    def stop(self, timeout=60):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        self.reader.join(10)
+        return code
+
+
+def cli(argv, *args, certs, port=None, host="127.0.0.1", name="client", timeout=60, env=None):
+    env = dict(env or os.environ, JOBWORKER_CA=str(certs / "ca.crt"),
+               JOBWORKER_CERT=str(certs / f"{name}.crt"), JOBWORKER_KEY=str(certs / f"{name}.key"))
+    if port:
+        env["JOBWORKER_SERVER"] = f"{host}:{port}"
+    return subprocess.run([*argv, *args], env=env, capture_output=True, timeout=timeout)
+
+
+SRC = [sys.executable, os.path.join(HERE, "jobworker.py")]
+
+
+@pytest.fixture(scope="module")
+def src_server(pki, tmp_path_factory):
+    """`jobworker.py serve` from the source tree, as a separate process."""
+    s = ServeProcess(SRC, pki, tmp_path_factory.mktemp("srcstate"), f"{RUN_PARENT}/src")
+    yield s
+    assert s.stop() == 0
+
+
+def test_cli_original_example_with_trailing_options(pki, src_server):
+    r = cli(SRC, "start", "bash", "-c", "while true; do echo hello; sleep 1; done", "--cpu", "50%",
+            "--memory", "256M", "--disk-io", "10MB/s", certs=pki, port=src_server.port)
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.decode().strip()
+    assert jw._JOB_ID_RE.fullmatch(job_id), r.stdout   # only the id on stdout
+    q = cli(SRC, "query", job_id, "--json", certs=pki, port=src_server.port)
+    d = json.loads(q.stdout)
+    assert d["command"] == ["bash", "-c", "while true; do echo hello; sleep 1; done"]
+    assert d["limits"] == {"cpu_percent": 50.0, "memory_bytes": 256 << 20,
+                           "io_bytes_per_second": 10_000_000, "pids": jw.DEFAULT_PIDS_LIMIT}
+    assert set(d) >= {"id", "owner", "command", "state", "exit_code", "signal", "oom_killed",
+                      "started_at", "ended_at", "limits", "usage"}
+    assert (d["state"], d["owner"]) == ("running", "client")
+    human = cli(SRC, "query", job_id, certs=pki, port=src_server.port).stdout.decode()
+    assert "State: running" in human and "cpu 50%" in human and "memory 256.0M" in human
+    stop = cli(SRC, "stop", job_id, "--grace", "1", certs=pki, port=src_server.port)
+    assert stop.returncode == 0 and b"stopped" in stop.stderr
+    listing = cli(SRC, "list", certs=pki, port=src_server.port).stdout.decode()
+    assert job_id in listing and "stopped" in listing
+
+
+def test_cli_double_dash_gives_the_command_its_own_flags(pki, src_server):
+    r = cli(SRC, "start", "--memory", "64M", "--", "echo", "--cpu", "50%", certs=pki,
+            port=src_server.port)
+    job_id = r.stdout.decode().strip()
+    out = cli(SRC, "stream", job_id, certs=pki, port=src_server.port)
+    assert out.stdout == b"--cpu 50%\n"
+    d = json.loads(cli(SRC, "query", job_id, "--json", certs=pki, port=src_server.port).stdout)
+    assert d["limits"]["memory_bytes"] == 64 << 20 and d["limits"]["cpu_percent"] is None
+
+
+def test_cli_stream_is_byte_exact_on_both_streams(pki, src_server):
+    code = "import os; os.write(1, bytes(range(256)) * 1000); os.write(2, b'\\xff\\x00err')"
+    job_id = cli(SRC, "start", "python3", "-c", code, certs=pki,
+                 port=src_server.port).stdout.decode().strip()
+    r = cli(SRC, "stream", job_id, certs=pki, port=src_server.port)
+    assert r.returncode == 0
+    assert r.stdout == bytes(range(256)) * 1000 and r.stderr == b"\xff\x00err"
+
+
+def test_cli_ctrl_c_leaves_stream_quietly_with_130(pki, src_server):
+    job_id = cli(SRC, "start", "sleep", "600", certs=pki,
+                 port=src_server.port).stdout.decode().strip()
+    env = dict(os.environ, JOBWORKER_CA=str(pki / "ca.crt"), JOBWORKER_CERT=str(pki / "client.crt"),
+               JOBWORKER_KEY=str(pki / "client.key"),
+               JOBWORKER_SERVER=f"127.0.0.1:{src_server.port}")
+    p = subprocess.Popen([*SRC, "stream", job_id], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    time.sleep(1.5)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 130 and err == b""
+    assert cli(SRC, "stop", job_id, "--grace", "0", certs=pki, port=src_server.port).returncode == 0
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["query", "6f9619ff-8b86-4011-b42d-00c04fc964ff"], 4, "no such job"),
+    (["query", "../etc"], 6, "invalid job_id"),
+    (["start", "--memory", "10XB", "true"], 6, "invalid memory_limit"),
+    (["start", "no-such-program-xyz"], 6, "no such file: no-such-program-xyz"),
+    (["start", "--cpu", "0%", "true"], 6, "invalid cpu_quota"),
+])
+def test_cli_errors_are_one_line_with_distinct_exit_codes(args, code, message, pki, src_server):
+    r = cli(SRC, *args, certs=pki, port=src_server.port)
+    err = r.stderr.decode()
+    assert r.returncode == code, err
+    assert err.startswith("jobworker: ") and message in err and err.count("\n") == 1
+    assert "Traceback" not in err
+
+
+def test_cli_reader_may_not_start(pki, src_server):
+    r = cli(SRC, "start", "true", certs=pki, port=src_server.port, name="reader")
+    assert r.returncode == 5 and r.stderr.decode().startswith("jobworker: role reader may not")
+
+
+def test_cli_connection_failure_names_server_and_files(pki):
+    with socket_port() as port:
+        r = cli(SRC, "list", certs=pki, port=port, timeout=90)
+    err = r.stderr.decode()
+    assert r.returncode == 3
+    assert f"127.0.0.1:{port}" in err and str(pki / "client.crt") in err and err.count("\n") == 1
+    r = cli(SRC, "list", "--cert", "/nonexistent.crt", certs=pki, port=port)
+    assert r.returncode == 3 and "/nonexistent.crt" in r.stderr.decode()
+
+
+@contextlib.contextmanager
+def socket_port():
+    """A loopback port with nothing listening on it."""
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    try:
+        yield s.getsockname()[1]
+    finally:
+        s.close()
+
+
+def test_cli_flags_win_over_environment(pki, src_server):
+    r = cli(SRC, "list", "--server", f"127.0.0.1:{src_server.port}", certs=pki, port=1)
+    assert r.returncode == 0, r.stderr
+
+
+def test_cli_client_commands_do_not_import_cryptography(pki, src_server):
+    code = ("import sys; sys.path.insert(0, %r); import jobworker; "
+            "rc = jobworker.main(['list', '--json']); "
+            "print('cryptography' in sys.modules, rc, file=sys.stderr)") % HERE
+    r = cli([sys.executable, "-c", code], certs=pki, port=src_server.port)
+    assert r.stderr.decode().split()[-2:] == ["False", "0"]
+    r = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, %r); import "
+                        "jobworker; print(sorted(m for m in ('grpc', 'cryptography', "
+                        "'google.protobuf') if m in sys.modules))" % HERE],
+                       capture_output=True, text=True)
+    assert r.stdout.strip() == "[]"
+
+
+def test_pyz_is_reproducible(pyz, tmp_path):
+    again = tmp_path / "again.pyz"
+    subprocess.run([sys.executable, os.path.join(HERE, "build_zipapp.py"), "-o", str(again),
+                    "--python", ",".join(".".join(p.split("/versions/")[1].split(".")[:2])
+                                         for p in PYTHONS)], check=True, timeout=600)
+    assert again.read_bytes() == pyz.read_bytes()
+    assert pyz.read_bytes().startswith(b"#!/usr/bin/env python3\n")
+    assert os.access(pyz, os.X_OK)
+    import zipfile
+    names = zipfile.ZipFile(pyz).namelist()
+    assert {"__main__.py", "jobworker.py", "jobworker_pb2.py", "jobworker_pb2_grpc.py"} <= set(names)
+
+
+def test_pyz_first_runs_race_safely_into_a_private_cache(pyz, venvs, tmp_path):
+    cache = tmp_path / "cache"
+    env = dict(os.environ, JOBWORKER_CACHE_DIR=str(cache))
+    python = venvs["3.11"] if "3.11" in venvs else next(iter(venvs.values()))
+    procs = [subprocess.Popen([python, str(pyz), "--version"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for _ in range(8)]
+    results = [p.communicate(timeout=120) + (p.returncode,) for p in procs]
+    assert all(rc == 0 and out.startswith(b"jobworker ") for out, _, rc in results), results
+    extracted = [p for p in os.listdir(cache)]
+    assert len(extracted) == 1 and not extracted[0].startswith(".")
+    assert (cache.stat().st_mode & 0o777) == 0o700
+    assert (cache / extracted[0]).stat().st_mode & 0o777 == 0o700
+
+
+def test_pyz_refuses_an_unsafe_cache_dir(pyz, venvs, tmp_path):
+    python = next(iter(venvs.values()))
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    r = subprocess.run([python, str(pyz), "--version"], capture_output=True, timeout=60,
+                       env=dict(os.environ, JOBWORKER_CACHE_DIR=str(link)))
+    assert r.returncode == 1 and b"symlink" in r.stderr
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    r = subprocess.run([python, str(pyz), "--version"], capture_output=True, timeout=60,
+                       env=dict(os.environ, JOBWORKER_CACHE_DIR=str(open_dir)))
+    assert r.returncode == 1 and b"chmod 700" in r.stderr
+
+
+def test_pyz_names_the_targets_when_none_fits(pyz):
+    old = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.9.*/bin/python3")))
+    if not old:
+        pytest.skip("no CPython 3.9 here to try")
+    r = subprocess.run([old[0], str(pyz), "--version"], capture_output=True, timeout=60)
+    assert r.returncode == 1
+    assert b"no packages for cpython 3.9" in r.stderr and b"cp310-" in r.stderr
+
+
+@pytest.mark.parametrize("version", ["3.10", "3.11", "3.12", "3.13"])
+def test_pyz_end_to_end_on_each_python(version, pyz, venvs, tmp_path):
+    python = venvs.get(version)
+    assert python, f"CPython {version} missing"
+    env = dict(os.environ, JOBWORKER_CACHE_DIR=str(tmp_path / "cache"))
+    argv = [python, str(pyz)]
+    r = subprocess.run([*argv, "--version"], capture_output=True, env=env, timeout=120)
+    assert r.stdout.decode().strip() == f"jobworker {jw.__version__}"
+    certs = tmp_path / "certs"
+    for args in (["certs", "init", str(certs)], ["certs", "issue", str(certs), "client", "--role",
+                                                 "writer"]):
+        assert subprocess.run([*argv, *args], env=env, timeout=120).returncode == 0
+    server = ServeProcess(argv, certs, tmp_path / "state", f"{RUN_PARENT}/pyz{version}", env=env)
+    try:
+        job_id = cli(argv, "start", "sh", "-c", "echo out; echo err >&2; exit 3", certs=certs,
+                     port=server.port, env=env).stdout.decode().strip()
+        s = cli(argv, "stream", job_id, certs=certs, port=server.port, env=env)
+        assert (s.stdout, s.stderr, s.returncode) == (b"out\n", b"err\n", 0)
+        d = json.loads(cli(argv, "query", job_id, "--json", certs=certs, port=server.port,
+                           env=env).stdout)
+        assert (d["state"], d["exit_code"]) == ("exited", 3)
+    finally:
+        assert server.stop() == 0
+
+
+def test_serve_sigterm_ends_streams_stops_jobs_and_exits_0(pki, tmp_path):
+    server = ServeProcess(SRC, pki, tmp_path / "state", f"{RUN_PARENT}/sigterm")
+    parent = jw.detect_cgroups(f"{RUN_PARENT}/sigterm")
+    job_id = cli(SRC, "start", "sh", "-c", "echo started; sleep 600", certs=pki,
+                 port=server.port).stdout.decode().strip()
+    peer = Peer(pki, server.port, "client")
+    results = {}
+    t = threading.Thread(target=lambda: results.update(s=peer.stream(job_id)))
+    t.start()
+    wait_for(lambda: parent.leftover_job_ids() == [job_id], what="the job cgroup")
+    time.sleep(0.5)
+    assert server.stop() == 0
+    t.join(30)
+    out, _, final = results["s"]
+    assert out == b"started\n" and final.state == pb.JOB_STATE_STOPPED
+    assert parent.leftover_job_ids() == []
+    record = json.load(open(tmp_path / "state" / "jobs" / job_id / "job.json"))
+    assert record["state"] == "stopped"
+    peer.close()
+
+
+# ================================================================================================
+# Deploy: three hosts in network namespaces, driven by the CLI from the root namespace
+# ================================================================================================
+
+def test_three_hosts_in_network_namespaces(pyz, venvs, tmp_path):
+    for tool in ("ip", "nsenter"):   # `ip netns exec` would also hide /sys/fs/cgroup
+        if not shutil.which(tool):
+            pytest.fail(f"`{tool}` is needed (apt-get install iproute2 util-linux)")
+    tag = f"jw{os.getpid() % 100000}"
+    hosts = [(f"{tag}h{i}", f"veth{tag}{i}", f"198.18.{i}.1", f"198.18.{i}.2") for i in (1, 2, 3)]
+    python = venvs.get("3.11") or next(iter(venvs.values()))
+    env = dict(os.environ, JOBWORKER_CACHE_DIR=str(tmp_path / "cache"))
+    argv = [python, str(pyz)]
+    certs = tmp_path / "certs"
+    servers = []
+    ip = lambda *a: subprocess.run(["ip", *a], check=True, capture_output=True, timeout=30)
+    try:
+        for ns, veth, host_addr, ns_addr in hosts:
+            ip("netns", "add", ns)
+            ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            ip("addr", "add", f"{host_addr}/24", "dev", veth)
+            ip("link", "set", veth, "up")
+            ip("-n", ns, "addr", "add", f"{ns_addr}/24", "dev", "eth0")
+            ip("-n", ns, "link", "set", "eth0", "up")
+            ip("-n", ns, "link", "set", "lo", "up")
+        subprocess.run([*argv, "certs", "init", str(certs), *sum((["--host", h[3]] for h in hosts),
+                                                                  [])], check=True, env=env)
+        subprocess.run([*argv, "certs", "issue", str(certs), "client", "--role", "writer"],
+                       check=True, env=env)
+        for ns, _, _, ns_addr in hosts:
+            servers.append(ServeProcess(["nsenter", f"--net=/run/netns/{ns}", *argv], certs,
+                                        tmp_path / f"state-{ns}", f"{RUN_PARENT}/{ns}",
+                                        listen=f"{ns_addr}:50051", env=env))
+        for (ns, _, _, ns_addr), server in zip(hosts, servers):
+            run = lambda *a: cli(argv, *a, certs=certs, port=50051, host=ns_addr, env=env)
+            job_id = run("start", "sh", "-c", "ip -4 -o addr show dev eth0; sleep 600").stdout
+            job_id = job_id.decode().strip()
+            assert jw._JOB_ID_RE.fullmatch(job_id), job_id
+            wait_for(lambda: json.loads(run("query", job_id, "--json").stdout)["output_bytes"],
+                     what="the job's output")
+            stop = run("stop", job_id, "--grace", "1")
+            assert stop.returncode == 0, stop.stderr
+            out = run("stream", job_id).stdout.decode()
+            assert f"inet {ns_addr}/24" in out   # it ran on that host
+    finally:
+        codes = [s.stop() for s in servers]
+        for ns, veth, _, _ in hosts:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+            subprocess.run(["ip", "link", "del", veth], capture_output=True, timeout=30)
+    assert codes == [0, 0, 0]
