@@ -1,11 +1,19 @@
+# make run   - build jobworker.pyz, make dev certificates in ./certs, serve on localhost:50051
 # make test  - every test, as root, in a local venv made from the pinned requirements
-# make run   - build, make dev certificates, serve on localhost
+# make pyz   - build jobworker.pyz only
+# make stubs - the generated gRPC modules, for running jobworker.py from the source tree
 PYTHON ?= python3
 VENV   := .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
+STUBS  := jobworker_pb2.py jobworker_pb2_grpc.py
+# The pyz bundles these CPython versions for this machine's architecture.
+PYZ_PYTHONS ?= 3.10,3.11,3.12,3.13
 
-.PHONY: test venv clean stubs pyz run
+.PHONY: test venv stubs pyz run clean
+
+test: $(STAMP) $(STUBS)
+	$(VPY) -m pytest -q -ra test_jobworker.py
 
 venv: $(STAMP)
 
@@ -15,26 +23,20 @@ $(STAMP): requirements.txt requirements-dev.txt
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-test: $(STAMP) $(STUBS)
-	$(VPY) -m pytest -q -ra test_jobworker.py
-
-clean:
-	rm -rf $(VENV) build .pytest_cache .hypothesis __pycache__ jobworker.pyz
-
-STUBS := jobworker_pb2.py jobworker_pb2_grpc.py
 stubs: $(STUBS)
+
 $(STUBS): jobworker.proto $(STAMP)
 	$(VPY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. jobworker.proto
 
-# The pyz for the CPython versions and arch of this machine's pyenv (what users scp to hosts).
-PYZ_PYTHONS ?= 3.10,3.11,3.12,3.13
 pyz: jobworker.pyz
+
 jobworker.pyz: jobworker.py jobworker.proto build_zipapp.py requirements.txt $(STAMP)
 	$(VPY) build_zipapp.py -o $@ --python $(PYZ_PYTHONS)
 
 # Development certificates (private keys never leave certs/, which git ignores).
 certs/server.crt: | jobworker.pyz
 	./jobworker.pyz certs init certs
+
 certs/client.crt: certs/server.crt
 	./jobworker.pyz certs issue certs client --role writer
 	./jobworker.pyz certs issue certs admin --role admin
@@ -46,3 +48,6 @@ run: jobworker.pyz certs/client.crt
 	@echo "  ./jobworker.pyz stream \$$ID        # Ctrl-C leaves; the job goes on"
 	@echo "  ./jobworker.pyz query \$$ID && ./jobworker.pyz stop \$$ID"
 	./jobworker.pyz serve --listen localhost:50051 --certs certs --state-dir build/state
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .hypothesis __pycache__ jobworker.pyz $(STUBS)
