@@ -284,7 +284,7 @@ def _read_keyed(path):
     try:
         text = _read(path)
     except CgroupError as e:
-        if e.errno == errno.ENOENT:
+        if e.errno in _GONE:
             return {}
         raise
     out = {}
@@ -299,7 +299,7 @@ def _read_int(path, default=0):
     try:
         text = _read(path).strip()
     except CgroupError as e:
-        if e.errno == errno.ENOENT:
+        if e.errno in _GONE:
             return default
         raise
     return int(text) if text.lstrip("-").isdigit() else default
@@ -336,8 +336,9 @@ def _procs(dir_):
         try:
             with open(f"{d}/cgroup.procs") as f:
                 pids.update(int(p) for p in f.read().split())
-        except FileNotFoundError:
-            continue
+        except OSError as e:
+            if e.errno not in _GONE:
+                raise
     return pids
 
 

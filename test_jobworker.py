@@ -712,6 +712,19 @@ def test_concurrent_stops_make_one_transition(manager):
     assert manager.status(job.id).state == jw.STOPPED
 
 
+def test_stop_racing_a_natural_exit_gives_only_the_documented_outcomes(manager):
+    """Stop while the finisher removes the cgroup: a final status or JobNotRunning, no other error."""
+    outcomes = set()
+    for i in range(300):
+        job = manager.start("sh", ["-c", f"exit {i % 2}"])
+        try:
+            outcomes.add(manager.stop(job.id, grace=0).state)
+        except jw.JobNotRunning:
+            outcomes.add("not running")
+    assert outcomes <= {jw.STOPPED, jw.EXITED, "not running"}
+    assert manager.cgroups.leftover_job_ids() == []
+
+
 def test_list_filters_by_owner_and_status_hides_foreign_jobs(manager):
     a = manager.start("true", owner="alice")
     b = manager.start("true", owner="bob")
