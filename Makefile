@@ -10,10 +10,23 @@ STUBS  := jobworker_pb2.py jobworker_pb2_grpc.py
 # The pyz bundles these CPython versions for this machine's architecture.
 PYZ_PYTHONS ?= 3.10,3.11,3.12,3.13
 
-.PHONY: test venv stubs pyz run clean
+# System tools the tests use; qemu boots the cgroup v2 guest (v2_guest.py).
+# JOBWORKER_SKIP_V2_GUEST=1 skips the guest and does not install qemu.
+TOOLS := openssl ip nsenter $(if $(JOBWORKER_SKIP_V2_GUEST),,qemu-system-x86_64)
 
-test: $(STAMP) $(STUBS)
+.PHONY: test venv stubs pyz run clean system-deps
+
+test: system-deps $(STAMP) $(STUBS)
 	$(VPY) -m pytest -q -ra test_jobworker.py
+
+system-deps:
+	@missing=""; for t in $(TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing packages for:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends openssl iproute2 util-linux \
+	    $(if $(JOBWORKER_SKIP_V2_GUEST),,qemu-system-x86) >/dev/null; \
+	fi
 
 venv: $(STAMP)
 

@@ -1662,3 +1662,27 @@ def test_three_hosts_in_network_namespaces(pyz, venvs, tmp_path):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
             subprocess.run(["ip", "link", "del", veth], capture_output=True, timeout=30)
     assert codes == [0, 0, 0]
+
+
+# ================================================================================================
+# Real cgroup v2: a Linux guest under QEMU runs the pyz and checks enforcement (v2_guest.py)
+# ================================================================================================
+
+def test_real_cgroup_v2_guest(pyz, tmp_path):
+    if os.environ.get("JOBWORKER_SKIP_V2_GUEST") == "1":
+        pytest.skip("JOBWORKER_SKIP_V2_GUEST=1")
+    assert shutil.which("qemu-system-x86_64"), \
+        "qemu is missing: `make test` installs it (or set JOBWORKER_SKIP_V2_GUEST=1 to skip)"
+    report = tmp_path / "guest.json"
+    r = subprocess.run([sys.executable, os.path.join(HERE, "v2_guest.py"), "--pyz", str(pyz),
+                        "--json", str(report)], capture_output=True, text=True, timeout=600)
+    print(r.stdout)
+    assert report.exists(), r.stdout[-4000:] + r.stderr[-2000:]
+    checks = json.loads(report.read_text())["checks"]
+    assert set(checks) == {"server_starts", "no_internal_process", "cpu_50_percent", "usage_cpu",
+                           "memory_oom", "io_direct", "io_buffered_fsync", "usage_io",
+                           "pids_fork_bomb", "stop_kills_daemon", "cgroups_removed",
+                           "server_sigterm_exit_0"}
+    failed = {name: c["detail"] for name, c in checks.items() if not c["ok"]}
+    assert not failed, failed
+    assert r.returncode == 0
