@@ -8,7 +8,7 @@ Library (no gRPC inside):
 Server:
     serve_grpc(manager, listen, ca, cert, key)  context manager yielding the bound port
 Command line (``jobworker.py SUBCOMMAND --help``):
-    serve, start, stop, query, stream, list, certs
+    serve, start, stop, query, stream, list, certs, doctor
 
 Only the standard library is imported at module level. grpc, protobuf and cryptography are
 imported inside the sections that need them: the CLI starts fast, and the job launcher process
@@ -1748,6 +1748,7 @@ def _grpc():
     if "grpc" not in sys.modules:
         os.environ["GRPC_SSL_CIPHER_SUITES"] = TLS12_NO_SHARED_SUITES
         os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")   # not a line per failed handshake
     import grpc
     return grpc
 
@@ -1880,6 +1881,22 @@ def authorize(method, auth_context, policy=POLICY):
     return Caller(identity, roles, role, scope)
 
 
+class MalformedRequest:
+    """Stands in for a request message that could not be decoded (grpc would say INTERNAL)."""
+
+    def __init__(self, reason):
+        self.reason = reason
+
+
+def _tolerant(deserialize):
+    def decode(data):
+        try:
+            return deserialize(data)
+        except Exception as e:   # protobuf raises DecodeError and others on garbage
+            return MalformedRequest(str(e) or type(e).__name__)
+    return decode
+
+
 class CallContext:
     """The grpc context of one call plus its Caller; remembers the status code it ended with."""
 
@@ -1917,7 +1934,8 @@ class AuthInterceptor:
             behavior = getattr(handler, kind)
             if behavior is not None:
                 wrap = self._wrap_stream if kind.endswith("_stream") else self._wrap_unary
-                return make(wrap(behavior, method), handler.request_deserializer,
+                decode = handler.request_deserializer
+                return make(wrap(behavior, method), decode and _tolerant(decode),
                             handler.response_serializer)
         return None
 
@@ -1933,6 +1951,10 @@ class AuthInterceptor:
             log.exception("authorizing %s", method)
             self._audit(None, method, request, None, self.grpc.StatusCode.INTERNAL)
             context.abort(self.grpc.StatusCode.INTERNAL, "internal error; see the server log")
+        if isinstance(request, MalformedRequest):
+            self._audit(caller, method, request, None, self.grpc.StatusCode.INVALID_ARGUMENT)
+            context.abort(self.grpc.StatusCode.INVALID_ARGUMENT,
+                          f"malformed request message: {request.reason[:200]}")
         return CallContext(context, caller)
 
     def _wrap_unary(self, behavior, method):
@@ -2157,6 +2179,12 @@ def check_server_key(path):
                              "cipher suite can be agreed (make one with `certs init`)")
 
 
+def server_credentials(ca_pem, cert_pem, key_pem):
+    """Mutual TLS with client certificates REQUIRED (grpc's default only requests them)."""
+    return _grpc().ssl_server_credentials([(key_pem, cert_pem)], root_certificates=ca_pem,
+                                          require_client_auth=True)
+
+
 @contextlib.contextmanager
 def serve_grpc(manager, listen="127.0.0.1:0", *, ca, cert, key, max_streams=DEFAULT_MAX_STREAMS,
                max_request_bytes=DEFAULT_MAX_REQUEST_BYTES, close_manager=False):
@@ -2178,8 +2206,7 @@ def serve_grpc(manager, listen="127.0.0.1:0", *, ca, cert, key, max_streams=DEFA
         options=[("grpc.max_receive_message_length", max_request_bytes),
                  ("grpc.so_reuseport", 0)])
     pb_grpc.add_JobServiceServicer_to_server(JobService(manager, max_streams), server)
-    creds = grpc.ssl_server_credentials([(key_pem, cert_pem)], root_certificates=ca_pem,
-                                        require_client_auth=True)
+    creds = server_credentials(ca_pem, cert_pem, key_pem)
     try:
         port = server.add_secure_port(listen, creds)
     except RuntimeError as e:
@@ -2657,6 +2684,125 @@ def cmd_serve(args):
     return EXIT_OK
 
 
+def doctor_checks(certs_dir, cgroup_parent):
+    """[(ok, what, advice)] about this host and the server's certificates."""
+    out = []
+
+    def add(ok, what, advice=""):
+        out.append((ok, what, advice))
+
+    try:
+        driver = detect_cgroups(cgroup_parent)
+    except JobworkerError as e:
+        add(False, f"cgroups: {e}", "mount cgroup2 at /sys/fs/cgroup, or the v1 controllers")
+        driver = None
+    if isinstance(driver, CgroupV1Driver):
+        missing = [c for c in CgroupV1Driver.CONTROLLERS if c not in driver.parents]
+        add(not missing, f"cgroup v1 (hybrid: {'yes' if driver.unified_parent else 'no'}); "
+            f"controllers {' '.join(sorted(driver.parents))}",
+            f"mount the missing v1 controllers: {' '.join(missing)}" if missing else "")
+    elif isinstance(driver, CgroupV2Driver):
+        have = _read(f"{driver.own}/cgroup.controllers").split()
+        missing = [c for c in CgroupV2Driver.CONTROLLERS if c not in have]
+        add(not missing, f"cgroup v2; controllers available to {driver.own}: {' '.join(have)}",
+            "delegate them to the server (systemd: Delegate=yes)" if missing else "")
+    if driver:
+        probe = f"doctor-{os.getpid()}"
+        made = [d for d in driver.parent_dirs() if not os.path.exists(d)]
+        try:
+            for d in driver.parent_dirs():
+                os.makedirs(f"{d}/{probe}")
+                os.rmdir(f"{d}/{probe}")
+            add(True, f"job cgroup parent is writable: {', '.join(driver.parent_dirs())}")
+        except OSError as e:
+            add(False, f"cannot create job cgroups under {e.filename}: {e.strerror}",
+                "run serve as root, with its cgroup delegated to it")
+        finally:
+            for d in reversed(made):
+                with contextlib.suppress(OSError):
+                    os.rmdir(d)
+    disks = block_devices()
+    names = {open(f"/sys/block/{n}/dev").read().strip(): n for n in os.listdir("/sys/block")}
+    add(bool(disks), "--disk-io applies to: " + (", ".join(f"{names.get(d, '?')} ({d})"
+                                                          for d in disks) or "no disk"),
+        "" if disks else "no whole disk found in /sys/block: I/O limits would have no effect")
+
+    paths = {w: f"{certs_dir}/{w}" for w in ("ca.crt", "server.crt", "server.key")}
+    readable = True
+    for what, path in paths.items():
+        if not os.path.exists(path):
+            add(False, f"{path} is missing", f"make it: jobworker certs init {certs_dir}")
+            readable = False
+    if not readable:
+        return out
+    mode = os.stat(paths["server.key"]).st_mode & 0o777
+    add(mode & 0o077 == 0, f"{paths['server.key']} mode {mode:o}",
+        f"chmod 600 {paths['server.key']}" if mode & 0o077 else "")
+    from cryptography import x509
+    import datetime
+    ca = x509.load_pem_x509_certificate(_read_file(paths["ca.crt"], "CA certificate"))
+    cert = x509.load_pem_x509_certificate(_read_file(paths["server.crt"], "server certificate"))
+    now = datetime.datetime.now(datetime.timezone.utc)
+    valid = cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
+    add(valid, f"server certificate valid until {cert.not_valid_after_utc:%Y-%m-%d}",
+        "" if valid else f"issue a new one: jobworker certs init {certs_dir} --force")
+    try:
+        cert.verify_directly_issued_by(ca)
+        add(True, "server certificate is issued by ca.crt")
+    except Exception as e:   # cryptography raises several types for a wrong issuer
+        add(False, f"server certificate is not issued by ca.crt ({e})", "re-run certs init")
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    add(True, "server names: " + ", ".join(str(n.value) for n in sans))
+    try:
+        check_server_key(paths["server.key"])
+    except JobworkerError as e:
+        add(False, str(e), "")
+        return out
+    add(*_probe_tls(paths))
+    return out
+
+
+def _probe_tls(paths):
+    """Serve the certificates on a loopback port and try TLS 1.2 and 1.3 handshakes."""
+    import ssl
+    grpc = _grpc()
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(1))
+    pems = [_read_file(paths[w], w) for w in ("ca.crt", "server.crt", "server.key")]
+    port = server.add_secure_port("127.0.0.1:0", server_credentials(*pems))
+    server.start()
+    try:
+        results = {}
+        for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+            ctx = ssl.create_default_context(cafile=paths["ca.crt"])
+            ctx.check_hostname = False
+            ctx.minimum_version = ctx.maximum_version = version
+            ctx.set_alpn_protocols(["h2"])
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                    with ctx.wrap_socket(raw) as tls:
+                        results[version] = tls.version()
+            except (ssl.SSLError, OSError) as e:
+                results[version] = None if isinstance(e, ssl.SSLError) else f"error: {e}"
+    finally:
+        server.stop(0)
+    ok = results[ssl.TLSVersion.TLSv1_2] is None and results[ssl.TLSVersion.TLSv1_3] == "TLSv1.3"
+    return (ok, f"TLS 1.2 handshake {'refused' if results[ssl.TLSVersion.TLSv1_2] is None else 'ACCEPTED'}"
+                f", TLS 1.3 {'works' if results[ssl.TLSVersion.TLSv1_3] == 'TLSv1.3' else 'FAILS'}",
+            "" if ok else "use an ECDSA server key (certs init) and do not set GRPC_SSL_CIPHER_SUITES")
+
+
+def cmd_doctor(args):
+    problems = 0
+    for ok, what, advice in doctor_checks(args.certs, args.cgroup_parent):
+        print(f"{'ok  ' if ok else 'FAIL'} {what}")
+        if not ok:
+            problems += 1
+            if advice:
+                print(f"     -> {advice}")
+    print(f"{problems} problem{'s' if problems != 1 else ''} found")
+    return EXIT_OK if problems == 0 else EXIT_ERROR
+
+
 def _add_client_options(p):
     for flag, (env, default) in CLIENT_DEFAULTS.items():
         p.add_argument(f"--{flag}", default=os.environ.get(env, default),
@@ -2734,6 +2880,12 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_client_options(p)
     p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("doctor", help="check this host and the server's certificates")
+    p.add_argument("--certs", default=DEFAULT_CERTS_DIR,
+                   help=f"DIR holding ca.crt, server.crt, server.key (default ./{DEFAULT_CERTS_DIR})")
+    p.add_argument("--cgroup-parent", default=DEFAULT_CGROUP_PARENT)
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("certs", help="make a CA, server and client certificates")
     certs = p.add_subparsers(dest="certs_command", required=True, metavar="ACTION")

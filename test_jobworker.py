@@ -1686,3 +1686,304 @@ def test_real_cgroup_v2_guest(pyz, tmp_path):
     failed = {name: c["detail"] for name, c in checks.items() if not c["ok"]}
     assert not failed, failed
     assert r.returncode == 0
+
+
+# ================================================================================================
+# Reliability: crashes, restarts, floods, hostile input
+# ================================================================================================
+
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+
+def proc_stats(pid):
+    """(fds, threads, RSS bytes) of a process."""
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    status = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status"))
+    return fds, int(status["Threads"]), int(status["VmRSS"].split()[0]) * 1024
+
+
+def children_of(pid):
+    kids = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        kids += [int(k) for k in open(f"/proc/{pid}/task/{task}/children").read().split()]
+    return kids
+
+
+def test_crash_of_server_and_launcher_then_restart(pki, tmp_path):
+    state, parent = tmp_path / "state", f"{RUN_PARENT}/crash"
+    driver = jw.detect_cgroups(parent)
+    server = ServeProcess(SRC, pki, state, parent)
+    script = "setsid sleep 600 & echo daemon $!; i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.05; done"
+    jobs = [cli(SRC, "start", "sh", "-c", script, certs=pki, port=server.port).stdout.decode().strip()
+            for _ in range(3)]
+    finished = cli(SRC, "start", "sh", "-c", "printf 'done\\0'", certs=pki,
+                   port=server.port).stdout.decode().strip()
+    peer = Peer(pki, server.port, "client")
+    before = peer.stream(finished)
+    peer.close()
+    for j in jobs:
+        wait_for(lambda: (state / "jobs" / j / "output.log").stat().st_size > 100, what="output")
+    daemons = [int((state / "jobs" / j / "output.log").read_bytes().split()[1]) for j in jobs]
+    launcher = children_of(server.proc.pid)
+    assert len(launcher) == 1
+    os.kill(server.proc.pid, signal.SIGKILL)
+    os.kill(launcher[0], signal.SIGKILL)
+    server.proc.wait(30)
+    assert all(pid_alive(d) for d in daemons)        # the crash left the jobs behind
+    restarted = ServeProcess(SRC, pki, state, parent)
+    try:
+        peer = Peer(pki, restarted.port, "client")
+        for j, daemon in zip(jobs, daemons):
+            q = peer.stub.Query(pb.QueryRequest(job_id=j)).status
+            assert q.state == pb.JOB_STATE_LOST and q.HasField("ended_at")
+            out, _, final = peer.stream(j)
+            assert out.startswith(f"daemon {daemon}\ntick 0\ntick 1\n".encode())
+            assert final.state == pb.JOB_STATE_LOST
+            assert not pid_alive(daemon)
+        assert peer.stream(finished) == before      # finished jobs: byte-exact after restart
+        assert driver.leftover_job_ids() == []
+        peer.close()
+    finally:
+        assert restarted.stop() == 0
+
+
+def test_disk_full_shows_in_status_and_the_server_keeps_serving(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=700", "jwtest", str(mnt)],
+                   check=True)
+    try:
+        m, driver = _make_manager(mnt)
+        try:
+            job = m.start("head", ["-c", "20000000", "/dev/zero"])
+            s = wait_final(m, job.id)
+            assert (s.state, s.exit_code) == (jw.EXITED, 0)       # not blocked
+            assert "No space left on device" in s.log_error
+            assert b"".join(c.data for c in m.follow(job.id)) == b"\0" * s.output_bytes
+            assert m.status(job.id).log_error == s.log_error and m.list()
+        finally:
+            m.close(grace=0)
+            driver.remove_parent()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_1000_concurrent_starts_succeed_or_hit_the_cap(pki, tmp_path):
+    import asyncio
+    with running_server(pki, tmp_path, max_jobs=150) as (m, port):
+        read = lambda p: open(p, "rb").read()
+
+        async def flood():
+            creds = grpc.ssl_channel_credentials(read(pki / "ca.crt"), read(pki / "alice.key"),
+                                                 read(pki / "alice.crt"))
+            async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds) as channel:
+                stub = pb_grpc.JobServiceStub(channel)
+
+                async def one():
+                    try:
+                        r = await stub.Start(pb.StartRequest(name="sleep", args=["600"]),
+                                             timeout=120)
+                        return r.job_id
+                    except grpc.aio.AioRpcError as e:
+                        return e.code()
+                return await asyncio.gather(*(one() for _ in range(1000)))
+
+        results = asyncio.run(flood())
+        started = [r for r in results if isinstance(r, str)]
+        refused = [r for r in results if not isinstance(r, str)]
+        assert set(refused) <= {SC.RESOURCE_EXHAUSTED}
+        assert len(started) == 150 and len(refused) == 850
+        assert {s.id for s in m.list() if s.state == jw.RUNNING} == set(started)
+        assert set(m.cgroups.leftover_job_ids()) == set(started)
+        assert set(os.listdir(m.jobs_dir)) == set(started)
+
+
+def test_non_reading_client_and_500_idle_streams_keep_memory_bounded(pki, tmp_path):
+    import asyncio
+    server = ServeProcess(SRC, pki, tmp_path / "state", f"{RUN_PARENT}/slow")
+    try:
+        idle_job = cli(SRC, "start", "sleep", "600", certs=pki, port=server.port).stdout.decode().strip()
+        base_rss = proc_stats(server.proc.pid)[2]
+        read = lambda p: open(p, "rb").read()
+        creds = grpc.ssl_channel_credentials(read(pki / "ca.crt"), read(pki / "client.key"),
+                                             read(pki / "client.crt"))
+        measured = {}
+
+        async def scenario():
+            channels = [grpc.aio.secure_channel(f"127.0.0.1:{server.port}", creds) for _ in range(5)]
+            stubs = [pb_grpc.JobServiceStub(c) for c in channels]
+            idle = [stubs[i % 5].Stream(pb.StreamRequest(job_id=idle_job)) for i in range(500)]
+            for call in idle:
+                await call.initial_metadata()
+            big = cli(SRC, "start", "head", "-c", "500000000", "/dev/zero", certs=pki,
+                      port=server.port).stdout.decode().strip()
+            stalled = stubs[0].Stream(pb.StreamRequest(job_id=big))   # opened, never read
+            await stalled.initial_metadata()
+            t0 = time.monotonic()
+            while True:
+                q = await stubs[1].Query(pb.QueryRequest(job_id=big))
+                if q.status.state != pb.JOB_STATE_RUNNING or time.monotonic() - t0 > 120:
+                    break
+                measured["rss"] = max(measured.get("rss", 0), proc_stats(server.proc.pid)[2])
+                await asyncio.sleep(0.2)
+            measured["seconds"] = time.monotonic() - t0
+            measured["state"], measured["bytes"] = q.status.state, q.status.output_bytes
+            for call in idle + [stalled]:
+                call.cancel()
+            for c in channels:
+                await c.close()
+
+        asyncio.run(scenario())
+        assert measured["state"] == pb.JOB_STATE_EXITED and measured["bytes"] == 500_000_000
+        assert measured["seconds"] < 120                      # the writer was never blocked
+        assert measured["rss"] - base_rss < 200 << 20, (base_rss, measured["rss"])
+    finally:
+        assert server.stop() == 0
+
+
+def test_no_leaks_after_1000_jobs(pki, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    server = ServeProcess(SRC, pki, tmp_path / "state", f"{RUN_PARENT}/leaks")
+    driver = jw.detect_cgroups(f"{RUN_PARENT}/leaks")
+    peers = [Peer(pki, server.port, "client") for _ in range(4)]
+    try:
+        def one(i):
+            peer = peers[i % 4]
+            kind = i % 8
+            try:
+                if kind in (0, 1, 2):
+                    peer.stream(peer.start("sh", "-c", f"echo {i}; echo e >&2"))
+                elif kind in (3, 4):
+                    job = peer.start("sleep", "600")
+                    peer.stub.Stop(pb.StopRequest(job_id=job, grace_seconds=0))
+                elif kind == 5:
+                    job = peer.start("sh", "-c", "head -c 100000000 /dev/zero | tail",
+                                     memory_limit="16M")
+                    assert peer.stream(job)[2].oom_killed
+                else:
+                    with pytest.raises(grpc.RpcError):
+                        peer.start("/nonexistent/program")
+            except grpc.RpcError as e:
+                raise AssertionError(f"job {i}: {e.code()} {e.details()}") from None
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(one, range(80)))             # warm up threads, caches, channels
+            time.sleep(1)
+            fds0, threads0, rss0 = proc_stats(server.proc.pid)
+            list(pool.map(one, range(1000)))
+        time.sleep(1)
+        fds1, threads1, rss1 = proc_stats(server.proc.pid)
+        launcher = children_of(server.proc.pid)[0]
+        assert fds1 <= fds0 + 4, (fds0, fds1)
+        assert threads1 <= threads0 + 4, (threads0, threads1)
+        assert rss1 - rss0 < 40 << 20, (rss0, rss1)
+        assert zombies_of(launcher) == [] and children_of(launcher) == []
+        assert driver.leftover_job_ids() == []
+    finally:
+        for p in peers:
+            p.close()
+        assert server.stop() == 0
+
+
+# -- hostile input ----------------------------------------------------------------------------
+
+@given(st.text(max_size=40))
+@settings(max_examples=400, deadline=None)
+def test_parsers_accept_or_say_invalid_argument(text):
+    for parse, field in [(jw.parse_cpu_quota, "cpu_quota"), (jw.parse_memory, "memory_limit"),
+                         (jw.parse_disk_io, "disk_io"), (jw.parse_pids, "pids"),
+                         (jw.validate_job_id, "job_id")]:
+        try:
+            value = parse(text)
+        except jw.InvalidArgument as e:
+            assert e.field == field
+            continue
+        if parse is jw.parse_cpu_quota and value is not None:
+            assert 1 <= value <= os.cpu_count() * 100
+        elif parse in (jw.parse_memory, jw.parse_disk_io) and value is not None:
+            assert value >= 4096
+        elif parse is jw.parse_pids and value is not None:
+            assert 1 <= value <= jw.MAX_PIDS
+
+
+@given(st.text(max_size=30), st.lists(st.text(max_size=30), max_size=5))
+@settings(max_examples=300, deadline=None)
+def test_command_validation_accepts_or_refuses_cleanly(name, args):
+    try:
+        argv = jw.validate_command(name, args)
+    except (jw.InvalidArgument, jw.CapReached):
+        return
+    assert argv == [name, *args] and name and all("\0" not in a for a in argv)
+
+
+SAFE_CODES = {SC.OK, SC.INVALID_ARGUMENT, SC.NOT_FOUND, SC.FAILED_PRECONDITION,
+              SC.RESOURCE_EXHAUSTED}
+limit_text = st.one_of(st.text(max_size=12), st.sampled_from(["50%", "256M", "10MB/s", "7", ""]))
+
+
+@given(name=st.one_of(st.just("true"), st.text(max_size=20).map(lambda t: "/nonexistent-jw/" + t),
+                      st.text(max_size=8)),
+       args=st.lists(st.text(max_size=20), max_size=4),
+       cpu=limit_text, memory=limit_text, disk_io=limit_text, pids=limit_text,
+       job_id=st.one_of(st.text(max_size=40), st.uuids().map(str)),
+       offset=st.integers(min_value=0, max_value=2 ** 64 - 1),
+       grace=st.floats(allow_nan=True, allow_infinity=True))
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+def test_random_rpc_messages_never_give_internal(peers, name, args, cpu, memory, disk_io, pids,
+                                                 job_id, offset, grace):
+    if not name.startswith(("/", "true")):
+        name = "/nonexistent-jw/" + name       # never run an arbitrary program
+    admin = peers("admin").stub
+    calls = [
+        lambda: admin.Start(pb.StartRequest(name=name, args=args, resources=pb.ResourceConfig(
+            cpu_quota=cpu, memory_limit=memory, disk_io=disk_io, pids=pids)), timeout=30),
+        lambda: admin.Query(pb.QueryRequest(job_id=job_id), timeout=30),
+        lambda: admin.Stop(pb.StopRequest(job_id=job_id, grace_seconds=grace), timeout=30),
+        lambda: list(admin.Stream(pb.StreamRequest(job_id=job_id, offset=offset), timeout=30)),
+    ]
+    for call in calls:
+        try:
+            call()
+        except grpc.RpcError as e:
+            assert e.code() in SAFE_CODES, (e.code(), e.details())
+            assert "Traceback" not in (e.details() or "")
+
+
+@given(data=st.binary(max_size=200), method=st.sampled_from(METHODS))
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+def test_malformed_request_bytes_are_invalid_argument(peers, data, method):
+    channel = peers("admin").channel
+    path = f"/{jw.SERVICE_NAME}/{method}"
+    call = (channel.unary_stream if method == "Stream" else channel.unary_unary)(path)
+    try:
+        result = call(data, timeout=30)
+        if method == "Stream":
+            list(result)
+    except grpc.RpcError as e:
+        assert e.code() in SAFE_CODES, (e.code(), e.details())
+
+
+def test_garbage_bytes_get_a_clear_invalid_argument(peers):
+    call = peers("admin").channel.unary_unary(f"/{jw.SERVICE_NAME}/Query")
+    with pytest.raises(grpc.RpcError) as e:
+        call(b"\xff\xff\xff\xff", timeout=30)
+    assert e.value.code() == SC.INVALID_ARGUMENT
+    assert e.value.details().startswith("malformed request message")
+    call = peers("norole").channel.unary_unary(f"/{jw.SERVICE_NAME}/Query")
+    with pytest.raises(grpc.RpcError) as e:   # authorization comes before anything else
+        call(b"\xff\xff\xff\xff", timeout=30)
+    assert e.value.code() == SC.PERMISSION_DENIED
+
+
+def test_doctor_reports_a_healthy_setup_and_names_problems(pki, tmp_path):
+    r = subprocess.run([*SRC, "doctor", "--certs", str(pki), "--cgroup-parent",
+                        f"{RUN_PARENT}/doctor"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "TLS 1.2 handshake refused, TLS 1.3 works" in r.stdout
+    assert "--disk-io applies to:" in r.stdout and "0 problems found" in r.stdout
+    bad = tmp_path / "bad"
+    shutil.copytree(pki, bad)
+    (bad / "server.key").chmod(0o644)
+    r = subprocess.run([*SRC, "doctor", "--certs", str(bad), "--cgroup-parent",
+                        f"{RUN_PARENT}/doctor"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and f"chmod 600 {bad}/server.key" in r.stdout
