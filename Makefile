@@ -14,7 +14,7 @@ PYZ_PYTHONS ?= 3.10,3.11,3.12,3.13
 # JOBWORKER_SKIP_V2_GUEST=1 skips the guest and does not install qemu.
 TOOLS := openssl ip nsenter $(if $(JOBWORKER_SKIP_V2_GUEST),,qemu-system-x86_64)
 
-.PHONY: test venv stubs pyz run clean system-deps
+.PHONY: test venv stubs pyz run clean system-deps bench
 
 test: system-deps $(STAMP) $(STUBS)
 	$(VPY) -m pytest -q -ra test_jobworker.py
@@ -64,3 +64,6 @@ run: jobworker.pyz certs/client.crt
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .hypothesis __pycache__ jobworker.pyz $(STUBS)
+
+bench: $(STAMP) $(STUBS) jobworker.pyz
+	$(VPY) bench/run.py jobworker.pyz

@@ -33,8 +33,9 @@ PLATFORM_TAGS = ["manylinux2014_{arch}", "manylinux_2_17_{arch}", "manylinux_2_2
                  "manylinux_2_34_{arch}"]
 
 BOOTSTRAP = r"""# jobworker.pyz bootstrap: put the bundled native packages on sys.path, then run jobworker.
-# Native packages cannot be imported from inside a zip; each target's wheels are extracted once
-# into a private cache dir named after the payload's hash, atomically (temp dir + rename).
+# Native packages cannot be imported from inside a zip; each target's wheels, and jobworker's
+# own modules (so their bytecode is cached), are extracted once into a private cache dir named
+# after the payload's hash, atomically (temp dir + rename).
 import errno
 import os
 import stat
@@ -120,15 +121,22 @@ def extract(root, tag, target):
         prefixes = tuple(f"{CONFIG['lib']}/{stem}/" for stem in target["wheels"])
         with zipfile.ZipFile(archive_path()) as zf:
             for info in zf.infolist():
-                if not info.filename.startswith(prefixes):
+                if info.filename in CONFIG["modules"]:
+                    rel = info.filename   # our own modules too: imported from here, .pyc cached
+                elif info.filename.startswith(prefixes):
+                    rel = info.filename.split("/", 2)[2]
+                else:
                     continue
-                rel = info.filename.split("/", 2)[2]
                 out = os.path.normpath(os.path.join(tmp, rel))
                 if not out.startswith(tmp + os.sep):
                     fail(f"bad path in archive: {info.filename}")
                 os.makedirs(os.path.dirname(out), mode=0o700, exist_ok=True)
                 with zf.open(info) as src, open(out, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
+        # Bytecode now, once: imports are fast from the first cached run on, even where
+        # PYTHONDONTWRITEBYTECODE stops Python from writing it later.
+        import compileall
+        compileall.compile_dir(tmp, quiet=2, force=True)
         try:
             os.rename(tmp, dest)
         except OSError as e:
@@ -144,7 +152,7 @@ def extract(root, tag, target):
 
 def main():
     tag, target = find_target()
-    sys.path.insert(1, extract(cache_root(), tag, target))
+    sys.path.insert(0, extract(cache_root(), tag, target))
     import jobworker
     sys.exit(jobworker.main())
 
@@ -247,12 +255,14 @@ def build(args):
             entries[name] = data
     with open(os.path.join(HERE, "jobworker.py"), "rb") as f:
         entries["jobworker.py"] = f.read()
-    digest = hashlib.sha256()
+    bootstrap = BOOTSTRAP.lstrip()
+    digest = hashlib.sha256(bootstrap.encode())   # the cache dir's name: payload and bootstrap
     for name in sorted(entries):
         digest.update(name.encode() + b"\0" + hashlib.sha256(entries[name]).digest())
     build_id = digest.hexdigest()[:16]
-    bootstrap = BOOTSTRAP.lstrip()
-    config = json.dumps({"build_id": build_id, "lib": LIB, "targets": targets}, sort_keys=True)
+    modules = ["jobworker.py", "jobworker_pb2.py", "jobworker_pb2_grpc.py"]
+    config = json.dumps({"build_id": build_id, "lib": LIB, "targets": targets,
+                         "modules": modules}, sort_keys=True)
     entries["__main__.py"] = bootstrap.replace("CONFIG = None  # filled in by build_zipapp.py",
                                                f"CONFIG = {config}").encode()
     buf = io.BytesIO()

@@ -155,7 +155,7 @@ class Limits:
     pids: int = None
 
     def to_dict(self):
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_dict(cls, d):
@@ -877,13 +877,10 @@ def _child_exec(req, out_w, err_w, err_pipe):
         os.closerange(3, err_pipe)
         os.closerange(err_pipe + 1, os.sysconf("SC_OPEN_MAX"))
         stage = "signals"
-        # Ignored signals survive exec; Python ignores SIGPIPE and SIGXFSZ, the launcher SIGINT.
-        for sig in signal.valid_signals():
-            if sig not in (signal.SIGKILL, signal.SIGSTOP):
-                try:
-                    signal.signal(sig, signal.SIG_DFL)
-                except (OSError, ValueError):
-                    pass
+        # Ignored signals survive exec (handlers do not): Python ignores SIGPIPE and SIGXFSZ,
+        # the launcher SIGINT. The launcher found the full set once at its start.
+        for sig in req["ignored"]:
+            signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         if req.get("uid") is not None:
             stage = "setuid"
@@ -901,6 +898,14 @@ def _child_exec(req, out_w, err_w, err_pipe):
             os.write(err_pipe, f"{stage}:{err}:{msg}".encode("utf-8", "replace"))
         finally:
             os._exit(127)
+
+
+def _ignored_signals():
+    """Signals this process ignores (and Python can reset)."""
+    with open("/proc/self/status") as f:
+        mask = int(next(l for l in f if l.startswith("SigIgn:")).split()[1], 16)
+    valid = signal.valid_signals()
+    return [sig for sig in range(1, 65) if mask >> (sig - 1) & 1 and sig in valid]
 
 
 def _launcher_spawn(req, fds, children):
@@ -979,6 +984,7 @@ def launcher_main(sock_fd):
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     sock = socket.socket(fileno=sock_fd)
+    ignored = _ignored_signals()
     children = set()
     poller = select.poll()
     poller.register(sock, select.POLLIN)
@@ -997,6 +1003,7 @@ def launcher_main(sock_fd):
                     req, fds = _recv_msg(sock, maxfds=2)
                 except (EOFError, ConnectionError):
                     os._exit(0)   # the server is gone; its successor finds the jobs by cgroup
+                req["ignored"] = ignored
                 _send_msg(sock, _launcher_spawn(req, fds, children))
         _launcher_reap(sock, children)
 
@@ -1058,9 +1065,8 @@ class JobLog:
         self.seg_offsets = array.array("Q")
         self.seg_streams = bytearray()
         if create:
-            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-            self._data_fd = os.open(self.data_path, flags, 0o600)
-            self._idx_fd = os.open(self.idx_path, flags, 0o600)
+            self._data_fd = os.open(self.data_path, self._CREATE, 0o600)
+            self._idx_fd = None   # made at the first write: a job without output needs none
             self.size = 0
         else:
             self._data_fd = self._idx_fd = None
@@ -1075,6 +1081,8 @@ class JobLog:
                 self.seg_offsets = array.array("Q", (r >> 1 for r in recs))
                 self.seg_streams = bytearray(STDERR if r & 1 else STDOUT for r in recs)
 
+    _CREATE = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+
     def _used(self):
         return self.size + _IDX_REC * len(self.seg_offsets)
 
@@ -1086,6 +1094,8 @@ class JobLog:
 
     def _append_raw(self, stream, data):
         if not self.seg_streams or self.seg_streams[-1] != stream:
+            if self._idx_fd is None:
+                self._idx_fd = os.open(self.idx_path, self._CREATE, 0o600)
             rec = self.size << 1 | (stream == STDERR)
             self._write_all(self._idx_fd, rec.to_bytes(_IDX_REC, "little"))
             self.seg_offsets.append(self.size)
@@ -1165,8 +1175,10 @@ class JobStatus:
     pid: int = None
 
     def to_dict(self):
-        d = dataclasses.asdict(self)
+        # by hand: dataclasses.asdict deep-copies and is the slowest part of saving a record
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["limits"] = self.limits.to_dict()
+        d["command"], d["usage"] = list(self.command), dict(self.usage)
         return d
 
     @classmethod
@@ -1208,8 +1220,12 @@ class Job:
 def _write_json_atomic(path, obj):
     tmp = f"{path}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
+    try:
+        data = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+        while data:
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
 
 

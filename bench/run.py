@@ -1,0 +1,466 @@
+#!/usr/bin/env python3
+"""jobworker benchmarks: every figure beside a floor measured in the same run (`make bench`).
+
+Runs a real `jobworker.py serve` over mutual TLS on loopback, and a bare grpc server with the
+same credentials for the floors; prints one table (figure, value, floor, ratio, target) and
+writes bench/results.json. Asserts nothing. Needs root (jobs run in cgroups).
+"""
+
+import asyncio
+import concurrent.futures
+import hashlib
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, HERE)
+import jobworker as jw  # noqa: E402
+
+GiB, MiB = 1 << 30, 1 << 20
+PARENT = f"jobworker-bench-{os.getpid()}"
+rows = []
+
+
+def pct(values, p):
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+def row(n, figure, value, floor, ratio, target, unit=""):
+    rows.append({"n": n, "figure": figure, "value": value, "floor": floor, "ratio": ratio,
+                 "target": target, "unit": unit})
+    fmt = lambda v: f"{v:,.2f}" if isinstance(v, float) else str(v)
+    print(f"{n:>2}  {figure:<46} {fmt(value):>12} {fmt(floor):>12} "
+          f"{(f'{ratio:.2f}x' if ratio is not None else '-'):>7}  {target}", flush=True)
+
+
+# -- processes under test -----------------------------------------------------------------------
+
+class Serve:
+    """`jobworker.py serve` on a free loopback port."""
+
+    def __init__(self, certs, state, extra=()):
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "jobworker.py"), "serve", "--listen",
+             "127.0.0.1:0", "--certs", certs, "--state-dir", state, "--cgroup-parent",
+             f"{PARENT}/{os.path.basename(state)}", *extra],
+            stderr=subprocess.PIPE, text=True)
+        for line in self.proc.stderr:
+            if "serving on" in line:
+                self.port = int(line.split("(port ")[1].split(")")[0])
+                break
+        threading.Thread(target=lambda: [None for _ in self.proc.stderr], daemon=True).start()
+
+    def stats(self):
+        """(threads, RSS bytes, CPU seconds) of the server process."""
+        status = dict(l.split(":", 1) for l in open(f"/proc/{self.proc.pid}/status"))
+        fields = open(f"/proc/{self.proc.pid}/stat").read().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return int(status["Threads"]), int(status["VmRSS"].split()[0]) * 1024, cpu
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(120)
+
+
+BARE = r'''
+import os, struct, sys, threading, concurrent.futures
+sys.path.insert(0, sys.argv[1])
+import jobworker as jw
+grpc = jw._grpc()
+d = sys.argv[2]
+pems = [open(os.path.join(d, n), "rb").read() for n in ("ca.crt", "server.crt", "server.key")]
+def empty(request, context):
+    return b""
+def stream(request, context):
+    size, count = struct.unpack("!II", request)
+    msg = b"x" * size
+    for _ in range(count):
+        yield msg
+handler = grpc.method_handlers_generic_handler("bench.Bare", {
+    "Empty": grpc.unary_unary_rpc_method_handler(empty),
+    "Stream": grpc.unary_stream_rpc_method_handler(stream)})
+server = grpc.server(concurrent.futures.ThreadPoolExecutor(300))
+server.add_generic_rpc_handlers((handler,))
+port = server.add_secure_port("127.0.0.1:0", jw.server_credentials(*pems))
+server.start()
+print(port, flush=True)
+sys.stdin.read()
+'''
+
+
+class Bare:
+    """A grpc server with the same TLS setup and nothing else: the transport's floor."""
+
+    def __init__(self, certs):
+        self.proc = subprocess.Popen([sys.executable, "-c", BARE, HERE, certs],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.port = int(self.proc.stdout.readline())
+
+    def stop(self):
+        self.proc.stdin.close()
+        self.proc.kill()
+        self.proc.wait()
+
+
+def creds(certs, name="bench"):
+    read = lambda n: open(os.path.join(certs, n), "rb").read()
+    return jw._grpc().ssl_channel_credentials(read("ca.crt"), read(f"{name}.key"),
+                                              read(f"{name}.crt"))
+
+
+def stub(certs, port):
+    channel = jw._grpc().secure_channel(f"127.0.0.1:{port}", creds(certs))
+    return channel, jw._pb()[1].JobServiceStub(channel)
+
+
+# -- figures ------------------------------------------------------------------------------------
+
+FORK_FLOOR = r'''
+import json, os, sys, time, uuid
+sys.path.insert(0, sys.argv[1])
+import jobworker as jw
+driver = jw.detect_cgroups(sys.argv[2])
+driver.setup()
+cg = driver.job(str(uuid.uuid4()))
+cg.create()
+cg.set_limits(jw.parse_limits("50%", "256M", "10MB/s", "1024"), jw.block_devices())
+times = []
+for _ in range(int(sys.argv[3])):
+    t = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:
+        me = str(os.getpid()).encode()
+        for path in cg.procs_files:
+            fd = os.open(path, os.O_WRONLY); os.write(fd, me); os.close(fd)
+        os.execv("/bin/true", ["true"])
+    os.waitpid(pid, 0)
+    times.append(time.perf_counter() - t)
+cg.remove()
+print(json.dumps(times))
+'''
+
+
+def unary_latencies(call, n):
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        call()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def throughput(make_call, threads, seconds):
+    counts = [0] * threads
+    stop = time.monotonic() + seconds
+
+    def worker(i):
+        call = make_call()
+        while time.monotonic() < stop:
+            call()
+            counts[i] += 1
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return sum(counts) / seconds
+
+
+def fig1_2(certs, server, bare):
+    grpc = jw._grpc()
+    pb = jw._pb()[0]
+    ch, s = stub(certs, server.port)
+    # Jobs that keep running: the figure is Start alone, not the cleanup of earlier jobs.
+    sleeper = pb.StartRequest(name="sleep", args=["600"], resources=pb.ResourceConfig(
+        cpu_quota="50%", memory_limit="256M", disk_io="10MB/s"))
+    unary_latencies(lambda: s.Start(sleeper), 30)     # warm up
+    starts = unary_latencies(lambda: s.Start(sleeper), 300)
+    for job in s.List(pb.ListRequest()).jobs:
+        s.Stop(pb.StopRequest(job_id=job.job_id, grace_seconds=0))
+    limited = pb.StartRequest(name="true", resources=sleeper.resources)
+    floor_fork = json.loads(subprocess.run(
+        [sys.executable, "-c", FORK_FLOOR, HERE, f"{PARENT}/floor", "300"],
+        capture_output=True, text=True, check=True).stdout)
+    bch = grpc.secure_channel(f"127.0.0.1:{bare.port}", creds(certs))
+    empty = bch.unary_unary("/bench.Bare/Empty")
+    unary_latencies(lambda: empty(b""), 100)
+    floor_unary = unary_latencies(lambda: empty(b""), 1000)
+    floor = pct(floor_fork, 50) + pct(floor_unary, 50)
+    ms = lambda v: v * 1000
+    row(1, "Start -> running, p50 (ms)", ms(pct(starts, 50)), ms(floor),
+        pct(starts, 50) / floor, "<= 1.5x")
+    row(1, "Start -> running, p99 (ms)", ms(pct(starts, 99)),
+        ms(pct(floor_fork, 99) + pct(floor_unary, 99)),
+        pct(starts, 99) / (pct(floor_fork, 99) + pct(floor_unary, 99)), "<= 1.5x")
+    print(f"    floor parts: fork+join cgroups+exec+wait p50 {ms(pct(floor_fork, 50)):.2f} ms, "
+          f"empty mTLS unary p50 {ms(pct(floor_unary, 50)):.2f} ms")
+
+    def make_start():
+        c, st = stub(certs, server.port)
+        return lambda: st.Start(limited)
+
+    def make_empty():
+        c = grpc.secure_channel(f"127.0.0.1:{bare.port}", creds(certs))
+        e = c.unary_unary("/bench.Bare/Empty")
+        return lambda: e(b"")
+    jobs_s = throughput(make_start, 8, 5)
+    calls_s = throughput(make_empty, 8, 5)
+    row(2, "Start throughput, 8 clients (jobs/s)", jobs_s, calls_s, jobs_s / calls_s, ">= 0.5x")
+    time.sleep(2)   # let the last jobs finish
+    ch.close()
+    bch.close()
+
+
+def finished_job(s, pb, argv):
+    job = s.Start(pb.StartRequest(name=argv[0], args=argv[1:])).job_id
+    while s.Query(pb.QueryRequest(job_id=job)).status.state == pb.JOB_STATE_RUNNING:
+        time.sleep(0.1)
+    return job
+
+
+def drain(call):
+    n = 0
+    for msg in call:
+        n += len(msg.chunk.data) if hasattr(msg, "chunk") else len(msg)
+    return n
+
+
+def fig3_4(certs, server, bare, state):
+    pb = jw._pb()[0]
+    ch, s = stub(certs, server.port)
+    job = finished_job(s, pb, ["head", "-c", str(GiB), "/dev/zero"])
+    ours, floors = [], []
+    bch = jw._grpc().secure_channel(f"127.0.0.1:{bare.port}", creds(certs),
+                                    options=[("grpc.max_receive_message_length", 8 * MiB)])
+    bare_stream = bch.unary_stream("/bench.Bare/Stream")
+    for _ in range(3):
+        t = time.perf_counter()
+        assert drain(s.Stream(pb.StreamRequest(job_id=job))) == GiB
+        ours.append(GiB / MiB / (time.perf_counter() - t))
+        t = time.perf_counter()
+        assert drain(bare_stream(struct.pack("!II", MiB, 1024))) == GiB
+        floors.append(GiB / MiB / (time.perf_counter() - t))
+    o, f = statistics.median(ours), statistics.median(floors)
+    row(3, "Stream a finished 1 GiB log (MiB/s)", o, f, o / f, ">= 0.8x")
+
+    # live writer: the job's output reaches the client as fast as the writer alone fills a file
+    live, alone = [], []
+    for _ in range(3):
+        t = time.perf_counter()
+        job = s.Start(pb.StartRequest(name="head", args=["-c", str(GiB), "/dev/zero"])).job_id
+        assert drain(s.Stream(pb.StreamRequest(job_id=job))) == GiB
+        live.append(GiB / MiB / (time.perf_counter() - t))
+        target = os.path.join(state, "alone.bin")
+        t = time.perf_counter()
+        with open(target, "wb") as out:
+            subprocess.run(["head", "-c", str(GiB), "/dev/zero"], stdout=out, check=True)
+        alone.append(GiB / MiB / (time.perf_counter() - t))
+        os.unlink(target)
+    o, f = statistics.median(live), statistics.median(alone)
+    row(4, "Follow a live 1 GiB writer (MiB/s)", o, f, o / f, ">= 0.8x")
+
+    code = ("import sys, time\n"
+            "for i in range(300):\n"
+            "    sys.stdout.write(f'{time.time_ns()}\\n'); sys.stdout.flush(); time.sleep(0.01)\n")
+    job = s.Start(pb.StartRequest(name="python3", args=["-c", code])).job_id
+    lat, buf = [], b""
+    for msg in s.Stream(pb.StreamRequest(job_id=job)):
+        now = time.time_ns()
+        buf += msg.chunk.data
+        *lines, buf = buf.split(b"\n")
+        lat += [(now - int(x)) / 1e6 for x in lines if x]
+    row(4, "  write -> client latency p50 (ms)", pct(lat, 50), None, None, "p50 <= 5 ms")
+    row(4, "  write -> client latency p99 (ms)", pct(lat, 99), None, None, "")
+    ch.close()
+    bch.close()
+
+
+async def many_streams(certs, port, n, method, request, channels=10):
+    grpc = jw._grpc()
+    chans = [grpc.aio.secure_channel(f"127.0.0.1:{port}", creds(certs),
+                                     options=[("grpc.max_receive_message_length", 8 * MiB)])
+             for _ in range(channels)]
+
+    async def one(i):
+        h = hashlib.sha256()
+        call = chans[i % channels].unary_stream(method)(request) if isinstance(method, str) \
+            else method(chans[i % channels])
+        async for msg in call:
+            h.update(msg.chunk.data if hasattr(msg, "chunk") else msg)
+        return h.hexdigest()
+    try:
+        return await asyncio.gather(*(one(i) for i in range(n)))
+    finally:
+        for c in chans:
+            await c.close()
+
+
+def fig5(certs, server, bare):
+    pb, pb_grpc = jw._pb()
+    ch, s = stub(certs, server.port)
+    size = 64 * MiB
+    job = finished_job(s, pb, ["head", "-c", str(size), "/dev/zero"])
+    req = pb.StreamRequest(job_id=job)
+    t = time.perf_counter()
+    digests = asyncio.run(many_streams(certs, server.port, 100,
+                                       lambda c: pb_grpc.JobServiceStub(c).Stream(req), None))
+    ours = 100 * size / MiB / (time.perf_counter() - t)
+    t = time.perf_counter()
+    bare_digests = asyncio.run(many_streams(certs, bare.port, 100, "/bench.Bare/Stream",
+                                            struct.pack("!II", MiB, 64)))
+    floor = 100 * size / MiB / (time.perf_counter() - t)
+    same = len(set(digests)) == 1 and digests[0] == hashlib.sha256(b"\0" * size).hexdigest()
+    row(5, f"100 followers, aggregate MiB/s (sha256 {'equal' if same else 'DIFFER'})", ours,
+        floor, ours / floor, ">= 0.8x")
+    ch.close()
+
+
+def fig6_8(certs, state_root):
+    pb, pb_grpc = jw._pb()
+    server = Serve(certs, os.path.join(state_root, "many"), ["--max-jobs", "2000"])
+    try:
+        ch, s = stub(certs, server.port)
+        idle_job = s.Start(pb.StartRequest(name="sleep", args=["600"])).job_id
+        q = lambda: s.Query(pb.QueryRequest(job_id=idle_job))
+        unary_latencies(q, 50)
+        idle_q = pct(unary_latencies(q, 500), 50)
+        idle_threads, rss0, _ = server.stats()
+        start = lambda _: s.Start(pb.StartRequest(name="sleep", args=["600"]))
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(start, range(100)))
+            time.sleep(1)
+            threads0 = server.stats()[0]      # same client concurrency, 100 jobs
+            list(pool.map(start, range(900)))
+        time.sleep(2)
+        threads1, rss1, _ = server.stats()
+        busy_q = pct(unary_latencies(q, 500), 50)
+        row(6, "1000 running jobs: server RSS (MB)", rss1 / 1e6, rss0 / 1e6, rss1 / rss0,
+            "<= 150 MB")
+        row(6, "1000 running jobs: server threads (floor: 100 jobs)", float(threads1),
+            float(threads0), threads1 / threads0, "not growing")
+        print(f"    idle server: {idle_threads} threads; RSS floor is the idle server")
+        row(6, "1000 running jobs: Query p50 (ms)", busy_q * 1000, idle_q * 1000, busy_q / idle_q,
+            "<= 1.2x")
+        ch.close()
+    finally:
+        server.stop()
+
+    server = Serve(certs, os.path.join(state_root, "idle"))
+    try:
+        ch, s = stub(certs, server.port)
+        job = s.Start(pb.StartRequest(name="sleep", args=["600"])).job_id
+        req = pb.StreamRequest(job_id=job)
+
+        async def idle_followers():
+            grpc = jw._grpc()
+            chans = [grpc.aio.secure_channel(f"127.0.0.1:{server.port}", creds(certs))
+                     for _ in range(10)]
+            calls = [pb_grpc.JobServiceStub(chans[i % 10]).Stream(req) for i in range(100)]
+            for c in calls:
+                await c.initial_metadata()
+            await asyncio.sleep(1)
+            cpu0 = server.stats()[2]
+            await asyncio.sleep(10)
+            cpu1 = server.stats()[2]
+            for c in calls:
+                c.cancel()
+            for c in chans:
+                await c.close()
+            return (cpu1 - cpu0) / 10 * 100
+        share = asyncio.run(idle_followers())
+        row(8, "100 idle followers: server CPU (% of a core)", share, None, None, "<= 1 %")
+        s.Stop(pb.StopRequest(job_id=job, grace_seconds=0))
+        ch.close()
+    finally:
+        server.stop()
+
+
+def fig7(certs, server, bare, pyz):
+    pb = jw._pb()[0]
+    ch, s = stub(certs, server.port)
+    job = s.Start(pb.StartRequest(name="true")).job_id
+    env = dict(os.environ, JOBWORKER_SERVER=f"127.0.0.1:{server.port}",
+               JOBWORKER_CA=f"{certs}/ca.crt", JOBWORKER_CERT=f"{certs}/bench.crt",
+               JOBWORKER_KEY=f"{certs}/bench.key")
+
+    def wall(argv, n, fresh_cache=False):
+        out = []
+        for _ in range(n):
+            e = dict(env)
+            if fresh_cache:
+                e["JOBWORKER_CACHE_DIR"] = tempfile.mkdtemp(prefix="jwbench-cache-")
+            t = time.perf_counter()
+            subprocess.run(argv, env=e, check=True, capture_output=True)
+            out.append(time.perf_counter() - t)
+            if fresh_cache:
+                shutil.rmtree(e["JOBWORKER_CACHE_DIR"])
+        return statistics.median(out)
+
+    floor_code = ("import grpc, google.protobuf, sys; "
+                  "c = grpc.ssl_channel_credentials(*(open(f, 'rb').read() for f in sys.argv[2:5])); "
+                  "ch = grpc.secure_channel(sys.argv[1], c); "
+                  "ch.unary_unary('/bench.Bare/Empty')(b''); ch.close()")
+    floor = wall([sys.executable, "-c", floor_code, f"127.0.0.1:{bare.port}", f"{certs}/ca.crt",
+                  f"{certs}/bench.key", f"{certs}/bench.crt"], 10)
+    src = wall([sys.executable, os.path.join(HERE, "jobworker.py"), "query", job], 10)
+    row(7, "CLI query from source (s)", src, floor, src / floor, "<= 1.3x")
+    if pyz and os.path.exists(pyz):
+        cache = tempfile.mkdtemp(prefix="jwbench-cache-")
+        env["JOBWORKER_CACHE_DIR"] = cache
+        first = wall([sys.executable, pyz, "query", job], 3, fresh_cache=True)
+        env["JOBWORKER_CACHE_DIR"] = cache
+        subprocess.run([sys.executable, pyz, "--version"], env=env, check=True, capture_output=True)
+        cached = wall([sys.executable, pyz, "query", job], 10)
+        shutil.rmtree(cache)
+        row(7, "CLI query, pyz cached (s)", cached, floor, cached / floor, "<= 1.3x")
+        row(7, "CLI query, pyz first run, extracting (s)", first, floor, first / floor, "-")
+    ch.close()
+
+
+def main():
+    if os.geteuid() != 0:
+        sys.exit("bench: run as root (jobs run in cgroups)")
+    pyz = sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "jobworker.pyz")
+    print(f"jobworker benchmarks on {platform.node()}: {os.cpu_count()} CPUs, "
+          f"{platform.processor() or platform.machine()}, Linux {platform.release()}, "
+          f"Python {platform.python_version()}, grpcio {jw._grpc().__version__}")
+    print(f"{'#':>2}  {'figure':<46} {'value':>12} {'floor':>12} {'ratio':>7}  target")
+    t0 = time.monotonic()
+    tmp = tempfile.mkdtemp(prefix="jwbench-")
+    certs = os.path.join(tmp, "certs")
+    jw.certs_init(certs)
+    jw.certs_issue(certs, "bench", ["admin"])
+    server = Serve(certs, os.path.join(tmp, "main"))
+    bare = Bare(certs)
+    try:
+        fig1_2(certs, server, bare)
+        fig3_4(certs, server, bare, tmp)
+        fig5(certs, server, bare)
+        fig7(certs, server, bare, pyz)
+    finally:
+        server.stop()
+        bare.stop()
+    try:
+        fig6_8(certs, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        jw.detect_cgroups(PARENT).remove_parent()
+    print(f"done in {time.monotonic() - t0:.0f} s")
+    with open(os.path.join(HERE, "bench", "results.json"), "w") as f:
+        json.dump({"machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
+                               "python": platform.python_version()}, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
