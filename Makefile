@@ -10,9 +10,10 @@ STUBS  := jobworker_pb2.py jobworker_pb2_grpc.py
 # The pyz bundles these CPython versions for this machine's architecture.
 PYZ_PYTHONS ?= 3.10,3.11,3.12,3.13
 
-# System tools the tests use; qemu boots the cgroup v2 guest (v2_guest.py).
+# System tools the tests use: node and npm run grpc-js against the server (the proto from
+# another gRPC stack); qemu boots the cgroup v2 guest (v2_guest.py).
 # JOBWORKER_SKIP_V2_GUEST=1 skips the guest and does not install qemu.
-TOOLS := openssl ip nsenter $(if $(JOBWORKER_SKIP_V2_GUEST),,qemu-system-x86_64)
+TOOLS := openssl ip nsenter node npm $(if $(JOBWORKER_SKIP_V2_GUEST),,qemu-system-x86_64)
 
 .PHONY: test venv stubs pyz run clean system-deps bench
 
@@ -24,7 +25,7 @@ system-deps:
 	if [ -n "$$missing" ]; then \
 	  echo "installing packages for:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    --no-install-recommends openssl iproute2 util-linux \
+	    --no-install-recommends openssl iproute2 util-linux nodejs npm \
 	    $(if $(JOBWORKER_SKIP_V2_GUEST),,qemu-system-x86) >/dev/null; \
 	fi
 

@@ -469,29 +469,29 @@ class CgroupV1(Cgroup):
                 _rmdir_tree(d)
             raise CgroupError(d, None, e.errno) from None
 
-    def _controller(self, name, limit):
-        if name not in self.dirs:
-            raise CgroupError(f"{CGROUP_ROOT}/{name}", None, errno.ENODEV) from None
+    def _controller(self, name):
+        if name not in self.dirs:   # that v1 controller is not mounted on this host
+            raise CgroupError(f"{CGROUP_ROOT}/{name}", None, errno.ENODEV)
         return self.dirs[name]
 
     def set_limits(self, limits, devices):
         if limits.cpu_percent is not None:
-            d = self._controller("cpu", "cpu_quota")
+            d = self._controller("cpu")
             _write(f"{d}/cpu.cfs_period_us", str(CPU_PERIOD_US))
             _write(f"{d}/cpu.cfs_quota_us", str(round(limits.cpu_percent * CPU_PERIOD_US / 100)))
         if limits.memory_bytes is not None:
-            d = self._controller("memory", "memory_limit")
+            d = self._controller("memory")
             _write(f"{d}/memory.limit_in_bytes", str(limits.memory_bytes))
             if os.path.exists(f"{d}/memory.memsw.limit_in_bytes"):
                 # memory+swap equal to memory: the job cannot escape its limit into swap
                 _write(f"{d}/memory.memsw.limit_in_bytes", str(limits.memory_bytes))
         if limits.io_bps is not None:
-            d = self._controller("blkio", "disk_io")
+            d = self._controller("blkio")
             for dev in devices:
                 _write(f"{d}/blkio.throttle.read_bps_device", f"{dev} {limits.io_bps}")
                 _write(f"{d}/blkio.throttle.write_bps_device", f"{dev} {limits.io_bps}")
         if limits.pids is not None:
-            d = self._controller("pids", "pids")
+            d = self._controller("pids")
             _write(f"{d}/pids.max", str(limits.pids))
 
     def pids(self):
@@ -1203,6 +1203,7 @@ class Job:
         self.open_streams = 0           # pipes not yet at EOF
         self.output_done = threading.Event()
         self.pipe_fds = []
+        self.spawn_reply = None         # the launcher's answer, set by the engine thread
 
     @property
     def id(self):
@@ -1355,8 +1356,8 @@ class _Follow:
 
 
 class JobManager:
-    """Starts, stops and watches jobs on this host. Thread-safe. Create it before gRPC exists in
-    the process is not required: jobs are forked by the launcher process (see Launcher)."""
+    """Starts, stops and watches jobs on this host. Thread-safe. Jobs are forked by a launcher
+    process started by exec (see Launcher), so a process that already runs gRPC may create it."""
 
     def __init__(self, state_dir=DEFAULT_STATE_DIR, cgroups=None, *, default_pids=DEFAULT_PIDS_LIMIT,
                  log_cap=DEFAULT_LOG_CAP, max_jobs=DEFAULT_MAX_JOBS, job_user=None,
@@ -1416,7 +1417,7 @@ class JobManager:
         cgroup = self.cgroups.job(job_id)
         job_dir = os.path.join(self.jobs_dir, job_id)
         cgroup.create()
-        pipes = []
+        job, pipes = None, []
         try:
             cgroup.set_limits(limits, self.devices)
             os.mkdir(job_dir, 0o700)
@@ -1432,7 +1433,7 @@ class JobManager:
         except BaseException:
             for fd in pipes:
                 _close_quietly(fd)
-            if 'job' in locals():
+            if job is not None:
                 job.log.close_writer()
             _remove_tree(job_dir)
             cgroup.kill_all()

@@ -1987,3 +1987,69 @@ def test_doctor_reports_a_healthy_setup_and_names_problems(pki, tmp_path):
     r = subprocess.run([*SRC, "doctor", "--certs", str(bad), "--cgroup-parent",
                         f"{RUN_PARENT}/doctor"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and f"chmod 600 {bad}/server.key" in r.stdout
+
+
+# ================================================================================================
+# The proto from another gRPC stack: grpc-js with proto-loader (Node.js), unchanged
+# ================================================================================================
+
+NODE_CLIENT = r"""
+const grpc = require('@grpc/grpc-js');
+const loader = require('@grpc/proto-loader');
+const fs = require('fs');
+const [proto, addr, dir, name] = process.argv.slice(2);
+const def = loader.loadSync(proto, {keepCase: true, enums: String, longs: String, defaults: true,
+                                    oneofs: true});
+const pkg = grpc.loadPackageDefinition(def).jobworker.v1;
+const creds = grpc.credentials.createSsl(fs.readFileSync(`${dir}/ca.crt`),
+  fs.readFileSync(`${dir}/${name}.key`), fs.readFileSync(`${dir}/${name}.crt`));
+const client = new pkg.JobService(addr, creds);
+client.Start({name: 'sh', args: ['-c', 'echo from node; sleep 0.1; echo err >&2'],
+              resources: {cpu_quota: '50%', memory_limit: '64M'}}, (err, res) => {
+  if (err) { console.log(JSON.stringify({start_error: err.code})); process.exit(0); }
+  const out = []; let final = null;
+  const call = client.Stream({job_id: res.job_id, offset: 0});
+  call.on('data', m => {
+    if (m.chunk) out.push([m.chunk.stream, Buffer.from(m.chunk.data).toString()]);
+    if (m.final_status) final = m.final_status;
+  });
+  call.on('error', e => { console.log(JSON.stringify({stream_error: e.code})); process.exit(1); });
+  call.on('end', () => {
+    console.log(JSON.stringify({job_id: res.job_id, out, state: final.state,
+                                owner: final.owner, memory: final.limits.memory_bytes}));
+    process.exit(0);
+  });
+});
+"""
+
+
+@pytest.fixture(scope="session")
+def grpc_js():
+    """node_modules with pinned grpc-js and proto-loader (cached under build/)."""
+    if not shutil.which("node") or not shutil.which("npm"):
+        pytest.fail("node and npm are needed for the cross-stack test")
+    prefix = os.path.join(HERE, "build", "node-grpc")
+    if not os.path.isdir(os.path.join(prefix, "node_modules", "@grpc", "proto-loader")):
+        os.makedirs(prefix, exist_ok=True)
+        subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund", "--prefix", prefix,
+                        "@grpc/grpc-js@1.14.7", "@grpc/proto-loader@0.8.1"], check=True,
+                       timeout=300)
+    return prefix
+
+
+def test_proto_works_unchanged_from_grpc_js(grpc_js, pki, api):
+    script = os.path.join(grpc_js, "client.js")
+    with open(script, "w") as f:
+        f.write(NODE_CLIENT)
+    run = lambda name: subprocess.run(
+        ["node", script, os.path.join(HERE, "jobworker.proto"), f"127.0.0.1:{api[1]}", str(pki),
+         name], capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, NODE_PATH=os.path.join(grpc_js, "node_modules")))
+    r = run("alice")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["out"] == [["OUTPUT_STREAM_STDOUT", "from node\n"], ["OUTPUT_STREAM_STDERR", "err\n"]]
+    assert (result["state"], result["owner"], result["memory"]) == \
+        ("JOB_STATE_EXITED", "alice", str(64 << 20))
+    r = run("reader")
+    assert json.loads(r.stdout) == {"start_error": grpc.StatusCode.PERMISSION_DENIED.value[0]}
