@@ -2874,6 +2874,7 @@ def build_parser():
     p.add_argument("--pids", help=f"most processes (server default {DEFAULT_PIDS_LIMIT})")
     _add_client_options(p)
     p.set_defaults(func=cmd_start)
+    parser.start_parser = p
 
     p = sub.add_parser("stop", help="stop a job (SIGTERM, then SIGKILL after the grace period)")
     p.add_argument("job_id")
@@ -2929,10 +2930,10 @@ def main(argv=None):
     if argv and argv[0] == "start":
         opts, command = split_start_args(argv[1:])
         argv = ["start", *opts]
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)   # -h and bad options end here
     if args.subcommand == "start":
         if not command:
-            parser.parse_args(["start", "--help"] if not opts else ["start"] + opts + ["-h"])
+            parser.start_parser.error("a command to run is required: jobworker start -- sleep 9")
         args.command = command
     try:
         return args.func(args)

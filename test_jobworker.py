@@ -1468,6 +1468,13 @@ def test_cli_errors_are_one_line_with_distinct_exit_codes(args, code, message, p
     assert "Traceback" not in err
 
 
+def test_cli_start_without_a_command_is_a_usage_error():
+    r = subprocess.run([*SRC, "start", "--cpu", "50%"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "a command to run is required" in r.stderr
+    r = subprocess.run([*SRC, "start", "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "after `--` everything is the" in r.stdout
+
+
 def test_cli_reader_may_not_start(pki, src_server):
     r = cli(SRC, "start", "true", certs=pki, port=src_server.port, name="reader")
     assert r.returncode == 5 and r.stderr.decode().startswith("jobworker: role reader may not")
