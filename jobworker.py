@@ -66,7 +66,7 @@ STREAM_NAMES = {STDOUT: "stdout", STDERR: "stderr"}
 RUNNING = "running"
 EXITED = "exited"       # the main process ended by itself (exit code or signal)
 STOPPED = "stopped"     # ended by a Stop request
-LOST = "lost"           # the server died while the job ran; found again at restart
+LOST = "lost"           # the server (or its launcher) died while the job ran
 FINAL_STATES = frozenset({EXITED, STOPPED, LOST})
 STATES = frozenset({RUNNING}) | FINAL_STATES
 
@@ -1204,6 +1204,7 @@ class Job:
         self.output_done = threading.Event()
         self.pipe_fds = []
         self.spawn_reply = None         # the launcher's answer, set by the engine thread
+        self.launcher_lost = False      # the launcher died: the exit status is unknown
 
     @property
     def id(self):
@@ -1455,16 +1456,20 @@ class JobManager:
 
     def stop(self, job_id, grace=None, owner=None):
         """SIGTERM every process of the job, SIGKILL after `grace` seconds; returns the final
-        JobStatus once no process of the job remains. Raises JobNotRunning if already final."""
+        JobStatus once no process of the job remains. Raises JobNotRunning (after it is final)
+        if the job's main process had already ended."""
         job = self._get(job_id, owner)
         grace = self.grace if grace is None else grace
         if grace < 0:
             raise InvalidArgument("grace", grace, "seconds, 0 or more")
         with job.cond:
-            if job.status.state != RUNNING:
-                raise JobNotRunning(job_id, job.status.state)
-            first = not job.stop_requested
-            job.stop_requested = True
+            ended = job.main_exited.is_set()   # by itself: the stop comes too late
+            if not ended:
+                first = not job.stop_requested
+                job.stop_requested = True
+        if ended:
+            job.final.wait()
+            raise JobNotRunning(job_id, job.status.state)
         if first:
             job.cgroup.signal_all(signal.SIGTERM)
         if not job.main_exited.wait(grace):
@@ -1579,9 +1584,18 @@ class JobManager:
         with self._lock:
             self._launcher_gone = True
             pending, self._pending = list(self._pending.values()), {}
+            orphans, self._by_pid = list(self._by_pid.values()), {}
         for job, done in pending:
             job.spawn_reply = {"error": "launcher", "errno": errno.EPIPE}
             done.set()
+        # Their exits can no longer be reported, so nothing would ever end them: finish them
+        # now as lost (what is left is killed, the output kept) rather than let Stop wait forever.
+        for job in orphans:
+            with job.cond:
+                job.launcher_lost = True
+                job.main_exited.set()
+            if not self._closed:
+                self._finisher.submit(self._finish, job)
 
     def _on_exit(self, pid, raw_status):
         with self._lock:
@@ -1593,7 +1607,7 @@ class JobManager:
                 job.status.signal = os.WTERMSIG(raw_status)
             else:
                 job.status.exit_code = os.WEXITSTATUS(raw_status)
-        job.main_exited.set()
+            job.main_exited.set()
         self._finisher.submit(self._finish, job)
 
     def _pipe_reader(self, job, stream):
@@ -1637,7 +1651,8 @@ class JobManager:
             log.exception("finishing job %s", job.id)
             oom, usage = False, {}
         with job.cond:
-            job.status.state = STOPPED if job.stop_requested else EXITED
+            job.status.state = (LOST if job.launcher_lost else
+                                STOPPED if job.stop_requested else EXITED)
             job.status.oom_killed = oom
             job.status.usage = usage
             job.status.ended_at = time.time()

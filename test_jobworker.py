@@ -725,6 +725,22 @@ def test_stop_racing_a_natural_exit_gives_only_the_documented_outcomes(manager):
     assert manager.cgroups.leftover_job_ids() == []
 
 
+def test_launcher_death_ends_running_jobs_as_lost_instead_of_hanging(manager):
+    job = manager.start("sh", ["-c", "echo up; setsid sleep 600 & sleep 600"])
+    wait_for(lambda: manager.status(job.id).output_bytes > 0, what="the job to start")
+    pids = manager.cgroups.job(job.id).pids()
+    manager._launcher.process.kill()
+    s = wait_final(manager, job.id)
+    assert s.state == jw.LOST and (s.exit_code, s.signal) == (None, None)
+    assert not any(pid_alive(p) for p in pids)
+    assert output(manager, job.id)[0] == b"up\n"
+    assert manager.cgroups.leftover_job_ids() == []
+    with pytest.raises(jw.JobNotRunning):
+        manager.stop(job.id)
+    with pytest.raises(jw.LauncherError):
+        manager.start("true")
+
+
 def test_list_filters_by_owner_and_status_hides_foreign_jobs(manager):
     a = manager.start("true", owner="alice")
     b = manager.start("true", owner="bob")
