@@ -5,7 +5,6 @@ Every cgroup a test makes lives under one parent made for this test run
 afterwards, also on failure.
 """
 
-import errno
 import itertools
 import os
 import signal
