@@ -162,7 +162,7 @@ class Limits:
         return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
 
 
-_NUMBER = r"(\d+(?:\.\d+)?)"
+_NUMBER = r"([0-9]+(?:\.[0-9]+)?)"   # ASCII only: \d and str.isdigit() take other scripts' digits
 _CPU_RE = re.compile(_NUMBER + r"\s*%")
 _MEMORY_RE = re.compile(_NUMBER + r"\s*([KMGT]?)(I?B)?", re.IGNORECASE)
 _RATE_RE = re.compile(_NUMBER + r"\s*([KMGT]?)(I?B)?(?:/S)?", re.IGNORECASE)
@@ -221,7 +221,7 @@ def parse_pids(text, field="pids"):
         return None
     accepted = f"a whole number of processes from 1 to {MAX_PIDS}"
     s = str(text).strip()
-    if not s.isdigit() or not 1 <= int(s) <= MAX_PIDS:
+    if not re.fullmatch(r"[0-9]{1,8}", s) or not 1 <= int(s) <= MAX_PIDS:
         raise InvalidArgument(field, text, accepted)
     return int(s)
 
@@ -279,14 +279,19 @@ def _read(path):
         raise CgroupError(path, None, e.errno) from None
 
 
-def _read_keyed(path):
-    """'key value' lines -> {key: int}; {} if the file does not exist."""
+def _read_if_present(path):
+    """The file's text; "" if it (or its cgroup, or its controller) is not there."""
     try:
-        text = _read(path)
+        return _read(path)
     except CgroupError as e:
         if e.errno in _GONE:
-            return {}
+            return ""
         raise
+
+
+def _read_keyed(path):
+    """'key value' lines -> {key: int}; {} if the file does not exist."""
+    text = _read_if_present(path)
     out = {}
     for line in text.splitlines():
         parts = line.split()
@@ -540,13 +545,10 @@ class CgroupV1(Cgroup):
             u["memory_peak_bytes"] = _read_int(f"{self.dirs['memory']}/memory.max_usage_in_bytes")
         if "blkio" in self.dirs:
             path = f"{self.dirs['blkio']}/blkio.throttle.io_service_bytes_recursive"
-            try:
-                for line in _read(path).splitlines():
-                    parts = line.split()
-                    if len(parts) == 3 and parts[1] in ("Read", "Write"):
-                        u["io_read_bytes" if parts[1] == "Read" else "io_write_bytes"] += int(parts[2])
-            except CgroupError:
-                pass
+            for line in _read_if_present(path).splitlines():
+                parts = line.split()
+                if len(parts) == 3 and parts[1] in ("Read", "Write"):
+                    u["io_read_bytes" if parts[1] == "Read" else "io_write_bytes"] += int(parts[2])
         if "pids" in self.dirs:
             u["tasks"] = _read_int(f"{self.dirs['pids']}/pids.current")
         return u
@@ -618,13 +620,10 @@ class CgroupV2(Cgroup):
     def usage(self):
         cpu = _read_keyed(f"{self.path}/cpu.stat")
         rbytes = wbytes = 0
-        try:
-            for line in _read(f"{self.path}/io.stat").splitlines():
-                fields = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
-                rbytes += int(fields.get("rbytes", 0))
-                wbytes += int(fields.get("wbytes", 0))
-        except CgroupError:
-            pass
+        for line in _read_if_present(f"{self.path}/io.stat").splitlines():
+            fields = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
+            rbytes += int(fields.get("rbytes", 0))
+            wbytes += int(fields.get("wbytes", 0))
         return {"cpu_seconds": cpu.get("usage_usec", 0) / 1e6,
                 "memory_bytes": _read_int(f"{self.path}/memory.current"),
                 "memory_peak_bytes": _read_int(f"{self.path}/memory.peak"),
@@ -1030,7 +1029,7 @@ class Launcher:
     def close(self):
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
+        except OSError:   # the launcher is gone already: nothing to shut down
             pass
         self.sock.close()
         try:
@@ -1727,7 +1726,7 @@ def _set_pipe_size(fd, size=1 << 20):
     try:
         import fcntl
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
-    except (OSError, AttributeError):
+    except (OSError, AttributeError):   # over fs.pipe-max-size for non-root: keep the default
         pass
 
 

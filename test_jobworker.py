@@ -127,7 +127,8 @@ def test_cpu_quota_parses_systemd_percent(text, expected):
     assert jw.parse_cpu_quota(text) == expected
 
 
-@pytest.mark.parametrize("text", ["0%", "-5%", "abc", "50", "0.5%", "50%%", "1e3%", "%"])
+@pytest.mark.parametrize("text", ["0%", "-5%", "abc", "50", "0.5%", "50%%", "1e3%", "%", "٥٠%",
+                                  "²%"])
 def test_cpu_quota_rejects_bad_values_naming_the_field(text):
     with pytest.raises(jw.InvalidArgument) as e:
         jw.parse_cpu_quota(text)
@@ -148,7 +149,8 @@ def test_memory_parses_base_1024(text, expected):
     assert jw.parse_memory(text) == expected
 
 
-@pytest.mark.parametrize("text", ["0", "4095", "1K", "abc", "-5M", "10XB", "M", "256 MBs"])
+@pytest.mark.parametrize("text", ["0", "4095", "1K", "abc", "-5M", "10XB", "M", "256 MBs",
+                                  "٢٥٦M"])
 def test_memory_rejects_bad_values(text):
     with pytest.raises(jw.InvalidArgument) as e:
         jw.parse_memory(text)
@@ -171,7 +173,7 @@ def test_disk_io_rejects_bad_values(text):
 
 def test_pids_parse():
     assert jw.parse_pids("100") == 100 and jw.parse_pids("") is None
-    for bad in ["-1", "abc", "1.5", str(jw.MAX_PIDS + 1)]:
+    for bad in ["-1", "abc", "1.5", str(jw.MAX_PIDS + 1), "²", "٥٠", "1" * 100]:
         with pytest.raises(jw.InvalidArgument, match="pids"):
             jw.parse_pids(bad)
 
