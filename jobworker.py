@@ -162,7 +162,9 @@ class Limits:
         return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
 
 
-_NUMBER = r"([0-9]+(?:\.[0-9]+)?)"   # ASCII only: \d and str.isdigit() take other scripts' digits
+# ASCII digits only (\d and str.isdigit() take other scripts' digits), and few enough that the
+# float stays finite (a 400-digit number is inf, and int(inf) raises).
+_NUMBER = r"([0-9]{1,20}(?:\.[0-9]{1,9})?)"
 _CPU_RE = re.compile(_NUMBER + r"\s*%")
 _MEMORY_RE = re.compile(_NUMBER + r"\s*([KMGT]?)(I?B)?", re.IGNORECASE)
 _RATE_RE = re.compile(_NUMBER + r"\s*([KMGT]?)(I?B)?(?:/S)?", re.IGNORECASE)
