@@ -60,7 +60,6 @@ JOB_CWD = "/"
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 STDOUT, STDERR = 1, 2
-STREAM_NAMES = {STDOUT: "stdout", STDERR: "stderr"}
 
 # Job states. A job is created running; every other state is final.
 RUNNING = "running"
@@ -1682,6 +1681,8 @@ class JobManager:
             try:
                 with open(path) as f:
                     status = JobStatus.from_dict(json.load(f))
+                if status.state not in STATES or status.id != name:
+                    raise ValueError(f"state {status.state!r}, id {status.id!r}")
             except (OSError, ValueError, TypeError) as e:
                 log.error("skipping unreadable job record %s: %s", path, e)
                 continue

@@ -797,6 +797,23 @@ def test_records_and_output_survive_a_restart(tmp_path):
         driver.remove_parent()
 
 
+def test_unreadable_records_are_skipped_at_start(tmp_path):
+    jobs = tmp_path / "state" / "jobs"
+    for job_id, text in [("6f9619ff-8b86-4011-b42d-00c04fc964ff", "{not json"),
+                         ("7f9619ff-8b86-4011-b42d-00c04fc964ff",
+                          '{"id": "7f9619ff-8b86-4011-b42d-00c04fc964ff", "owner": "", '
+                          '"command": ["x"], "limits": {}, "state": "exploded"}')]:
+        (jobs / job_id).mkdir(parents=True)
+        (jobs / job_id / "job.json").write_text(text)
+    m, driver = _make_manager(tmp_path)
+    try:
+        assert m.list() == []
+        assert m.start("true").state == jw.RUNNING
+    finally:
+        m.close(grace=0)
+        driver.remove_parent()
+
+
 def test_many_jobs_leak_nothing(manager):
     def fds():
         return len(os.listdir("/proc/self/fd"))
