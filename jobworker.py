@@ -1053,10 +1053,14 @@ _IDX_REC = 8
 
 
 class JobLog:
-    """Append (one writer: the engine thread) and read (many readers) one job's output."""
+    """Append (one writer: the engine thread) and read (many readers) one job's output.
+    The writer writes without a lock, then publishes the new size and index entries under
+    `lock` (the job's condition) and wakes the readers; readers never read past `size`."""
 
     def __init__(self, directory, cap, create):
         self.dir = directory
+        self.lock = threading.Condition()   # Job replaces it with its own condition
+        self._marker = _MARKER.format(cap).encode()
         self.data_path = f"{directory}/output.log"
         self.idx_path = f"{directory}/output.idx"
         self.cap = cap
@@ -1068,6 +1072,7 @@ class JobLog:
             self._data_fd = os.open(self.data_path, self._CREATE, 0o600)
             self._idx_fd = None   # made at the first write: a job without output needs none
             self.size = 0
+            self._written, self._idx_written, self._last_stream = 0, 0, None   # writer's view
         else:
             self._data_fd = self._idx_fd = None
             self.size = os.path.getsize(self.data_path) if os.path.exists(self.data_path) else 0
@@ -1083,44 +1088,53 @@ class JobLog:
 
     _CREATE = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
-    def _used(self):
-        return self.size + _IDX_REC * len(self.seg_offsets)
-
-    def _write_all(self, fd, data):
+    @staticmethod
+    def _write_all(fd, data):
         view = memoryview(data)
         while view:
             n = os.write(fd, view)
             view = view[n:]
 
-    def _append_raw(self, stream, data):
-        if not self.seg_streams or self.seg_streams[-1] != stream:
+    def _write(self, stream, data, new_segments):
+        """Write one piece (and an index record where the stream changes); no lock held."""
+        if stream != self._last_stream:
             if self._idx_fd is None:
                 self._idx_fd = os.open(self.idx_path, self._CREATE, 0o600)
-            rec = self.size << 1 | (stream == STDERR)
+            rec = self._written << 1 | (stream == STDERR)
             self._write_all(self._idx_fd, rec.to_bytes(_IDX_REC, "little"))
-            self.seg_offsets.append(self.size)
-            self.seg_streams.append(stream)
+            self._idx_written += 1
+            self._last_stream = stream
+            new_segments.append((self._written, stream))
         self._write_all(self._data_fd, data)
-        self.size += len(data)
+        self._written += len(data)
 
     def append(self, stream, data):
-        """Store data; past the cap store a marker once and drop the rest; on a write error
-        (disk full) record it and drop the rest. Never blocks on readers."""
+        """Store data and wake the readers; past the cap store a marker once and drop the
+        rest; on a write error (disk full) record it and drop the rest. Readers only wait
+        for the lock while the new size is published, never for the disk."""
         if self.truncated or self.error:
             return
+        new_segments, truncated, error = [], False, ""
         try:
-            marker = _MARKER.format(self.cap).encode()
-            room = self.cap - self._used() - len(marker) - 2 * _IDX_REC
+            room = (self.cap - self._written - _IDX_REC * self._idx_written
+                    - len(self._marker) - 2 * _IDX_REC)
             if len(data) > room:
                 if room > 0:
-                    self._append_raw(stream, data[:room])
-                self._append_raw(STDERR, marker)
-                self.truncated = True
+                    self._write(stream, data[:room], new_segments)
+                self._write(STDERR, self._marker, new_segments)
+                truncated = True
             else:
-                self._append_raw(stream, data)
+                self._write(stream, data, new_segments)
         except OSError as e:
-            self.error = f"output write failed: {e.strerror}"
-            log.error("job log %s: %s", self.dir, self.error)
+            error = f"output write failed: {e.strerror}"
+            log.error("job log %s: %s", self.dir, error)
+        with self.lock:
+            for offset, seg_stream in new_segments:
+                self.seg_offsets.append(offset)
+                self.seg_streams.append(seg_stream)
+            self.size = self._written
+            self.truncated, self.error = truncated, error
+            self.lock.notify_all()
 
     def close_writer(self):
         for fd in (self._data_fd, self._idx_fd):
@@ -1197,6 +1211,7 @@ class Job:
         self.log = log_
         self.cgroup = cgroup
         self.cond = threading.Condition()
+        log_.lock = self.cond   # the log publishes new output under the job's condition
         self.main_exited = threading.Event()
         self.final = threading.Event()
         self.stop_requested = False
@@ -1617,9 +1632,7 @@ class JobManager:
             except BlockingIOError:
                 return
             if data:
-                with job.cond:
-                    job.log.append(stream, data)
-                    job.cond.notify_all()
+                job.log.append(stream, data)   # publishes under job.cond and wakes followers
                 return
             self._engine.remove_reader(fd)
             with job.cond:
@@ -1650,13 +1663,13 @@ class JobManager:
         except Exception:
             log.exception("finishing job %s", job.id)
             oom, usage = False, {}
+        job.log.close_writer()   # the engine reads no more of this job's pipes
         with job.cond:
             job.status.state = (LOST if job.launcher_lost else
                                 STOPPED if job.stop_requested else EXITED)
             job.status.oom_killed = oom
             job.status.usage = usage
             job.status.ended_at = time.time()
-            job.log.close_writer()
         self._save(job)
         with self._lock:
             self._running -= 1
