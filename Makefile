@@ -10,10 +10,13 @@ STUBS  := jobworker_pb2.py jobworker_pb2_grpc.py
 # The pyz bundles these CPython versions for this machine's architecture.
 PYZ_PYTHONS ?= 3.10,3.11,3.12,3.13
 
-# System tools the tests use: node and npm run grpc-js against the server (the proto from
-# another gRPC stack); qemu boots the cgroup v2 guest (v2_guest.py).
+# System tools the tests use, each with the Debian package that provides it: node and npm run
+# grpc-js against the server (the proto from another gRPC stack); qemu boots the cgroup v2 guest
+# (v2_guest.py). Only the packages of missing tools are installed: a host whose node comes from
+# elsewhere (nodesource's nodejs conflicts with Debian's npm) keeps it.
 # JOBWORKER_SKIP_V2_GUEST=1 skips the guest and does not install qemu.
-TOOLS := openssl ip nsenter node npm $(if $(JOBWORKER_SKIP_V2_GUEST),,qemu-system-x86_64)
+TOOLS := openssl:openssl ip:iproute2 nsenter:util-linux node:nodejs npm:npm \
+         $(if $(JOBWORKER_SKIP_V2_GUEST),,qemu-system-x86_64:qemu-system-x86)
 
 .PHONY: test venv stubs pyz run clean system-deps bench
 
@@ -21,12 +24,11 @@ test: system-deps $(STAMP) $(STUBS)
 	$(VPY) -m pytest -q -ra test_jobworker.py
 
 system-deps:
-	@missing=""; for t in $(TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	@missing=""; for t in $(TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
 	if [ -n "$$missing" ]; then \
-	  echo "installing packages for:$$missing"; \
+	  echo "installing packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    --no-install-recommends openssl iproute2 util-linux nodejs npm \
-	    $(if $(JOBWORKER_SKIP_V2_GUEST),,qemu-system-x86) >/dev/null; \
+	    --no-install-recommends $$missing >/dev/null; \
 	fi
 
 venv: $(STAMP)
