@@ -72,6 +72,23 @@ STATES = frozenset({RUNNING}) | FINAL_STATES
 _JOB_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 
 
+def _close_quietly(fd):
+    """Close fd on a cleanup path, where an error closing it changes nothing."""
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _remove_tree(path):
+    """Remove a job directory (flat: files only) and the directory itself; gone is done."""
+    if not os.path.isdir(path):
+        return
+    for name in os.listdir(path):
+        os.unlink(os.path.join(path, name))
+    os.rmdir(path)
+
+
 # ================================================================================================
 # Errors
 # ================================================================================================
@@ -116,16 +133,29 @@ class CapReached(JobworkerError):
 class SpawnError(JobworkerError):
     """The program could not be started; nothing of the job is left behind."""
 
+    def __init__(self, program, err, stage, detail=""):
+        self.program, self.errno, self.stage = program, err, stage
+        super().__init__(f"{stage} failed: {detail or os.strerror(err)}: {program}")
+
+    @staticmethod
+    def from_report(program, err, stage, detail=""):
+        """The error for a launcher's report: ProgramNotRunnable when exec itself failed."""
+        if stage == "exec":
+            return ProgramNotRunnable(program, err)
+        return SpawnError(program, err, stage, detail)
+
+
+class ProgramNotRunnable(SpawnError):
+    """exec failed: the program named in the request cannot be run."""
+
     _REASONS = {errno.ENOENT: "no such file", errno.EACCES: "permission denied",
                 errno.ENOEXEC: "exec format error", errno.ENOTDIR: "not a directory in path",
                 errno.EISDIR: "is a directory", errno.E2BIG: "argument list too long"}
 
-    def __init__(self, program, err, stage, detail=""):
-        self.program, self.errno, self.stage = program, err, stage
-        reason = self._REASONS.get(err) if stage == "exec" else None
-        if reason is None:
-            reason = f"{stage} failed: {detail or os.strerror(err)}"
-        super().__init__(f"{reason}: {program}")
+    def __init__(self, program, err):
+        self.program, self.errno, self.stage = program, err, "exec"
+        reason = self._REASONS.get(err) or f"exec failed: {os.strerror(err)}"
+        JobworkerError.__init__(self, f"{reason}: {program}")
 
 
 class CgroupError(JobworkerError):
@@ -139,6 +169,48 @@ class CgroupError(JobworkerError):
 
 class LauncherError(JobworkerError):
     """The job launcher process is gone; no job can be started."""
+
+
+class Unauthenticated(JobworkerError):
+    """The connection does not authenticate anyone: not TLS 1.3, or no usable certificate."""
+
+
+class AccessDenied(JobworkerError):
+    """The caller's certificate does not allow the call."""
+
+
+class MalformedRequest(JobworkerError):
+    """A request message that could not be decoded at all."""
+
+    def __init__(self, reason):
+        self.reason = reason
+        super().__init__(f"malformed request message: {reason[:200]}")
+
+
+# The one table from errors to gRPC status codes, by name (most specific first). The RPC layer
+# (interceptor and servicer) and the CLI's exit codes both read it; anything not listed is
+# INTERNAL, and its details stay in the server log.
+ERROR_CODES = (
+    (MalformedRequest, "INVALID_ARGUMENT"),
+    (InvalidArgument, "INVALID_ARGUMENT"),
+    (ProgramNotRunnable, "INVALID_ARGUMENT"),   # the program named in the request cannot run
+    (JobNotFound, "NOT_FOUND"),
+    (JobNotRunning, "FAILED_PRECONDITION"),
+    (CapReached, "RESOURCE_EXHAUSTED"),
+    (SpawnError, "FAILED_PRECONDITION"),
+    (CgroupError, "FAILED_PRECONDITION"),
+    (LauncherError, "UNAVAILABLE"),
+    (Unauthenticated, "UNAUTHENTICATED"),
+    (AccessDenied, "PERMISSION_DENIED"),
+)
+
+
+def status_code_for(exc):
+    """Name of the gRPC status code for an error; INTERNAL for anything unexpected."""
+    for cls, code in ERROR_CODES:
+        if isinstance(exc, cls):
+            return code
+    return "INTERNAL"
 
 
 # ================================================================================================
@@ -170,6 +242,11 @@ _RATE_RE = re.compile(_NUMBER + r"\s*([KMGT]?)(I?B)?(?:/S)?", re.IGNORECASE)
 _POWERS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
 
 
+def cpu_quota_us(percent):
+    """Microseconds of CPU time per CPU_PERIOD_US for a quota in percent of one CPU."""
+    return round(percent * CPU_PERIOD_US / 100)
+
+
 def parse_cpu_quota(text, field="cpu_quota"):
     """'50%' -> 50.0 (systemd CPUQuota=: percent of one CPU, at most nCPU x 100%); '' -> None."""
     if text is None or text == "":
@@ -180,7 +257,7 @@ def parse_cpu_quota(text, field="cpu_quota"):
     if not m:
         raise InvalidArgument(field, text, accepted)
     percent = float(m.group(1))
-    if percent * CPU_PERIOD_US / 100 < MIN_CPU_QUOTA_US or percent > ncpu * 100:
+    if cpu_quota_us(percent) < MIN_CPU_QUOTA_US or percent > ncpu * 100:
         raise InvalidArgument(field, text, accepted)
     return percent
 
@@ -420,7 +497,6 @@ class Cgroup:
     def create(self): raise NotImplementedError
     def set_limits(self, limits, devices): raise NotImplementedError
     def pids(self): raise NotImplementedError
-    def kill_all(self): raise NotImplementedError
     def wait_empty(self, timeout): raise NotImplementedError
     def oom_kills(self): raise NotImplementedError
     def usage(self): raise NotImplementedError
@@ -430,19 +506,25 @@ class Cgroup:
         """Send sig to every process of the job, sub-cgroups included."""
         _signal_pids(self.pids(), sig)
 
-    def _kill_until_empty(self, freeze, thaw, timeout=10.0):
-        """SIGKILL everything until no process is left. Freezing first stops a fork loop
-        from outrunning the kill."""
+    def kill_all(self, timeout=10.0):
+        """SIGKILL every process of the job, forks in flight included; returns once none is
+        left. cgroup.kill where the kernel has it (5.14+), else freeze -> kill -> thaw until
+        empty: freezing first stops a fork loop from outrunning the kill."""
+        kill_file = self._kill_file()
+        if kill_file and os.path.exists(kill_file):
+            _kill_via_file(kill_file)
+            if self.wait_empty(timeout):
+                return
         deadline = time.monotonic() + timeout
         while True:
             pids = self.pids()
             if not pids:
                 return
             try:
-                frozen = freeze()
+                frozen = self._freeze()
                 _signal_pids(pids, signal.SIGKILL)
                 if frozen:
-                    thaw()
+                    self._thaw()
             except CgroupError as e:
                 if e.errno in _GONE:
                     return
@@ -450,6 +532,11 @@ class Cgroup:
             if time.monotonic() > deadline:
                 raise CgroupError(self.path, None, errno.EBUSY)
             time.sleep(0.002)
+
+    # Hooks of kill_all, per version.
+    def _kill_file(self): return None   # the cgroup.kill file, if this version has one
+    def _freeze(self): return False     # freeze every process; False if this cgroup cannot
+    def _thaw(self): pass
 
 
 class CgroupV1(Cgroup):
@@ -484,7 +571,7 @@ class CgroupV1(Cgroup):
         if limits.cpu_percent is not None:
             d = self._controller("cpu")
             _write(f"{d}/cpu.cfs_period_us", str(CPU_PERIOD_US))
-            _write(f"{d}/cpu.cfs_quota_us", str(round(limits.cpu_percent * CPU_PERIOD_US / 100)))
+            _write(f"{d}/cpu.cfs_quota_us", str(cpu_quota_us(limits.cpu_percent)))
         if limits.memory_bytes is not None:
             d = self._controller("memory")
             _write(f"{d}/memory.limit_in_bytes", str(limits.memory_bytes))
@@ -503,24 +590,22 @@ class CgroupV1(Cgroup):
     def pids(self):
         return _procs(self._track)
 
-    def kill_all(self):
-        if self.unified and os.path.exists(f"{self.unified}/cgroup.kill"):
-            _kill_via_file(f"{self.unified}/cgroup.kill")
-            if self.wait_empty(10.0):
-                return
+    def _kill_file(self):
+        return f"{self.unified}/cgroup.kill" if self.unified else None
+
+    def _freeze(self):
         freezer = self.dirs.get("freezer")
+        if not freezer:
+            return False
+        _write(f"{freezer}/freezer.state", "FROZEN")
+        for _ in range(500):   # FREEZING -> FROZEN once every task has stopped
+            if _read(f"{freezer}/freezer.state").strip() == "FROZEN":
+                break
+            time.sleep(0.001)
+        return True
 
-        def freeze():
-            if not freezer:
-                return False
-            _write(f"{freezer}/freezer.state", "FROZEN")
-            for _ in range(500):   # FREEZING -> FROZEN once every task has stopped
-                if _read(f"{freezer}/freezer.state").strip() == "FROZEN":
-                    break
-                time.sleep(0.001)
-            return True
-
-        self._kill_until_empty(freeze, lambda: _write(f"{freezer}/freezer.state", "THAWED"))
+    def _thaw(self):
+        _write(f"{self.dirs['freezer']}/freezer.state", "THAWED")
 
     def wait_empty(self, timeout):
         if self.unified:
@@ -581,8 +666,7 @@ class CgroupV2(Cgroup):
 
     def set_limits(self, limits, devices):
         if limits.cpu_percent is not None:
-            quota = round(limits.cpu_percent * CPU_PERIOD_US / 100)
-            _write(self._file("cpu.max"), f"{quota} {CPU_PERIOD_US}")
+            _write(self._file("cpu.max"), f"{cpu_quota_us(limits.cpu_percent)} {CPU_PERIOD_US}")
         if limits.memory_bytes is not None:
             _write(self._file("memory.max"), str(limits.memory_bytes))
             if os.path.exists(f"{self.path}/memory.swap.max"):
@@ -597,20 +681,17 @@ class CgroupV2(Cgroup):
     def pids(self):
         return _procs(self.path)
 
-    def kill_all(self):
-        if os.path.exists(f"{self.path}/cgroup.kill"):
-            _kill_via_file(f"{self.path}/cgroup.kill")
-            if self.wait_empty(10.0):
-                return
-        freeze_file = f"{self.path}/cgroup.freeze"
-        has_freeze = os.path.exists(freeze_file)
+    def _kill_file(self):
+        return f"{self.path}/cgroup.kill"
 
-        def freeze():
-            if has_freeze:
-                _write(freeze_file, "1")
-            return has_freeze
+    def _freeze(self):
+        if not os.path.exists(f"{self.path}/cgroup.freeze"):
+            return False
+        _write(f"{self.path}/cgroup.freeze", "1")
+        return True
 
-        self._kill_until_empty(freeze, lambda: _write(freeze_file, "0"))
+    def _thaw(self):
+        _write(f"{self.path}/cgroup.freeze", "0")
 
     def wait_empty(self, timeout):
         return _wait_populated_zero(f"{self.path}/cgroup.events", timeout)
@@ -670,6 +751,29 @@ class CgroupDriver:
         whole.kill_all()
         whole.remove()
 
+    def check(self):
+        """[(ok, what, advice)] about this host for `doctor`: the controllers jobs need, and
+        whether job cgroups can be made under the parent (a probe cgroup, removed again)."""
+        out = self._check_controllers()
+        probe = f"doctor-{os.getpid()}"
+        made = [d for d in self.parent_dirs() if not os.path.exists(d)]
+        try:
+            for d in self.parent_dirs():
+                os.makedirs(f"{d}/{probe}")
+                os.rmdir(f"{d}/{probe}")
+            out.append((True, f"job cgroup parent is writable: {', '.join(self.parent_dirs())}",
+                        ""))
+        except OSError as e:
+            out.append((False, f"cannot create job cgroups under {e.filename}: {e.strerror}",
+                        "run serve as root, with its cgroup delegated to it"))
+        finally:
+            for d in reversed(made):
+                with contextlib.suppress(OSError):
+                    os.rmdir(d)
+        return out
+
+    def _check_controllers(self): raise NotImplementedError
+
 
 class CgroupV1Driver(CgroupDriver):
     version = 1
@@ -691,6 +795,12 @@ class CgroupV1Driver(CgroupDriver):
             os.makedirs(d, exist_ok=True)
         # memory.use_hierarchy is 1 by default since 5.x; on older kernels the oom counter and
         # limits would not cover sub-cgroups a job makes.
+
+    def _check_controllers(self):
+        missing = [c for c in self.CONTROLLERS if c not in self.parents]
+        return [(not missing, f"cgroup v1 (hybrid: {'yes' if self.unified_parent else 'no'}); "
+                 f"controllers {' '.join(sorted(self.parents))}",
+                 f"mount the missing v1 controllers: {' '.join(missing)}" if missing else "")]
 
     def job(self, job_id):
         validate_job_id(job_id)
@@ -745,6 +855,12 @@ class CgroupV2Driver(CgroupDriver):
         leaf = f"{self.own}/{self.server_leaf}"
         os.makedirs(leaf, exist_ok=True)
         _write(f"{leaf}/cgroup.procs", str(os.getpid()))
+
+    def _check_controllers(self):
+        have = _read(f"{self.own}/cgroup.controllers").split()
+        missing = [c for c in self.CONTROLLERS if c not in have]
+        return [(not missing, f"cgroup v2; controllers available to {self.own}: {' '.join(have)}",
+                 "delegate them to the server (systemd: Delegate=yes)" if missing else "")]
 
     def job(self, job_id):
         validate_job_id(job_id)
@@ -900,12 +1016,16 @@ def _child_exec(req, out_w, err_w, err_pipe):
             os._exit(127)
 
 
+def _ignored_mask(status="/proc/self/status"):
+    """The set of signals this process ignores (SigIgn: in /proc), as numbers."""
+    with open(status) as f:
+        mask = int(next(line for line in f if line.startswith("SigIgn:")).split()[1], 16)
+    return {sig for sig in range(1, 65) if mask >> (sig - 1) & 1}
+
+
 def _ignored_signals():
     """Signals this process ignores (and Python can reset)."""
-    with open("/proc/self/status") as f:
-        mask = int(next(l for l in f if l.startswith("SigIgn:")).split()[1], 16)
-    valid = signal.valid_signals()
-    return [sig for sig in range(1, 65) if mask >> (sig - 1) & 1 and sig in valid]
+    return sorted(_ignored_mask() & set(signal.valid_signals()))
 
 
 def _launcher_spawn(req, fds, children):
@@ -939,6 +1059,22 @@ def _launcher_spawn(req, fds, children):
     return {"seq": req["seq"], "pid": pid}
 
 
+def _launcher_answer(req, fds, ignored, children):
+    """The reply to one spawn request. A request that cannot be handled (malformed, fds
+    missing, no fds left for a pipe) gets an error reply; the launcher, and every job it
+    watches, goes on."""
+    try:
+        if len(fds) != 2:
+            raise ValueError(f"a spawn request carries 2 fds, this one {len(fds)}")
+        req["ignored"] = ignored
+        return _launcher_spawn(req, fds, children)
+    except Exception as e:
+        for fd in fds:
+            _close_quietly(fd)
+        return {"seq": req.get("seq") if isinstance(req, dict) else None, "error": "launcher",
+                "errno": getattr(e, "errno", None) or 0, "detail": f"{type(e).__name__}: {e}"}
+
+
 def _launcher_reap(sock, children):
     while True:
         try:
@@ -963,13 +1099,9 @@ def _reset_reserved_signals(libc):
     nr = _SYS_RT_SIGACTION.get(os.uname().machine)
     if nr is None:
         return
-    with open("/proc/self/status") as f:
-        ignored = int(next(l for l in f if l.startswith("SigIgn:")).split()[1], 16)
-    valid = set(signal.valid_signals())
     act = (ctypes.c_ulong * 4)(0, 0, 0, 0)   # handler SIG_DFL, flags, restorer, mask
-    for sig in range(1, 65):
-        if ignored >> (sig - 1) & 1 and sig not in valid:
-            libc.syscall(nr, sig, ctypes.byref(act), None, 8)
+    for sig in sorted(_ignored_mask() - set(signal.valid_signals())):
+        libc.syscall(nr, sig, ctypes.byref(act), None, 8)
 
 
 def launcher_main(sock_fd):
@@ -1003,15 +1135,24 @@ def launcher_main(sock_fd):
                     req, fds = _recv_msg(sock, maxfds=2)
                 except (EOFError, ConnectionError):
                     os._exit(0)   # the server is gone; its successor finds the jobs by cgroup
-                req["ignored"] = ignored
-                _send_msg(sock, _launcher_spawn(req, fds, children))
+                _send_msg(sock, _launcher_answer(req, fds, ignored, children))
         _launcher_reap(sock, children)
 
 
 class Launcher:
-    """Handle on the launcher process, from the server's side."""
+    """The launcher process, from the server's side: starts it, sends spawn requests and matches
+    each reply to its request, and reports each job's exit to `on_exit(token, raw_status)`.
+    spawn() may be called from any thread; on_readable() runs on the engine thread, which
+    watches fileno(). When the launcher dies, `on_gone(tokens)` gets the jobs still running."""
 
-    def __init__(self):
+    def __init__(self, on_exit, on_gone):
+        self._on_exit, self._on_gone = on_exit, on_gone
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._seq = 0
+        self._pending = {}      # seq -> (waiter, token) of a request not yet answered
+        self._children = {}     # pid -> token of a running job
+        self._gone = False
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         root = os.path.dirname(os.path.abspath(__file__))   # a directory, or the .pyz itself
         code = (f"import sys; sys.path.insert(0, {root!r}); import jobworker; "
@@ -1021,11 +1162,65 @@ class Launcher:
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, close_fds=True)
         theirs.close()
         self.sock = ours
-        self.send_lock = threading.Lock()
 
-    def send(self, obj, fds=()):
-        with self.send_lock:
-            _send_msg(self.sock, obj, fds)
+    def fileno(self):
+        return self.sock.fileno()
+
+    def spawn(self, req, fds, token=None):
+        """Fork and exec a job as `req` says, with `fds` as its stdout and stderr; returns its
+        pid once the program runs. Raises SpawnError (as the launcher reported it) or
+        LauncherError. `token` comes back in on_exit / on_gone for this job."""
+        waiter = [threading.Event(), None]
+        with self._lock:
+            if self._gone:
+                raise LauncherError("the job launcher process has exited")
+            self._seq += 1
+            seq = self._seq
+            self._pending[seq] = (waiter, token)
+        try:
+            with self._send_lock:
+                _send_msg(self.sock, dict(req, seq=seq), fds)
+        except OSError:
+            with self._lock:
+                self._pending.pop(seq, None)
+            raise LauncherError("the job launcher process has exited") from None
+        waiter[0].wait()
+        reply = waiter[1]
+        if "pid" not in reply:
+            raise SpawnError.from_report(req["argv"][0], reply.get("errno") or 0,
+                                         reply.get("error", "spawn"), reply.get("detail", ""))
+        return reply["pid"]
+
+    def on_readable(self):
+        """Engine thread: handle one message. Returns False once the launcher has gone."""
+        try:
+            msg, _ = _recv_msg(self.sock)
+        except (EOFError, OSError):
+            self._lost()
+            return False
+        if "exit" in msg:
+            with self._lock:
+                token = self._children.pop(msg["exit"], None)
+            if token is not None:
+                self._on_exit(token, msg["status"])
+            return True
+        with self._lock:
+            waiter, token = self._pending.pop(msg["seq"])
+            if "pid" in msg:   # before any exit of this pid can be read: same thread, in order
+                self._children[msg["pid"]] = token
+        waiter[1] = msg
+        waiter[0].set()
+        return True
+
+    def _lost(self):
+        with self._lock:
+            self._gone = True
+            pending, self._pending = list(self._pending.values()), {}
+            running, self._children = list(self._children.values()), {}
+        for waiter, _ in pending:
+            waiter[1] = {"error": "launcher", "errno": errno.EPIPE}
+            waiter[0].set()
+        self._on_gone(running)
 
     def close(self):
         try:
@@ -1057,9 +1252,9 @@ class JobLog:
     The writer writes without a lock, then publishes the new size and index entries under
     `lock` (the job's condition) and wakes the readers; readers never read past `size`."""
 
-    def __init__(self, directory, cap, create):
+    def __init__(self, directory, cap, create, lock):
         self.dir = directory
-        self.lock = threading.Condition()   # Job replaces it with its own condition
+        self.lock = lock   # the job's condition: new output is published under it
         self._marker = _MARKER.format(cap).encode()
         self.data_path = f"{directory}/output.log"
         self.idx_path = f"{directory}/output.idx"
@@ -1206,19 +1401,17 @@ class JobStatus:
 class Job:
     """A job's live record. Fields change under `cond`; waiters are woken through it."""
 
-    def __init__(self, status, log_, cgroup):
+    def __init__(self, status, directory, log_cap, cgroup, create):
         self.status = status
-        self.log = log_
-        self.cgroup = cgroup
         self.cond = threading.Condition()
-        log_.lock = self.cond   # the log publishes new output under the job's condition
+        self.log = JobLog(directory, log_cap, create, self.cond)
+        self.cgroup = cgroup
         self.main_exited = threading.Event()
         self.final = threading.Event()
         self.stop_requested = False
         self.open_streams = 0           # pipes not yet at EOF
         self.output_done = threading.Event()
         self.pipe_fds = []
-        self.spawn_reply = None         # the launcher's answer, set by the engine thread
         self.launcher_lost = False      # the launcher died: the exit status is unknown
 
     @property
@@ -1246,24 +1439,73 @@ def _write_json_atomic(path, obj):
     os.replace(tmp, path)
 
 
+class JobStore:
+    """Job records on disk: <state_dir>/jobs/<id>/job.json, each written whole (temp file and
+    rename), beside the job's output files."""
+
+    def __init__(self, state_dir):
+        self.state_dir = state_dir
+        self.jobs_dir = os.path.join(state_dir, "jobs")
+
+    def open(self):
+        os.makedirs(self.jobs_dir, mode=0o700, exist_ok=True)
+        os.chmod(self.state_dir, 0o700)
+
+    def job_dir(self, job_id):
+        return os.path.join(self.jobs_dir, job_id)
+
+    def create(self, job_id):
+        """A new, empty directory for a job; returns its path."""
+        path = self.job_dir(job_id)
+        os.mkdir(path, 0o700)
+        return path
+
+    def save(self, status):
+        try:
+            _write_json_atomic(os.path.join(self.job_dir(status.id), "job.json"), status.to_dict())
+        except OSError as e:
+            log.error("saving job %s: %s", status.id, e)
+
+    def load(self):
+        """Every readable record, oldest id order; unreadable ones are logged and skipped."""
+        out = []
+        for name in sorted(os.listdir(self.jobs_dir)):
+            if not _JOB_ID_RE.fullmatch(name):
+                continue
+            path = os.path.join(self.jobs_dir, name, "job.json")
+            try:
+                with open(path) as f:
+                    status = JobStatus.from_dict(json.load(f))
+                if status.state not in STATES or status.id != name:
+                    raise ValueError(f"state {status.state!r}, id {status.id!r}")
+            except (OSError, ValueError, TypeError) as e:
+                log.error("skipping unreadable job record %s: %s", path, e)
+                continue
+            out.append(status)
+        return out
+
+    def discard(self, job_id):
+        """Remove a job's directory and everything in it."""
+        _remove_tree(self.job_dir(job_id))
+
+
 class _Engine(threading.Thread):
     """One thread for every job's pipes and the launcher's messages (epoll): the thread count
     does not grow with the number of jobs."""
 
-    def __init__(self, launcher, on_reply, on_exit, on_launcher_gone):
+    def __init__(self):
         super().__init__(name="jobworker-engine", daemon=True)
         self._ep = select.epoll()
-        self._handlers = {}
+        self._handlers = {}     # fd -> (handler, close the fd when it is removed)
         self._calls = []
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._launcher = launcher
-        self._on_reply, self._on_exit, self._on_gone = on_reply, on_exit, on_launcher_gone
         self._running = True
-        self.add_reader(self._wake_r, self._drain_wake)
-        self.add_reader(launcher.sock.fileno(), self._launcher_readable)
+        self.add_reader(self._wake_r, self._drain_wake, close=False)
 
-    def add_reader(self, fd, handler):
-        self._handlers[fd] = handler
+    def add_reader(self, fd, handler, close=True):
+        """Call handler(fd) whenever fd is readable; the engine closes fd on removal if
+        `close`. Safe from any thread before the fd is first read."""
+        self._handlers[fd] = (handler, close)
         self._ep.register(fd, select.EPOLLIN)
 
     def call_soon(self, fn):
@@ -1276,9 +1518,11 @@ class _Engine(threading.Thread):
 
     def remove_reader(self, fd):
         """Engine thread only."""
-        if self._handlers.pop(fd, None) is not None:
+        entry = self._handlers.pop(fd, None)
+        if entry is not None:
             self._ep.unregister(fd)
-            os.close(fd)
+            if entry[1]:
+                os.close(fd)
 
     def _drain_wake(self, fd):
         try:
@@ -1289,29 +1533,12 @@ class _Engine(threading.Thread):
         while self._calls:
             self._calls.pop(0)()
 
-    def _launcher_readable(self, fd):
-        try:
-            msg, _ = _recv_msg(self._launcher.sock)
-        except (EOFError, OSError):
-            self._ep.unregister(fd)
-            self._handlers.pop(fd, None)
-            self._on_gone()
-            return
-        if "exit" in msg:
-            self._on_exit(msg["exit"], msg["status"])
-        else:
-            self._on_reply(msg)
-
     def stop(self):
         self._running = False
         self.call_soon(lambda: None)
         self.join()
         for fd in list(self._handlers):
-            if fd not in (self._wake_r,):
-                self._handlers.pop(fd)
-                self._ep.unregister(fd)
-                if fd != self._launcher.sock.fileno():
-                    os.close(fd)
+            self.remove_reader(fd)
         os.close(self._wake_r)
         os.close(self._wake_w)
         self._ep.close()
@@ -1319,10 +1546,10 @@ class _Engine(threading.Thread):
     def run(self):
         while self._running:
             for fd, _ in self._ep.poll():
-                handler = self._handlers.get(fd)
-                if handler is not None:
+                entry = self._handlers.get(fd)
+                if entry is not None:
                     try:
-                        handler(fd)
+                        entry[0](fd)
                     except Exception:
                         log.exception("engine handler for fd %d", fd)
 
@@ -1373,13 +1600,16 @@ class _Follow:
 
 class JobManager:
     """Starts, stops and watches jobs on this host. Thread-safe. Jobs are forked by a launcher
-    process started by exec (see Launcher), so a process that already runs gRPC may create it."""
+    process started by exec (see Launcher), so a process that already runs gRPC may create it.
+
+    Construction only records the settings; open() is the step that acts on the host."""
 
     def __init__(self, state_dir=DEFAULT_STATE_DIR, cgroups=None, *, default_pids=DEFAULT_PIDS_LIMIT,
                  log_cap=DEFAULT_LOG_CAP, max_jobs=DEFAULT_MAX_JOBS, job_user=None,
                  grace=DEFAULT_GRACE_SECONDS, devices=None):
+        self.store = JobStore(state_dir)
         self.state_dir = state_dir
-        self.jobs_dir = os.path.join(state_dir, "jobs")
+        self.jobs_dir = self.store.jobs_dir
         self.cgroups = cgroups or detect_cgroups()
         self.default_pids = default_pids
         self.log_cap = log_cap
@@ -1389,20 +1619,25 @@ class JobManager:
         self._user = _job_user(job_user)
         self._lock = threading.Lock()
         self._jobs = {}
-        self._by_pid = {}
-        self._pending = {}
-        self._seq = 0
         self._running = 0
+        self._opened = False
         self._closed = False
-        self._launcher_gone = False
-        os.makedirs(self.jobs_dir, mode=0o700, exist_ok=True)
-        os.chmod(state_dir, 0o700)
+        self._finisher = self._engine = self._launcher = None
+
+    def open(self):
+        """Make the state dir, set up the cgroup parent (on cgroup v2 this moves the calling
+        process into a leaf beside the jobs), start the launcher and the engine thread, and
+        load the jobs of earlier runs. Returns self."""
+        self.store.open()
         self.cgroups.setup()
         self._finisher = concurrent.futures.ThreadPoolExecutor(8, "jobworker-finish")
-        self._launcher = Launcher()
-        self._engine = _Engine(self._launcher, self._on_reply, self._on_exit, self._on_launcher_gone)
+        self._engine = _Engine()
+        self._launcher = Launcher(self._on_exit, self._on_launcher_gone)
+        self._engine.add_reader(self._launcher.fileno(), self._launcher_readable, close=False)
         self._engine.start()
         self._recover()
+        self._opened = True
+        return self
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -1414,10 +1649,8 @@ class JobManager:
         if limits.pids is None and self.default_pids:
             limits = dataclasses.replace(limits, pids=self.default_pids)
         with self._lock:
-            if self._closed:
-                raise LauncherError("the job manager is shutting down")
-            if self._launcher_gone:
-                raise LauncherError("the job launcher process has exited")
+            if self._closed or not self._opened:
+                raise LauncherError("the job manager is not open")
             if self._running >= self.max_jobs:
                 raise CapReached("running jobs", self.max_jobs)
             self._running += 1
@@ -1431,27 +1664,28 @@ class JobManager:
     def _start(self, argv, limits, owner):
         job_id = str(uuid.uuid4())
         cgroup = self.cgroups.job(job_id)
-        job_dir = os.path.join(self.jobs_dir, job_id)
         cgroup.create()
-        job, pipes = None, []
+        job, job_dir, pipes = None, None, []
         try:
             cgroup.set_limits(limits, self.devices)
-            os.mkdir(job_dir, 0o700)
+            job_dir = self.store.create(job_id)
             status = JobStatus(id=job_id, owner=owner, command=argv, limits=limits, state=RUNNING,
                                started_at=time.time())
-            job = Job(status, JobLog(job_dir, self.log_cap, create=True), cgroup)
+            job = Job(status, job_dir, self.log_cap, cgroup, create=True)
             for _ in (STDOUT, STDERR):
                 r, w = os.pipe2(os.O_CLOEXEC)
                 pipes += [r, w]
             for r in pipes[0::2]:
                 _set_pipe_size(r)
-            self._spawn(job, argv, pipes[1::2])
+            job.status.pid = self._launcher.spawn(self._spawn_request(job, argv), pipes[1::2],
+                                                  token=job)
         except BaseException:
             for fd in pipes:
                 _close_quietly(fd)
             if job is not None:
                 job.log.close_writer()
-            _remove_tree(job_dir)
+            if job_dir is not None:
+                self.store.discard(job_id)
             cgroup.kill_all()
             cgroup.remove()
             raise
@@ -1461,7 +1695,7 @@ class JobManager:
         job.pipe_fds = pipes[0::2]
         with self._lock:
             self._jobs[job_id] = job
-        self._save(job)
+        self.store.save(job.snapshot())
         for stream, fd in zip((STDOUT, STDERR), pipes[0::2]):
             os.set_blocking(fd, False)
             self._engine.add_reader(fd, self._pipe_reader(job, stream))
@@ -1527,6 +1761,8 @@ class JobManager:
                 return
             self._closed = True
             running = [j for j in self._jobs.values() if not j.final.is_set()]
+        if not self._opened:
+            return
         pool = concurrent.futures.ThreadPoolExecutor(16) if running else None
         if pool:
             list(pool.map(lambda j: self._stop_quietly(j, grace), running))
@@ -1560,63 +1796,32 @@ class JobManager:
             raise JobNotFound(job_id)
         return job
 
-    def _spawn(self, job, argv, write_fds):
+    def _spawn_request(self, job, argv):
         env = {"PATH": JOB_PATH, "LANG": JOB_LANG, "HOME": "/root"}
         req = {"argv": argv, "env": env, "cwd": JOB_CWD, "procs": list(job.cgroup.procs_files)}
         if self._user:
             req.update(self._user)
             env["HOME"] = self._user["home"]
             env["USER"] = env["LOGNAME"] = self._user["name"]
-        done = threading.Event()
-        with self._lock:
-            self._seq += 1
-            req["seq"] = seq = self._seq
-            self._pending[seq] = (job, done)
-        try:
-            self._launcher.send(req, write_fds)
-        except OSError:
-            with self._lock:
-                self._pending.pop(seq, None)
-            raise LauncherError("the job launcher process has exited") from None
-        done.wait()
-        reply = job.spawn_reply
-        if "pid" not in reply:
-            raise SpawnError(argv[0], reply.get("errno", 0), reply.get("error", "spawn"),
-                             reply.get("detail", ""))
+        return req
 
-    def _on_reply(self, msg):
-        with self._lock:
-            job, done = self._pending.pop(msg["seq"])
-            if "pid" in msg:
-                self._by_pid[msg["pid"]] = job
-                job.status.pid = msg["pid"]
-        job.spawn_reply = msg
-        done.set()
+    def _launcher_readable(self, fd):
+        if not self._launcher.on_readable():
+            self._engine.remove_reader(fd)
 
-    def _on_launcher_gone(self):
+    def _on_launcher_gone(self, running):
         if not self._closed:
             log.error("the job launcher process exited; no new job can start")
-        with self._lock:
-            self._launcher_gone = True
-            pending, self._pending = list(self._pending.values()), {}
-            orphans, self._by_pid = list(self._by_pid.values()), {}
-        for job, done in pending:
-            job.spawn_reply = {"error": "launcher", "errno": errno.EPIPE}
-            done.set()
         # Their exits can no longer be reported, so nothing would ever end them: finish them
         # now as lost (what is left is killed, the output kept) rather than let Stop wait forever.
-        for job in orphans:
+        for job in running:
             with job.cond:
                 job.launcher_lost = True
                 job.main_exited.set()
             if not self._closed:
                 self._finisher.submit(self._finish, job)
 
-    def _on_exit(self, pid, raw_status):
-        with self._lock:
-            job = self._by_pid.pop(pid, None)
-        if job is None:
-            return
+    def _on_exit(self, job, raw_status):
         with job.cond:
             if os.WIFSIGNALED(raw_status):
                 job.status.signal = os.WTERMSIG(raw_status)
@@ -1670,37 +1875,19 @@ class JobManager:
             job.status.oom_killed = oom
             job.status.usage = usage
             job.status.ended_at = time.time()
-        self._save(job)
+        self.store.save(job.snapshot())
         with self._lock:
             self._running -= 1
         with job.cond:
             job.final.set()
             job.cond.notify_all()
 
-    def _save(self, job):
-        try:
-            _write_json_atomic(os.path.join(self.jobs_dir, job.id, "job.json"),
-                               job.snapshot().to_dict())
-        except OSError as e:
-            log.error("saving job %s: %s", job.id, e)
-
     def _recover(self):
         """Load earlier jobs; those that were running when the server died become `lost`:
         whatever is left of them is killed and their cgroups removed."""
-        for name in sorted(os.listdir(self.jobs_dir)):
-            if not _JOB_ID_RE.fullmatch(name):
-                continue
-            path = os.path.join(self.jobs_dir, name, "job.json")
-            try:
-                with open(path) as f:
-                    status = JobStatus.from_dict(json.load(f))
-                if status.state not in STATES or status.id != name:
-                    raise ValueError(f"state {status.state!r}, id {status.id!r}")
-            except (OSError, ValueError, TypeError) as e:
-                log.error("skipping unreadable job record %s: %s", path, e)
-                continue
-            job = Job(status, JobLog(os.path.join(self.jobs_dir, name), self.log_cap, create=False),
-                      self.cgroups.job(name))
+        for status in self.store.load():
+            job = Job(status, self.store.job_dir(status.id), self.log_cap,
+                      self.cgroups.job(status.id), create=False)
             if status.state == RUNNING:
                 status.state = LOST
                 status.ended_at = time.time()
@@ -1708,9 +1895,9 @@ class JobManager:
             job.main_exited.set()
             job.output_done.set()
             job.final.set()
-            self._jobs[name] = job
+            self._jobs[status.id] = job
             if status.state == LOST:
-                self._save(job)
+                self.store.save(job.snapshot())
         for name in self.cgroups.leftover_job_ids():
             if name not in self._jobs:
                 self._discard_cgroup(self.cgroups.job(name))
@@ -1744,21 +1931,6 @@ def _set_pipe_size(fd, size=1 << 20):
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
     except (OSError, AttributeError):   # over fs.pipe-max-size for non-root: keep the default
         pass
-
-
-def _close_quietly(fd):
-    try:
-        os.close(fd)
-    except OSError:
-        pass
-
-
-def _remove_tree(path):
-    if not os.path.isdir(path):
-        return
-    for name in os.listdir(path):
-        os.unlink(os.path.join(path, name))
-    os.rmdir(path)
 
 
 # ================================================================================================
@@ -1796,6 +1968,10 @@ def _grpc():
         os.environ["GRPC_SSL_CIPHER_SUITES"] = TLS12_NO_SHARED_SUITES
         os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
         os.environ.setdefault("GRPC_VERBOSITY", "ERROR")   # not a line per failed handshake
+    elif os.environ.get("GRPC_SSL_CIPHER_SUITES") != TLS12_NO_SHARED_SUITES:
+        # grpc reads the variable once, when it loads: too late now for TLS 1.2 to be refused
+        raise JobworkerError("grpc was imported before jobworker could restrict its TLS 1.2 "
+                             "cipher suites; import it through jobworker._grpc()")
     import grpc
     return grpc
 
@@ -1854,10 +2030,6 @@ def decode_roles(der):
     return tuple(dict.fromkeys(roles))
 
 
-class AccessDenied(JobworkerError):
-    """The caller's certificate does not allow the call."""
-
-
 @dataclasses.dataclass(frozen=True)
 class Caller:
     """The authenticated peer of one call."""
@@ -1910,10 +2082,10 @@ def identity_from_pem(pem):
 
 
 def authorize(method, auth_context, policy=POLICY):
-    """The Caller of one call, or AccessDenied. Every decision is made here."""
+    """The Caller of one call; Unauthenticated or AccessDenied. Every decision is made here."""
     version = b"".join(auth_context.get("ssl_tls_version", []))
     if version != b"TLSv1.3":
-        raise AccessDenied(f"TLS 1.3 required (connection uses {version.decode() or 'unknown'})")
+        raise Unauthenticated(f"TLS 1.3 required (connection uses {version.decode() or 'unknown'})")
     pems = auth_context.get("x509_pem_cert")
     if not pems:
         raise AccessDenied("no client certificate")
@@ -1928,8 +2100,9 @@ def authorize(method, auth_context, policy=POLICY):
     return Caller(identity, roles, role, scope)
 
 
-class MalformedRequest:
-    """Stands in for a request message that could not be decoded (grpc would say INTERNAL)."""
+class _Undecodable:
+    """Stands in for a request message that could not be decoded (grpc would say INTERNAL);
+    the interceptor answers it with MalformedRequest."""
 
     def __init__(self, reason):
         self.reason = reason
@@ -1940,8 +2113,19 @@ def _tolerant(deserialize):
         try:
             return deserialize(data)
         except Exception as e:   # protobuf raises DecodeError and others on garbage
-            return MalformedRequest(str(e) or type(e).__name__)
+            return _Undecodable(str(e) or type(e).__name__)
     return decode
+
+
+def abort_with(context, exc):
+    """End the call with the status code ERROR_CODES gives `exc`; returns only if the context
+    does not raise (grpc's does). Unexpected errors are logged, and the client learns nothing."""
+    grpc = _grpc()
+    code = status_code_for(exc)
+    if code == "INTERNAL":
+        log.error("internal error", exc_info=exc)
+        context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+    context.abort(getattr(grpc.StatusCode, code), str(exc))
 
 
 class CallContext:
@@ -1987,22 +2171,16 @@ class AuthInterceptor:
         return None
 
     def _enter(self, method, request, context):
+        ctx = CallContext(context, None)
         try:
-            caller = authorize(method, context.auth_context(), self.policy)
-        except AccessDenied as e:
-            code = (self.grpc.StatusCode.UNAUTHENTICATED if "TLS" in str(e)
-                    else self.grpc.StatusCode.PERMISSION_DENIED)
-            self._audit(None, method, request, None, code)
-            context.abort(code, str(e))
-        except Exception:
-            log.exception("authorizing %s", method)
-            self._audit(None, method, request, None, self.grpc.StatusCode.INTERNAL)
-            context.abort(self.grpc.StatusCode.INTERNAL, "internal error; see the server log")
-        if isinstance(request, MalformedRequest):
-            self._audit(caller, method, request, None, self.grpc.StatusCode.INVALID_ARGUMENT)
-            context.abort(self.grpc.StatusCode.INVALID_ARGUMENT,
-                          f"malformed request message: {request.reason[:200]}")
-        return CallContext(context, caller)
+            ctx.caller = authorize(method, context.auth_context(), self.policy)
+            if isinstance(request, _Undecodable):
+                raise MalformedRequest(request.reason)
+        except Exception as e:
+            code = getattr(self.grpc.StatusCode, status_code_for(e))
+            self._audit(ctx.caller, method, request, None, code)
+            abort_with(ctx, e)
+        return ctx
 
     def _wrap_unary(self, behavior, method):
         def call(request, context):
@@ -2053,38 +2231,6 @@ DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 UNARY_WORKERS = 64
 STREAM_CHUNK = 1 << 20
 
-# The one table from library errors to status codes (most specific first).
-ERROR_CODES = (
-    (InvalidArgument, "INVALID_ARGUMENT"),
-    (JobNotFound, "NOT_FOUND"),
-    (JobNotRunning, "FAILED_PRECONDITION"),
-    (CapReached, "RESOURCE_EXHAUSTED"),
-    (SpawnError, "FAILED_PRECONDITION"),
-    (CgroupError, "FAILED_PRECONDITION"),
-    (LauncherError, "UNAVAILABLE"),
-    (AccessDenied, "PERMISSION_DENIED"),
-)
-
-
-def status_code_for(exc):
-    """Name of the grpc status code for a library error; INTERNAL for anything unexpected."""
-    if isinstance(exc, SpawnError) and exc.stage == "exec":
-        return "INVALID_ARGUMENT"   # the program named in the request cannot be run
-    for cls, code in ERROR_CODES:
-        if isinstance(exc, cls):
-            return code
-    return "INTERNAL"
-
-
-def _abort_with(context, exc):
-    grpc = _grpc()
-    code = status_code_for(exc)
-    if code == "INTERNAL":
-        log.error("internal error", exc_info=exc)
-        context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
-    context.abort(getattr(grpc.StatusCode, code), str(exc))
-
-
 def _translating(fn):
     """Servicer method -> the same, with library errors turned into status codes."""
     import functools
@@ -2095,7 +2241,7 @@ def _translating(fn):
             try:
                 yield from fn(self, request, context)
             except Exception as e:
-                _abort_with(context, e)
+                abort_with(context, e)
         return stream
 
     @functools.wraps(fn)
@@ -2103,13 +2249,29 @@ def _translating(fn):
         try:
             return fn(self, request, context)
         except Exception as e:
-            _abort_with(context, e)
+            abort_with(context, e)
     return unary
 
 
 def _timestamp(pb_ts, seconds):
     if seconds is not None:
         pb_ts.FromNanoseconds(int(seconds * 1e9))
+
+
+# Library names -> proto names, spelled out: no reliance on equal enum numbers, and a usage key
+# without a proto field is an error, not dropped.
+STREAM_TO_PROTO = {STDOUT: "OUTPUT_STREAM_STDOUT", STDERR: "OUTPUT_STREAM_STDERR"}
+USAGE_TO_PROTO = {"cpu_seconds": "cpu_seconds", "memory_bytes": "memory_bytes",
+                  "memory_peak_bytes": "memory_peak_bytes", "io_read_bytes": "io_read_bytes",
+                  "io_write_bytes": "io_write_bytes", "tasks": "tasks"}
+
+
+def usage_to_proto(pb, usage):
+    """A usage dict (as Cgroup.usage() returns) -> jobworker.v1.Usage."""
+    unknown = set(usage or ()) - set(USAGE_TO_PROTO)
+    if unknown:
+        raise ValueError(f"usage keys without a proto field: {sorted(unknown)}")
+    return pb.Usage(**{USAGE_TO_PROTO[k]: v for k, v in (usage or {}).items()})
 
 
 def status_to_proto(pb, s):
@@ -2120,8 +2282,7 @@ def status_to_proto(pb, s):
                          memory_bytes=s.limits.memory_bytes or 0,
                          io_bytes_per_second=s.limits.io_bps or 0, pids=s.limits.pids or 0),
         state=getattr(pb, f"JOB_STATE_{s.state.upper()}"), oom_killed=s.oom_killed,
-        usage=pb.Usage(**{k: v for k, v in (s.usage or {}).items()
-                          if k in pb.Usage.DESCRIPTOR.fields_by_name}),
+        usage=usage_to_proto(pb, s.usage),
         log_truncated=s.log_truncated, log_error=s.log_error, output_bytes=s.output_bytes,
         pid=s.pid or 0)
     if s.exit_code is not None:
@@ -2140,6 +2301,7 @@ class JobService:
     def __init__(self, manager, max_streams=DEFAULT_MAX_STREAMS):
         self.manager = manager
         self.pb, _ = _pb()
+        self._streams_pb = {k: self.pb.OutputStream.Value(v) for k, v in STREAM_TO_PROTO.items()}
         self.max_streams = max_streams
         self._streams = 0
         self._lock = threading.Lock()
@@ -2186,7 +2348,7 @@ class JobService:
             context.send_initial_metadata(())   # the client learns at once that it is admitted
             for chunk in follow:
                 yield self.pb.StreamResponse(chunk=self.pb.OutputChunk(
-                    stream=chunk.stream, offset=chunk.offset, data=chunk.data))
+                    stream=self._streams_pb[chunk.stream], offset=chunk.offset, data=chunk.data))
             if not follow.cancelled:
                 status = self.manager.status(request.job_id)
                 yield self.pb.StreamResponse(final_status=status_to_proto(self.pb, status))
@@ -2717,6 +2879,7 @@ def cmd_serve(args):
                          default_pids=args.default_pids, log_cap=args.log_cap,
                          max_jobs=args.max_jobs, job_user=args.job_user, grace=args.grace)
     try:
+        manager.open()
         with serve_grpc(manager, args.listen, ca=ca, cert=cert, key=key,
                         max_streams=args.max_streams, max_request_bytes=args.max_request_bytes,
                         close_manager=True) as port:
@@ -2743,31 +2906,8 @@ def doctor_checks(certs_dir, cgroup_parent):
     except JobworkerError as e:
         add(False, f"cgroups: {e}", "mount cgroup2 at /sys/fs/cgroup, or the v1 controllers")
         driver = None
-    if isinstance(driver, CgroupV1Driver):
-        missing = [c for c in CgroupV1Driver.CONTROLLERS if c not in driver.parents]
-        add(not missing, f"cgroup v1 (hybrid: {'yes' if driver.unified_parent else 'no'}); "
-            f"controllers {' '.join(sorted(driver.parents))}",
-            f"mount the missing v1 controllers: {' '.join(missing)}" if missing else "")
-    elif isinstance(driver, CgroupV2Driver):
-        have = _read(f"{driver.own}/cgroup.controllers").split()
-        missing = [c for c in CgroupV2Driver.CONTROLLERS if c not in have]
-        add(not missing, f"cgroup v2; controllers available to {driver.own}: {' '.join(have)}",
-            "delegate them to the server (systemd: Delegate=yes)" if missing else "")
     if driver:
-        probe = f"doctor-{os.getpid()}"
-        made = [d for d in driver.parent_dirs() if not os.path.exists(d)]
-        try:
-            for d in driver.parent_dirs():
-                os.makedirs(f"{d}/{probe}")
-                os.rmdir(f"{d}/{probe}")
-            add(True, f"job cgroup parent is writable: {', '.join(driver.parent_dirs())}")
-        except OSError as e:
-            add(False, f"cannot create job cgroups under {e.filename}: {e.strerror}",
-                "run serve as root, with its cgroup delegated to it")
-        finally:
-            for d in reversed(made):
-                with contextlib.suppress(OSError):
-                    os.rmdir(d)
+        out += driver.check()
     disks = block_devices()
     names = {open(f"/sys/block/{n}/dev").read().strip(): n for n in os.listdir("/sys/block")}
     add(bool(disks), "--disk-io applies to: " + (", ".join(f"{names.get(d, '?')} ({d})"

@@ -50,7 +50,7 @@ def cgroup_run_parent():
 
 def _make_manager(tmp_path, **kw):
     driver = kw.pop("cgroups", None) or jw.detect_cgroups(f"{RUN_PARENT}/t{next(_counter)}")
-    return jw.JobManager(str(tmp_path / "state"), driver, **kw), driver
+    return jw.JobManager(str(tmp_path / "state"), driver, **kw).open(), driver
 
 
 @pytest.fixture
@@ -342,7 +342,7 @@ def test_unified_mount_mechanics_create_attach_kill_events_remove(tmp_path):
         pytest.skip("no cgroup2 mount on this host")
     own = jw._join(mount, "/", jw._own_cgroups("/proc/self/cgroup")["unified"])
     driver = jw.CgroupV2Driver(own, f"{RUN_PARENT}-v2")
-    m = jw.JobManager(str(tmp_path / "state"), driver, default_pids=None)
+    m = jw.JobManager(str(tmp_path / "state"), driver, default_pids=None).open()
     try:
         job = m.start("sh", ["-c", "trap '' TERM; cat /proc/self/cgroup; setsid sleep 600 & echo $!; "
                                    "sleep 600"])
@@ -446,7 +446,7 @@ def test_signals_ignored_by_the_server_are_default_in_the_job(tmp_path):
             "act = (ctypes.c_ulong * 4)(1, 0, 0, 0)\n"   # SIG_IGN for signal 32, as make does
             "ctypes.CDLL(None).syscall(jw._SYS_RT_SIGACTION[__import__('os').uname().machine], "
             "32, ctypes.byref(act), None, 8)\n"
-            "m = jw.JobManager(%r, jw.detect_cgroups(%r))\n"
+            "m = jw.JobManager(%r, jw.detect_cgroups(%r)).open()\n"
             "j = m.start('grep', ['-E', '^SigIgn', '/proc/self/status'])\n"
             "print(b''.join(c.data for c in m.follow(j.id)).decode(), end='')\n"
             "m.close(); m.cgroups.remove_parent()\n") % (
@@ -782,7 +782,7 @@ def test_records_and_output_survive_a_restart(tmp_path):
     m._finisher.shutdown()
     m._launcher.process.kill()
     assert pid_alive(pid)
-    m2 = jw.JobManager(str(tmp_path / "state"), driver)
+    m2 = jw.JobManager(str(tmp_path / "state"), driver).open()
     try:
         s = m2.status(job.id, owner="alice")
         assert (s.state, s.exit_code, s.command) == (jw.EXITED, 0, ["sh", "-c", job.command[2]])
@@ -1051,9 +1051,10 @@ def test_authorize_refuses_anything_but_tls13_and_unlisted_methods(pki):
     assert jw.authorize(f"/{jw.SERVICE_NAME}/List", ctx).scope == jw.ANY
     with pytest.raises(jw.AccessDenied, match="not allowed to anyone"):
         jw.authorize(f"/{jw.SERVICE_NAME}/Exec", ctx)
-    with pytest.raises(jw.AccessDenied, match="TLS 1.3"):
+    with pytest.raises(jw.Unauthenticated, match="TLS 1.3") as e:
         jw.authorize(f"/{jw.SERVICE_NAME}/List", dict(ctx, ssl_tls_version=[b"TLSv1.2"]))
-    with pytest.raises(jw.AccessDenied, match="TLS 1.3"):
+    assert jw.status_code_for(e.value) == "UNAUTHENTICATED"
+    with pytest.raises(jw.Unauthenticated, match="TLS 1.3"):
         jw.authorize(f"/{jw.SERVICE_NAME}/List", {"x509_pem_cert": [pem]})
 
 
