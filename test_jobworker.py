@@ -1,12 +1,23 @@
 """Tests of jobworker, grouped by the sections of jobworker.py. Real cgroups, real processes.
 
+Tiers: tests marked `root` create cgroups, processes as other users, mounts or namespaces;
+tests marked `slow` take minutes (QEMU guest, network namespaces, every CPython, 1,000-job
+runs). `pytest -m "not slow and not root"` runs the rest as an ordinary user in seconds;
+`make test` runs everything, as root.
+
 Every cgroup a test makes lives under one parent made for this test run
 (jobworker-test-<pid>, below this process's own cgroup in each hierarchy) and is removed
 afterwards, also on failure.
 """
 
+import contextlib
+import datetime
+import glob
+import hashlib
 import itertools
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,11 +25,23 @@ import threading
 import time
 
 import pytest
-
 import jobworker as jw
 
 RUN_PARENT = f"jobworker-test-{os.getpid()}"
 _counter = itertools.count()
+HERE = os.path.dirname(os.path.abspath(jw.__file__))
+root = pytest.mark.root
+slow = pytest.mark.slow
+
+
+def _host_cgroup_version():
+    try:
+        return jw.detect_cgroups("probe").version
+    except jw.JobworkerError:
+        return None
+
+
+v1_only = pytest.mark.skipif(_host_cgroup_version() != 1, reason="cgroup v1 files")
 
 
 def _unified_mount():
@@ -30,7 +53,6 @@ def _unified_mount():
 
 def _remove_stale_run_parents():
     """Parents of earlier test runs that were killed before their teardown ran."""
-    import glob
     names = {os.path.basename(p) for p in glob.glob(f"{jw.CGROUP_ROOT}/*/jobworker-test-*")}
     for p in glob.glob(f"{jw.CGROUP_ROOT}/memory/**/jobworker-test-*", recursive=True):
         names.add(os.path.basename(p))
@@ -40,25 +62,171 @@ def _remove_stale_run_parents():
             jw.detect_cgroups(name).remove_parent()
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def cgroup_run_parent():
-    assert os.geteuid() == 0, "the tests need root: they create cgroups and run jobs"
+    assert os.geteuid() == 0, "tests marked root need root: they create cgroups and run jobs"
     _remove_stale_run_parents()
     yield RUN_PARENT
     jw.detect_cgroups(RUN_PARENT).remove_parent()
 
 
-def _make_manager(tmp_path, **kw):
-    driver = kw.pop("cgroups", None) or jw.detect_cgroups(f"{RUN_PARENT}/t{next(_counter)}")
-    return jw.JobManager(str(tmp_path / "state"), driver, **kw).open(), driver
+@pytest.fixture(autouse=True)
+def _root_tests_get_the_run_parent(request):
+    """A test marked root gets the run's cgroup parent (and the root check) before it runs."""
+    if request.node.get_closest_marker("root"):
+        request.getfixturevalue("cgroup_run_parent")
 
 
 @pytest.fixture
-def manager(tmp_path):
-    m, driver = _make_manager(tmp_path)
-    yield m
-    m.close(grace=0)
-    driver.remove_parent()
+def make_manager(tmp_path):
+    """make_manager(state=None, cgroups=None, **kw) -> an open JobManager with a cgroup parent
+    of its own below the run's. Each one made is closed and its cgroups removed after the
+    test, also on failure."""
+    made = []
+
+    def make(state=None, cgroups=None, **kw):
+        driver = cgroups or jw.detect_cgroups(f"{RUN_PARENT}/t{next(_counter)}")
+        state = state or tmp_path / ("state" if not made else f"state{len(made)}")
+        m = jw.JobManager(str(state), driver, **kw)
+        made.append(m)
+        return m.open()
+    yield make
+    for m in reversed(made):
+        m.close(grace=0)
+        m.cgroups.remove_parent()
+
+
+@pytest.fixture
+def manager(make_manager):
+    return make_manager()
+
+
+class FakeCgroup(jw.Cgroup):
+    """A job "cgroup" without the kernel's cgroup code: the child writes its pid into a plain
+    file, and the job's processes are those in its session (the child calls setsid). Limits
+    are recorded, not enforced; usage reads zero; oom_kills is what a test sets. Lets the
+    JobManager's logic (states, races, records, retention) run as an ordinary user."""
+
+    def __init__(self, path):
+        self.path = path
+        self.procs_files = (f"{path}.procs",)
+        self.limits = None
+        self.oom = 0
+
+    def create(self):
+        with open(self.procs_files[0], "x"):
+            pass
+
+    def set_limits(self, limits, devices):
+        self.limits = limits
+
+    def _session(self):
+        try:
+            with open(self.procs_files[0]) as f:
+                text = f.read().strip()
+        except FileNotFoundError:
+            return None
+        return int(text) if text else None
+
+    def pids(self):
+        sid = self._session()
+        if sid is None:
+            return set()
+        found = set()
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    with open(f"/proc/{name}/stat") as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if fields[0] != "Z" and int(fields[3]) == sid:
+                    found.add(int(name))
+        return found
+
+    def wait_empty(self, timeout):
+        deadline = time.monotonic() + timeout
+        while self.pids():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    def oom_kills(self):
+        return self.oom
+
+    def usage(self):
+        return dict.fromkeys(jw.USAGE_TO_PROTO, 0)
+
+    def remove(self):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.procs_files[0])
+
+
+class FakeCgroupDriver(jw.CgroupDriver):
+    """Makes FakeCgroups in a directory; remembers them so a test can reach one by id."""
+
+    version = 0
+
+    def __init__(self, directory):
+        self.dir = str(directory)
+        self.made = {}
+
+    def setup(self):
+        os.makedirs(self.dir, exist_ok=True)
+
+    def job(self, job_id):
+        jw.validate_job_id(job_id)
+        return self.made.setdefault(job_id, FakeCgroup(f"{self.dir}/{job_id}"))
+
+    def parent_dirs(self):
+        return [self.dir]
+
+    def leftover_job_ids(self):
+        if not os.path.isdir(self.dir):
+            return []
+        return sorted(n[:-6] for n in os.listdir(self.dir) if n.endswith(".procs"))
+
+    def remove_parent_if_empty(self):
+        with contextlib.suppress(OSError):
+            os.rmdir(self.dir)
+
+    def remove_parent(self):
+        for job_id in self.leftover_job_ids():
+            cg = self.job(job_id)
+            cg.kill_all()
+            cg.remove()
+        self.remove_parent_if_empty()
+
+    def _check_controllers(self):
+        return []
+
+
+@pytest.fixture
+def fake_manager(tmp_path):
+    """fake_manager(state=None, **kw) -> an open JobManager on FakeCgroups (no root needed);
+    closed after the test."""
+    made = []
+
+    def make(state=None, **kw):
+        m = jw.JobManager(str(state or tmp_path / "state"), FakeCgroupDriver(tmp_path / "cg"),
+                          devices=[], **kw)
+        made.append(m)
+        return m.open()
+    yield make
+    for m in reversed(made):
+        m.close(grace=0)
+        m.cgroups.remove_parent()
+
+
+def crash(m):
+    """As if the server process were killed: nothing stops its jobs or finishes their records
+    (the engine goes first, so nothing is left to notice the launcher's death)."""
+    m._engine.stop()
+    m._finisher.shutdown()
+    m._launcher.process.kill()
+    m._launcher.process.wait()
+    m._closed = True   # a later close() has nothing to do
 
 
 def output(m, job_id, offset=0):
@@ -179,6 +347,7 @@ def test_pids_parse():
             jw.parse_pids(bad)
 
 
+@root
 @pytest.mark.parametrize("bad", ["..", "../x", "a/b", "x\0y", "A" * 10_000, "",
                                  "6F9619FF-8B86-D011-B42D-00C04FC964FF"])
 def test_job_id_validated_before_any_path_use(bad, manager):
@@ -190,17 +359,20 @@ def test_job_id_validated_before_any_path_use(bad, manager):
         manager.cgroups.job(bad)
 
 
+@root
 def test_unknown_job_is_not_found(manager):
     with pytest.raises(jw.JobNotFound):
         manager.status("6f9619ff-8b86-4011-b42d-00c04fc964ff")
 
 
+@root
 def test_bad_limits_create_nothing(manager):
     with pytest.raises(jw.InvalidArgument):
         jw.parse_limits(cpu="50%", memory="10XB")
     assert manager.list() == [] and manager.cgroups.leftover_job_ids() == []
 
 
+@root
 def test_huge_argv_is_refused_before_anything_is_created(manager):
     with pytest.raises(jw.CapReached):
         manager.start("echo", ["x" * (jw.MAX_ARGV_BYTES + 1)])
@@ -297,6 +469,8 @@ def test_block_devices_skip_virtual_disks(tmp_path):
     assert jw.block_devices(str(tmp_path)) == ["254:0"]
 
 
+@root
+@v1_only
 def test_v1_limit_files_hold_exactly_the_requested_values(manager):
     limits = jw.parse_limits("50%", "256M", "10MB/s", "77")
     job = manager.start("sleep", ["60"], limits)
@@ -315,6 +489,8 @@ def test_v1_limit_files_hold_exactly_the_requested_values(manager):
     manager.stop(job.id, grace=0)
 
 
+@root
+@v1_only
 def test_default_pids_limit_applies(manager):
     job = manager.start("sleep", ["60"])
     assert job.limits.pids == jw.DEFAULT_PIDS_LIMIT
@@ -323,6 +499,8 @@ def test_default_pids_limit_applies(manager):
     manager.stop(job.id, grace=0)
 
 
+@root
+@v1_only
 def test_child_is_in_every_job_cgroup_before_exec(manager):
     job = manager.start("cat", ["/proc/self/cgroup"])
     out, _, _ = output(manager, job.id)
@@ -335,33 +513,32 @@ def test_child_is_in_every_job_cgroup_before_exec(manager):
         assert lines[""].endswith(f"/{job.id}")
 
 
-def test_unified_mount_mechanics_create_attach_kill_events_remove(tmp_path):
+@root
+def test_unified_mount_mechanics_create_attach_kill_events_remove(make_manager):
     """The v2 implementation on this host's real cgroup2 mount (no controllers here)."""
     mount = _unified_mount()
     if mount is None:
         pytest.skip("no cgroup2 mount on this host")
     own = jw._join(mount, "/", jw._own_cgroups("/proc/self/cgroup")["unified"])
     driver = jw.CgroupV2Driver(own, f"{RUN_PARENT}-v2")
-    m = jw.JobManager(str(tmp_path / "state"), driver, default_pids=None).open()
-    try:
-        job = m.start("sh", ["-c", "trap '' TERM; cat /proc/self/cgroup; setsid sleep 600 & echo $!; "
-                                   "sleep 600"])
-        cg = driver.job(job.id)
-        wait_for(lambda: len(cg.pids()) == 3, what="three processes in the job cgroup")
-        events = open(f"{cg.path}/cgroup.events").read()
-        assert "populated 1" in events
-        stopped = m.stop(job.id, grace=0)
-        assert stopped.state == jw.STOPPED and stopped.signal == signal.SIGKILL
-        out, _, _ = output(m, job.id)
-        lines = out.decode().splitlines()
-        assert f"0::{own[len(mount):].rstrip('/')}/{RUN_PARENT}-v2/{job.id}" in lines
-        assert not pid_alive(int(lines[-1]))
-        assert not os.path.exists(cg.path)
-    finally:
-        m.close(grace=0)
-        driver.remove_parent()
+    m = make_manager(cgroups=driver, default_pids=None)
+    job = m.start("sh", ["-c", "trap '' TERM; cat /proc/self/cgroup; setsid sleep 600 & echo $!; "
+                               "sleep 600"])
+    cg = driver.job(job.id)
+    wait_for(lambda: len(cg.pids()) == 3, what="three processes in the job cgroup")
+    events = open(f"{cg.path}/cgroup.events").read()
+    assert "populated 1" in events
+    stopped = m.stop(job.id, grace=0)
+    assert stopped.state == jw.STOPPED and stopped.signal == signal.SIGKILL
+    out, _, _ = output(m, job.id)
+    lines = out.decode().splitlines()
+    assert f"0::{own[len(mount):].rstrip('/')}/{RUN_PARENT}-v2/{job.id}" in lines
+    assert not pid_alive(int(lines[-1]))
+    assert not os.path.exists(cg.path)
 
 
+@root
+@v1_only
 def test_v1_kill_works_without_cgroup_kill_through_the_freezer(manager):
     """A fork loop is frozen, killed and thawed until nothing is left."""
     job = manager.start("sh", ["-c", "i=0; while [ $i -lt 40 ]; do sleep 600 & i=$((i+1)); done; "
@@ -378,6 +555,7 @@ def test_v1_kill_works_without_cgroup_kill_through_the_freezer(manager):
 # Launcher
 # ================================================================================================
 
+@root
 def test_nonexistent_program_fails_synchronously_leaving_nothing(manager):
     with pytest.raises(jw.SpawnError) as e:
         manager.start("no-such-program-xyz")
@@ -387,6 +565,7 @@ def test_nonexistent_program_fails_synchronously_leaving_nothing(manager):
     assert os.listdir(manager.jobs_dir) == []
 
 
+@root
 def test_non_executable_program_reports_permission_denied(manager, tmp_path):
     script = tmp_path / "script.sh"
     script.write_text("#!/bin/sh\necho hi\n")
@@ -396,6 +575,7 @@ def test_non_executable_program_reports_permission_denied(manager, tmp_path):
     assert manager.cgroups.leftover_job_ids() == []
 
 
+@root
 def test_job_gets_only_fds_0_to_2_and_devnull_stdin(manager):
     job = manager.start("ls", ["-l", "/proc/self/fd"])
     out, _, _ = output(manager, job.id)
@@ -408,15 +588,12 @@ def test_job_gets_only_fds_0_to_2_and_devnull_stdin(manager):
     assert set(fds) == {0, 1, 2, 3} and fds[3].startswith("/proc/")   # 3: ls reading the dir
 
 
-def test_job_environment_is_clean_and_documented(tmp_path, monkeypatch):
+@root
+def test_job_environment_is_clean_and_documented(make_manager, monkeypatch):
     monkeypatch.setenv("JOBWORKER_TEST_SECRET", "hunter2")
-    m, driver = _make_manager(tmp_path)
-    try:
-        job = m.start("sh", ["-c", "env; pwd; ps -o sid= -p $$; echo $$"])
-        out, _, _ = output(m, job.id)
-    finally:
-        m.close(grace=0)
-        driver.remove_parent()
+    m = make_manager()
+    job = m.start("sh", ["-c", "env; pwd; ps -o sid= -p $$; echo $$"])
+    out, _, _ = output(m, job.id)
     lines = out.decode().splitlines()
     env = dict(line.split("=", 1) for line in lines if "=" in line)
     assert "JOBWORKER_TEST_SECRET" not in env and b"hunter2" not in out
@@ -425,19 +602,17 @@ def test_job_environment_is_clean_and_documented(tmp_path, monkeypatch):
     assert lines[-2].strip() == lines[-1]   # its own session: sid == pid
 
 
-def test_job_runs_as_configured_unprivileged_user(tmp_path):
-    m, driver = _make_manager(tmp_path, job_user="nobody")
-    try:
-        job = m.start("sh", ["-c", "id -u; id -g; echo $HOME"])
-        out, _, _ = output(m, job.id)
-    finally:
-        m.close(grace=0)
-        driver.remove_parent()
+@root
+def test_job_runs_as_configured_unprivileged_user(make_manager):
+    m = make_manager(job_user="nobody")
+    job = m.start("sh", ["-c", "id -u; id -g; echo $HOME"])
+    out, _, _ = output(m, job.id)
     import pwd
     pw = pwd.getpwnam("nobody")
     assert out.decode().split() == [str(pw.pw_uid), str(pw.pw_gid), pw.pw_dir]
 
 
+@root
 def test_signals_ignored_by_the_server_are_default_in_the_job(tmp_path):
     # Python ignores SIGPIPE, and GNU make runs its recipes with signal 32 ignored (glibc
     # reserves it, so Python cannot reset it); a job must inherit neither.
@@ -463,6 +638,7 @@ def test_signals_ignored_by_the_server_are_default_in_the_job(tmp_path):
 PY = "python3"
 
 
+@root
 def test_output_is_byte_exact_and_streams_kept_apart(manager):
     code = ("import sys, os\n"
             "os.write(1, b'\\x00\\xff\\xfe not utf-8 \\x00')\n"
@@ -474,6 +650,7 @@ def test_output_is_byte_exact_and_streams_kept_apart(manager):
     assert err == b"err\x00"
 
 
+@root
 def test_relative_order_of_stdout_and_stderr_is_kept(manager):
     job = manager.start("sh", ["-c", "for i in 1 2 3; do echo out$i; sleep 0.05; echo err$i >&2; "
                                      "sleep 0.05; done"])
@@ -485,6 +662,7 @@ def test_relative_order_of_stdout_and_stderr_is_kept(manager):
     assert offsets == sorted(offsets) and offsets[0] == 0
 
 
+@root
 def test_followers_early_and_late_get_identical_output_live(manager):
     job = manager.start("sh", ["-c", "for i in $(seq 1 30); do echo line $i; echo e$i >&2; "
                                      "sleep 0.02; done"])
@@ -506,6 +684,7 @@ def test_followers_early_and_late_get_identical_output_live(manager):
     assert manager.status(job.id).state == jw.EXITED
 
 
+@root
 def test_follow_resumes_from_an_offset(manager):
     job = manager.start("sh", ["-c", "printf abc; sleep 0.1; printf DEF >&2; sleep 0.1; printf ghi"])
     _, _, chunks = output(manager, job.id)
@@ -521,15 +700,12 @@ def test_follow_resumes_from_an_offset(manager):
         manager.follow(job.id, -1)
 
 
-def test_output_cap_drops_with_a_visible_marker_and_flag(tmp_path):
-    m, driver = _make_manager(tmp_path, log_cap=64 << 10)
-    try:
-        job = m.start("head", ["-c", "10000000", "/dev/zero"])
-        out, err, _ = output(m, job.id)
-        status = m.status(job.id)
-    finally:
-        m.close(grace=0)
-        driver.remove_parent()
+@root
+def test_output_cap_drops_with_a_visible_marker_and_flag(make_manager, tmp_path):
+    m = make_manager(log_cap=64 << 10)
+    job = m.start("head", ["-c", "10000000", "/dev/zero"])
+    out, err, _ = output(m, job.id)
+    status = m.status(job.id)
     assert status.state == jw.EXITED and status.exit_code == 0   # not blocked, not killed
     assert status.log_truncated
     assert 0 < len(out) < 64 << 10
@@ -537,6 +713,7 @@ def test_output_cap_drops_with_a_visible_marker_and_flag(tmp_path):
     assert os.path.getsize(tmp_path / "state" / "jobs" / job.id / "output.log") <= 64 << 10
 
 
+@root
 def test_cancelled_follower_returns_at_once(manager):
     job = manager.start("sleep", ["60"])
     follow = manager.follow(job.id)
@@ -549,6 +726,7 @@ def test_cancelled_follower_returns_at_once(manager):
     manager.stop(job.id, grace=0)
 
 
+@root
 def test_log_files_are_private(manager):
     job = manager.start("echo", ["hi"])
     output(manager, job.id)
@@ -561,6 +739,57 @@ def test_log_files_are_private(manager):
 # Jobs
 # ================================================================================================
 
+# -- the manager's logic on FakeCgroups (no root, no cgroup kernel code) -----------------------
+
+def test_states_and_exit_status_without_the_kernel(fake_manager):
+    m = fake_manager()
+    a = m.start("sh", ["-c", "echo out; exit 3"])
+    b = m.start("sh", ["-c", "kill -9 $$"])
+    c = m.start("sh", ["-c", "trap 'exit 7' TERM; while :; do sleep 0.05; done"])
+    sa, sb = wait_final(m, a.id), wait_final(m, b.id)
+    assert (sa.state, sa.exit_code, sa.signal, sa.output_bytes) == (jw.EXITED, 3, None, 4)
+    assert (sb.state, sb.exit_code, sb.signal) == (jw.EXITED, None, signal.SIGKILL)
+    wait_for(lambda: m.cgroups.job(c.id).pids(), what="the trap to be set")
+    time.sleep(0.2)
+    sc = m.stop(c.id, grace=5)
+    assert (sc.state, sc.exit_code, sc.signal) == (jw.STOPPED, 7, None)
+    assert m.cgroups.job(a.id).limits.pids == jw.DEFAULT_PIDS_LIMIT
+    with pytest.raises(jw.JobNotRunning):
+        m.stop(a.id)
+    assert m.cgroups.leftover_job_ids() == []
+
+
+def test_concurrent_stops_share_one_transition_without_the_kernel(fake_manager):
+    from concurrent.futures import ThreadPoolExecutor
+    m = fake_manager()
+    job = m.start("sh", ["-c", "trap '' TERM; sleep 600"])
+    wait_for(lambda: m.cgroups.job(job.id).pids(), what="the job")
+    with ThreadPoolExecutor(10) as pool:
+        finals = list(pool.map(lambda _: m.stop(job.id, grace=0.3), range(10)))
+    assert {(s.state, s.signal) for s in finals} == {(jw.STOPPED, signal.SIGKILL)}
+    assert len({s.ended_at for s in finals}) == 1
+
+
+def test_restart_keeps_records_and_marks_running_jobs_lost_without_the_kernel(fake_manager):
+    m = fake_manager()
+    done = m.start("sh", ["-c", "printf 'a\\0'; printf b >&2; exit 4"], owner="alice")
+    before = wait_final(m, done.id)
+    stopped = m.start("sleep", ["600"])
+    m.stop(stopped.id, grace=0)
+    running = m.start("sleep", ["600"])
+    crash(m)
+    assert pid_alive(running.pid)
+    m2 = fake_manager()
+    assert m2.status(done.id, owner="alice") == before
+    assert m2.status(stopped.id).state == jw.STOPPED
+    lost = m2.status(running.id)
+    assert lost.state == jw.LOST and lost.ended_at >= lost.started_at
+    assert not pid_alive(running.pid)
+    with pytest.raises(jw.JobNotFound):
+        m2.status(done.id, owner="bob")
+
+
+@root
 def test_exit_code_and_signal_are_reported_without_guessing(manager):
     a = manager.start("sh", ["-c", "exit 3"])
     b = manager.start("sh", ["-c", "kill -9 $$"])
@@ -572,6 +801,7 @@ def test_exit_code_and_signal_are_reported_without_guessing(manager):
     assert sa.ended_at >= sa.started_at
 
 
+@root
 def test_cpu_quota_holds_near_half_a_cpu(manager):
     job = manager.start("sh", ["-c", "while :; do :; done"], jw.parse_limits(cpu="50%"))
     time.sleep(0.5)
@@ -580,6 +810,7 @@ def test_cpu_quota_holds_near_half_a_cpu(manager):
     assert 0.35 <= share <= 0.65, share
 
 
+@root
 def test_cpu_hogs_side_by_side_each_get_their_share(manager):
     a = manager.start("sh", ["-c", "while :; do :; done"], jw.parse_limits(cpu="20%"))
     b = manager.start("sh", ["-c", "while :; do :; done"], jw.parse_limits(cpu="60%"))
@@ -596,6 +827,7 @@ def test_cpu_hogs_side_by_side_each_get_their_share(manager):
     assert 0.40 <= share_b <= 0.75, share_b
 
 
+@root
 def test_memory_limit_oom_is_read_from_the_kernel_and_neighbour_survives(manager):
     neighbour = manager.start("sleep", ["60"], jw.parse_limits(memory="64M"))
     hog = manager.start(PY, ["-c", "b = bytearray(200 << 20)\n"
@@ -609,6 +841,7 @@ def test_memory_limit_oom_is_read_from_the_kernel_and_neighbour_survives(manager
     manager.stop(neighbour.id, grace=0)
 
 
+@root
 def test_pids_limit_stops_a_fork_bomb(manager):
     job = manager.start("sh", ["-c", "i=0; while [ $i -lt 200 ]; do sleep 600 & i=$((i+1)); done; "
                                      "echo started; wait"], jw.Limits(pids=30))
@@ -628,6 +861,7 @@ def test_pids_limit_stops_a_fork_bomb(manager):
     assert manager.cgroups.leftover_job_ids() == []
 
 
+@root
 def test_disk_io_limit_throttles_direct_writes(manager, tmp_path):
     target = tmp_path / "io-test"
     job = manager.start("dd", ["if=/dev/zero", f"of={target}", "bs=1M", "count=20", "oflag=direct"],
@@ -639,6 +873,7 @@ def test_disk_io_limit_throttles_direct_writes(manager, tmp_path):
     assert s.usage["io_write_bytes"] >= 20 << 20
 
 
+@root
 def test_stop_kills_a_setsid_double_forked_daemon(manager):
     job = manager.start("sh", ["-c", "setsid sh -c 'sleep 600 & echo $!' ; sleep 600"])
     out = wait_for(lambda: b"".join(c.data for c in itertools.islice(manager.follow(job.id), 1)),
@@ -652,6 +887,7 @@ def test_stop_kills_a_setsid_double_forked_daemon(manager):
     assert manager.cgroups.leftover_job_ids() == []
 
 
+@root
 def test_stop_escalates_to_sigkill_for_a_sigterm_ignoring_job(manager):
     job = manager.start("sh", ["-c", "trap '' TERM; echo ready; while :; do sleep 1; done"])
     wait_for(lambda: manager.status(job.id).output_bytes > 0, what="the trap")
@@ -664,6 +900,7 @@ def test_stop_escalates_to_sigkill_for_a_sigterm_ignoring_job(manager):
         manager.stop(job.id)
 
 
+@root
 def test_stop_sends_sigterm_first(manager):
     job = manager.start("sh", ["-c", "trap 'echo got TERM; exit 7' TERM; echo ready; "
                                      "while :; do sleep 0.1; done"])
@@ -673,6 +910,7 @@ def test_stop_sends_sigterm_first(manager):
     assert b"got TERM" in output(manager, job.id)[0]
 
 
+@root
 def test_leftovers_are_killed_when_the_main_process_exits(manager):
     job = manager.start("sh", ["-c", "setsid sleep 600 & echo $!"])
     s = wait_final(manager, job.id)
@@ -682,6 +920,7 @@ def test_leftovers_are_killed_when_the_main_process_exits(manager):
     assert manager.cgroups.leftover_job_ids() == []
 
 
+@root
 def test_sub_cgroups_made_by_the_job_are_removed(manager):
     script = ("d=/sys/fs/cgroup/pids$(grep ':pids:' /proc/self/cgroup | cut -d: -f3); "
               "mkdir $d/sub && sh -c \"echo \\$\\$ > $d/sub/cgroup.procs; exec sleep 600\" & "
@@ -694,6 +933,7 @@ def test_sub_cgroups_made_by_the_job_are_removed(manager):
     assert manager.cgroups.leftover_job_ids() == []
 
 
+@root
 def test_concurrent_stops_make_one_transition(manager):
     job = manager.start("sleep", ["600"])
     results, errors = [], []
@@ -714,6 +954,7 @@ def test_concurrent_stops_make_one_transition(manager):
     assert manager.status(job.id).state == jw.STOPPED
 
 
+@root
 def test_stop_racing_a_natural_exit_gives_only_the_documented_outcomes(manager):
     """Stop while the finisher removes the cgroup: a final status or JobNotRunning, no other error."""
     outcomes = set()
@@ -727,6 +968,7 @@ def test_stop_racing_a_natural_exit_gives_only_the_documented_outcomes(manager):
     assert manager.cgroups.leftover_job_ids() == []
 
 
+@root
 def test_launcher_death_ends_running_jobs_as_lost_instead_of_hanging(manager):
     job = manager.start("sh", ["-c", "echo up; setsid sleep 600 & sleep 600"])
     wait_for(lambda: manager.status(job.id).output_bytes > 0, what="the job to start")
@@ -743,6 +985,7 @@ def test_launcher_death_ends_running_jobs_as_lost_instead_of_hanging(manager):
         manager.start("true")
 
 
+@root
 def test_list_filters_by_owner_and_status_hides_foreign_jobs(manager):
     a = manager.start("true", owner="alice")
     b = manager.start("true", owner="bob")
@@ -756,6 +999,7 @@ def test_list_filters_by_owner_and_status_hides_foreign_jobs(manager):
         manager.stop(b.id, owner="alice")
 
 
+@root
 def test_usage_is_live_and_kept_after_the_end(manager):
     job = manager.start(PY, ["-c", "b = bytearray(30 << 20)\n"
                                    "for i in range(0, len(b), 4096): b[i] = 1\n"
@@ -770,35 +1014,30 @@ def test_usage_is_live_and_kept_after_the_end(manager):
     assert final.usage["memory_peak_bytes"] >= 30 << 20 and final.usage["cpu_seconds"] > 0.3
 
 
-def test_records_and_output_survive_a_restart(tmp_path):
-    m, driver = _make_manager(tmp_path)
+@root
+def test_records_and_output_survive_a_restart(make_manager, tmp_path):
+    driver = jw.detect_cgroups(f"{RUN_PARENT}/t{next(_counter)}")
+    m = jw.JobManager(str(tmp_path / "state"), driver).open()
     job = m.start("sh", ["-c", "printf 'one\\0'; printf two >&2"], owner="alice")
     out, err, chunks = output(m, job.id)
     running = m.start("sleep", ["600"])
     pid = running.pid
-    # A crash: the manager and the launcher vanish without stopping anything (the engine goes
-    # first, so nothing of the server is left to notice the launcher's death).
-    m._engine.stop()
-    m._finisher.shutdown()
-    m._launcher.process.kill()
+    crash(m)
     assert pid_alive(pid)
-    m2 = jw.JobManager(str(tmp_path / "state"), driver).open()
-    try:
-        s = m2.status(job.id, owner="alice")
-        assert (s.state, s.exit_code, s.command) == (jw.EXITED, 0, ["sh", "-c", job.command[2]])
-        again = list(m2.follow(job.id))
-        assert [(c.stream, c.offset, c.data) for c in again] == \
-            [(c.stream, c.offset, c.data) for c in chunks]
-        lost = m2.status(running.id)
-        assert lost.state == jw.LOST
-        wait_for(lambda: not pid_alive(pid), what="the lost job's process to be killed")
-        assert driver.leftover_job_ids() == []
-    finally:
-        m2.close(grace=0)
-        driver.remove_parent()
+    m2 = make_manager(state=tmp_path / "state", cgroups=driver)
+    s = m2.status(job.id, owner="alice")
+    assert (s.state, s.exit_code, s.command) == (jw.EXITED, 0, ["sh", "-c", job.command[2]])
+    again = list(m2.follow(job.id))
+    assert [(c.stream, c.offset, c.data) for c in again] == \
+        [(c.stream, c.offset, c.data) for c in chunks]
+    lost = m2.status(running.id)
+    assert lost.state == jw.LOST
+    wait_for(lambda: not pid_alive(pid), what="the lost job's process to be killed")
+    assert driver.leftover_job_ids() == []
 
 
-def test_unreadable_records_are_skipped_at_start(tmp_path):
+@root
+def test_unreadable_records_are_skipped_at_start(make_manager, tmp_path):
     jobs = tmp_path / "state" / "jobs"
     for job_id, text in [("6f9619ff-8b86-4011-b42d-00c04fc964ff", "{not json"),
                          ("7f9619ff-8b86-4011-b42d-00c04fc964ff",
@@ -806,15 +1045,13 @@ def test_unreadable_records_are_skipped_at_start(tmp_path):
                           '"command": ["x"], "limits": {}, "state": "exploded"}')]:
         (jobs / job_id).mkdir(parents=True)
         (jobs / job_id / "job.json").write_text(text)
-    m, driver = _make_manager(tmp_path)
-    try:
-        assert m.list() == []
-        assert m.start("true").state == jw.RUNNING
-    finally:
-        m.close(grace=0)
-        driver.remove_parent()
+    m = make_manager()
+    assert m.list() == []
+    assert m.start("true").state == jw.RUNNING
 
 
+@root
+@slow
 def test_many_jobs_leak_nothing(manager):
     def fds():
         return len(os.listdir("/proc/self/fd"))
@@ -845,19 +1082,21 @@ def test_many_jobs_leak_nothing(manager):
 # Auth (real server on a free loopback port, real certificates from the certs code)
 # ================================================================================================
 
-import contextlib
-import json
-import datetime
-import hashlib
+grpc = pb = pb_grpc = SC = None   # set by the rpc fixture: importing this file needs neither
 
-grpc = jw._grpc()
-pb, pb_grpc = jw._pb()
-SC = grpc.StatusCode
+
+@pytest.fixture(scope="session")
+def rpc():
+    """grpc and the generated modules (from `make stubs`), loaded on first use."""
+    global grpc, pb, pb_grpc, SC
+    grpc = jw._grpc()
+    pb, pb_grpc = jw._pb()
+    SC = grpc.StatusCode
 METHODS = ["Start", "Stop", "Query", "Stream", "List"]
 
 
 @pytest.fixture(scope="session")
-def pki(tmp_path_factory):
+def pki(rpc, tmp_path_factory):
     """A CA with server and client certificates of every kind the tests need."""
     d = tmp_path_factory.mktemp("pki")
     jw.certs_init(str(d))
@@ -889,7 +1128,8 @@ def pki(tmp_path_factory):
 @contextlib.contextmanager
 def running_server(pki, tmp_path, **kw):
     manager_kw = {k: kw.pop(k) for k in ("max_jobs",) if k in kw}
-    m, driver = _make_manager(tmp_path, **manager_kw)
+    driver = jw.detect_cgroups(f"{RUN_PARENT}/t{next(_counter)}")
+    m = jw.JobManager(str(tmp_path / "state"), driver, **manager_kw).open()
     try:
         with jw.serve_grpc(m, "127.0.0.1:0", ca=str(pki / "ca.crt"), cert=str(pki / "server.crt"),
                            key=str(pki / "server.key"), **kw) as port:
@@ -968,18 +1208,19 @@ def peers(pki, api):
 
 # Expected code per (caller, method). "foreign" is a writer acting on another identity's job.
 MATRIX = {
-    "norole":  dict(Start=SC.PERMISSION_DENIED, Stop=SC.PERMISSION_DENIED,
-                    Query=SC.PERMISSION_DENIED, Stream=SC.PERMISSION_DENIED,
-                    List=SC.PERMISSION_DENIED),
-    "reader":  dict(Start=SC.PERMISSION_DENIED, Stop=SC.PERMISSION_DENIED, Query=SC.OK,
-                    Stream=SC.OK, List=SC.OK),
-    "alice":   dict(Start=SC.OK, Stop=SC.OK, Query=SC.OK, Stream=SC.OK, List=SC.OK),
-    "foreign": dict(Start=SC.OK, Stop=SC.NOT_FOUND, Query=SC.NOT_FOUND, Stream=SC.NOT_FOUND,
-                    List=SC.OK),
-    "admin":   dict(Start=SC.OK, Stop=SC.OK, Query=SC.OK, Stream=SC.OK, List=SC.OK),
+    "norole":  dict(Start="PERMISSION_DENIED", Stop="PERMISSION_DENIED",
+                    Query="PERMISSION_DENIED", Stream="PERMISSION_DENIED",
+                    List="PERMISSION_DENIED"),
+    "reader":  dict(Start="PERMISSION_DENIED", Stop="PERMISSION_DENIED", Query="OK",
+                    Stream="OK", List="OK"),
+    "alice":   dict(Start="OK", Stop="OK", Query="OK", Stream="OK", List="OK"),
+    "foreign": dict(Start="OK", Stop="NOT_FOUND", Query="NOT_FOUND", Stream="NOT_FOUND",
+                    List="OK"),
+    "admin":   dict(Start="OK", Stop="OK", Query="OK", Stream="OK", List="OK"),
 }
 
 
+@root
 @pytest.mark.parametrize("caller", list(MATRIX))
 @pytest.mark.parametrize("method", METHODS)
 def test_method_by_role_matrix(caller, method, peers):
@@ -989,11 +1230,12 @@ def test_method_by_role_matrix(caller, method, peers):
     if method != "Stop":
         owner.stream(job)
     who = peers("bob" if caller == "foreign" else caller)
-    assert who.call(method, job) == MATRIX[caller][method]
-    if method == "Stop" and MATRIX[caller][method] != SC.OK:
+    assert who.call(method, job) == getattr(SC, MATRIX[caller][method])
+    if method == "Stop" and MATRIX[caller][method] != "OK":
         assert owner.call("Stop", job) == SC.OK
 
 
+@root
 def test_list_shows_writers_only_their_jobs_and_readers_everything(peers):
     a = peers("alice").start("true")
     b = peers("bob").start("true")
@@ -1004,6 +1246,7 @@ def test_list_shows_writers_only_their_jobs_and_readers_everything(peers):
     assert {j.owner for j in peers("alice").stub.List(pb.ListRequest()).jobs} == {"alice"}
 
 
+@root
 @pytest.mark.parametrize("name", ["malformed", "unknownrole", "norole"])
 def test_bad_role_extension_is_permission_denied(name, peers):
     with pytest.raises(grpc.RpcError) as e:
@@ -1012,16 +1255,19 @@ def test_bad_role_extension_is_permission_denied(name, peers):
     assert "role extension" in e.value.details()
 
 
+@root
 def test_certificate_without_client_auth_eku_is_refused(peers):
     code = peers("noeku").call("List")
     assert code in (SC.UNAVAILABLE, SC.PERMISSION_DENIED)
 
 
+@root
 @pytest.mark.parametrize("name", ["expired", "notyet", "foreign"])
 def test_invalid_certificates_fail_the_handshake(name, peers):
     assert peers(name).call("List") == SC.UNAVAILABLE
 
 
+@root
 def test_client_without_certificate_fails_the_handshake(pki, api):
     creds = grpc.ssl_channel_credentials(open(pki / "ca.crt", "rb").read())
     with grpc.secure_channel(f"127.0.0.1:{api[1]}", creds) as channel:
@@ -1038,6 +1284,7 @@ def _s_client(pki, port, version):
         stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace", timeout=30)
 
 
+@root
 def test_tls12_is_refused_at_the_handshake_and_tls13_works(pki, api):
     r12 = _s_client(pki, api[1], "-tls1_2")
     assert r12.returncode != 0 and "Cipher is (NONE)" in r12.stdout + r12.stderr
@@ -1101,6 +1348,51 @@ def test_certs_files_and_modes(pki):
 # Service
 # ================================================================================================
 
+def test_status_maps_to_the_proto_field_by_field(rpc):
+    limits = jw.Limits(cpu_percent=50.0, memory_bytes=64 << 20, io_bps=10_000_000, pids=50)
+    usage = {"cpu_seconds": 1.5, "memory_bytes": 2, "memory_peak_bytes": 3, "io_read_bytes": 4,
+             "io_write_bytes": 5, "tasks": 6}
+    s = jw.JobStatus(id="6f9619ff-8b86-4011-b42d-00c04fc964ff", owner="alice",
+                     command=["sh", "-c", "x"], limits=limits, state=jw.EXITED, exit_code=0,
+                     started_at=1.25, ended_at=2.5, usage=usage, output_bytes=7, pid=42)
+    d = jw.status_to_dict(pb, jw.status_to_proto(pb, s))
+    assert (d["id"], d["owner"], d["command"], d["state"], d["exit_code"], d["signal"]) == \
+        (s.id, "alice", ["sh", "-c", "x"], "exited", 0, None)
+    assert d["limits"] == {"cpu_percent": 50.0, "memory_bytes": 64 << 20,
+                           "io_bytes_per_second": 10_000_000, "pids": 50}
+    assert d["usage"] == usage and d["output_bytes"] == 7 and d["pid"] == 42
+    assert (d["started_at"], d["ended_at"]) == ("1970-01-01T00:00:01.250Z", "1970-01-01T00:00:02.500Z")
+    with pytest.raises(ValueError, match="without a proto field"):
+        jw.status_to_proto(pb, jw.JobStatus(**{**s.__dict__, "usage": {"gpu_seconds": 1}}))
+    assert {pb.OutputStream.Value(v) for v in jw.STREAM_TO_PROTO.values()} == \
+        {pb.OUTPUT_STREAM_STDOUT, pb.OUTPUT_STREAM_STDERR}
+
+
+def test_every_library_error_has_one_status_code():
+    cases = [(jw.InvalidArgument("f", "v", "x"), "INVALID_ARGUMENT"),
+             (jw.MalformedRequest("bad"), "INVALID_ARGUMENT"),
+             (jw.SpawnError.from_report("p", 2, "exec"), "INVALID_ARGUMENT"),
+             (jw.SpawnError.from_report("p", 2, "setuid"), "FAILED_PRECONDITION"),
+             (jw.JobNotFound("x"), "NOT_FOUND"), (jw.JobNotRunning("x", "exited"),
+                                                   "FAILED_PRECONDITION"),
+             (jw.CapReached("jobs", 1), "RESOURCE_EXHAUSTED"),
+             (jw.LauncherError("gone"), "UNAVAILABLE"), (jw.Unauthenticated("tls"),
+                                                         "UNAUTHENTICATED"),
+             (jw.AccessDenied("role"), "PERMISSION_DENIED"), (KeyError("x"), "INTERNAL")]
+    for exc, code in cases:
+        assert jw.status_code_for(exc) == code, exc
+    assert str(jw.SpawnError.from_report("foo", 2, "exec")) == "no such file: foo"
+
+
+def test_sources_pass_pyflakes():
+    files = ["jobworker.py", "build_zipapp.py", "v2_guest.py", "test_jobworker.py",
+             *glob.glob("bench/*.py"), *glob.glob("*_main.py"), *glob.glob("*_checks.py")]
+    r = subprocess.run([sys.executable, "-m", "pyflakes", *files], cwd=HERE, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@root
 def test_start_stream_query_round_trip(peers):
     alice = peers("alice")
     job = alice.start("sh", "-c", "printf 'out\\0'; printf err >&2; exit 4", cpu_quota="50%",
@@ -1116,6 +1408,7 @@ def test_start_stream_query_round_trip(peers):
     assert q.ended_at.ToNanoseconds() >= q.started_at.ToNanoseconds() > 0
 
 
+@root
 @pytest.mark.parametrize("field,value", [("cpu_quota", "0%"), ("memory_limit", "10XB"),
                                          ("disk_io", "abc"), ("pids", "-1")])
 def test_bad_limits_are_invalid_argument_naming_the_field(field, value, peers):
@@ -1124,12 +1417,14 @@ def test_bad_limits_are_invalid_argument_naming_the_field(field, value, peers):
     assert e.value.code() == SC.INVALID_ARGUMENT and field in e.value.details()
 
 
+@root
 @pytest.mark.parametrize("job_id", ["..", "../x", "a/b", "x\0y", "A" * 10_000, ""])
 def test_bad_job_ids_are_invalid_argument(job_id, peers):
     for method in ["Stop", "Query", "Stream"]:
         assert peers("admin").call(method, job_id) == SC.INVALID_ARGUMENT
 
 
+@root
 def test_missing_program_is_invalid_argument_with_the_os_reason(peers):
     with pytest.raises(grpc.RpcError) as e:
         peers("alice").start("no-such-program-xyz")
@@ -1137,6 +1432,7 @@ def test_missing_program_is_invalid_argument_with_the_os_reason(peers):
     assert e.value.details() == "no such file: no-such-program-xyz"
 
 
+@root
 def test_stop_with_grace_period_and_its_validation(peers):
     alice = peers("alice")
     job = alice.start("sh", "-c", "trap '' TERM; echo ready; while :; do sleep 1; done")
@@ -1153,6 +1449,7 @@ def test_stop_with_grace_period_and_its_validation(peers):
     assert e.value.code() == SC.FAILED_PRECONDITION
 
 
+@root
 def test_stream_resumes_from_an_offset(peers):
     alice = peers("alice")
     job = alice.start("sh", "-c", "printf 0123456789")
@@ -1163,6 +1460,7 @@ def test_stream_resumes_from_an_offset(peers):
     assert e.value.code() == SC.INVALID_ARGUMENT
 
 
+@root
 def test_two_clients_attached_early_and_late_get_identical_output(peers):
     alice = peers("alice")
     job = alice.start("sh", "-c", "for i in $(seq 1 40); do echo line $i; echo e$i >&2; "
@@ -1177,6 +1475,7 @@ def test_two_clients_attached_early_and_late_get_identical_output(peers):
     assert late[0].count(b"line") == 40 and late[1].count(b"e") == 40
 
 
+@root
 def test_unexpected_errors_are_internal_without_details(peers, api, monkeypatch):
     def broken(*a, **kw):
         raise RuntimeError("secret detail")
@@ -1187,6 +1486,7 @@ def test_unexpected_errors_are_internal_without_details(peers, api, monkeypatch)
     assert "secret" not in e.value.details() and "Traceback" not in e.value.details()
 
 
+@root
 def test_every_call_writes_one_audit_line(peers, caplog):
     caplog.set_level("INFO", logger="jobworker.audit")
     alice = peers("alice")
@@ -1207,6 +1507,7 @@ def test_every_call_writes_one_audit_line(peers, caplog):
     ]
 
 
+@root
 def test_caps_answer_resource_exhausted(pki, tmp_path):
     with running_server(pki, tmp_path, max_streams=2, max_jobs=2,
                         max_request_bytes=16 << 10) as (m, port):
@@ -1242,6 +1543,7 @@ def _stream_opens(peer, job_id):
         call.cancel()
 
 
+@root
 def test_cancelled_stream_gives_its_thread_back(pki, api, peers):
     alice = peers("alice")
     job = alice.start("sleep", "600")
@@ -1270,6 +1572,8 @@ def _idle_rpc_threads():
     return idle
 
 
+@root
+@slow
 def test_500_concurrent_followers_get_the_same_bytes(pki, api, peers):
     import asyncio
     alice = peers("alice")
@@ -1308,6 +1612,8 @@ def test_500_concurrent_followers_get_the_same_bytes(pki, api, peers):
 # Server: fork safety of the whole process under load
 # ================================================================================================
 
+@root
+@slow
 def test_fork_safety_2000_spawns_while_8_followers_stream(pki, api, peers, capfd):
     """Jobs are spawned from the server process while gRPC streams run: no hang, no failure,
     no corrupted stream, no grpc fork warning."""
@@ -1351,10 +1657,6 @@ def test_fork_safety_2000_spawns_while_8_followers_stream(pki, api, peers, capfd
 # CLI and jobworker.pyz (built once, run by every CPython on this machine as users do)
 # ================================================================================================
 
-import glob
-import shutil
-
-HERE = os.path.dirname(os.path.abspath(jw.__file__))
 PYTHONS = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.1[0-3].*/bin/python3")))
 
 
@@ -1434,6 +1736,7 @@ def src_server(pki, tmp_path_factory):
     assert s.stop() == 0
 
 
+@root
 def test_cli_original_example_with_trailing_options(pki, src_server):
     r = cli(SRC, "start", "bash", "-c", "while true; do echo hello; sleep 1; done", "--cpu", "50%",
             "--memory", "256M", "--disk-io", "10MB/s", certs=pki, port=src_server.port)
@@ -1456,6 +1759,7 @@ def test_cli_original_example_with_trailing_options(pki, src_server):
     assert job_id in listing and "stopped" in listing
 
 
+@root
 def test_cli_double_dash_gives_the_command_its_own_flags(pki, src_server):
     r = cli(SRC, "start", "--memory", "64M", "--", "echo", "--cpu", "50%", certs=pki,
             port=src_server.port)
@@ -1466,6 +1770,7 @@ def test_cli_double_dash_gives_the_command_its_own_flags(pki, src_server):
     assert d["limits"]["memory_bytes"] == 64 << 20 and d["limits"]["cpu_percent"] is None
 
 
+@root
 def test_cli_stream_is_byte_exact_on_both_streams(pki, src_server):
     code = "import os; os.write(1, bytes(range(256)) * 1000); os.write(2, b'\\xff\\x00err')"
     job_id = cli(SRC, "start", "python3", "-c", code, certs=pki,
@@ -1475,6 +1780,7 @@ def test_cli_stream_is_byte_exact_on_both_streams(pki, src_server):
     assert r.stdout == bytes(range(256)) * 1000 and r.stderr == b"\xff\x00err"
 
 
+@root
 def test_cli_ctrl_c_leaves_stream_quietly_with_130(pki, src_server):
     job_id = cli(SRC, "start", "sleep", "600", certs=pki,
                  port=src_server.port).stdout.decode().strip()
@@ -1490,6 +1796,7 @@ def test_cli_ctrl_c_leaves_stream_quietly_with_130(pki, src_server):
     assert cli(SRC, "stop", job_id, "--grace", "0", certs=pki, port=src_server.port).returncode == 0
 
 
+@root
 @pytest.mark.parametrize("args,code,message", [
     (["query", "6f9619ff-8b86-4011-b42d-00c04fc964ff"], 4, "no such job"),
     (["query", "../etc"], 6, "invalid job_id"),
@@ -1512,6 +1819,7 @@ def test_cli_start_without_a_command_is_a_usage_error():
     assert r.returncode == 0 and "after `--` everything is the" in r.stdout
 
 
+@root
 def test_cli_reader_may_not_start(pki, src_server):
     r = cli(SRC, "start", "true", certs=pki, port=src_server.port, name="reader")
     assert r.returncode == 5 and r.stderr.decode().startswith("jobworker: role reader may not")
@@ -1539,11 +1847,13 @@ def socket_port():
         s.close()
 
 
+@root
 def test_cli_flags_win_over_environment(pki, src_server):
     r = cli(SRC, "list", "--server", f"127.0.0.1:{src_server.port}", certs=pki, port=1)
     assert r.returncode == 0, r.stderr
 
 
+@root
 def test_cli_client_commands_do_not_import_cryptography(pki, src_server):
     code = ("import sys; sys.path.insert(0, %r); import jobworker; "
             "rc = jobworker.main(['list', '--json']); "
@@ -1557,6 +1867,7 @@ def test_cli_client_commands_do_not_import_cryptography(pki, src_server):
     assert r.stdout.strip() == "[]"
 
 
+@slow
 def test_pyz_is_reproducible(pyz, tmp_path):
     again = tmp_path / "again.pyz"
     subprocess.run([sys.executable, os.path.join(HERE, "build_zipapp.py"), "-o", str(again),
@@ -1570,6 +1881,7 @@ def test_pyz_is_reproducible(pyz, tmp_path):
     assert {"__main__.py", "jobworker.py", "jobworker_pb2.py", "jobworker_pb2_grpc.py"} <= set(names)
 
 
+@slow
 def test_pyz_first_runs_race_safely_into_a_private_cache(pyz, venvs, tmp_path):
     cache = tmp_path / "cache"
     env = dict(os.environ, JOBWORKER_CACHE_DIR=str(cache))
@@ -1584,6 +1896,7 @@ def test_pyz_first_runs_race_safely_into_a_private_cache(pyz, venvs, tmp_path):
     assert (cache / extracted[0]).stat().st_mode & 0o777 == 0o700
 
 
+@slow
 def test_pyz_refuses_an_unsafe_cache_dir(pyz, venvs, tmp_path):
     python = next(iter(venvs.values()))
     real = tmp_path / "real"
@@ -1601,6 +1914,7 @@ def test_pyz_refuses_an_unsafe_cache_dir(pyz, venvs, tmp_path):
     assert r.returncode == 1 and b"chmod 700" in r.stderr
 
 
+@slow
 def test_pyz_names_the_targets_when_none_fits(pyz):
     old = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.9.*/bin/python3")))
     if not old:
@@ -1610,6 +1924,8 @@ def test_pyz_names_the_targets_when_none_fits(pyz):
     assert b"no packages for cpython 3.9" in r.stderr and b"cp310-" in r.stderr
 
 
+@root
+@slow
 @pytest.mark.parametrize("version", ["3.10", "3.11", "3.12", "3.13"])
 def test_pyz_end_to_end_on_each_python(version, pyz, venvs, tmp_path):
     python = venvs.get(version)
@@ -1635,6 +1951,7 @@ def test_pyz_end_to_end_on_each_python(version, pyz, venvs, tmp_path):
         assert server.stop() == 0
 
 
+@root
 def test_serve_sigterm_ends_streams_stops_jobs_and_exits_0(pki, tmp_path):
     server = ServeProcess(SRC, pki, tmp_path / "state", f"{RUN_PARENT}/sigterm")
     parent = jw.detect_cgroups(f"{RUN_PARENT}/sigterm")
@@ -1660,6 +1977,8 @@ def test_serve_sigterm_ends_streams_stops_jobs_and_exits_0(pki, tmp_path):
 # Deploy: three hosts in network namespaces, driven by the CLI from the root namespace
 # ================================================================================================
 
+@root
+@slow
 def test_three_hosts_in_network_namespaces(pyz, venvs, tmp_path):
     for tool in ("ip", "nsenter"):   # `ip netns exec` would also hide /sys/fs/cgroup
         if not shutil.which(tool):
@@ -1712,6 +2031,8 @@ def test_three_hosts_in_network_namespaces(pyz, venvs, tmp_path):
 # Real cgroup v2: a Linux guest under QEMU runs the pyz and checks enforcement (v2_guest.py)
 # ================================================================================================
 
+@root
+@slow
 def test_real_cgroup_v2_guest(pyz, tmp_path):
     if os.environ.get("JOBWORKER_SKIP_V2_GUEST") == "1":
         pytest.skip("JOBWORKER_SKIP_V2_GUEST=1")
@@ -1753,6 +2074,7 @@ def children_of(pid):
     return kids
 
 
+@root
 def test_crash_of_server_and_launcher_then_restart(pki, tmp_path):
     state, parent = tmp_path / "state", f"{RUN_PARENT}/crash"
     driver = jw.detect_cgroups(parent)
@@ -1791,13 +2113,14 @@ def test_crash_of_server_and_launcher_then_restart(pki, tmp_path):
         assert restarted.stop() == 0
 
 
-def test_disk_full_shows_in_status_and_the_server_keeps_serving(tmp_path):
+@root
+def test_disk_full_shows_in_status_and_the_server_keeps_serving(make_manager, tmp_path):
     mnt = tmp_path / "small"
     mnt.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=700", "jwtest", str(mnt)],
                    check=True)
     try:
-        m, driver = _make_manager(mnt)
+        m = make_manager(state=mnt / "state")
         try:
             job = m.start("head", ["-c", "20000000", "/dev/zero"])
             s = wait_final(m, job.id)
@@ -1806,12 +2129,13 @@ def test_disk_full_shows_in_status_and_the_server_keeps_serving(tmp_path):
             assert b"".join(c.data for c in m.follow(job.id)) == b"\0" * s.output_bytes
             assert m.status(job.id).log_error == s.log_error and m.list()
         finally:
-            m.close(grace=0)
-            driver.remove_parent()
+            m.close(grace=0)   # its files are closed before the unmount
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
 
 
+@root
+@slow
 def test_1000_concurrent_starts_succeed_or_hit_the_cap(pki, tmp_path):
     import asyncio
     with running_server(pki, tmp_path, max_jobs=150) as (m, port):
@@ -1842,6 +2166,8 @@ def test_1000_concurrent_starts_succeed_or_hit_the_cap(pki, tmp_path):
         assert set(os.listdir(m.jobs_dir)) == set(started)
 
 
+@root
+@slow
 def test_non_reading_client_and_500_idle_streams_keep_memory_bounded(pki, tmp_path):
     import asyncio
     server = ServeProcess(SRC, pki, tmp_path / "state", f"{RUN_PARENT}/slow")
@@ -1885,6 +2211,8 @@ def test_non_reading_client_and_500_idle_streams_keep_memory_bounded(pki, tmp_pa
         assert server.stop() == 0
 
 
+@root
+@slow
 def test_no_leaks_after_1000_jobs(pki, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
     server = ServeProcess(SRC, pki, tmp_path / "state", f"{RUN_PARENT}/leaks")
@@ -1962,11 +2290,12 @@ def test_command_validation_accepts_or_refuses_cleanly(name, args):
     assert argv == [name, *args] and name and all("\0" not in a for a in argv)
 
 
-SAFE_CODES = {SC.OK, SC.INVALID_ARGUMENT, SC.NOT_FOUND, SC.FAILED_PRECONDITION,
-              SC.RESOURCE_EXHAUSTED}
+SAFE_CODES = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION",
+              "RESOURCE_EXHAUSTED"}
 limit_text = st.one_of(st.text(max_size=12), st.sampled_from(["50%", "256M", "10MB/s", "7", ""]))
 
 
+@root
 @given(name=st.one_of(st.just("true"), st.text(max_size=20).map(lambda t: "/nonexistent-jw/" + t),
                       st.text(max_size=8)),
        args=st.lists(st.text(max_size=20), max_size=4),
@@ -1991,10 +2320,11 @@ def test_random_rpc_messages_never_give_internal(peers, name, args, cpu, memory,
         try:
             call()
         except grpc.RpcError as e:
-            assert e.code() in SAFE_CODES, (e.code(), e.details())
+            assert e.code().name in SAFE_CODES, (e.code(), e.details())
             assert "Traceback" not in (e.details() or "")
 
 
+@root
 @given(data=st.binary(max_size=200), method=st.sampled_from(METHODS))
 @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
 def test_malformed_request_bytes_are_invalid_argument(peers, data, method):
@@ -2006,9 +2336,10 @@ def test_malformed_request_bytes_are_invalid_argument(peers, data, method):
         if method == "Stream":
             list(result)
     except grpc.RpcError as e:
-        assert e.code() in SAFE_CODES, (e.code(), e.details())
+        assert e.code().name in SAFE_CODES, (e.code(), e.details())
 
 
+@root
 def test_garbage_bytes_get_a_clear_invalid_argument(peers):
     call = peers("admin").channel.unary_unary(f"/{jw.SERVICE_NAME}/Query")
     with pytest.raises(grpc.RpcError) as e:
@@ -2021,6 +2352,7 @@ def test_garbage_bytes_get_a_clear_invalid_argument(peers):
     assert e.value.code() == SC.PERMISSION_DENIED
 
 
+@root
 def test_doctor_reports_a_healthy_setup_and_names_problems(pki, tmp_path):
     r = subprocess.run([*SRC, "doctor", "--certs", str(pki), "--cgroup-parent",
                         f"{RUN_PARENT}/doctor"], capture_output=True, text=True, timeout=120)
@@ -2083,6 +2415,8 @@ def grpc_js():
     return prefix
 
 
+@root
+@slow
 def test_proto_works_unchanged_from_grpc_js(grpc_js, pki, api):
     script = os.path.join(grpc_js, "client.js")
     with open(script, "w") as f:
