@@ -2,13 +2,14 @@
 """jobworker: run and watch arbitrary commands on a Linux host, each job in its own cgroup.
 
 Library (no gRPC inside):
-    JobManager(state_dir, cgroups=None, ...)   start, stop, status, list, follow, close
+    JobManager(state_dir, cgroups=None, ...)   open, start, stop, status, walk, list, follow,
+                                                remove, apply_retention, close
     Limits, parse_cpu_quota, parse_memory, parse_disk_io, parse_pids
     detect_cgroups(parent)                      -> CgroupDriver (v1/hybrid or v2, decided once)
 Server:
     serve_grpc(manager, listen, ca, cert, key)  context manager yielding the bound port
 Command line (``jobworker.py SUBCOMMAND --help``):
-    serve, start, stop, query, stream, list, certs, doctor
+    serve, start, stop, query, stream, list, rm, certs, doctor
 
 Only the standard library is imported at module level. grpc, protobuf and cryptography are
 imported inside the sections that need them: the CLI starts fast, and the job launcher process
@@ -114,6 +115,14 @@ class JobNotFound(JobworkerError):
         super().__init__(f"no such job: {job_id}")
 
 
+class JobRunning(JobworkerError):
+    """The job is still running, and the call needs it ended (Remove)."""
+
+    def __init__(self, job_id):
+        self.job_id = job_id
+        super().__init__(f"job {job_id} is running; stop it first")
+
+
 class JobNotRunning(JobworkerError):
     """The job is already in a final state."""
 
@@ -196,6 +205,7 @@ ERROR_CODES = (
     (ProgramNotRunnable, "INVALID_ARGUMENT"),   # the program named in the request cannot run
     (JobNotFound, "NOT_FOUND"),
     (JobNotRunning, "FAILED_PRECONDITION"),
+    (JobRunning, "FAILED_PRECONDITION"),
     (CapReached, "RESOURCE_EXHAUSTED"),
     (SpawnError, "FAILED_PRECONDITION"),
     (CgroupError, "FAILED_PRECONDITION"),
@@ -217,7 +227,7 @@ def status_code_for(exc):
 # Limits
 # ================================================================================================
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Limits:
     """Resource limits of one job; None means "not limited" (pids gets the manager's default)."""
     cpu_percent: float = None    # 50.0 = half of one CPU, 150.0 = one and a half
@@ -302,6 +312,19 @@ def parse_pids(text, field="pids"):
     if not re.fullmatch(r"[0-9]{1,8}", s) or not 1 <= int(s) <= MAX_PIDS:
         raise InvalidArgument(field, text, accepted)
     return int(s)
+
+
+_DURATION_RE = re.compile(_NUMBER + r"\s*(ms|s|m|min|h|d)?", re.IGNORECASE)
+_DURATION_UNITS = {"ms": 0.001, "": 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+DURATION_FORM = "seconds, or a number with s, m, h or d, such as 30s, 15m, 12h, 7d"
+
+
+def parse_duration(text, field="duration"):
+    """'30s' -> 30.0, '15m' -> 900.0, '12h', '7d'; a bare number is seconds."""
+    m = _DURATION_RE.fullmatch(str(text).strip())
+    if not m:
+        raise InvalidArgument(field, text, DURATION_FORM)
+    return float(m.group(1)) * _DURATION_UNITS[(m.group(2) or "").lower()]
 
 
 def parse_limits(cpu="", memory="", disk_io="", pids=""):
@@ -1241,115 +1264,137 @@ class Launcher:
 # A job's output is one file, output.log, holding stdout and stderr bytes in the order they were
 # read (like 2>&1), and an index, output.idx, of little-endian u64 records (offset << 1 | is_stderr)
 # marking where the stream changes. Offsets are positions in output.log: a follower resumes from
-# any offset, and a single-stream log is streamed with large reads.
+# any offset, and a single-stream log is streamed with large reads. Readers take the index from
+# the file, so memory does not grow with the number of stream changes.
 
 _MARKER = "\n[jobworker: output cap of {} bytes reached; further output dropped]\n"
 _IDX_REC = 8
+LOG_FILE, INDEX_FILE = "output.log", "output.idx"
 
 
-class JobLog:
-    """Append (one writer: the engine thread) and read (many readers) one job's output.
-    The writer writes without a lock, then publishes the new size and index entries under
-    `lock` (the job's condition) and wakes the readers; readers never read past `size`."""
-
-    def __init__(self, directory, cap, create, lock):
-        self.dir = directory
-        self.lock = lock   # the job's condition: new output is published under it
-        self._marker = _MARKER.format(cap).encode()
-        self.data_path = f"{directory}/output.log"
-        self.idx_path = f"{directory}/output.idx"
-        self.cap = cap
-        self.truncated = False
-        self.error = ""
-        self.seg_offsets = array.array("Q")
-        self.seg_streams = bytearray()
-        if create:
-            self._data_fd = os.open(self.data_path, self._CREATE, 0o600)
-            self._idx_fd = None   # made at the first write: a job without output needs none
-            self.size = 0
-            self._written, self._idx_written, self._last_stream = 0, 0, None   # writer's view
-        else:
-            self._data_fd = self._idx_fd = None
-            self.size = os.path.getsize(self.data_path) if os.path.exists(self.data_path) else 0
-            if os.path.exists(self.idx_path):
-                with open(self.idx_path, "rb") as f:
-                    raw = f.read()
-                recs = array.array("Q")
-                recs.frombytes(raw[:len(raw) - len(raw) % _IDX_REC])
-                if sys.byteorder != "little":
-                    recs.byteswap()
-                self.seg_offsets = array.array("Q", (r >> 1 for r in recs))
-                self.seg_streams = bytearray(STDERR if r & 1 else STDOUT for r in recs)
+class LogWriter:
+    """Appends one job's output to its files (one writer, no lock). After each append `size`,
+    `records` (index entries), `truncated` and `error` say exactly what is on disk: a partial
+    write is counted, and past the cap a marker is stored once and the rest dropped; after a
+    write error (disk full) the rest is dropped and `error` says why."""
 
     _CREATE = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
-    @staticmethod
-    def _write_all(fd, data):
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
+    def __init__(self, directory, cap):
+        self.dir = directory
+        self.cap = cap
+        self._marker = _MARKER.format(cap).encode()
+        self._data_fd = os.open(f"{directory}/{LOG_FILE}", self._CREATE, 0o600)
+        try:   # both exist from the start: a follower opens them before any output
+            self._idx_fd = os.open(f"{directory}/{INDEX_FILE}", self._CREATE, 0o600)
+        except OSError:
+            os.close(self._data_fd)
+            raise
+        self.size = self.records = 0
+        self.truncated, self.error = False, ""
+        self._last_stream = None
 
-    def _write(self, stream, data, new_segments):
-        """Write one piece (and an index record where the stream changes); no lock held."""
+    def _write_all(self, fd, data):
+        """Write everything; returns the bytes written before an error, with the error."""
+        view, done = memoryview(data), 0
+        while done < len(view):
+            try:
+                done += os.write(fd, view[done:])
+            except OSError as e:
+                return done, e
+        return done, None
+
+    def _store(self, stream, data):
         if stream != self._last_stream:
-            if self._idx_fd is None:
-                self._idx_fd = os.open(self.idx_path, self._CREATE, 0o600)
-            rec = self._written << 1 | (stream == STDERR)
-            self._write_all(self._idx_fd, rec.to_bytes(_IDX_REC, "little"))
-            self._idx_written += 1
+            rec = (self.size << 1 | (stream == STDERR)).to_bytes(_IDX_REC, "little")
+            n, err = self._write_all(self._idx_fd, rec)
+            if err or n != _IDX_REC:
+                # a torn record is not counted; readers go by `records`
+                raise err or OSError(errno.EIO, "short index write")
+            self.records += 1
             self._last_stream = stream
-            new_segments.append((self._written, stream))
-        self._write_all(self._data_fd, data)
-        self._written += len(data)
+        n, err = self._write_all(self._data_fd, data)
+        self.size += n
+        if err:
+            raise err
 
     def append(self, stream, data):
-        """Store data and wake the readers; past the cap store a marker once and drop the
-        rest; on a write error (disk full) record it and drop the rest. Readers only wait
-        for the lock while the new size is published, never for the disk."""
+        """Store data of one stream. Returns False once nothing more will be stored."""
         if self.truncated or self.error:
-            return
-        new_segments, truncated, error = [], False, ""
+            return False
         try:
-            room = (self.cap - self._written - _IDX_REC * self._idx_written
-                    - len(self._marker) - 2 * _IDX_REC)
+            room = (self.cap - self.size - _IDX_REC * self.records - len(self._marker)
+                    - 2 * _IDX_REC)
             if len(data) > room:
                 if room > 0:
-                    self._write(stream, data[:room], new_segments)
-                self._write(STDERR, self._marker, new_segments)
-                truncated = True
+                    self._store(stream, data[:room])
+                self._store(STDERR, self._marker)
+                self.truncated = True
             else:
-                self._write(stream, data, new_segments)
+                self._store(stream, data)
         except OSError as e:
-            error = f"output write failed: {e.strerror}"
-            log.error("job log %s: %s", self.dir, error)
-        with self.lock:
-            for offset, seg_stream in new_segments:
-                self.seg_offsets.append(offset)
-                self.seg_streams.append(seg_stream)
-            self.size = self._written
-            self.truncated, self.error = truncated, error
-            self.lock.notify_all()
+            self.error = f"output write failed: {e.strerror}"
+            log.error("job log %s: %s", self.dir, self.error)
+        return not (self.truncated or self.error)
 
-    def close_writer(self):
+    def close(self):
         for fd in (self._data_fd, self._idx_fd):
             if fd is not None:
                 os.close(fd)
         self._data_fd = self._idx_fd = None
 
-    def segments(self, offset, end):
-        """[(stream, start, stop)] covering offset..end, split where the stream changes.
-        Call with the job's lock held, so the index does not move underneath."""
-        out = []
-        i = max(bisect.bisect_right(self.seg_offsets, offset) - 1, 0)
-        while offset < end and i < len(self.seg_offsets):
-            stop = self.seg_offsets[i + 1] if i + 1 < len(self.seg_offsets) else end
-            stop = min(stop, end)
+
+def index_records(directory):
+    """Complete index records on disk (a crash may leave a torn last one)."""
+    try:
+        return os.path.getsize(f"{directory}/{INDEX_FILE}") // _IDX_REC
+    except FileNotFoundError:
+        return 0
+
+
+def output_size(directory):
+    """Bytes of output on disk."""
+    try:
+        return os.path.getsize(f"{directory}/{LOG_FILE}")
+    except FileNotFoundError:
+        return 0
+
+
+def _read_records(idx_fd, first, count):
+    """[(offset, stream)] of index records first .. first+count-1."""
+    raw = os.pread(idx_fd, count * _IDX_REC, first * _IDX_REC)
+    recs = array.array("Q")
+    recs.frombytes(raw[:len(raw) - len(raw) % _IDX_REC])
+    if sys.byteorder != "little":
+        recs.byteswap()
+    return [(r >> 1, STDERR if r & 1 else STDOUT) for r in recs]
+
+
+def read_segments(idx_fd, records, offset, end, batch=4096):
+    """[(stream, start, stop)] covering offset..end, split where the stream changes, from the
+    first `records` entries of the index file open at idx_fd."""
+    if records == 0 or offset >= end:
+        return []
+    lo, hi = 0, records - 1          # the last record at or before `offset`
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _read_records(idx_fd, mid, 1)[0][0] <= offset:
+            lo = mid
+        else:
+            hi = mid - 1
+    out, i = [], lo
+    while offset < end and i < records:
+        recs = _read_records(idx_fd, i, min(batch, records - i) + (i + batch < records))
+        for k, (_, stream) in enumerate(recs[:batch]):
+            nxt = recs[k + 1][0] if k + 1 < len(recs) else end
+            stop = min(nxt, end)
             if stop > offset:
-                out.append((self.seg_streams[i], offset, stop))
+                out.append((stream, offset, stop))
                 offset = stop
-            i += 1
-        return out
+            if offset >= end:
+                break
+        i += batch
+    return out
 
 
 @dataclasses.dataclass
@@ -1364,7 +1409,14 @@ class Chunk:
 # Jobs
 # ================================================================================================
 
-@dataclasses.dataclass
+USAGE_KEYS = ("cpu_seconds", "memory_bytes", "memory_peak_bytes", "io_read_bytes",
+              "io_write_bytes", "tasks")
+DEFAULT_KEEP_FINISHED = 10_000        # finished jobs kept (records and output)
+DEFAULT_KEEP_FOR = 7 * 86400.0        # seconds a finished job is kept after it ended
+RETENTION_INTERVAL = 60.0             # seconds between retention sweeps (also run at each end)
+
+
+@dataclasses.dataclass(slots=True)
 class JobStatus:
     """A snapshot of one job, as Query and List report it."""
     id: str
@@ -1383,6 +1435,11 @@ class JobStatus:
     log_error: str = ""
     pid: int = None
 
+    @property
+    def order_key(self):
+        """Where the job stands in List's order: by start time, then id."""
+        return (self.started_at, self.id)
+
     def to_dict(self):
         # by hand: dataclasses.asdict deep-copies and is the slowest part of saving a record
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -1395,24 +1452,34 @@ class JobStatus:
         fields = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in fields}
         d["limits"] = Limits.from_dict(d.get("limits") or {})
+        usage = d.get("usage") or {}
+        # the module's own key strings, one owner string per identity: thousands of records
+        # kept in memory share them instead of holding a copy each
+        d["usage"] = {k: usage[k] for k in USAGE_KEYS if k in usage}
+        d["owner"] = sys.intern(str(d.get("owner", "")))
         return cls(**d)
 
 
 class Job:
-    """A job's live record. Fields change under `cond`; waiters are woken through it."""
+    """A running job's live record. Fields change under `cond`; waiters are woken through it.
+    When it has ended, the manager keeps a FinishedJob in its place."""
 
-    def __init__(self, status, directory, log_cap, cgroup, create):
+    __slots__ = ("status", "cond", "cgroup", "writer", "records", "main_exited", "output_done",
+                 "final", "stop_requested", "launcher_lost", "open_streams", "pipe_fds")
+
+    def __init__(self, status, cgroup, writer):
         self.status = status
         self.cond = threading.Condition()
-        self.log = JobLog(directory, log_cap, create, self.cond)
         self.cgroup = cgroup
-        self.main_exited = threading.Event()
-        self.final = threading.Event()
+        self.writer = writer            # the engine thread's LogWriter
+        self.records = 0                # index records published to readers
+        self.main_exited = False        # the main process has ended (or is lost)
+        self.output_done = False        # both pipes are at EOF (or given up)
+        self.final = False              # the record is final and saved
         self.stop_requested = False
-        self.open_streams = 0           # pipes not yet at EOF
-        self.output_done = threading.Event()
-        self.pipe_fds = []
         self.launcher_lost = False      # the launcher died: the exit status is unknown
+        self.open_streams = 0           # pipes not yet at EOF
+        self.pipe_fds = []
 
     @property
     def id(self):
@@ -1420,11 +1487,54 @@ class Job:
 
     def snapshot(self):
         with self.cond:
-            s = dataclasses.replace(self.status, usage=dict(self.status.usage))
-            s.output_bytes = self.log.size
-            s.log_truncated = self.log.truncated
-            s.log_error = self.log.error
-        return s
+            return dataclasses.replace(self.status, usage=dict(self.status.usage))
+
+    def wait_output(self, offset, cancelled):
+        """Wait until output past `offset` is published, the job is final, or cancelled();
+        returns (published size, index records, final)."""
+        with self.cond:
+            self.cond.wait_for(lambda: cancelled() or self.status.output_bytes > offset
+                               or self.final)
+            return self.status.output_bytes, self.records, self.final
+
+    def wake(self):
+        with self.cond:
+            self.cond.notify_all()
+
+    def wait_final(self, timeout=None):
+        with self.cond:
+            return self.cond.wait_for(lambda: self.final, timeout)
+
+    def wait_main_exited(self, timeout=None):
+        with self.cond:
+            return self.cond.wait_for(lambda: self.main_exited, timeout)
+
+
+class FinishedJob:
+    """An ended job, as kept for months: its final status (never changed again) and the number
+    of index records of its output. Small, and without a lock: nothing in it moves."""
+
+    __slots__ = ("status", "records")
+    final = True
+
+    def __init__(self, status, records):
+        self.status, self.records = status, records
+
+    @property
+    def id(self):
+        return self.status.id
+
+    def snapshot(self):
+        return self.status
+
+    def wait_output(self, offset, cancelled):
+        return self.status.output_bytes, self.records, True
+
+    def wake(self):
+        pass
+
+    def wait_final(self, timeout=None):
+        return True
 
 
 def _write_json_atomic(path, obj):
@@ -1467,9 +1577,9 @@ class JobStore:
             log.error("saving job %s: %s", status.id, e)
 
     def load(self):
-        """Every readable record, oldest id order; unreadable ones are logged and skipped."""
+        """Every readable record; unreadable ones are logged and skipped."""
         out = []
-        for name in sorted(os.listdir(self.jobs_dir)):
+        for name in os.listdir(self.jobs_dir):
             if not _JOB_ID_RE.fullmatch(name):
                 continue
             path = os.path.join(self.jobs_dir, name, "job.json")
@@ -1483,6 +1593,16 @@ class JobStore:
                 continue
             out.append(status)
         return out
+
+    def open_output(self, job_id):
+        """(data fd, index fd) of a job's output files, for reading."""
+        d = self.job_dir(job_id)
+        data_fd = os.open(f"{d}/{LOG_FILE}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            idx_fd = os.open(f"{d}/{INDEX_FILE}", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            idx_fd = None   # no output was ever written
+        return data_fd, idx_fd
 
     def discard(self, job_id):
         """Remove a job's directory and everything in it."""
@@ -1556,57 +1676,69 @@ class _Engine(threading.Thread):
 
 class _Follow:
     """Iterator of Chunks of one job's output from an offset, live until the job is final.
+    It holds the output files open: a job removed meanwhile is still read to its end.
     cancel() from any thread ends it at once."""
 
-    def __init__(self, job, offset, max_chunk):
+    def __init__(self, job, offset, max_chunk, fds):
         self.job = job
         self.offset = offset
         self.max_chunk = max_chunk
         self.cancelled = False
-        self._fd = None
+        self._data_fd, self._idx_fd = fds
 
     def cancel(self):
-        with self.job.cond:
-            self.cancelled = True
-            self.job.cond.notify_all()
+        self.cancelled = True
+        self.job.wake()
+
+    def __del__(self):
+        if hasattr(self, "_idx_fd"):
+            self.close()
+
+    def final_status(self):
+        """The job's status once the iteration has ended (whether or not the job is still
+        listed)."""
+        return self.job.snapshot()
 
     def __iter__(self):
-        job = self.job
-        try:
-            self._fd = os.open(job.log.data_path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return
         try:
             while True:
-                with job.cond:
-                    while not (self.cancelled or job.log.size > self.offset or job.final.is_set()):
-                        job.cond.wait()
-                    if self.cancelled:
-                        return
-                    end = min(job.log.size, self.offset + self.max_chunk)
-                    segments = job.log.segments(self.offset, end)
-                    done = job.final.is_set() and not segments
-                if done:
+                size, records, final = self.job.wait_output(self.offset, lambda: self.cancelled)
+                if self.cancelled:
+                    return
+                end = min(size, self.offset + self.max_chunk)
+                if end <= self.offset:   # nothing more, and the job is final
+                    return
+                segments = read_segments(self._idx_fd, records, self.offset, end)
+                if not segments:   # published but not in the index file (disk trouble)
                     return
                 for stream, start, stop in segments:
-                    data = os.pread(self._fd, stop - start, start)
+                    data = os.pread(self._data_fd, stop - start, start)
                     if not data:   # the file is shorter than its record says (disk trouble)
                         return
                     yield Chunk(stream, start, data)
                     self.offset = start + len(data)
         finally:
-            os.close(self._fd)
+            self.close()
+
+    def close(self):
+        """Close the output files (iteration does it at its end). Idempotent."""
+        fds, self._data_fd, self._idx_fd = (self._data_fd, self._idx_fd), None, None
+        for fd in fds:
+            if fd is not None:
+                os.close(fd)
 
 
 class JobManager:
-    """Starts, stops and watches jobs on this host. Thread-safe. Jobs are forked by a launcher
-    process started by exec (see Launcher), so a process that already runs gRPC may create it.
+    """Starts, stops and watches jobs on this host, and keeps finished ones within the retention
+    rules. Thread-safe. Jobs are forked by a launcher process started by exec (see Launcher),
+    so a process that already runs gRPC may create it.
 
     Construction only records the settings; open() is the step that acts on the host."""
 
     def __init__(self, state_dir=DEFAULT_STATE_DIR, cgroups=None, *, default_pids=DEFAULT_PIDS_LIMIT,
                  log_cap=DEFAULT_LOG_CAP, max_jobs=DEFAULT_MAX_JOBS, job_user=None,
-                 grace=DEFAULT_GRACE_SECONDS, devices=None):
+                 grace=DEFAULT_GRACE_SECONDS, devices=None, keep_finished=DEFAULT_KEEP_FINISHED,
+                 keep_for=DEFAULT_KEEP_FOR, clock=time.time):
         self.store = JobStore(state_dir)
         self.state_dir = state_dir
         self.jobs_dir = self.store.jobs_dir
@@ -1616,18 +1748,24 @@ class JobManager:
         self.max_jobs = max_jobs
         self.grace = grace
         self.devices = block_devices() if devices is None else devices
+        self.keep_finished = keep_finished
+        self.keep_for = keep_for            # None: forever
+        self._clock = clock
         self._user = _job_user(job_user)
         self._lock = threading.Lock()
-        self._jobs = {}
+        self._jobs = {}                     # id -> Job (running) or FinishedJob
+        self._order = []                    # sorted order_key of every job: List's order
+        self._finished = {}                 # id -> None, in the order the jobs ended
         self._running = 0
         self._opened = False
         self._closed = False
-        self._finisher = self._engine = self._launcher = None
+        self._closing = threading.Event()
+        self._finisher = self._engine = self._launcher = self._sweeper = None
 
     def open(self):
         """Make the state dir, set up the cgroup parent (on cgroup v2 this moves the calling
-        process into a leaf beside the jobs), start the launcher and the engine thread, and
-        load the jobs of earlier runs. Returns self."""
+        process into a leaf beside the jobs), start the launcher and the engine thread, load
+        the jobs of earlier runs and apply the retention rules to them. Returns self."""
         self.store.open()
         self.cgroups.setup()
         self._finisher = concurrent.futures.ThreadPoolExecutor(8, "jobworker-finish")
@@ -1636,6 +1774,10 @@ class JobManager:
         self._engine.add_reader(self._launcher.fileno(), self._launcher_readable, close=False)
         self._engine.start()
         self._recover()
+        self.apply_retention()
+        self._sweeper = threading.Thread(target=self._sweep, name="jobworker-retention",
+                                         daemon=True)
+        self._sweeper.start()
         self._opened = True
         return self
 
@@ -1655,7 +1797,7 @@ class JobManager:
                 raise CapReached("running jobs", self.max_jobs)
             self._running += 1
         try:
-            return self._start(argv, limits, owner)
+            return self._start(argv, limits, sys.intern(owner))
         except BaseException:
             with self._lock:
                 self._running -= 1
@@ -1670,8 +1812,8 @@ class JobManager:
             cgroup.set_limits(limits, self.devices)
             job_dir = self.store.create(job_id)
             status = JobStatus(id=job_id, owner=owner, command=argv, limits=limits, state=RUNNING,
-                               started_at=time.time())
-            job = Job(status, job_dir, self.log_cap, cgroup, create=True)
+                               started_at=self._clock())
+            job = Job(status, cgroup, LogWriter(job_dir, self.log_cap))
             for _ in (STDOUT, STDERR):
                 r, w = os.pipe2(os.O_CLOEXEC)
                 pipes += [r, w]
@@ -1683,7 +1825,7 @@ class JobManager:
             for fd in pipes:
                 _close_quietly(fd)
             if job is not None:
-                job.log.close_writer()
+                job.writer.close()
             if job_dir is not None:
                 self.store.discard(job_id)
             cgroup.kill_all()
@@ -1695,6 +1837,7 @@ class JobManager:
         job.pipe_fds = pipes[0::2]
         with self._lock:
             self._jobs[job_id] = job
+            bisect.insort(self._order, status.order_key)
         self.store.save(job.snapshot())
         for stream, fd in zip((STDOUT, STDERR), pipes[0::2]):
             os.set_blocking(fd, False)
@@ -1711,19 +1854,21 @@ class JobManager:
         grace = self.grace if grace is None else grace
         if grace < 0:
             raise InvalidArgument("grace", grace, "seconds, 0 or more")
+        if job.final:
+            raise JobNotRunning(job_id, job.status.state)
         with job.cond:
-            ended = job.main_exited.is_set()   # by itself: the stop comes too late
+            ended = job.main_exited   # by itself: the stop comes too late
             if not ended:
                 first = not job.stop_requested
                 job.stop_requested = True
         if ended:
-            job.final.wait()
+            job.wait_final()
             raise JobNotRunning(job_id, job.status.state)
         if first:
             job.cgroup.signal_all(signal.SIGTERM)
-        if not job.main_exited.wait(grace):
+        if not job.wait_main_exited(grace):
             job.cgroup.kill_all()
-        job.final.wait()
+        job.wait_final()
         return job.snapshot()
 
     def status(self, job_id, owner=None):
@@ -1737,22 +1882,75 @@ class JobManager:
                 pass   # finished in between; the snapshot is still right
         return snap
 
+    def walk(self, owner=None, states=None, after=None, newest_first=False):
+        """JobStatus of the jobs past position `after` (an order_key; None: from the start), in
+        List's order (oldest first, or newest first), of `owner` only and in one of `states`
+        if given. Jobs added or removed meanwhile do not disturb the walk."""
+        with self._lock:
+            if newest_first:
+                i = bisect.bisect_left(self._order, after) if after else len(self._order)
+                keys = self._order[:i]
+                keys.reverse()
+            else:
+                i = bisect.bisect_right(self._order, after) if after else 0
+                keys = self._order[i:]
+            jobs = [self._jobs[k[1]] for k in keys]
+        for job in jobs:
+            s = job.status
+            if (owner is None or s.owner == owner) and (not states or s.state in states):
+                yield job.snapshot()
+
     def list(self, owner=None):
         """JobStatus of every job (of `owner` only, if given), oldest first."""
-        with self._lock:
-            jobs = list(self._jobs.values())
-        snaps = [j.snapshot() for j in jobs if owner is None or j.status.owner == owner]
-        return sorted(snaps, key=lambda s: s.started_at)
+        return list(self.walk(owner))
 
     def follow(self, job_id, offset=0, owner=None, max_chunk=1 << 20):
-        """Iterator of Chunks from `offset`, live until the job is final; has .cancel()."""
-        job = self._get(job_id, owner)
+        """Iterator of Chunks from `offset`, live until the job is final; has .cancel() and
+        .final_status(). The output files are opened here: a later Remove does not cut it."""
         if not isinstance(offset, int) or offset < 0:
             raise InvalidArgument("offset", offset, "a byte offset, 0 or more")
-        with job.cond:
-            if job.final.is_set() and offset > job.log.size:
-                raise InvalidArgument("offset", offset, f"at most the output size {job.log.size}")
-        return _Follow(job, offset, max_chunk)
+        validate_job_id(job_id)
+        with self._lock:   # not removed while its files are opened
+            job = self._visible(job_id, owner)
+            fds = self.store.open_output(job_id)
+        if job.final and offset > job.status.output_bytes:
+            for fd in fds:
+                if fd is not None:
+                    os.close(fd)
+            raise InvalidArgument("offset", offset,
+                                  f"at most the output size {job.status.output_bytes}")
+        return _Follow(job, offset, max_chunk, fds)
+
+    def remove(self, job_id, owner=None):
+        """Delete a finished job's record and output; its id is unknown from then on. Raises
+        JobRunning if it has not ended, JobNotFound if unknown or not `owner`'s."""
+        validate_job_id(job_id)
+        with self._lock:
+            self._visible(job_id, owner)
+            if job_id not in self._finished:
+                raise JobRunning(job_id)
+            self._detach(job_id)
+        self.store.discard(job_id)
+
+    def apply_retention(self):
+        """Remove the finished jobs beyond the rules: the oldest past keep_finished, and those
+        that ended more than keep_for seconds ago. Running jobs are never removed."""
+        limit = None if self.keep_for is None else self._clock() - self.keep_for
+        removed = []
+        with self._lock:
+            for job_id in list(self._finished):
+                too_many = len(self._finished) > self.keep_finished
+                too_old = limit is not None and self._jobs[job_id].status.ended_at < limit
+                if not (too_many or too_old):
+                    break
+                self._detach(job_id)
+                removed.append(job_id)
+        for job_id in removed:
+            self.store.discard(job_id)
+        if removed:
+            log.info("retention: removed %d finished job%s", len(removed),
+                     "s" if len(removed) != 1 else "")
+        return removed
 
     def close(self, grace=None):
         """Stop every running job, finish their records, end the launcher. Idempotent."""
@@ -1760,7 +1958,8 @@ class JobManager:
             if self._closed:
                 return
             self._closed = True
-            running = [j for j in self._jobs.values() if not j.final.is_set()]
+            running = [j for j in self._jobs.values() if not j.final]
+        self._closing.set()
         if not self._opened:
             return
         pool = concurrent.futures.ThreadPoolExecutor(16) if running else None
@@ -1770,8 +1969,10 @@ class JobManager:
         self._finisher.shutdown(wait=True)
         self._engine.stop()
         self._launcher.close()
+        self._sweeper.join()
         for job in self._jobs.values():
-            job.log.close_writer()
+            if isinstance(job, Job):
+                job.writer.close()
         self.cgroups.remove_parent_if_empty()
 
     def __enter__(self):
@@ -1785,16 +1986,34 @@ class JobManager:
     def _stop_quietly(self, job, grace):
         try:
             self.stop(job.id, grace)
-        except JobNotRunning:
+        except (JobNotRunning, JobNotFound):
             pass
+
+    def _visible(self, job_id, owner):
+        """The job, if it exists and `owner` (None: anyone) may see it. Call with _lock held."""
+        job = self._jobs.get(job_id)
+        if job is None or (owner is not None and job.status.owner != owner):
+            raise JobNotFound(job_id)
+        return job
 
     def _get(self, job_id, owner):
         validate_job_id(job_id)
         with self._lock:
-            job = self._jobs.get(job_id)
-        if job is None or (owner is not None and job.status.owner != owner):
-            raise JobNotFound(job_id)
-        return job
+            return self._visible(job_id, owner)
+
+    def _detach(self, job_id):
+        """Forget a finished job (its files are removed after). Call with _lock held."""
+        job = self._jobs.pop(job_id)
+        self._finished.pop(job_id, None)
+        i = bisect.bisect_left(self._order, job.status.order_key)
+        del self._order[i]
+
+    def _sweep(self):
+        while not self._closing.wait(RETENTION_INTERVAL):
+            try:
+                self.apply_retention()
+            except Exception:
+                log.exception("retention sweep")
 
     def _spawn_request(self, job, argv):
         env = {"PATH": JOB_PATH, "LANG": JOB_LANG, "HOME": "/root"}
@@ -1817,7 +2036,8 @@ class JobManager:
         for job in running:
             with job.cond:
                 job.launcher_lost = True
-                job.main_exited.set()
+                job.main_exited = True
+                job.cond.notify_all()
             if not self._closed:
                 self._finisher.submit(self._finish, job)
 
@@ -1827,32 +2047,44 @@ class JobManager:
                 job.status.signal = os.WTERMSIG(raw_status)
             else:
                 job.status.exit_code = os.WEXITSTATUS(raw_status)
-            job.main_exited.set()
+            job.main_exited = True
+            job.cond.notify_all()
         self._finisher.submit(self._finish, job)
 
     def _pipe_reader(self, job, stream):
+        writer = job.writer
+
         def on_readable(fd):
             try:
                 data = os.read(fd, 1 << 20)
             except BlockingIOError:
                 return
             if data:
-                job.log.append(stream, data)   # publishes under job.cond and wakes followers
+                writer.append(stream, data)   # no lock held while writing to disk
+                with job.cond:               # then publish what is on disk, wake followers
+                    s = job.status
+                    s.output_bytes, job.records = writer.size, writer.records
+                    s.log_truncated, s.log_error = writer.truncated, writer.error
+                    job.cond.notify_all()
                 return
             self._engine.remove_reader(fd)
             with job.cond:
                 job.open_streams -= 1
                 if job.open_streams == 0:
-                    job.output_done.set()
+                    job.output_done = True
+                    job.cond.notify_all()
         return on_readable
 
     def _finish(self, job):
         """After the main process ended: kill what it left (KillMode=control-group), collect
-        the rest of the output, read the OOM counter and usage, remove the cgroup."""
+        the rest of the output, read the OOM counter and usage, remove the cgroup; then save
+        the final record and keep a FinishedJob in the job's place."""
         try:
             if job.cgroup.pids():
                 job.cgroup.kill_all()
-            if not job.output_done.wait(5.0):
+            with job.cond:
+                drained = job.cond.wait_for(lambda: job.output_done, 5.0)
+            if not drained:
                 # a process outside the cgroup holds the pipe: stop reading
                 done = threading.Event()
 
@@ -1868,36 +2100,42 @@ class JobManager:
         except Exception:
             log.exception("finishing job %s", job.id)
             oom, usage = False, {}
-        job.log.close_writer()   # the engine reads no more of this job's pipes
+        job.writer.close()   # the engine reads no more of this job's pipes
         with job.cond:
-            job.status.state = (LOST if job.launcher_lost else
-                                STOPPED if job.stop_requested else EXITED)
-            job.status.oom_killed = oom
-            job.status.usage = usage
-            job.status.ended_at = time.time()
-        self.store.save(job.snapshot())
+            s = job.status
+            s.state = LOST if job.launcher_lost else STOPPED if job.stop_requested else EXITED
+            s.oom_killed = oom
+            s.usage = usage
+            s.ended_at = self._clock()
+        final = job.snapshot()
+        self.store.save(final)
         with self._lock:
             self._running -= 1
+            if self._jobs.get(job.id) is job:
+                self._jobs[job.id] = FinishedJob(final, job.records)
+                self._finished[job.id] = None
         with job.cond:
-            job.final.set()
+            job.final = True
             job.cond.notify_all()
+        if not self._closed:
+            self.apply_retention()
 
     def _recover(self):
         """Load earlier jobs; those that were running when the server died become `lost`:
         whatever is left of them is killed and their cgroups removed."""
-        for status in self.store.load():
-            job = Job(status, self.store.job_dir(status.id), self.log_cap,
-                      self.cgroups.job(status.id), create=False)
-            if status.state == RUNNING:
+        statuses = self.store.load()
+        for status in statuses:
+            if status.state == RUNNING:   # its record was last written when it started
                 status.state = LOST
-                status.ended_at = time.time()
-                self._discard_cgroup(job.cgroup)
-            job.main_exited.set()
-            job.output_done.set()
-            job.final.set()
-            self._jobs[status.id] = job
-            if status.state == LOST:
-                self.store.save(job.snapshot())
+                status.ended_at = self._clock()
+                status.output_bytes = output_size(self.store.job_dir(status.id))
+                self._discard_cgroup(self.cgroups.job(status.id))
+                self.store.save(status)
+            self._jobs[status.id] = FinishedJob(status,
+                                                index_records(self.store.job_dir(status.id)))
+        self._order = sorted(s.order_key for s in statuses)
+        self._finished = dict.fromkeys(s.id for s in sorted(statuses,
+                                                             key=lambda s: (s.ended_at or 0)))
         for name in self.cgroups.leftover_job_ids():
             if name not in self._jobs:
                 self._discard_cgroup(self.cgroups.job(name))
@@ -1953,6 +2191,7 @@ POLICY = {
     f"/{SERVICE_NAME}/Query": _READ,
     f"/{SERVICE_NAME}/Stream": _READ,
     f"/{SERVICE_NAME}/List": _READ,
+    f"/{SERVICE_NAME}/Remove": {"writer": OWN, "admin": ANY},
 }
 # grpcio has no minimum-TLS-version setting. With an ECDSA server key and only RSA-authenticated
 # TLS 1.2 suites allowed, no TLS 1.2 handshake can succeed; TLS 1.3 suites are not affected by
@@ -1978,6 +2217,7 @@ def _grpc():
 
 def _pb():
     """The generated protobuf modules (built from jobworker.proto by `make` or build_zipapp.py)."""
+    _grpc()   # the _grpc module imports grpc: the TLS 1.2 restriction must come first
     try:
         import jobworker_pb2
         import jobworker_pb2_grpc
@@ -2261,9 +2501,12 @@ def _timestamp(pb_ts, seconds):
 # Library names -> proto names, spelled out: no reliance on equal enum numbers, and a usage key
 # without a proto field is an error, not dropped.
 STREAM_TO_PROTO = {STDOUT: "OUTPUT_STREAM_STDOUT", STDERR: "OUTPUT_STREAM_STDERR"}
+STATE_TO_PROTO = {RUNNING: "JOB_STATE_RUNNING", EXITED: "JOB_STATE_EXITED",
+                  STOPPED: "JOB_STATE_STOPPED", LOST: "JOB_STATE_LOST"}
 USAGE_TO_PROTO = {"cpu_seconds": "cpu_seconds", "memory_bytes": "memory_bytes",
                   "memory_peak_bytes": "memory_peak_bytes", "io_read_bytes": "io_read_bytes",
                   "io_write_bytes": "io_write_bytes", "tasks": "tasks"}
+assert set(USAGE_TO_PROTO) == set(USAGE_KEYS)
 
 
 def usage_to_proto(pb, usage):
@@ -2281,7 +2524,7 @@ def status_to_proto(pb, s):
         limits=pb.Limits(cpu_percent=s.limits.cpu_percent or 0,
                          memory_bytes=s.limits.memory_bytes or 0,
                          io_bytes_per_second=s.limits.io_bps or 0, pids=s.limits.pids or 0),
-        state=getattr(pb, f"JOB_STATE_{s.state.upper()}"), oom_killed=s.oom_killed,
+        state=pb.JobState.Value(STATE_TO_PROTO[s.state]), oom_killed=s.oom_killed,
         usage=usage_to_proto(pb, s.usage),
         log_truncated=s.log_truncated, log_error=s.log_error, output_bytes=s.output_bytes,
         pid=s.pid or 0)
@@ -2294,6 +2537,33 @@ def status_to_proto(pb, s):
     return msg
 
 
+LIST_PAGE_DEFAULT = 500
+LIST_PAGE_MAX = 1000
+LIST_PAGE_BYTES = 1 << 20   # well under the 4 MiB a default gRPC client accepts
+
+
+def encode_page_token(key, newest_first):
+    """An opaque token for the position after `key` (a JobStatus.order_key)."""
+    import base64
+    raw = json.dumps([key[0], key[1], bool(newest_first)], separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_page_token(token, newest_first):
+    """The order_key a token stands for; InvalidArgument unless it is a token of a listing in
+    the same direction."""
+    import base64
+    accepted = "the next_page_token of a previous page of the same listing"
+    try:
+        started, job_id, direction = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        if (not isinstance(started, (int, float)) or isinstance(started, bool)
+                or not _JOB_ID_RE.fullmatch(job_id) or direction is not bool(newest_first)):
+            raise ValueError(token)
+    except (ValueError, TypeError):
+        raise InvalidArgument("page_token", token, accepted) from None
+    return (float(started), job_id)
+
+
 class JobService:
     """The servicer: translates between proto messages and JobManager; decides nothing about
     access (the interceptor did, and passed the Caller on the context)."""
@@ -2302,6 +2572,7 @@ class JobService:
         self.manager = manager
         self.pb, _ = _pb()
         self._streams_pb = {k: self.pb.OutputStream.Value(v) for k, v in STREAM_TO_PROTO.items()}
+        self._states_from_pb = {v: k for k, v in STATE_TO_PROTO.items()}
         self.max_streams = max_streams
         self._streams = 0
         self._lock = threading.Lock()
@@ -2331,18 +2602,50 @@ class JobService:
 
     @_translating
     def List(self, request, context):
-        jobs = self.manager.list(owner=context.caller.owner_filter)
-        return self.pb.ListResponse(jobs=[status_to_proto(self.pb, s) for s in jobs])
+        pb = self.pb
+        owner = context.caller.owner_filter
+        if request.owner and owner is not None and request.owner != owner:
+            return pb.ListResponse()   # a writer's list is its own: no job of anyone else
+        owner = request.owner or owner
+        states = set()
+        for value in request.states:
+            name = pb.JobState.Name(value) if value in pb.JobState.values() else None
+            state = self._states_from_pb.get(name)
+            if state is None:
+                raise InvalidArgument("states", value, "running, exited, stopped or lost")
+            states.add(state)
+        size = min(request.page_size or LIST_PAGE_DEFAULT, LIST_PAGE_MAX)
+        after = (decode_page_token(request.page_token, request.newest_first)
+                 if request.page_token else None)
+        jobs, total, last, more = [], 0, None, False
+        for status in self.manager.walk(owner, states, after, request.newest_first):
+            msg = status_to_proto(pb, status)
+            n = msg.ByteSize() + 8
+            if jobs and (len(jobs) >= size or total + n > LIST_PAGE_BYTES):
+                more = True
+                break
+            jobs.append(msg)
+            total += n
+            last = status
+        token = encode_page_token(last.order_key, request.newest_first) if more else ""
+        return pb.ListResponse(jobs=jobs, next_page_token=token)
+
+    @_translating
+    def Remove(self, request, context):
+        self.manager.remove(request.job_id, owner=context.caller.owner_filter)
+        return self.pb.RemoveResponse()
 
     @_translating
     def Stream(self, request, context):
-        follow = self.manager.follow(request.job_id, request.offset,
-                                     owner=context.caller.owner_filter, max_chunk=STREAM_CHUNK)
         with self._lock:
             if self._streams >= self.max_streams:
                 raise CapReached("concurrent streams", self.max_streams)
             self._streams += 1
+        follow = None
         try:
+            follow = self.manager.follow(request.job_id, request.offset,
+                                         owner=context.caller.owner_filter,
+                                         max_chunk=STREAM_CHUNK)
             # A client that goes away ends the follow at once and gives the thread back.
             context.add_callback(follow.cancel)
             context.send_initial_metadata(())   # the client learns at once that it is admitted
@@ -2350,9 +2653,12 @@ class JobService:
                 yield self.pb.StreamResponse(chunk=self.pb.OutputChunk(
                     stream=self._streams_pb[chunk.stream], offset=chunk.offset, data=chunk.data))
             if not follow.cancelled:
-                status = self.manager.status(request.job_id)
-                yield self.pb.StreamResponse(final_status=status_to_proto(self.pb, status))
+                # from the follow's own job: the final status even if it was removed meanwhile
+                yield self.pb.StreamResponse(
+                    final_status=status_to_proto(self.pb, follow.final_status()))
         finally:
+            if follow is not None:
+                follow.close()
             with self._lock:
                 self._streams -= 1
 
@@ -2813,9 +3119,27 @@ def cmd_query(args):
     return EXIT_OK
 
 
+def list_jobs(client, states=(), owner="", last=None):
+    """Every job the server lists for these filters, oldest first, walking all pages (the
+    newest `last` only, if given)."""
+    pb = client.pb
+    req = pb.ListRequest(states=[pb.JobState.Value(STATE_TO_PROTO[s]) for s in states],
+                         owner=owner or "", newest_first=last is not None)
+    jobs = []
+    while True:
+        if last is not None:
+            req.page_size = min(last - len(jobs), LIST_PAGE_MAX)
+        page = client.call("List", req)
+        jobs += page.jobs
+        if not page.next_page_token or (last is not None and len(jobs) >= last):
+            break
+        req.page_token = page.next_page_token
+    return jobs[::-1] if last is not None else jobs
+
+
 def cmd_list(args):
     client = Client(args)
-    jobs = client.call("List", client.pb.ListRequest()).jobs
+    jobs = list_jobs(client, args.state or (), args.owner, args.last)
     if args.json:
         print(json.dumps([status_to_dict(client.pb, j) for j in jobs], indent=2))
         return EXIT_OK
@@ -2826,6 +3150,21 @@ def cmd_list(args):
         print(f"{d['id']:36}  {d['state']:8}  {exit_:>8}  {d['owner'][:12]:12}  "
               f"{(d['started_at'] or '')[:19]:20}  {_command_line(d['command'])[:80]}")
     return EXIT_OK
+
+
+def cmd_rm(args):
+    client = Client(args)
+    first = EXIT_OK
+    for job_id in args.job_ids:
+        try:
+            client.call("Remove", client.pb.RemoveRequest(job_id=job_id))
+        except CliError as e:
+            print(f"jobworker: {e}", file=sys.stderr)
+            if first == EXIT_OK:
+                first = e.code
+            if e.code == EXIT_CONNECT:
+                break   # the next ones would say the same
+    return first
 
 
 def cmd_stream(args):
@@ -2877,7 +3216,8 @@ def cmd_serve(args):
     # The manager (and its launcher process) exists before grpc is imported.
     manager = JobManager(args.state_dir, detect_cgroups(args.cgroup_parent),
                          default_pids=args.default_pids, log_cap=args.log_cap,
-                         max_jobs=args.max_jobs, job_user=args.job_user, grace=args.grace)
+                         max_jobs=args.max_jobs, job_user=args.job_user, grace=args.grace,
+                         keep_finished=args.keep_finished, keep_for=args.keep_for)
     try:
         manager.open()
         with serve_grpc(manager, args.listen, ca=ca, cert=cert, key=key,
@@ -2990,6 +3330,42 @@ def cmd_doctor(args):
     return EXIT_OK if problems == 0 else EXIT_ERROR
 
 
+def _cli_type(parse, form):
+    """An argparse type from a parser: a bad value is a usage error naming the accepted form."""
+    import argparse
+
+    def convert(text):
+        try:
+            return parse(text)
+        except (InvalidArgument, ValueError):
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: {form}") from None
+    return convert
+
+
+def _keep_for(text):
+    return None if text == "forever" else parse_duration(text)
+
+
+def _count(text):
+    if not re.fullmatch(r"[0-9]{1,9}", text.strip()):
+        raise ValueError(text)
+    return int(text)
+
+
+def _positive(text):
+    n = _count(text)
+    if n < 1:
+        raise ValueError(text)
+    return n
+
+
+def _state_list(text):
+    states = [s.strip() for s in text.split(",") if s.strip()]
+    if not states or any(s not in STATES for s in states):
+        raise ValueError(text)
+    return states
+
+
 def _add_client_options(p):
     for flag, (env, default) in CLIENT_DEFAULTS.items():
         p.add_argument(f"--{flag}", default=os.environ.get(env, default),
@@ -3031,6 +3407,14 @@ def build_parser():
                    help=f"concurrent Stream calls ({DEFAULT_MAX_STREAMS})")
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                    help=f"largest request message ({DEFAULT_MAX_REQUEST_BYTES})")
+    p.add_argument("--keep-finished", type=_cli_type(_count, "a number of jobs, 0 or more"),
+                   default=DEFAULT_KEEP_FINISHED, metavar="N",
+                   help=f"finished jobs kept; the oldest beyond are removed "
+                        f"({DEFAULT_KEEP_FINISHED})")
+    p.add_argument("--keep-for", type=_cli_type(_keep_for, DURATION_FORM + ", or forever"),
+                   default=DEFAULT_KEEP_FOR, metavar="DURATION",
+                   help="finished jobs are removed this long after they ended: 30s, 15m, "
+                        "12h, 7d, or forever (7d)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("start", usage="jobworker start [--cpu P%%] [--memory SIZE] "
@@ -3064,10 +3448,22 @@ def build_parser():
     _add_client_options(p)
     p.set_defaults(func=cmd_stream)
 
-    p = sub.add_parser("list", help="list the jobs you may see")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("list", help="list the jobs you may see, oldest first")
+    p.add_argument("--json", action="store_true", help="machine-readable output (one array)")
+    p.add_argument("--state", type=_cli_type(_state_list, "states separated by commas: "
+                                             "running, exited, stopped, lost"),
+                   metavar="STATE[,STATE...]", help="only jobs in these states")
+    p.add_argument("--owner", default="", metavar="NAME",
+                   help="only jobs of this identity (readers and admins)")
+    p.add_argument("--last", type=_cli_type(_positive, "a number of jobs, 1 or more"),
+                   metavar="N", help="only the newest N jobs")
     _add_client_options(p)
     p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("rm", help="remove finished jobs: their records and output")
+    p.add_argument("job_ids", nargs="+", metavar="ID", help="a finished job's id")
+    _add_client_options(p)
+    p.set_defaults(func=cmd_rm)
 
     p = sub.add_parser("doctor", help="check this host and the server's certificates")
     p.add_argument("--certs", default=DEFAULT_CERTS_DIR,

@@ -11,6 +11,7 @@ afterwards, also on failure.
 """
 
 import contextlib
+import dataclasses
 import datetime
 import glob
 import hashlib
@@ -156,7 +157,7 @@ class FakeCgroup(jw.Cgroup):
         return self.oom
 
     def usage(self):
-        return dict.fromkeys(jw.USAGE_TO_PROTO, 0)
+        return dict.fromkeys(jw.USAGE_KEYS, 0)
 
     def remove(self):
         with contextlib.suppress(FileNotFoundError):
@@ -999,6 +1000,126 @@ def test_list_filters_by_owner_and_status_hides_foreign_jobs(manager):
         manager.stop(b.id, owner="alice")
 
 
+# -- retention, Remove and the List walk (FakeCgroups: no root) --------------------------------
+
+def finished_records(state, n, start=1_000_000.0, owners=("alice", "bob"), argv_bytes=0):
+    """Write n finished job records straight into a state dir (as a server that ran n jobs
+    would have left them); returns their ids, oldest first."""
+    store = jw.JobStore(str(state))
+    store.open()
+    ids = []
+    for i in range(n):
+        job_id = str(__import__("uuid").uuid4())
+        store.create(job_id)
+        open(f"{store.job_dir(job_id)}/output.log", "wb").close()
+        store.save(jw.JobStatus(id=job_id, owner=owners[i % len(owners)],
+                                command=["true", "x" * argv_bytes] if argv_bytes else ["true"],
+                                limits=jw.Limits(), state=[jw.EXITED, jw.STOPPED, jw.LOST][i % 3],
+                                exit_code=0, started_at=start + i, ended_at=start + i + 0.5))
+        ids.append(job_id)
+    return ids
+
+
+class Clock:
+    """An injected clock a test moves by hand."""
+
+    def __init__(self, now):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def test_a_walk_of_20000_jobs_lists_each_once_while_jobs_come_and_go(fake_manager, tmp_path):
+    ids = finished_records(tmp_path / "state", 20_000)
+    m = fake_manager(keep_finished=100_000, keep_for=None)
+    assert [s.id for s in m.walk()] == ids
+    # a page walk (500 at a time) while jobs are added and removed, ahead and behind it
+    seen, after, removed, added, page_no = [], None, set(), [], 0
+    while True:
+        page = list(itertools.islice(m.walk(after=after), 500))
+        if not page:
+            break
+        page_no += 1
+        seen += [s.id for s in page]
+        after = page[-1].order_key
+        for k in (500 * page_no + 1000, 500 * page_no - 1):   # one ahead, one already seen
+            if k < len(ids) and ids[k] not in removed:
+                m.remove(ids[k])
+                removed.add(ids[k])
+        if page_no <= 30:   # new jobs join the walk's end (a walk with no end would never stop)
+            added.append(m.start("true").id)
+    assert len(seen) == len(set(seen))                         # none twice
+    ahead = {ids[500 * p + 1000] for p in range(1, page_no + 1) if 500 * p + 1000 < len(ids)}
+    assert set(ids) - ahead <= set(seen) and not ahead & set(seen)   # none skipped that stayed
+    assert set(added) <= set(seen)
+    newest = [s.id for s in itertools.islice(m.walk(newest_first=True), 3)]
+    assert newest == [s.id for s in m.list()][::-1][:3]
+    assert {s.id for s in m.walk(owner="alice", states={jw.STOPPED})} == \
+        {ids[i] for i in range(20_000) if i % 2 == 0 and i % 3 == 1} - removed
+
+
+def test_retention_by_count_and_age_at_runtime_and_at_start(fake_manager, tmp_path):
+    clock = Clock(1_000_000.0)
+    ids = finished_records(tmp_path / "state", 10, start=clock.now - 100)
+    m = fake_manager(keep_finished=6, keep_for=3600, clock=clock)   # at start: by count
+    assert [s.id for s in m.list()] == ids[4:]
+    assert sorted(os.listdir(m.jobs_dir)) == sorted(ids[4:])
+    running = m.start("sleep", ["600"])
+    clock.now += 1
+    a = m.start("true")
+    wait_final(m, a.id)                                   # at runtime, when a job ends
+    assert [s.id for s in m.list()] == ids[5:] + [running.id, a.id]
+    clock.now += 3600 - 51                                # the old records pass keep_for
+    assert m.apply_retention() == ids[5:]
+    assert [s.id for s in m.list()] == [running.id, a.id]
+    clock.now += 10 * 86400                               # running jobs are never removed
+    assert m.apply_retention() == [a.id]
+    assert [s.id for s in m.list()] == [running.id]
+    assert sorted(os.listdir(m.jobs_dir)) == [running.id]
+    m.stop(running.id, grace=0)
+    m.close()
+    again = fake_manager(keep_finished=0, keep_for=None)  # a restart with tighter rules
+    assert again.list() == [] and os.listdir(again.jobs_dir) == []
+
+
+def test_remove_deletes_a_finished_job_and_refuses_a_running_one(fake_manager, tmp_path):
+    m = fake_manager()
+    done = m.start("sh", ["-c", "echo out; echo err >&2"], owner="alice")
+    wait_final(m, done.id)
+    running = m.start("sleep", ["600"], owner="alice")
+    with pytest.raises(jw.JobRunning, match="stop it first"):
+        m.remove(running.id)
+    with pytest.raises(jw.JobNotFound):
+        m.remove(done.id, owner="bob")
+    m.remove(done.id, owner="alice")
+    assert not os.path.exists(f"{m.jobs_dir}/{done.id}")
+    for call in (m.status, m.follow, m.remove, m.stop):
+        with pytest.raises(jw.JobNotFound):
+            call(done.id)
+    m.stop(running.id, grace=0)
+    m.remove(running.id)
+    m.close()
+    assert fake_manager().list() == []
+
+
+def test_a_follower_of_a_removed_job_still_gets_all_of_it(fake_manager):
+    m = fake_manager()
+    job = m.start("head", ["-c", "3000000", "/dev/zero"])
+    wait_final(m, job.id)
+    follows = [m.follow(job.id, max_chunk=1 << 16) for _ in range(5)]
+    iters = [iter(f) for f in follows]
+    firsts = [next(it) for it in iters]           # each has begun reading
+    m.remove(job.id)
+    assert not os.path.exists(f"{m.jobs_dir}/{job.id}")
+    for f, it, first in zip(follows, iters, firsts):
+        data = first.data + b"".join(c.data for c in it)
+        assert data == b"\0" * 3_000_000
+        assert f.final_status().state == jw.EXITED and f.final_status().output_bytes == 3_000_000
+    with pytest.raises(jw.JobNotFound):
+        m.status(job.id)
+
+
 @root
 def test_usage_is_live_and_kept_after_the_end(manager):
     job = manager.start(PY, ["-c", "b = bytearray(30 << 20)\n"
@@ -1092,7 +1213,7 @@ def rpc():
     grpc = jw._grpc()
     pb, pb_grpc = jw._pb()
     SC = grpc.StatusCode
-METHODS = ["Start", "Stop", "Query", "Stream", "List"]
+METHODS = ["Start", "Stop", "Query", "Stream", "List", "Remove"]
 
 
 @pytest.fixture(scope="session")
@@ -1189,6 +1310,16 @@ class Peer:
         except grpc.RpcError as e:
             return e.code()
 
+    def list(self, **filters):
+        """Every job of a full page walk, oldest first."""
+        req, jobs = pb.ListRequest(**filters), []
+        while True:
+            page = self.stub.List(req, timeout=30)
+            jobs += page.jobs
+            if not page.next_page_token:
+                return jobs
+            req.page_token = page.next_page_token
+
     def close(self):
         self.channel.close()
 
@@ -1210,13 +1341,13 @@ def peers(pki, api):
 MATRIX = {
     "norole":  dict(Start="PERMISSION_DENIED", Stop="PERMISSION_DENIED",
                     Query="PERMISSION_DENIED", Stream="PERMISSION_DENIED",
-                    List="PERMISSION_DENIED"),
+                    List="PERMISSION_DENIED", Remove="PERMISSION_DENIED"),
     "reader":  dict(Start="PERMISSION_DENIED", Stop="PERMISSION_DENIED", Query="OK",
-                    Stream="OK", List="OK"),
-    "alice":   dict(Start="OK", Stop="OK", Query="OK", Stream="OK", List="OK"),
+                    Stream="OK", List="OK", Remove="PERMISSION_DENIED"),
+    "alice":   dict(Start="OK", Stop="OK", Query="OK", Stream="OK", List="OK", Remove="OK"),
     "foreign": dict(Start="OK", Stop="NOT_FOUND", Query="NOT_FOUND", Stream="NOT_FOUND",
-                    List="OK"),
-    "admin":   dict(Start="OK", Stop="OK", Query="OK", Stream="OK", List="OK"),
+                    List="OK", Remove="NOT_FOUND"),
+    "admin":   dict(Start="OK", Stop="OK", Query="OK", Stream="OK", List="OK", Remove="OK"),
 }
 
 
@@ -1239,11 +1370,77 @@ def test_method_by_role_matrix(caller, method, peers):
 def test_list_shows_writers_only_their_jobs_and_readers_everything(peers):
     a = peers("alice").start("true")
     b = peers("bob").start("true")
-    mine = {j.job_id for j in peers("alice").stub.List(pb.ListRequest()).jobs}
-    everyone = {j.job_id for j in peers("reader").stub.List(pb.ListRequest()).jobs}
+    mine = {j.job_id for j in peers("alice").list()}
+    everyone = {j.job_id for j in peers("reader").list()}
     assert a in mine and b not in mine
     assert {a, b} <= everyone
-    assert {j.owner for j in peers("alice").stub.List(pb.ListRequest()).jobs} == {"alice"}
+    assert {j.owner for j in peers("alice").list()} == {"alice"}
+    assert {j.job_id for j in peers("reader").list(owner="bob")} >= {b}
+    assert {j.owner for j in peers("reader").list(owner="bob")} == {"bob"}
+    assert peers("alice").list(owner="bob") == []      # a writer's list is its own
+
+
+@root
+def test_remove_of_a_running_job_says_stop_it_first(peers):
+    job = peers("alice").start("sleep", "600")
+    for who, code in [("alice", "FAILED_PRECONDITION"), ("admin", "FAILED_PRECONDITION"),
+                      ("bob", "NOT_FOUND"), ("reader", "PERMISSION_DENIED")]:
+        assert peers(who).call("Remove", job) == getattr(SC, code), who
+    with pytest.raises(grpc.RpcError) as e:
+        peers("alice").stub.Remove(pb.RemoveRequest(job_id=job))
+    assert "stop it first" in e.value.details()
+    peers("alice").stub.Stop(pb.StopRequest(job_id=job, grace_seconds=0))
+    assert peers("alice").call("Remove", job) == SC.OK
+    assert peers("alice").call("Query", job) == SC.NOT_FOUND
+
+
+@root
+def test_list_pages_are_bounded_and_tokens_checked(peers):
+    alice = peers("alice")
+    big = [alice.start("true", "x" * (125 << 10), "y" * (125 << 10)) for _ in range(12)]
+    pages, req = [], pb.ListRequest(page_size=5000)
+    while True:
+        page = alice.stub.List(req)
+        pages.append(page)
+        assert page.ByteSize() <= (1 << 20) + 4096 and len(page.jobs) <= 1000
+        if not page.next_page_token:
+            break
+        req.page_token = page.next_page_token
+    ids = [j.job_id for p in pages for j in p.jobs]
+    assert len(ids) == len(set(ids)) and set(big) <= set(ids) and len(pages) >= 3
+    assert [j.job_id for j in alice.list(newest_first=True)] == ids[::-1]
+    only = alice.list(states=[pb.JOB_STATE_STOPPED])
+    assert all(j.state == pb.JOB_STATE_STOPPED for j in only)
+    for bad in [pb.ListRequest(page_token="garbage"), pb.ListRequest(states=[0]),
+                pb.ListRequest(states=[99]),
+                pb.ListRequest(page_token=pages[0].next_page_token, newest_first=True)]:
+        with pytest.raises(grpc.RpcError) as e:
+            alice.stub.List(bad)
+        assert e.value.code() == SC.INVALID_ARGUMENT, bad
+    # a client built from the proto before paging sends an empty ListRequest: first page
+    raw = alice.channel.unary_unary(f"/{jw.SERVICE_NAME}/List")(b"", timeout=30)
+    first = pb.ListResponse.FromString(raw)
+    assert [j.job_id for j in first.jobs] == [j.job_id for j in pages[0].jobs]
+
+
+@root
+def test_a_job_removed_while_five_clients_stream_it_reaches_each_in_full(peers):
+    alice = peers("alice")
+    job = alice.start("head", "-c", "20000000", "/dev/zero")
+    alice.stream(job)                                       # it has ended
+    calls = [alice.stub.Stream(pb.StreamRequest(job_id=job), timeout=60) for _ in range(5)]
+    firsts = [next(c) for c in calls]                       # every stream has begun
+    assert peers("admin").call("Remove", job) == SC.OK
+    for first, call in zip(firsts, calls):
+        data, final = first.chunk.data, None
+        for msg in call:
+            if msg.HasField("chunk"):
+                data += msg.chunk.data
+            else:
+                final = msg.final_status
+        assert len(data) == 20_000_000 and data.count(0) == 20_000_000
+        assert final.state == pb.JOB_STATE_EXITED and final.output_bytes == 20_000_000
+    assert alice.call("Stream", job) == SC.NOT_FOUND
 
 
 @root
@@ -1363,7 +1560,7 @@ def test_status_maps_to_the_proto_field_by_field(rpc):
     assert d["usage"] == usage and d["output_bytes"] == 7 and d["pid"] == 42
     assert (d["started_at"], d["ended_at"]) == ("1970-01-01T00:00:01.250Z", "1970-01-01T00:00:02.500Z")
     with pytest.raises(ValueError, match="without a proto field"):
-        jw.status_to_proto(pb, jw.JobStatus(**{**s.__dict__, "usage": {"gpu_seconds": 1}}))
+        jw.status_to_proto(pb, dataclasses.replace(s, usage={"gpu_seconds": 1}))
     assert {pb.OutputStream.Value(v) for v in jw.STREAM_TO_PROTO.values()} == \
         {pb.OUTPUT_STREAM_STDOUT, pb.OUTPUT_STREAM_STDERR}
 
@@ -1479,7 +1676,7 @@ def test_two_clients_attached_early_and_late_get_identical_output(peers):
 def test_unexpected_errors_are_internal_without_details(peers, api, monkeypatch):
     def broken(*a, **kw):
         raise RuntimeError("secret detail")
-    monkeypatch.setattr(api[0], "list", broken)
+    monkeypatch.setattr(api[0], "walk", broken)
     with pytest.raises(grpc.RpcError) as e:
         peers("admin").stub.List(pb.ListRequest())
     assert e.value.code() == SC.INTERNAL
@@ -1496,6 +1693,8 @@ def test_every_call_writes_one_audit_line(peers, caplog):
     peers("reader").call("Stop", job)
     peers("bob").call("Query", job)
     peers("norole").call("List")
+    peers("bob").call("Remove", job)
+    alice.call("Remove", job)
     lines = [r.getMessage() for r in caplog.records if r.name == "jobworker.audit"]
     assert lines == [
         f'identity="alice" role=writer method=Start job={job} code=OK',
@@ -1504,6 +1703,8 @@ def test_every_call_writes_one_audit_line(peers, caplog):
         f'identity=- role=- method=Stop job={job} code=PERMISSION_DENIED',
         f'identity="bob" role=writer method=Query job={job} code=NOT_FOUND',
         'identity=- role=- method=List job=- code=PERMISSION_DENIED',
+        f'identity="bob" role=writer method=Remove job={job} code=NOT_FOUND',
+        f'identity="alice" role=writer method=Remove job={job} code=OK',
     ]
 
 
@@ -1686,10 +1887,10 @@ def venvs(tmp_path_factory):
 class ServeProcess:
     """`jobworker serve` in a subprocess on a free port; stop() sends SIGTERM."""
 
-    def __init__(self, argv, certs, state, parent, listen="127.0.0.1:0", env=None):
+    def __init__(self, argv, certs, state, parent, listen="127.0.0.1:0", env=None, extra=()):
         self.proc = subprocess.Popen(
             [*argv, "serve", "--listen", listen, "--certs", str(certs), "--state-dir", str(state),
-             "--cgroup-parent", parent], stderr=subprocess.PIPE, text=True, env=env)
+             "--cgroup-parent", parent, *extra], stderr=subprocess.PIPE, text=True, env=env)
         self.lines = []
         ready = threading.Event()
 
@@ -1845,6 +2046,87 @@ def socket_port():
         yield s.getsockname()[1]
     finally:
         s.close()
+
+
+@root
+def test_cli_list_walks_every_page_of_50_jobs_with_250_kb_argv(pki, src_server):
+    run = lambda *a: cli(SRC, *a, certs=pki, port=src_server.port)
+    argv = ["true", "x" * (125 << 10), "y" * (125 << 10)]
+    big = [run("start", "--", *argv).stdout.decode().strip() for _ in range(50)]
+    assert all(jw._JOB_ID_RE.fullmatch(j) for j in big)
+    r = run("list", "--json")
+    assert r.returncode == 0, r.stderr[-500:]
+    jobs = json.loads(r.stdout)          # one array, oldest first, every page
+    ids = [j["id"] for j in jobs]
+    assert set(big) <= set(ids) and len(ids) == len(set(ids))
+    assert [j["started_at"] for j in jobs] == sorted(j["started_at"] for j in jobs)
+    human = run("list")
+    assert human.returncode == 0 and all(j in human.stdout.decode() for j in big)
+    last = json.loads(run("list", "--json", "--last", "3").stdout)
+    assert [j["id"] for j in last] == ids[-3:]
+    running = run("start", "sleep", "600").stdout.decode().strip()
+    only = json.loads(run("list", "--json", "--state", "running").stdout)
+    assert running in [j["id"] for j in only] and {j["state"] for j in only} == {"running"}
+    mixed = json.loads(run("list", "--json", "--state", "running,exited").stdout)
+    assert {j["state"] for j in mixed} <= {"running", "exited"} and set(big) <= \
+        {j["id"] for j in mixed}
+    assert json.loads(run("list", "--json", "--owner", "nobody-at-all").stdout) == []
+    bad = run("list", "--state", "sleeping")
+    assert bad.returncode == 2 and b"--state" in bad.stderr and b"running" in bad.stderr
+    run("stop", running, "--grace", "0")
+
+
+@root
+def test_cli_rm_removes_each_and_reports_each_failure(pki, src_server):
+    run = lambda *a, name="client": cli(SRC, *a, certs=pki, port=src_server.port, name=name)
+    done = [run("start", "true").stdout.decode().strip() for _ in range(2)]
+    running = run("start", "sleep", "600").stdout.decode().strip()
+    for j in done:
+        run("stream", j)
+    unknown = "6f9619ff-8b86-4011-b42d-00c04fc964ff"
+    r = run("rm", running, done[0], unknown, done[1])
+    err = r.stderr.decode().splitlines()
+    assert r.returncode == 6 and len(err) == 2
+    assert err[0] == f"jobworker: job {running} is running; stop it first"
+    assert err[1] == f"jobworker: no such job: {unknown}"
+    for j in done:
+        assert run("query", j).returncode == 4
+    r = run("rm", unknown)
+    assert r.returncode == 4
+    assert run("rm", running, name="reader").returncode == 5
+    run("stop", running, "--grace", "0")
+    assert run("rm", running).returncode == 0 and run("query", running).returncode == 4
+
+
+@root
+def test_serve_retention_flags_and_a_restart_after_removals(pki, tmp_path):
+    for flags, says in [(["--keep-for", "3x"], "argument --keep-for: invalid value '3x': "
+                                                "seconds, or a number with s, m, h or d"),
+                        (["--keep-finished", "-1"], "argument --keep-finished: invalid value")]:
+        r = subprocess.run([*SRC, "serve", *flags], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and says in r.stderr, r.stderr
+    state, parent = tmp_path / "state", f"{RUN_PARENT}/keep"
+    server = ServeProcess([*SRC], pki, state, parent, extra=["--keep-finished", "3"])
+    run = lambda *a: cli(SRC, *a, certs=pki, port=server.port)
+    try:
+        jobs = []
+        for i in range(5):
+            jobs.append(run("start", "echo", str(i)).stdout.decode().strip())
+            run("stream", jobs[-1])
+        running = run("start", "sleep", "600").stdout.decode().strip()
+        kept = [j["id"] for j in json.loads(run("list", "--json").stdout)]
+        assert kept == jobs[2:] + [running]                  # the 3 newest finished, and running
+        assert sorted(os.listdir(state / "jobs")) == sorted(kept)
+        assert run("rm", jobs[3]).returncode == 0
+    finally:
+        assert server.stop() == 0                           # stops the running job
+    server = ServeProcess([*SRC], pki, state, parent, extra=["--keep-finished", "3"])
+    try:
+        after = [j["id"] for j in json.loads(run("list", "--json").stdout)]
+        assert after == [jobs[2], jobs[4], running]
+        assert run("stream", jobs[4]).stdout == b"4\n"
+    finally:
+        assert server.stop() == 0
 
 
 @root

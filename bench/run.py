@@ -50,6 +50,7 @@ class Serve:
     """`jobworker.py serve` on a free loopback port."""
 
     def __init__(self, certs, state, extra=()):
+        t = time.perf_counter()
         self.proc = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "jobworker.py"), "serve", "--listen",
              "127.0.0.1:0", "--certs", certs, "--state-dir", state, "--cgroup-parent",
@@ -58,6 +59,7 @@ class Serve:
         for line in self.proc.stderr:
             if "serving on" in line:
                 self.port = int(line.split("(port ")[1].split(")")[0])
+                self.ready_s = time.perf_counter() - t   # exec to port accepting
                 break
         threading.Thread(target=lambda: [None for _ in self.proc.stderr], daemon=True).start()
 
@@ -193,7 +195,7 @@ def fig1_2(certs, server, bare):
         cpu_quota="50%", memory_limit="256M", disk_io="10MB/s"))
     unary_latencies(lambda: s.Start(sleeper), 30)     # warm up
     starts = unary_latencies(lambda: s.Start(sleeper), 300)
-    for job in s.List(pb.ListRequest()).jobs:
+    for job in s.List(pb.ListRequest(states=[pb.JOB_STATE_RUNNING], page_size=1000)).jobs:
         s.Stop(pb.StopRequest(job_id=job.job_id, grace_seconds=0))
     limited = pb.StartRequest(name="true", resources=sleeper.resources)
     fork_floor = lambda mode: json.loads(subprocess.run(
@@ -446,6 +448,86 @@ def fig7(certs, server, bare, pyz):
     ch.close()
 
 
+def finished_records(state, n):
+    """n finished job records with empty output, as a server that ran n jobs leaves them."""
+    import uuid
+    store = jw.JobStore(state)
+    store.open()
+    for i in range(n):
+        job_id = str(uuid.uuid4())
+        store.create(job_id)
+        for name in (jw.LOG_FILE, jw.INDEX_FILE):
+            open(os.path.join(store.job_dir(job_id), name), "wb").close()
+        store.save(jw.JobStatus(id=job_id, owner="bench", command=["true"], limits=jw.Limits(),
+                                state=jw.EXITED, exit_code=0, started_at=1e9 + i,
+                                ended_at=1e9 + i + 0.01))
+
+
+def fig9(certs, state_root):
+    """A server that has run for months: 20,000 finished jobs."""
+    keep = ["--keep-finished", "100000", "--keep-for", "forever"]
+    env = dict(os.environ, PYTHONPATH=HERE, JOBWORKER_CA=f"{certs}/ca.crt",
+               JOBWORKER_CERT=f"{certs}/bench.crt", JOBWORKER_KEY=f"{certs}/bench.key")
+
+    def list_walk(port):
+        e = dict(env, JOBWORKER_SERVER=f"127.0.0.1:{port}")
+        t = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "jobworker", "list"], env=e,
+                           capture_output=True, check=True)
+        return time.perf_counter() - t, r.stdout.count(b"\n") - 1
+
+    empty = Serve(certs, os.path.join(state_root, "empty"), keep)
+    try:
+        list_walk(empty.port)
+        floor_list = list_walk(empty.port)[0]
+        time.sleep(1)
+        rss0 = empty.stats()[1]
+        floor_start = empty.ready_s
+    finally:
+        empty.stop()
+    full_dir = os.path.join(state_root, "full")
+    finished_records(full_dir, 20_000)
+    full = Serve(certs, full_dir, keep)
+    try:
+        walk, n = list_walk(full.port)
+        walk = min(walk, list_walk(full.port)[0])
+        time.sleep(1)
+        rss1 = full.stats()[1]
+    finally:
+        full.stop()
+    row(9, "20,000 finished jobs: restart, exec to port (s)", full.ready_s, floor_start,
+        full.ready_s / floor_start, "<= 3 s")
+    row(9, "20,000 finished jobs: server RSS per job (B)", (rss1 - rss0) / 20_000, None, None,
+        "<= 2 KB")
+    row(9, f"20,000 finished jobs: CLI list walk, {n} rows (s)", walk, floor_list,
+        walk / floor_list, "<= 2 s")
+
+    # jobs that ran in this server: memory and disk per finished job with empty output
+    runs = Serve(certs, os.path.join(state_root, "runs"), keep)
+    try:
+        pb = jw._pb()[0]
+        ch, s = stub(certs, runs.port)
+        true = pb.StartRequest(name="true")
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda _: s.Start(true), range(200)))
+            time.sleep(2)
+            rss_a = runs.stats()[1]
+            list(pool.map(lambda _: s.Start(true), range(2000)))
+        while s.List(pb.ListRequest(states=[pb.JOB_STATE_RUNNING])).jobs:
+            time.sleep(0.5)
+        time.sleep(2)
+        rss_b = runs.stats()[1]
+        du = subprocess.run(["du", "-sk", os.path.join(state_root, "runs", "jobs")],
+                            capture_output=True, text=True, check=True).stdout.split()[0]
+        ch.close()
+    finally:
+        runs.stop()
+    row(10, "2,000 jobs run: server RSS per finished job (B)", (rss_b - rss_a) / 2000, None,
+        None, "<= 2 KB")
+    row(10, "state dir per finished job, empty output (KB)", int(du) / 2200, None, None,
+        "<= 8 KB")
+
+
 def main():
     if os.geteuid() != 0:
         sys.exit("bench: run as root (jobs run in cgroups)")
@@ -471,6 +553,7 @@ def main():
         bare.stop()
     try:
         fig6_8(certs, tmp)
+        fig9(certs, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         jw.detect_cgroups(PARENT).remove_parent()
