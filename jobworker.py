@@ -180,6 +180,18 @@ class LauncherError(JobworkerError):
     """The job launcher process is gone; no job can be started."""
 
 
+class LocalFileError(JobworkerError):
+    """A file this process needs (certificates, keys) cannot be read or is unsafe."""
+
+
+class AddressInUse(JobworkerError):
+    """The server's listen address is taken by another process."""
+
+
+class AlreadyServing(JobworkerError):
+    """Another server owns this state dir or job cgroup parent."""
+
+
 class Unauthenticated(JobworkerError):
     """The connection does not authenticate anyone: not TLS 1.3, or no usable certificate."""
 
@@ -1654,9 +1666,11 @@ class _Engine(threading.Thread):
             self._calls.pop(0)()
 
     def stop(self):
+        """End the thread (if it was started) and close every fd it owns. Once only."""
         self._running = False
-        self.call_soon(lambda: None)
-        self.join()
+        if self.is_alive():
+            self.call_soon(lambda: None)
+            self.join()
         for fd in list(self._handlers):
             self.remove_reader(fd)
         os.close(self._wake_r)
@@ -1766,18 +1780,23 @@ class JobManager:
         """Make the state dir, set up the cgroup parent (on cgroup v2 this moves the calling
         process into a leaf beside the jobs), start the launcher and the engine thread, load
         the jobs of earlier runs and apply the retention rules to them. Returns self."""
-        self.store.open()
-        self.cgroups.setup()
-        self._finisher = concurrent.futures.ThreadPoolExecutor(8, "jobworker-finish")
-        self._engine = _Engine()
-        self._launcher = Launcher(self._on_exit, self._on_launcher_gone)
-        self._engine.add_reader(self._launcher.fileno(), self._launcher_readable, close=False)
-        self._engine.start()
-        self._recover()
-        self.apply_retention()
-        self._sweeper = threading.Thread(target=self._sweep, name="jobworker-retention",
-                                         daemon=True)
-        self._sweeper.start()
+        try:
+            self.store.open()
+            self.cgroups.setup()
+            self._finisher = concurrent.futures.ThreadPoolExecutor(8, "jobworker-finish")
+            self._engine = _Engine()
+            self._launcher = Launcher(self._on_exit, self._on_launcher_gone)
+            self._engine.add_reader(self._launcher.fileno(), self._launcher_readable,
+                                    close=False)
+            self._engine.start()
+            self._recover()
+            self.apply_retention()
+            self._sweeper = threading.Thread(target=self._sweep, name="jobworker-retention",
+                                             daemon=True)
+            self._sweeper.start()
+        except BaseException:
+            self._shut_down()   # what was started is ended again; nothing is left running
+            raise
         self._opened = True
         return self
 
@@ -1966,10 +1985,20 @@ class JobManager:
         if pool:
             list(pool.map(lambda j: self._stop_quietly(j, grace), running))
             pool.shutdown()
-        self._finisher.shutdown(wait=True)
-        self._engine.stop()
-        self._launcher.close()
-        self._sweeper.join()
+        self._shut_down()
+
+    def _shut_down(self):
+        """End the threads and the launcher (those that were started)."""
+        self._closing.set()
+        if self._finisher:
+            self._finisher.shutdown(wait=True)
+        if self._engine:
+            self._engine.stop()
+            self._engine = None
+        if self._launcher:
+            self._launcher.close()
+        if self._sweeper:
+            self._sweeper.join()
         for job in self._jobs.values():
             if isinstance(job, Job):
                 job.writer.close()
@@ -2677,20 +2706,20 @@ def _read_file(path, what):
         with open(path, "rb") as f:
             return f.read()
     except OSError as e:
-        raise JobworkerError(f"cannot read {what} {path}: {e.strerror}") from None
+        raise LocalFileError(f"cannot read {what} {path}: {e.strerror}") from None
 
 
 def check_server_key(path):
     """The server key must be private and ECDSA (TLS 1.3-only enforcement relies on it)."""
     mode = os.stat(path).st_mode
     if mode & 0o077:
-        raise JobworkerError(f"server key {path} is readable by group or others "
+        raise LocalFileError(f"server key {path} is readable by group or others "
                              f"(mode {mode & 0o777:o}); run: chmod 600 {path}")
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
     key = load_pem_private_key(_read_file(path, "server key"), None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise JobworkerError(f"server key {path} must be an ECDSA key: with it, no TLS 1.2 "
+        raise LocalFileError(f"server key {path} must be an ECDSA key: with it, no TLS 1.2 "
                              "cipher suite can be agreed (make one with `certs init`)")
 
 
@@ -2702,10 +2731,13 @@ def server_credentials(ca_pem, cert_pem, key_pem):
 
 @contextlib.contextmanager
 def serve_grpc(manager, listen="127.0.0.1:0", *, ca, cert, key, max_streams=DEFAULT_MAX_STREAMS,
-               max_request_bytes=DEFAULT_MAX_REQUEST_BYTES, close_manager=False):
-    """Serve JobService over mutual TLS 1.3; yields the bound port. On exit: stop accepting,
-    close the manager if asked (running jobs are stopped, streams end with their final status),
-    then wait for calls in flight."""
+               max_request_bytes=DEFAULT_MAX_REQUEST_BYTES, close_manager=False,
+               open_manager=False):
+    """Serve JobService over mutual TLS 1.3; yields the bound port. With open_manager, the
+    manager is opened (leftovers of earlier runs cleaned up) only once the port is bound. On
+    exit: stop accepting, close the manager if asked (running jobs are stopped, streams end
+    with their final status), then wait for calls in flight. AddressInUse if the port is
+    taken."""
     check_server_key(key)
     ca_pem, cert_pem, key_pem = (_read_file(p, w) for p, w in
                                  ((ca, "CA certificate"), (cert, "server certificate"),
@@ -2724,19 +2756,119 @@ def serve_grpc(manager, listen="127.0.0.1:0", *, ca, cert, key, max_streams=DEFA
     creds = server_credentials(ca_pem, cert_pem, key_pem)
     try:
         port = server.add_secure_port(listen, creds)
-    except RuntimeError as e:
-        raise JobworkerError(f"cannot listen on {listen}: {e}") from None
+    except RuntimeError:
+        port = 0
     if not port:
-        raise JobworkerError(f"cannot listen on {listen}")
-    server.start()
+        pool.shutdown(wait=False)
+        if _address_in_use(listen):
+            raise AddressInUse(f"cannot listen on {listen}: the address is in use by another "
+                               "process")
+        raise JobworkerError(f"cannot listen on {listen} (a HOST:PORT this host has?)")
+    started = False
     try:
+        if open_manager:
+            manager.open()
+        server.start()
+        started = True
         yield port
     finally:
-        stopped = server.stop(SHUTDOWN_GRACE)
+        stopped = server.stop(SHUTDOWN_GRACE if started else 0)
         if close_manager:
             manager.close()
         stopped.wait()
         pool.shutdown(wait=False)
+
+
+def _address_in_use(listen):
+    """True if binding HOST:PORT fails with EADDRINUSE (grpc does not say why it failed)."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or None
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except (OSError, ValueError):
+        return False
+    for family, kind, proto, _, addr in infos:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(addr)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    return True
+    return False
+
+
+def _lock_holder(fd):
+    """(pid, listen address) of the process holding a flock on the file open at fd, from
+    /proc/locks and its command line; (None, None) if it cannot be told."""
+    st = os.fstat(fd)
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == want:
+                    pid = int(parts[4])
+                    with open(f"/proc/{pid}/cmdline", "rb") as c:
+                        argv = c.read().decode(errors="replace").split("\0")
+                    listen = argv[argv.index("--listen") + 1] if "--listen" in argv[:-1] \
+                        else DEFAULT_LISTEN
+                    return pid, listen
+    except (OSError, ValueError):
+        pass
+    return None, None
+
+
+class ServeLock:
+    """What makes a server the only one for its state dir and its job cgroup parent: exclusive
+    flocks on <state_dir>/server.lock and on each cgroup parent directory, held for the
+    server's life and taken before anything else is touched. release() also removes the
+    cgroup parents it created if they are empty (a server that failed to start)."""
+
+    def __init__(self, state_dir, cgroup_dirs):
+        self.state_dir = state_dir
+        self.cgroup_dirs = list(cgroup_dirs)
+        self._fds = []
+        self._made = []
+
+    def acquire(self):
+        import fcntl
+        try:
+            os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+            targets = [(os.path.join(self.state_dir, "server.lock"), "state dir",
+                        self.state_dir)]
+            for d in self.cgroup_dirs:
+                if not os.path.isdir(d):
+                    os.makedirs(d)
+                    self._made.append(d)
+                targets.append((d, "job cgroup parent", d))
+            for path, what, shown in targets:
+                flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECTORY if os.path.isdir(path)
+                                                      else os.O_CREAT)
+                fd = os.open(path, flags, 0o600)
+                self._fds.append(fd)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    pid, listen = _lock_holder(fd)
+                    who = (f"another jobworker server (pid {pid}, listening on {listen})"
+                           if pid else "another jobworker server")
+                    raise AlreadyServing(f"{who} uses the {what} {shown}; this one touches "
+                                         "nothing and exits") from None
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def release(self):
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+        for d in reversed(self._made):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        self._made = []
 
 
 # ================================================================================================
@@ -2879,10 +3011,15 @@ def certs_issue(directory, name, roles, days=LEAF_DAYS):
 # ================================================================================================
 # Exit codes: 0 success; 1 other error; 2 usage; 3 cannot reach the server or TLS failed;
 # 4 job not found; 5 permission denied; 6 request refused (invalid, wrong state, cannot run);
-# 7 a server cap is reached; 8 server internal error; 130 interrupted (Ctrl-C).
+# 7 a server cap is reached; 8 server internal error; 9 serve: the listen address is in use;
+# 10 serve: another server owns the state dir or cgroup parent; 130 interrupted (Ctrl-C).
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONNECT, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
 EXIT_DENIED, EXIT_REFUSED, EXIT_EXHAUSTED, EXIT_INTERNAL, EXIT_INTERRUPTED = 5, 6, 7, 8, 130
+EXIT_ADDRESS_IN_USE, EXIT_ALREADY_SERVING = 9, 10
+# Errors of `serve` itself (no RPC involved) that scripts and systemd tell apart.
+_EXIT_FOR_ERROR = ((AddressInUse, EXIT_ADDRESS_IN_USE), (AlreadyServing, EXIT_ALREADY_SERVING),
+                   (LocalFileError, EXIT_ERROR))
 _EXIT_FOR_CODE = {
     "UNAVAILABLE": EXIT_CONNECT, "DEADLINE_EXCEEDED": EXIT_CONNECT, "NOT_FOUND": EXIT_NOT_FOUND,
     "PERMISSION_DENIED": EXIT_DENIED, "UNAUTHENTICATED": EXIT_DENIED,
@@ -3213,16 +3350,18 @@ def cmd_serve(args):
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    # The manager (and its launcher process) exists before grpc is imported.
-    manager = JobManager(args.state_dir, detect_cgroups(args.cgroup_parent),
+    cgroups = detect_cgroups(args.cgroup_parent)
+    # Order: the locks, then the port, and only then the manager (which cleans up what earlier
+    # runs left): a second server started by mistake touches nothing of the first one.
+    lock = ServeLock(args.state_dir, cgroups.parent_dirs()).acquire()
+    manager = JobManager(args.state_dir, cgroups,
                          default_pids=args.default_pids, log_cap=args.log_cap,
                          max_jobs=args.max_jobs, job_user=args.job_user, grace=args.grace,
                          keep_finished=args.keep_finished, keep_for=args.keep_for)
     try:
-        manager.open()
         with serve_grpc(manager, args.listen, ca=ca, cert=cert, key=key,
                         max_streams=args.max_streams, max_request_bytes=args.max_request_bytes,
-                        close_manager=True) as port:
+                        close_manager=True, open_manager=True) as port:
             log.info("serving on %s (port %d), cgroup v%d, state in %s", args.listen, port,
                      manager.cgroups.version, args.state_dir)
             while not stop.wait(3600):
@@ -3230,6 +3369,7 @@ def cmd_serve(args):
             log.info("shutting down: stopping jobs")
     finally:
         manager.close()
+        lock.release()
     log.info("stopped")
     return EXIT_OK
 
@@ -3378,7 +3518,8 @@ def build_parser():
         prog="jobworker", description="Run and watch commands on Linux hosts, each in its "
         "own cgroup, over mutual-TLS gRPC.",
         epilog="Exit codes: 0 ok, 1 error, 2 usage, 3 cannot reach server, 4 not found, "
-        "5 permission denied, 6 refused, 7 cap reached, 8 server error, 130 interrupted.")
+        "5 permission denied, 6 refused, 7 cap reached, 8 server error, 9 address in use, "
+        "10 another server owns the state dir, 130 interrupted.")
     parser.add_argument("--version", action="version", version=f"jobworker {__version__}")
     sub = parser.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
 
@@ -3510,6 +3651,9 @@ def main(argv=None):
         return e.code
     except JobworkerError as e:
         print(f"jobworker: {e}", file=sys.stderr)
+        for cls, code in _EXIT_FOR_ERROR:
+            if isinstance(e, cls):
+                return code
         return _EXIT_FOR_CODE.get(status_code_for(e), EXIT_ERROR)
     except OSError as e:
         print(f"jobworker: {e.filename + ': ' if e.filename else ''}{e.strerror or e}",

@@ -2233,6 +2233,61 @@ def test_pyz_end_to_end_on_each_python(version, pyz, venvs, tmp_path):
         assert server.stop() == 0
 
 
+def serve_once(pki, state, parent, listen="127.0.0.1:0", certs=None):
+    """`serve` expected to refuse to start: (exit code, stderr)."""
+    r = subprocess.run([*SRC, "serve", "--listen", listen, "--certs", str(certs or pki),
+                        "--state-dir", str(state), "--cgroup-parent", parent],
+                       capture_output=True, text=True, timeout=120)
+    return r.returncode, r.stderr
+
+
+@root
+def test_a_second_server_by_mistake_touches_nothing_of_the_first(pki, tmp_path):
+    parent = f"{RUN_PARENT}/twice"
+    server = ServeProcess(SRC, pki, tmp_path / "state", parent)
+    driver = jw.detect_cgroups(parent)
+    try:
+        run = lambda *a: cli(SRC, *a, certs=pki, port=server.port)
+        job = run("start", "sleep", "600").stdout.decode().strip()
+        record = (tmp_path / "state" / "jobs" / job / "job.json").read_bytes()
+        for attempt in range(2):
+            # another state dir, the same cgroup parent, the port in use
+            code, err = serve_once(pki, tmp_path / f"other{attempt}", parent,
+                                   f"127.0.0.1:{server.port}")
+            assert code == 10, err
+            assert f"pid {server.proc.pid}" in err and "job cgroup parent" in err, err
+            # the same state dir
+            code, err = serve_once(pki, tmp_path / "state", f"{RUN_PARENT}/elsewhere")
+            assert code == 10 and f"pid {server.proc.pid}" in err and "state dir" in err, err
+        assert driver.leftover_job_ids() == [job]
+        assert json.loads(run("query", job, "--json").stdout)["state"] == "running"
+        assert (tmp_path / "state" / "jobs" / job / "job.json").read_bytes() == record
+        assert run("start", "true").returncode == 0          # the first server still works
+        assert not os.path.exists(f"{jw.CGROUP_ROOT}/pids/{RUN_PARENT}/elsewhere")
+        run("stop", job, "--grace", "0")
+    finally:
+        assert server.stop() == 0
+
+
+@root
+def test_a_server_that_cannot_start_leaves_no_cgroup_behind(pki, tmp_path):
+    import socket
+    with socket.socket() as blocker:   # another process's listener on the port
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        code, err = serve_once(pki, tmp_path / "a", f"{RUN_PARENT}/inuse",
+                               f"127.0.0.1:{blocker.getsockname()[1]}")
+    assert code == 9 and "in use" in err and "Traceback" not in err, err
+    broken = tmp_path / "broken"
+    shutil.copytree(pki, broken)
+    (broken / "ca.crt").unlink()
+    code, err = serve_once(pki, tmp_path / "b", f"{RUN_PARENT}/nocerts", certs=broken)
+    assert code == 1 and "ca.crt" in err, err
+    for parent in ("inuse", "nocerts"):
+        assert jw.detect_cgroups(f"{RUN_PARENT}/{parent}").leftover_job_ids() == []
+        assert not glob.glob(f"{jw.CGROUP_ROOT}/*/{RUN_PARENT}/{parent}"), parent
+
+
 @root
 def test_serve_sigterm_ends_streams_stops_jobs_and_exits_0(pki, tmp_path):
     server = ServeProcess(SRC, pki, tmp_path / "state", f"{RUN_PARENT}/sigterm")
