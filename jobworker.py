@@ -180,6 +180,15 @@ class LauncherError(JobworkerError):
     """The job launcher process is gone; no job can be started."""
 
 
+class DiskFull(JobworkerError):
+    """The state dir's disk has no room for a new job's record."""
+
+    def __init__(self, path, err):
+        self.path = path
+        super().__init__(f"no room for a new job on the state dir's disk ({path}: "
+                         f"{os.strerror(err)})")
+
+
 class LocalFileError(JobworkerError):
     """A file this process needs (certificates, keys) cannot be read or is unsafe."""
 
@@ -219,6 +228,7 @@ ERROR_CODES = (
     (JobNotRunning, "FAILED_PRECONDITION"),
     (JobRunning, "FAILED_PRECONDITION"),
     (CapReached, "RESOURCE_EXHAUSTED"),
+    (DiskFull, "RESOURCE_EXHAUSTED"),
     (SpawnError, "FAILED_PRECONDITION"),
     (CgroupError, "FAILED_PRECONDITION"),
     (LauncherError, "UNAVAILABLE"),
@@ -1549,21 +1559,34 @@ class FinishedJob:
         return True
 
 
-def _write_json_atomic(path, obj):
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        data = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-        while data:
-            data = data[os.write(fd, data):]
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+RECORD_FILE = "job.json"
+RECORD_BLOCK = 4096   # a record file fills whole blocks: the slack is the final record's room
+RECORD_SLACK = 1024   # what a final record adds at most (exit, times, usage, output figures)
+
+
+def _encode_record(status, size=0):
+    """The record's JSON, padded with spaces (valid JSON still) to at least `size` bytes."""
+    data = json.dumps(status.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+    return data + b" " * (size - len(data)) if size > len(data) else data
+
+
+def _write_all(fd, data, offset=None):
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
+        view = view[n:]
+        if offset is not None:
+            offset += n
 
 
 class JobStore:
-    """Job records on disk: <state_dir>/jobs/<id>/job.json, each written whole (temp file and
-    rename), beside the job's output files."""
+    """Job records on disk: <state_dir>/jobs/<id>/job.json beside the job's output files.
+
+    A full disk never loses a record: the first record of a job is written before its process
+    exists, padded with spaces to whole blocks with room for every field a final record adds,
+    so the space its final record needs is taken when the job starts (or Start fails). Records
+    are written whole (temp file and rename); when that finds no room, the final record
+    overwrites the reserved file in place."""
 
     def __init__(self, state_dir):
         self.state_dir = state_dir
@@ -1582,19 +1605,72 @@ class JobStore:
         os.mkdir(path, 0o700)
         return path
 
-    def save(self, status):
+    def reserve(self, status):
+        """Write a new job's first record, with room for its final one; DiskFull if the disk
+        has none (nothing is left behind then but the job's directory)."""
+        data = _encode_record(status)
+        size = -(-(len(data) + RECORD_SLACK) // RECORD_BLOCK) * RECORD_BLOCK
+        path = os.path.join(self.job_dir(status.id), RECORD_FILE)
         try:
-            _write_json_atomic(os.path.join(self.job_dir(status.id), "job.json"), status.to_dict())
+            self._replace(path, _encode_record(status, size))
         except OSError as e:
-            log.error("saving job %s: %s", status.id, e)
+            raise DiskFull(self.state_dir, e.errno) from None
+
+    def save(self, status):
+        """Write a job's record; on a full disk, in place over the space reserved for it."""
+        path = os.path.join(self.job_dir(status.id), RECORD_FILE)
+        data = _encode_record(status)
+        try:
+            self._replace(path, data)
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                log.error("saving job %s: %s", status.id, e)
+                return
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                room = os.fstat(fd).st_size
+                if len(data) > room:
+                    raise OSError(errno.ENOSPC, f"the record needs {len(data)} bytes, "
+                                                f"{room} were reserved")
+                _write_all(fd, _encode_record(status, room), 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            log.warning("disk full: job %s's record was written in its reserved space",
+                        status.id)
+        except OSError as e:
+            log.error("saving job %s: %s", status.id, e.strerror)
+
+    @staticmethod
+    def _replace(path, data):
+        tmp = f"{path}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                _write_all(fd, data)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)   # no half-written temp file stays behind
+            raise
 
     def load(self):
-        """Every readable record; unreadable ones are logged and skipped."""
+        """Every readable record; unreadable ones are logged and skipped. A job directory
+        without a record (a crash before the record was written: no process was ever started
+        for it) is removed."""
         out = []
         for name in os.listdir(self.jobs_dir):
             if not _JOB_ID_RE.fullmatch(name):
                 continue
-            path = os.path.join(self.jobs_dir, name, "job.json")
+            path = os.path.join(self.jobs_dir, name, RECORD_FILE)
+            if not os.path.exists(path):
+                log.warning("removing job directory %s: it has no record", name)
+                self.discard(name)
+                continue
             try:
                 with open(path) as f:
                     status = JobStatus.from_dict(json.load(f))
@@ -1832,6 +1908,7 @@ class JobManager:
             job_dir = self.store.create(job_id)
             status = JobStatus(id=job_id, owner=owner, command=argv, limits=limits, state=RUNNING,
                                started_at=self._clock())
+            self.store.reserve(status)   # before the process exists: a crash finds its record
             job = Job(status, cgroup, LogWriter(job_dir, self.log_cap))
             for _ in (STDOUT, STDERR):
                 r, w = os.pipe2(os.O_CLOEXEC)
@@ -1857,7 +1934,6 @@ class JobManager:
         with self._lock:
             self._jobs[job_id] = job
             bisect.insort(self._order, status.order_key)
-        self.store.save(job.snapshot())
         for stream, fd in zip((STDOUT, STDERR), pipes[0::2]):
             os.set_blocking(fd, False)
             self._engine.add_reader(fd, self._pipe_reader(job, stream))
@@ -1932,12 +2008,12 @@ class JobManager:
         with self._lock:   # not removed while its files are opened
             job = self._visible(job_id, owner)
             fds = self.store.open_output(job_id)
-        if job.final and offset > job.status.output_bytes:
+        size = job.snapshot().output_bytes
+        if offset > size:   # running or not: a later byte may never come
             for fd in fds:
                 if fd is not None:
                     os.close(fd)
-            raise InvalidArgument("offset", offset,
-                                  f"at most the output size {job.status.output_bytes}")
+            raise InvalidArgument("offset", offset, f"at most the output size so far, {size}")
         return _Follow(job, offset, max_chunk, fds)
 
     def remove(self, job_id, owner=None):

@@ -1655,6 +1655,15 @@ def test_stream_resumes_from_an_offset(peers):
     with pytest.raises(grpc.RpcError) as e:
         alice.stream(job, offset=11)
     assert e.value.code() == SC.INVALID_ARGUMENT
+    running = alice.start("sh", "-c", "printf 01234; sleep 600")
+    wait_for(lambda: alice.stub.Query(pb.QueryRequest(job_id=running)).status.output_bytes,
+             what="output")
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as e:     # at once, as for a finished job
+        alice.stream(running, offset=6)
+    assert e.value.code() == SC.INVALID_ARGUMENT and "at most the output size so far, 5" in \
+        e.value.details() and time.monotonic() - t0 < 20
+    assert alice.stub.Stop(pb.StopRequest(job_id=running, grace_seconds=0))
 
 
 @root
@@ -2451,24 +2460,96 @@ def test_crash_of_server_and_launcher_then_restart(pki, tmp_path):
 
 
 @root
-def test_disk_full_shows_in_status_and_the_server_keeps_serving(make_manager, tmp_path):
+def test_every_field_of_every_end_state_survives_a_restart(pki, tmp_path):
+    state, parent = tmp_path / "state", f"{RUN_PARENT}/fields"
+    server = ServeProcess(SRC, pki, state, parent, extra=["--log-cap", "1M"])
+    run = lambda *a: cli(SRC, *a, certs=pki, port=server.port)
+    ids = {}
+    try:
+        ids["exited"] = run("start", "sh", "-c", "echo out; echo err >&2; exit 3")
+        ids["truncated"] = run("start", "head", "-c", "3000000", "/dev/zero")
+        ids["oom"] = run("start", "--memory", "16M", "--", "sh", "-c",
+                         "head -c 100000000 /dev/zero | tail")
+        ids["stopped"] = run("start", "sh", "-c", "echo a; sleep 600")
+        ids = {k: v.stdout.decode().strip() for k, v in ids.items()}
+        for k in ("exited", "truncated", "oom"):
+            run("stream", ids[k])
+        wait_for(lambda: json.loads(run("query", ids["stopped"], "--json").stdout)
+                 ["output_bytes"], what="output")
+        run("stop", ids["stopped"], "--grace", "0")
+        before = {k: json.loads(run("query", j, "--json").stdout) for k, j in ids.items()}
+        assert before["truncated"]["log_truncated"] and before["oom"]["oom_killed"]
+        assert before["exited"]["usage"]["cpu_seconds"] > 0
+    finally:
+        assert server.stop() == 0
+    server = ServeProcess(SRC, pki, state, parent, extra=["--log-cap", "1M"])
+    try:
+        after = {k: json.loads(run("query", j, "--json").stdout) for k, j in ids.items()}
+        assert after == before
+        for k, j in ids.items():
+            assert (state / "jobs" / j / "output.log").stat().st_size == \
+                after[k]["output_bytes"]
+    finally:
+        assert server.stop() == 0
+
+
+@contextlib.contextmanager
+def small_tmpfs(tmp_path, size="1m"):
+    """A tmpfs of `size` mounted for the test and unmounted after it."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=700", "jwtest", str(mnt)],
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=700", "jwtest", str(mnt)],
                    check=True)
     try:
-        m = make_manager(state=mnt / "state")
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+@root
+def test_a_full_disk_loses_no_record_and_refuses_new_jobs_cleanly(make_manager, tmp_path,
+                                                                  caplog):
+    with small_tmpfs(tmp_path) as mnt:
+        state = mnt / "state"
+        m = make_manager(state=state)
         try:
             job = m.start("head", ["-c", "20000000", "/dev/zero"])
             s = wait_final(m, job.id)
             assert (s.state, s.exit_code) == (jw.EXITED, 0)       # not blocked
             assert "No space left on device" in s.log_error
+            on_disk = (state / "jobs" / job.id / "output.log").stat().st_size
+            assert s.output_bytes == on_disk > 0                   # a partial write counted
             assert b"".join(c.data for c in m.follow(job.id)) == b"\0" * s.output_bytes
-            assert m.status(job.id).log_error == s.log_error and m.list()
+            with pytest.raises(jw.DiskFull, match="no room for a new job") as e:
+                m.start("true")                                    # refused, nothing made
+            assert jw.status_code_for(e.value) == "RESOURCE_EXHAUSTED"
+            assert os.listdir(state / "jobs") == [job.id]
+            assert m.cgroups.leftover_job_ids() == []
+            assert m.status(job.id).log_error == s.log_error
         finally:
             m.close(grace=0)   # its files are closed before the unmount
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
+        assert not glob.glob(f"{state}/jobs/*/*.tmp")
+        assert f"job {job.id}'s record was written in its reserved space" in caplog.text
+        record = json.loads((state / "jobs" / job.id / "job.json").read_text())
+        assert (record["state"], record["exit_code"], record["output_bytes"]) == \
+            ("exited", 0, on_disk)
+        again = make_manager(state=state)
+        try:
+            assert again.status(job.id) == s                   # every field, exactly
+        finally:
+            again.close(grace=0)
+
+
+@root
+def test_job_directories_without_a_record_are_removed_at_start(make_manager, tmp_path):
+    jobs = tmp_path / "state" / "jobs"
+    orphans = ["6f9619ff-8b86-4011-b42d-00c04fc964ff", "7f9619ff-8b86-4011-b42d-00c04fc964ff"]
+    (jobs / orphans[0]).mkdir(parents=True)
+    (jobs / orphans[0] / "output.log").write_bytes(b"x")
+    (jobs / orphans[1]).mkdir()
+    (jobs / orphans[1] / "job.json.tmp").write_text("{")
+    m = make_manager()
+    assert m.list() == [] and os.listdir(jobs) == []
 
 
 @root
