@@ -22,6 +22,8 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import errno
+import heapq
+import itertools
 import json
 import logging
 import os
@@ -178,6 +180,18 @@ class CgroupError(JobworkerError):
 
 class LauncherError(JobworkerError):
     """The job launcher process is gone; no job can be started."""
+
+
+class LauncherMismatch(JobworkerError):
+    """The launcher running for this state dir speaks another protocol version."""
+
+    def __init__(self, pid, version, jobs):
+        self.pid, self.version, self.jobs = pid, version, jobs
+        super().__init__(
+            f"the job launcher of this state dir (pid {pid}, holding {jobs} running job"
+            f"{'s' if jobs != 1 else ''}) speaks launcher protocol {version}; this server "
+            f"speaks {LAUNCHER_PROTOCOL}. Nothing was touched. Serve with the build that "
+            "started it until its jobs have ended, or stop them and that launcher first")
 
 
 class DiskFull(JobworkerError):
@@ -529,7 +543,8 @@ def _wait_populated_zero(events_path, timeout):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            poller.poll(min(remaining, 1.0) * 1000)
+            # short slices: a cgroup removed while we wait sends no notification
+            poller.poll(min(remaining, 0.05) * 1000)
     finally:
         os.close(fd)
 
@@ -972,315 +987,6 @@ def detect_cgroups(parent=DEFAULT_CGROUP_PARENT, mountinfo="/proc/self/mountinfo
 
 
 # ================================================================================================
-# Launcher: the only place that forks a job
-# ================================================================================================
-# gRPC's C core is not fork-safe: forking a process that runs gRPC threads can hang in its fork
-# handlers or corrupt other clients' TLS streams. So jobs are forked by a small single-threaded
-# launcher process, started by exec (not fork) so it carries no thread or lock of the server.
-# Messages between server and launcher are length-prefixed JSON over a Unix stream socket; the
-# job's stdout and stderr pipe ends travel with SCM_RIGHTS. Exec failures come back from the
-# child over a close-on-exec pipe as "stage:errno:message", as CPython's subprocess does it.
-
-_FRAME = struct.Struct("!I")
-PR_SET_CHILD_SUBREAPER = 36
-
-
-def _send_msg(sock, obj, fds=()):
-    body = json.dumps(obj, separators=(",", ":")).encode()
-    data = _FRAME.pack(len(body)) + body
-    sent = socket.send_fds(sock, [data], list(fds)) if fds else 0
-    sock.sendall(data[sent:])
-
-
-def _recv_exact(sock, n):
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise EOFError("launcher socket closed")
-        buf += chunk
-    return bytes(buf)
-
-
-def _recv_msg(sock, maxfds=0):
-    """-> (obj, fds). Raises EOFError when the peer has gone."""
-    if maxfds:
-        head, fds, _, _ = socket.recv_fds(sock, _FRAME.size, maxfds)
-        if not head:
-            raise EOFError("launcher socket closed")
-        head += _recv_exact(sock, _FRAME.size - len(head))
-    else:
-        head, fds = _recv_exact(sock, _FRAME.size), []
-    (size,) = _FRAME.unpack(head)
-    return json.loads(_recv_exact(sock, size)), fds
-
-
-def _child_exec(req, out_w, err_w, err_pipe):
-    """In the forked child: join the cgroups, set up fds and session, exec. Never returns."""
-    stage = "cgroup"
-    try:
-        pid = str(os.getpid()).encode()
-        for path in req["procs"]:
-            fd = os.open(path, os.O_WRONLY)
-            try:
-                os.write(fd, pid)
-            finally:
-                os.close(fd)
-        stage = "setsid"
-        os.setsid()
-        stage = "stdio"
-        signal.set_wakeup_fd(-1)
-        null = os.open("/dev/null", os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(out_w, 1)
-        os.dup2(err_w, 2)
-        # Only 0-2 survive; the error pipe is close-on-exec.
-        os.closerange(3, err_pipe)
-        os.closerange(err_pipe + 1, os.sysconf("SC_OPEN_MAX"))
-        stage = "signals"
-        # Ignored signals survive exec (handlers do not): Python ignores SIGPIPE and SIGXFSZ,
-        # the launcher SIGINT. The launcher found the full set once at its start.
-        for sig in req["ignored"]:
-            signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        if req.get("uid") is not None:
-            stage = "setuid"
-            os.setgroups(req["groups"])
-            os.setgid(req["gid"])
-            os.setuid(req["uid"])
-        stage = "chdir"
-        os.chdir(req["cwd"])
-        stage = "exec"
-        os.execvpe(req["argv"][0], req["argv"], req["env"])
-    except BaseException as exc:  # anything at all: report it and leave without Python cleanup
-        err = getattr(exc, "errno", None) or 0
-        msg = getattr(exc, "strerror", None) or str(exc)
-        try:
-            os.write(err_pipe, f"{stage}:{err}:{msg}".encode("utf-8", "replace"))
-        finally:
-            os._exit(127)
-
-
-def _ignored_mask(status="/proc/self/status"):
-    """The set of signals this process ignores (SigIgn: in /proc), as numbers."""
-    with open(status) as f:
-        mask = int(next(line for line in f if line.startswith("SigIgn:")).split()[1], 16)
-    return {sig for sig in range(1, 65) if mask >> (sig - 1) & 1}
-
-
-def _ignored_signals():
-    """Signals this process ignores (and Python can reset)."""
-    return sorted(_ignored_mask() & set(signal.valid_signals()))
-
-
-def _launcher_spawn(req, fds, children):
-    out_w, err_w = fds
-    err_r, err_w_pipe = os.pipe2(os.O_CLOEXEC)
-    try:
-        pid = os.fork()
-    except OSError as e:
-        for fd in (out_w, err_w, err_r, err_w_pipe):
-            os.close(fd)
-        return {"seq": req["seq"], "error": "fork", "errno": e.errno, "detail": e.strerror}
-    if pid == 0:
-        _child_exec(req, out_w, err_w, err_w_pipe)
-    for fd in (out_w, err_w, err_w_pipe):
-        os.close(fd)
-    report = b""
-    while True:   # EOF comes with a successful exec (close-on-exec) or the child's exit
-        try:
-            chunk = os.read(err_r, 4096)
-        except InterruptedError:
-            continue
-        if not chunk:
-            break
-        report += chunk
-    os.close(err_r)
-    if report:
-        os.waitpid(pid, 0)
-        stage, err, detail = report.decode("utf-8", "replace").split(":", 2)
-        return {"seq": req["seq"], "error": stage, "errno": int(err), "detail": detail}
-    children.add(pid)
-    return {"seq": req["seq"], "pid": pid}
-
-
-def _launcher_answer(req, fds, ignored, children):
-    """The reply to one spawn request. A request that cannot be handled (malformed, fds
-    missing, no fds left for a pipe) gets an error reply; the launcher, and every job it
-    watches, goes on."""
-    try:
-        if len(fds) != 2:
-            raise ValueError(f"a spawn request carries 2 fds, this one {len(fds)}")
-        req["ignored"] = ignored
-        return _launcher_spawn(req, fds, children)
-    except Exception as e:
-        for fd in fds:
-            _close_quietly(fd)
-        return {"seq": req.get("seq") if isinstance(req, dict) else None, "error": "launcher",
-                "errno": getattr(e, "errno", None) or 0, "detail": f"{type(e).__name__}: {e}"}
-
-
-def _launcher_reap(sock, children):
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        if pid in children:   # others are orphans re-parented to us (we are a subreaper)
-            children.discard(pid)
-            _send_msg(sock, {"exit": pid, "status": status})
-
-
-_SYS_RT_SIGACTION = {"x86_64": 13, "aarch64": 134}
-
-
-def _reset_reserved_signals(libc):
-    """Ignored signals survive exec. Python's signal module can reset every signal but those
-    glibc reserves for itself (32, 33), which a parent may still have ignored (GNU make does):
-    reset those with the raw syscall, so jobs start with every disposition at its default."""
-    import ctypes
-    nr = _SYS_RT_SIGACTION.get(os.uname().machine)
-    if nr is None:
-        return
-    act = (ctypes.c_ulong * 4)(0, 0, 0, 0)   # handler SIG_DFL, flags, restorer, mask
-    for sig in sorted(_ignored_mask() - set(signal.valid_signals())):
-        libc.syscall(nr, sig, ctypes.byref(act), None, 8)
-
-
-def launcher_main(sock_fd):
-    """Entry point of the launcher process: serve spawn requests until the server goes away."""
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    # Orphaned daemons of a job are re-parented here and reaped, so none stays a zombie.
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    _reset_reserved_signals(libc)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)    # a Ctrl-C meant for the server
-    wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGCHLD, lambda *_: None)
-    sock = socket.socket(fileno=sock_fd)
-    ignored = _ignored_signals()
-    children = set()
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    poller.register(wake_r, select.POLLIN)
-    while True:
-        for fd, _ in poller.poll():
-            if fd == wake_r:
-                while True:
-                    try:
-                        if not os.read(wake_r, 512):
-                            break
-                    except BlockingIOError:
-                        break
-            else:
-                try:
-                    req, fds = _recv_msg(sock, maxfds=2)
-                except (EOFError, ConnectionError):
-                    os._exit(0)   # the server is gone; its successor finds the jobs by cgroup
-                _send_msg(sock, _launcher_answer(req, fds, ignored, children))
-        _launcher_reap(sock, children)
-
-
-class Launcher:
-    """The launcher process, from the server's side: starts it, sends spawn requests and matches
-    each reply to its request, and reports each job's exit to `on_exit(token, raw_status)`.
-    spawn() may be called from any thread; on_readable() runs on the engine thread, which
-    watches fileno(). When the launcher dies, `on_gone(tokens)` gets the jobs still running."""
-
-    def __init__(self, on_exit, on_gone):
-        self._on_exit, self._on_gone = on_exit, on_gone
-        self._lock = threading.Lock()
-        self._send_lock = threading.Lock()
-        self._seq = 0
-        self._pending = {}      # seq -> (waiter, token) of a request not yet answered
-        self._children = {}     # pid -> token of a running job
-        self._gone = False
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        root = os.path.dirname(os.path.abspath(__file__))   # a directory, or the .pyz itself
-        code = (f"import sys; sys.path.insert(0, {root!r}); import jobworker; "
-                f"jobworker.launcher_main({theirs.fileno()})")
-        self.process = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", code], pass_fds=[theirs.fileno()],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, close_fds=True)
-        theirs.close()
-        self.sock = ours
-
-    def fileno(self):
-        return self.sock.fileno()
-
-    def spawn(self, req, fds, token=None):
-        """Fork and exec a job as `req` says, with `fds` as its stdout and stderr; returns its
-        pid once the program runs. Raises SpawnError (as the launcher reported it) or
-        LauncherError. `token` comes back in on_exit / on_gone for this job."""
-        waiter = [threading.Event(), None]
-        with self._lock:
-            if self._gone:
-                raise LauncherError("the job launcher process has exited")
-            self._seq += 1
-            seq = self._seq
-            self._pending[seq] = (waiter, token)
-        try:
-            with self._send_lock:
-                _send_msg(self.sock, dict(req, seq=seq), fds)
-        except OSError:
-            with self._lock:
-                self._pending.pop(seq, None)
-            raise LauncherError("the job launcher process has exited") from None
-        waiter[0].wait()
-        reply = waiter[1]
-        if "pid" not in reply:
-            raise SpawnError.from_report(req["argv"][0], reply.get("errno") or 0,
-                                         reply.get("error", "spawn"), reply.get("detail", ""))
-        return reply["pid"]
-
-    def on_readable(self):
-        """Engine thread: handle one message. Returns False once the launcher has gone."""
-        try:
-            msg, _ = _recv_msg(self.sock)
-        except (EOFError, OSError):
-            self._lost()
-            return False
-        if "exit" in msg:
-            with self._lock:
-                token = self._children.pop(msg["exit"], None)
-            if token is not None:
-                self._on_exit(token, msg["status"])
-            return True
-        with self._lock:
-            waiter, token = self._pending.pop(msg["seq"])
-            if "pid" in msg:   # before any exit of this pid can be read: same thread, in order
-                self._children[msg["pid"]] = token
-        waiter[1] = msg
-        waiter[0].set()
-        return True
-
-    def _lost(self):
-        with self._lock:
-            self._gone = True
-            pending, self._pending = list(self._pending.values()), {}
-            running, self._children = list(self._children.values()), {}
-        for waiter, _ in pending:
-            waiter[1] = {"error": "launcher", "errno": errno.EPIPE}
-            waiter[0].set()
-        self._on_gone(running)
-
-    def close(self):
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:   # the launcher is gone already: nothing to shut down
-            pass
-        self.sock.close()
-        try:
-            self.process.wait(5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
-# ================================================================================================
 # Logs
 # ================================================================================================
 # A job's output is one file, output.log, holding stdout and stderr bytes in the order they were
@@ -1301,20 +1007,31 @@ class LogWriter:
     write error (disk full) the rest is dropped and `error` says why."""
 
     _CREATE = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    _RESUME = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 
-    def __init__(self, directory, cap):
+    def __init__(self, directory, cap, resume=False):
         self.dir = directory
         self.cap = cap
         self._marker = _MARKER.format(cap).encode()
-        self._data_fd = os.open(f"{directory}/{LOG_FILE}", self._CREATE, 0o600)
+        flags = self._RESUME if resume else self._CREATE
+        self._data_fd = os.open(f"{directory}/{LOG_FILE}", flags, 0o600)
         try:   # both exist from the start: a follower opens them before any output
-            self._idx_fd = os.open(f"{directory}/{INDEX_FILE}", self._CREATE, 0o600)
+            self._idx_fd = os.open(f"{directory}/{INDEX_FILE}", flags, 0o600)
         except OSError:
             os.close(self._data_fd)
             raise
         self.size = self.records = 0
         self.truncated, self.error = False, ""
         self._last_stream = None
+        if resume:   # go on where the files end (another launcher wrote them)
+            self.size = os.fstat(self._data_fd).st_size
+            idx_size = os.fstat(self._idx_fd).st_size
+            self.records = idx_size // _IDX_REC
+            os.ftruncate(self._idx_fd, self.records * _IDX_REC)   # a torn last record goes
+            if self.records:
+                self._last_stream = _read_records(self._idx_fd, self.records - 1, 1)[0][1]
+            self.truncated = self.size >= len(self._marker) and os.pread(
+                self._data_fd, len(self._marker), self.size - len(self._marker)) == self._marker
 
     def _write_all(self, fd, data):
         """Write everything; returns the bytes written before an error, with the error."""
@@ -1428,6 +1145,719 @@ class Chunk:
 
 
 # ================================================================================================
+# Launcher: the only place that forks a job
+# ================================================================================================
+# gRPC's C core is not fork-safe: forking a process that runs gRPC threads can hang in its fork
+# handlers or corrupt other clients' TLS streams. So jobs are forked by a small single-threaded
+# launcher process, started by exec (not fork) so it carries no thread or lock of the server.
+#
+# The launcher is also what lets jobs outlive the server (live restore): one per state dir,
+# in its own session, it holds each job's stdout and stderr pipes and writes them into the
+# job's log files itself, reaps the jobs (it is their parent, and a child subreaper for
+# what they leave), and listens on <state_dir>/launcher.sock. A server connects, says hello
+# (the protocol version must match), learns every job the launcher holds, and from then on
+# sends spawn requests and receives spawn replies, output progress, end of output and exits.
+# When the server goes away, the launcher goes on (live restore) or stops every job and exits.
+# The server keeps a duplicate of each pipe's read end and a pidfd of each job's main process:
+# if the launcher dies, the jobs do not get SIGPIPE, and a new launcher is started and given
+# the pipes to drain while the server (a child subreaper too) learns the exits itself.
+#
+# Frames are length-prefixed JSON over a Unix stream socket; fds travel with SCM_RIGHTS. Exec
+# failures come back from the child over a close-on-exec pipe as "stage:errno:message", as
+# CPython's subprocess does it.
+
+_FRAME = struct.Struct("!I")
+PR_SET_CHILD_SUBREAPER = 36
+LAUNCHER_PROTOCOL = 1          # bump on any change an older launcher or server cannot read
+LAUNCHER_SOCKET, LAUNCHER_LOCK = "launcher.sock", "launcher.lock"
+_READ_SIZE = 1 << 20
+
+
+def _frame(obj):
+    body = json.dumps(obj, separators=(",", ":")).encode()
+    return _FRAME.pack(len(body)) + body
+
+
+def _send_msg(sock, obj, fds=()):
+    data = _frame(obj)
+    sent = socket.send_fds(sock, [data], list(fds)) if fds else 0
+    sock.sendall(data[sent:])
+
+
+def _recv_exact(sock, n):
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EOFError("launcher socket closed")
+        buf += chunk
+    return bytes(buf)
+
+
+def _recv_msg(sock, maxfds=8):
+    """-> (obj, fds). Raises EOFError when the peer has gone."""
+    head, fds, _, _ = socket.recv_fds(sock, _FRAME.size, maxfds)
+    if not head:
+        raise EOFError("launcher socket closed")
+    head += _recv_exact(sock, _FRAME.size - len(head))
+    (size,) = _FRAME.unpack(head)
+    return json.loads(_recv_exact(sock, size)), fds
+
+
+def _child_exec(req, out_w, err_w, err_pipe):
+    """In the forked child: join the cgroups, set up fds and session, exec. Never returns."""
+    stage = "cgroup"
+    try:
+        pid = str(os.getpid()).encode()
+        for path in req["procs"]:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, pid)
+            finally:
+                os.close(fd)
+        stage = "setsid"
+        os.setsid()
+        stage = "stdio"
+        signal.set_wakeup_fd(-1)
+        null = os.open("/dev/null", os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(out_w, 1)
+        os.dup2(err_w, 2)
+        # Only 0-2 survive; the error pipe is close-on-exec.
+        os.closerange(3, err_pipe)
+        os.closerange(err_pipe + 1, os.sysconf("SC_OPEN_MAX"))
+        stage = "signals"
+        # Ignored signals survive exec (handlers do not): Python ignores SIGPIPE and SIGXFSZ,
+        # the launcher SIGINT. The launcher found the full set once at its start.
+        for sig in req["ignored"]:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        if req.get("uid") is not None:
+            stage = "setuid"
+            os.setgroups(req["groups"])
+            os.setgid(req["gid"])
+            os.setuid(req["uid"])
+        stage = "chdir"
+        os.chdir(req["cwd"])
+        stage = "exec"
+        os.execvpe(req["argv"][0], req["argv"], req["env"])
+    except BaseException as exc:  # anything at all: report it and leave without Python cleanup
+        err = getattr(exc, "errno", None) or 0
+        msg = getattr(exc, "strerror", None) or str(exc)
+        try:
+            os.write(err_pipe, f"{stage}:{err}:{msg}".encode("utf-8", "replace"))
+        finally:
+            os._exit(127)
+
+
+def _ignored_mask(status="/proc/self/status"):
+    """The set of signals this process ignores (SigIgn: in /proc), as numbers."""
+    with open(status) as f:
+        mask = int(next(line for line in f if line.startswith("SigIgn:")).split()[1], 16)
+    return {sig for sig in range(1, 65) if mask >> (sig - 1) & 1}
+
+
+def _ignored_signals():
+    """Signals this process ignores (and Python can reset)."""
+    return sorted(_ignored_mask() & set(signal.valid_signals()))
+
+
+_SYS_RT_SIGACTION = {"x86_64": 13, "aarch64": 134}
+
+
+def _reset_reserved_signals(libc):
+    """Ignored signals survive exec. Python's signal module can reset every signal but those
+    glibc reserves for itself (32, 33), which a parent may still have ignored (GNU make does):
+    reset those with the raw syscall, so jobs start with every disposition at its default."""
+    import ctypes
+    nr = _SYS_RT_SIGACTION.get(os.uname().machine)
+    if nr is None:
+        return
+    act = (ctypes.c_ulong * 4)(0, 0, 0, 0)   # handler SIG_DFL, flags, restorer, mask
+    for sig in sorted(_ignored_mask() - set(signal.valid_signals())):
+        libc.syscall(nr, sig, ctypes.byref(act), None, 8)
+
+
+def raise_fd_limit():
+    """Lift RLIMIT_NOFILE to what the kernel allows (root may raise the hard limit too): each
+    running job holds a few fds in the server and in the launcher."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            ceiling = int(f.read())
+    except (OSError, ValueError):
+        ceiling = hard
+    for want in (max(ceiling, hard), hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+            return want
+        except (OSError, ValueError):
+            continue
+    return soft
+
+
+class _ShimJob:
+    """A job as the launcher holds it."""
+
+    __slots__ = ("id", "pid", "pidfd", "writer", "pipes", "status", "ended_at")
+
+    def __init__(self, job_id, pid, pidfd, writer, pipes):
+        self.id, self.pid, self.pidfd, self.writer = job_id, pid, pidfd, writer
+        self.pipes = pipes            # read fd -> stream, until EOF
+        self.status = None            # raw wait status, once reaped (None: running, or not ours)
+        self.ended_at = None
+
+    def state(self):
+        w = self.writer
+        return {"job": self.id, "pid": self.pid, "status": self.status, "at": self.ended_at,
+                "eof": not self.pipes, "size": w.size, "records": w.records,
+                "truncated": w.truncated, "error": w.error}
+
+
+class _Shim:
+    """The launcher process's main loop (single-threaded, epoll)."""
+
+    def __init__(self, state_dir, live_restore):
+        self.state_dir = state_dir
+        self.live_restore = live_restore
+        self.jobs = {}            # job id -> _ShimJob
+        self.children = {}        # pid -> _ShimJob or a spawn still waiting for its exec report
+        self.fd_owner = {}        # pipe read fd -> _ShimJob
+        self.spawning = {}        # exec report fd -> pending spawn (dict)
+        self.conn = None          # the server's connection
+        self.outbox = []          # frames (bytes, fds) for the server, in order
+        self.progress = {}        # job id -> _ShimJob with output not yet reported
+        self.served = False       # a server has connected at least once
+        self.ep = select.epoll()
+
+    # -- setup and loop -----------------------------------------------------------------------
+
+    def run(self, ready_fd):
+        import ctypes
+        import fcntl
+        libc = ctypes.CDLL(None, use_errno=True)
+        # Orphaned daemons of a job are re-parented here and reaped, so none stays a zombie.
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        _reset_reserved_signals(libc)
+        for sig in (signal.SIGINT, signal.SIGHUP):   # meant for a server in a terminal
+            signal.signal(sig, signal.SIG_IGN)
+        raise_fd_limit()
+        self.ignored = _ignored_signals()
+        lock = os.open(os.path.join(self.state_dir, LAUNCHER_LOCK),
+                       os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.write(ready_fd, b"another launcher holds this state dir\n")
+            os._exit(1)
+        path = os.path.join(self.state_dir, LAUNCHER_SOCKET)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)   # a dead launcher's; the lock says no launcher is alive
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        os.chmod(path, 0o600)
+        self.listener.listen(4)
+        self.wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.ep.register(self.listener.fileno(), select.EPOLLIN)
+        self.ep.register(self.wake_r, select.EPOLLIN)
+        os.write(ready_fd, b"ok\n")
+        os.close(ready_fd)
+        deadline = time.monotonic() + 60   # the server that started it connects at once
+        while True:
+            for fd, events in self.ep.poll(None if self.served else 1.0):
+                self._dispatch(fd, events)
+            self._reap()
+            self._flush()
+            idle = self.conn is None and not self.jobs and not self.spawning
+            if idle and (self.served or time.monotonic() > deadline):
+                os._exit(0)   # nothing to keep and no server: the next server starts a new one
+
+    def _dispatch(self, fd, events):
+        if fd == self.wake_r:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(fd, 512):
+                    pass
+        elif fd == self.listener.fileno():
+            self._accept()
+        elif self.conn is not None and fd == self.conn.fileno():
+            if events & select.EPOLLIN:
+                self._from_server()
+            elif events & (select.EPOLLHUP | select.EPOLLERR):
+                self._server_gone()
+            if self.conn is not None and events & select.EPOLLOUT:
+                self._flush()
+        elif fd in self.spawning:
+            self._exec_report(fd)
+        elif fd in self.fd_owner:
+            self._drain(fd)
+
+    def _accept(self):
+        conn, _ = self.listener.accept()
+        if self.conn is not None:
+            conn.close()   # one server at a time (the server's own lock says there is one)
+            return
+        self.conn = conn
+        self.served = True
+        self.ep.register(conn.fileno(), select.EPOLLIN)
+
+    # -- the server's requests ----------------------------------------------------------------
+
+    def _from_server(self):
+        try:
+            msg, fds = _recv_msg(self.conn)
+        except (EOFError, OSError):
+            self._server_gone()
+            return
+        op = msg.get("op")
+        try:
+            if op == "hello":
+                self._hello(msg)
+            elif op == "spawn":
+                self._spawn(msg, fds)
+                fds = []
+            elif op == "adopt":
+                self._adopt(msg, fds)
+                fds = []
+            elif op == "forget":
+                self._forget(msg["job"])
+            elif op == "bye":
+                self._stop_all_and_exit()
+        finally:
+            for fd in fds:
+                _close_quietly(fd)
+
+    def _hello(self, msg):
+        self._clear_outbox()
+        self._send({"op": "hello", "version": LAUNCHER_PROTOCOL, "pid": os.getpid(),
+                    "build": __version__, "jobs": len(self.jobs)})
+        if msg.get("version") != LAUNCHER_PROTOCOL:
+            return   # the server refuses to go on; nothing of the jobs is handed out
+        self.live_restore = bool(msg.get("live_restore", self.live_restore))
+        for job in self.jobs.values():
+            names, fds = [], []
+            if job.status is None and job.pidfd is not None:
+                names.append("pid")
+                fds.append(job.pidfd)
+            for fd, stream in job.pipes.items():
+                names.append("out" if stream == STDOUT else "err")
+                fds.append(fd)
+            self._send(dict(job.state(), op="job", fds=names), fds)
+        self._send({"op": "ready"})
+
+    def _spawn(self, req, fds):
+        """Fork the job; its exec report is read by the loop (another spawn need not wait)."""
+        out_w, err_w, out_r, err_r = fds
+        reply = {"op": "spawned", "seq": req["seq"]}
+        try:
+            writer = LogWriter(req["dir"], req["cap"])
+        except OSError as e:
+            for fd in fds:
+                _close_quietly(fd)
+            self._send(dict(reply, error="output", errno=e.errno, detail=e.strerror))
+            return
+        report_r = report_w = None
+        try:
+            report_r, report_w = os.pipe2(os.O_CLOEXEC)
+            req["ignored"] = self.ignored
+            pid = os.fork()
+        except OSError as e:
+            for fd in (*fds, report_r, report_w):
+                if fd is not None:
+                    _close_quietly(fd)
+            writer.close()
+            self._send(dict(reply, error="fork", errno=e.errno, detail=e.strerror))
+            return
+        if pid == 0:
+            _child_exec(req, out_w, err_w, report_w)
+        for fd in (out_w, err_w, report_w):
+            os.close(fd)
+        pidfd = os.pidfd_open(pid)   # before any reaping: the pid cannot be reused yet
+        pending = {"reply": reply, "job": req["job"], "pid": pid, "pidfd": pidfd,
+                   "writer": writer, "pipes": {out_r: STDOUT, err_r: STDERR}, "report": b"",
+                   "status": None, "at": None}
+        self.spawning[report_r] = pending
+        self.children[pid] = pending
+        self.ep.register(report_r, select.EPOLLIN)
+
+    def _exec_report(self, fd):
+        pending = self.spawning[fd]
+        chunk = os.read(fd, 4096)
+        if chunk:
+            pending["report"] += chunk
+            return
+        # EOF: exec succeeded (close-on-exec) or the child reported why it could not
+        self.ep.unregister(fd)
+        os.close(fd)
+        del self.spawning[fd]
+        if pending["report"]:
+            stage, err, detail = pending["report"].decode("utf-8", "replace").split(":", 2)
+            if pending["status"] is None:
+                os.waitpid(pending["pid"], 0)   # it is exiting with 127
+            self.children.pop(pending["pid"], None)
+            os.close(pending["pidfd"])
+            for r in pending["pipes"]:
+                os.close(r)
+            pending["writer"].close()
+            self._send(dict(pending["reply"], error=stage, errno=int(err), detail=detail))
+            return
+        job = _ShimJob(pending["job"], pending["pid"], pending["pidfd"], pending["writer"], {})
+        self.jobs[job.id] = job
+        self.children[job.pid] = job
+        self._watch(job, pending["pipes"])
+        self._send(dict(pending["reply"], pid=job.pid), [job.pidfd])
+        if pending["status"] is not None:   # it ended before its report was read
+            self._ended(job, pending["status"], pending["at"])
+
+    def _adopt(self, msg, fds):
+        """Take over the pipes of a job a dead launcher spawned (not our child: the server,
+        a child subreaper, learns its exit). Its log is continued where the files end."""
+        names = msg.get("fds", [])
+        writer = LogWriter(msg["dir"], msg["cap"], resume=True)
+        job = _ShimJob(msg["job"], None, None, writer, {})
+        self.jobs[job.id] = job
+        self._watch(job, {fd: STDOUT if name == "out" else STDERR
+                          for fd, name in zip(fds, names)})
+        if not job.pipes:
+            self._eof(job)
+
+    def _forget(self, job_id):
+        job = self.jobs.pop(job_id, None)
+        if job is None:
+            return
+        for fd in list(job.pipes):
+            self._unwatch(job, fd)
+        job.writer.close()
+        if job.pidfd is not None:
+            os.close(job.pidfd)
+        if job.pid is not None and self.children.get(job.pid) is job:
+            del self.children[job.pid]
+        self.progress.pop(job_id, None)
+
+    def _stop_all_and_exit(self):
+        for job in self.jobs.values():
+            if job.pid is not None and job.status is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(job.pid, signal.SIGKILL)
+        os._exit(0)
+
+    def _server_gone(self):
+        self.ep.unregister(self.conn.fileno())
+        self.conn.close()
+        self.conn = None
+        self._clear_outbox()
+        if not self.live_restore:
+            self._stop_all_and_exit()
+        # live restore: every job goes on; the next server's hello learns where each stands
+
+    # -- jobs ---------------------------------------------------------------------------------
+
+    def _watch(self, job, pipes):
+        for fd, stream in pipes.items():
+            os.set_blocking(fd, False)
+            job.pipes[fd] = stream
+            self.fd_owner[fd] = job
+            self.ep.register(fd, select.EPOLLIN)
+
+    def _unwatch(self, job, fd):
+        self.ep.unregister(fd)
+        os.close(fd)
+        del job.pipes[fd]
+        del self.fd_owner[fd]
+
+    def _drain(self, fd):
+        job = self.fd_owner[fd]
+        try:
+            data = os.read(fd, _READ_SIZE)
+        except BlockingIOError:
+            return
+        if data:
+            job.writer.append(job.pipes[fd], data)
+            self.progress[job.id] = job
+            return
+        self._unwatch(job, fd)
+        if not job.pipes:
+            self._eof(job)
+
+    def _eof(self, job):
+        job.writer.close()
+        self.progress.pop(job.id, None)
+        self._send(dict(job.state(), op="eof"))
+
+    def _reap(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            entry = self.children.get(pid)
+            if isinstance(entry, dict):          # a spawn whose exec report is not read yet
+                entry["status"], entry["at"] = status, time.time()
+            elif entry is not None:
+                del self.children[pid]
+                self._ended(entry, status, time.time())
+            # others are orphans re-parented to us (we are a subreaper): reaped, nothing to say
+
+    def _ended(self, job, status, at):
+        job.status, job.ended_at = status, at
+        if job.pidfd is not None:
+            os.close(job.pidfd)
+            job.pidfd = None
+        self._send({"op": "exit", "job": job.id, "status": status, "at": at})
+
+    # -- to the server ------------------------------------------------------------------------
+
+    def _send(self, obj, fds=()):
+        """Queue a frame with copies of fds (the originals stay ours: a job's pidfd may be
+        closed before the frame carrying it has left)."""
+        if self.conn is not None:
+            self.outbox.append([_frame(obj), [os.dup(fd) for fd in fds]])
+
+    def _clear_outbox(self):
+        for _, fds in self.outbox:
+            for fd in fds:
+                os.close(fd)
+        self.outbox.clear()
+        self.progress.clear()
+
+    def _flush(self):
+        """Send what can be sent without blocking; the rest waits for EPOLLOUT. Output
+        progress is sent last and coalesced: one frame per job however much was written."""
+        if self.conn is None:
+            return
+        for job in self.progress.values():
+            self.outbox.append([_frame(dict(job.state(), op="out")), []])
+        self.progress.clear()
+        try:
+            while self.outbox:
+                data, fds = self.outbox[0]
+                if fds:
+                    n = socket.send_fds(self.conn, [data], fds, socket.MSG_DONTWAIT)
+                    for fd in fds:   # sent with the frame's first byte
+                        os.close(fd)
+                    self.outbox[0][1] = []
+                else:
+                    n = self.conn.send(data, socket.MSG_DONTWAIT)
+                if n < len(data):
+                    self.outbox[0][0] = data[n:]
+                    break
+                self.outbox.pop(0)
+        except BlockingIOError:
+            pass
+        except OSError:
+            self._server_gone()
+            return
+        self.ep.modify(self.conn.fileno(),
+                       select.EPOLLIN | (select.EPOLLOUT if self.outbox else 0))
+
+
+def launcher_main(state_dir, live_restore, ready_fd):
+    """Entry point of the launcher process; never returns."""
+    try:
+        _Shim(state_dir, live_restore).run(ready_fd)
+    except BaseException as e:   # a failure to start is said to the server waiting for it
+        with contextlib.suppress(OSError):
+            os.write(ready_fd, f"launcher failed: {type(e).__name__}: {e}\n".encode())
+        raise
+
+
+class LauncherClient:
+    """The server's side of the launcher: connects to the one of this state dir (or starts
+    one), says hello, sends spawn/adopt/forget requests and matches replies to them; messages
+    the launcher sends on its own go to `events` (on_output(job_id, state, eof),
+    on_exit(job_id, raw_status, at), on_gone()). spawn() may be called from any thread;
+    on_readable() runs on the engine thread, which watches fileno()."""
+
+    def __init__(self, state_dir, events, live_restore=True):
+        self.state_dir = state_dir
+        self.events = events
+        self.live_restore = live_restore
+        self.process = None       # the launcher we started, if we did (we reap it)
+        self.pid = None
+        self.sock = None
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._seq = 0
+        self._pending = {}        # seq -> waiter of a spawn request not yet answered
+        self._gone = True
+
+    def connect(self):
+        """Connect to the state dir's launcher, starting one if none runs; returns the jobs
+        it holds: [(state dict, {fd name: fd})]. LauncherError if it cannot be had."""
+        path = os.path.join(self.state_dir, LAUNCHER_SOCKET)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            self._start()
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.connect(path)
+        try:
+            _send_msg(sock, {"op": "hello", "version": LAUNCHER_PROTOCOL, "build": __version__,
+                             "live_restore": self.live_restore})
+            hello, _ = _recv_msg(sock)
+            if hello.get("version") != LAUNCHER_PROTOCOL:
+                raise LauncherMismatch(hello.get("pid"), hello.get("version"),
+                                       hello.get("jobs", 0))
+            jobs = []
+            while True:
+                msg, fds = _recv_msg(sock, maxfds=4)
+                if msg.get("op") == "ready":
+                    break
+                jobs.append((msg, dict(zip(msg.pop("fds", []), fds))))
+        except (EOFError, OSError) as e:
+            sock.close()
+            raise LauncherError(f"the job launcher did not answer: {e}") from None
+        except BaseException:
+            sock.close()
+            raise
+        self.sock, self.pid, self._gone = sock, hello["pid"], False
+        return jobs
+
+    def _start(self):
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        root = os.path.dirname(os.path.abspath(__file__))   # a directory, or the .pyz itself
+        code = (f"import sys; sys.path.insert(0, {root!r}); import jobworker; "
+                f"jobworker.launcher_main({self.state_dir!r}, {self.live_restore!r}, "
+                f"{ready_w})")
+        try:
+            # Its own session: a Ctrl-C or hangup meant for the server is not meant for it.
+            self.process = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", code], pass_fds=[ready_w],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, close_fds=True,
+                start_new_session=True)
+        finally:
+            os.close(ready_w)
+        with os.fdopen(ready_r, "rb") as f:
+            answer = f.readline().decode(errors="replace").strip()
+        if answer != "ok":
+            self.process.wait()
+            raise LauncherError(answer or "the job launcher exited at start")
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    @property
+    def alive(self):
+        """Connected, and the launcher has not gone."""
+        return self.sock is not None and not self._gone
+
+    def _request(self, obj, fds=()):
+        try:
+            with self._send_lock:
+                _send_msg(self.sock, obj, fds)
+        except OSError:
+            raise LauncherError("the job launcher process has exited") from None
+
+    def spawn(self, req, fds):
+        """Fork and exec a job as `req` says; fds: its stdout and stderr write ends and the
+        launcher's copies of their read ends. Returns (pid, pidfd) once the program runs.
+        Raises SpawnError (as the launcher reported it) or LauncherError."""
+        waiter = [threading.Event(), None, None]
+        with self._lock:
+            if self._gone:
+                raise LauncherError("the job launcher process has exited")
+            self._seq += 1
+            seq = self._seq
+            self._pending[seq] = waiter
+        try:
+            self._request(dict(req, op="spawn", seq=seq), fds)
+        except LauncherError:
+            with self._lock:
+                self._pending.pop(seq, None)
+            raise
+        waiter[0].wait()
+        reply, got = waiter[1], waiter[2]
+        if "pid" not in reply:
+            raise SpawnError.from_report(req["argv"][0], reply.get("errno") or 0,
+                                         reply.get("error", "spawn"), reply.get("detail", ""))
+        return reply["pid"], got[0]
+
+    def adopt(self, job_id, directory, cap, pipes):
+        """Give the launcher the pipes of a running job to drain ({"out": fd, "err": fd})."""
+        names = list(pipes)
+        self._request({"op": "adopt", "job": job_id, "dir": directory, "cap": cap,
+                       "fds": names}, [pipes[n] for n in names])
+
+    def forget(self, job_id):
+        with contextlib.suppress(LauncherError):
+            self._request({"op": "forget", "job": job_id})
+
+    def on_readable(self):
+        """Engine thread: handle one message. Returns False once the launcher has gone."""
+        try:
+            msg, fds = _recv_msg(self.sock)
+        except (EOFError, OSError):
+            self._lost()
+            return False
+        op = msg.get("op")
+        if op != "spawned":
+            for fd in fds:   # only a spawn reply carries an fd (the job's pidfd)
+                _close_quietly(fd)
+        if op == "out" or op == "eof":
+            self.events.on_output(msg["job"], msg, op == "eof")
+        elif op == "exit":
+            self.events.on_exit(msg["job"], msg["status"], msg["at"])
+        elif op == "spawned":
+            with self._lock:
+                waiter = self._pending.pop(msg["seq"])
+            waiter[1], waiter[2] = msg, fds
+            waiter[0].set()
+        return True
+
+    def _lost(self):
+        with self._lock:
+            self._gone = True
+            pending, self._pending = list(self._pending.values()), {}
+        for waiter in pending:
+            waiter[1], waiter[2] = {"error": "launcher", "errno": errno.EPIPE}, []
+            waiter[0].set()
+        self._end_process()
+        self.events.on_gone()
+
+    def _end_process(self):
+        """The connection is gone: make sure the launcher is too (one that closed it while
+        alive is not trusted with jobs any more; ours is reaped, no zombie stays)."""
+        if self.process is not None:
+            try:
+                self.process.wait(2)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        elif self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+    def detach(self):
+        """Leave the launcher running with its jobs (live restore)."""
+        self._close_socket()
+
+    def bye(self):
+        """The server stops: the launcher ends whatever still runs, and exits."""
+        with contextlib.suppress(LauncherError):
+            self._request({"op": "bye"})
+        self._close_socket()
+        if self.process is not None:
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def _close_socket(self):
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.close()
+            self.sock = None
+
+
+# ================================================================================================
 # Jobs
 # ================================================================================================
 
@@ -1456,6 +1886,7 @@ class JobStatus:
     log_truncated: bool = False
     log_error: str = ""
     pid: int = None
+    lost_reason: str = ""         # why a lost job's end is not known
 
     @property
     def order_key(self):
@@ -1486,22 +1917,21 @@ class Job:
     """A running job's live record. Fields change under `cond`; waiters are woken through it.
     When it has ended, the manager keeps a FinishedJob in its place."""
 
-    __slots__ = ("status", "cond", "cgroup", "writer", "records", "main_exited", "output_done",
-                 "final", "stop_requested", "launcher_lost", "open_streams", "pipe_fds")
+    __slots__ = ("status", "cond", "cgroup", "records", "main_exited", "output_done", "final",
+                 "stop_requested", "launcher_lost", "pidfd", "pipes")
 
-    def __init__(self, status, cgroup, writer):
+    def __init__(self, status, cgroup):
         self.status = status
         self.cond = threading.Condition()
         self.cgroup = cgroup
-        self.writer = writer            # the engine thread's LogWriter
         self.records = 0                # index records published to readers
         self.main_exited = False        # the main process has ended (or is lost)
-        self.output_done = False        # both pipes are at EOF (or given up)
+        self.output_done = False        # the launcher has read both pipes to EOF
         self.final = False              # the record is final and saved
         self.stop_requested = False
-        self.launcher_lost = False      # the launcher died: the exit status is unknown
-        self.open_streams = 0           # pipes not yet at EOF
-        self.pipe_fds = []
+        self.launcher_lost = ""         # why the exit status is unknown, if it is
+        self.pidfd = None               # of the main process: its exit, if the launcher dies
+        self.pipes = {}                 # "out"/"err" -> our copy of the pipe's read end
 
     @property
     def id(self):
@@ -1530,6 +1960,12 @@ class Job:
     def wait_main_exited(self, timeout=None):
         with self.cond:
             return self.cond.wait_for(lambda: self.main_exited, timeout)
+
+    def close_fds(self):
+        for fd in [self.pidfd, *self.pipes.values()]:
+            if fd is not None:
+                _close_quietly(fd)
+        self.pidfd, self.pipes = None, {}
 
 
 class FinishedJob:
@@ -1698,14 +2134,16 @@ class JobStore:
 
 
 class _Engine(threading.Thread):
-    """One thread for every job's pipes and the launcher's messages (epoll): the thread count
-    does not grow with the number of jobs."""
+    """One thread for the launcher's messages, and for the jobs' pidfds and timers when the
+    launcher is gone (epoll): the thread count does not grow with the number of jobs."""
 
     def __init__(self):
         super().__init__(name="jobworker-engine", daemon=True)
         self._ep = select.epoll()
         self._handlers = {}     # fd -> (handler, close the fd when it is removed)
         self._calls = []
+        self._timers = []       # heap of (monotonic time, seq, fn)
+        self._timer_seq = itertools.count()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._running = True
         self.add_reader(self._wake_r, self._drain_wake, close=False)
@@ -1716,6 +2154,9 @@ class _Engine(threading.Thread):
         self._handlers[fd] = (handler, close)
         self._ep.register(fd, select.EPOLLIN)
 
+    def has_reader(self, fd):
+        return fd in self._handlers
+
     def call_soon(self, fn):
         """Run fn on the engine thread (fd changes that must not race a read)."""
         self._calls.append(fn)
@@ -1723,6 +2164,10 @@ class _Engine(threading.Thread):
             os.write(self._wake_w, b"x")
         except BlockingIOError:
             pass
+
+    def call_later(self, delay, fn):
+        """Run fn on the engine thread in `delay` seconds (from the engine thread only)."""
+        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_seq), fn))
 
     def remove_reader(self, fd):
         """Engine thread only."""
@@ -1753,15 +2198,21 @@ class _Engine(threading.Thread):
         os.close(self._wake_w)
         self._ep.close()
 
+    def _run_one(self, fn, *args):
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("engine handler %s", getattr(fn, "__name__", fn))
+
     def run(self):
         while self._running:
-            for fd, _ in self._ep.poll():
+            timeout = max(0.0, self._timers[0][0] - time.monotonic()) if self._timers else -1
+            for fd, _ in self._ep.poll(timeout):
                 entry = self._handlers.get(fd)
                 if entry is not None:
-                    try:
-                        entry[0](fd)
-                    except Exception:
-                        log.exception("engine handler for fd %d", fd)
+                    self._run_one(entry[0], fd)
+            while self._timers and self._timers[0][0] <= time.monotonic():
+                self._run_one(heapq.heappop(self._timers)[2])
 
 
 class _Follow:
@@ -1820,15 +2271,15 @@ class _Follow:
 
 class JobManager:
     """Starts, stops and watches jobs on this host, and keeps finished ones within the retention
-    rules. Thread-safe. Jobs are forked by a launcher process started by exec (see Launcher),
-    so a process that already runs gRPC may create it.
+    rules. Thread-safe. Jobs are forked and their output written by the state dir's launcher
+    process (see LauncherClient), so a process that already runs gRPC may use it.
 
     Construction only records the settings; open() is the step that acts on the host."""
 
     def __init__(self, state_dir=DEFAULT_STATE_DIR, cgroups=None, *, default_pids=DEFAULT_PIDS_LIMIT,
                  log_cap=DEFAULT_LOG_CAP, max_jobs=DEFAULT_MAX_JOBS, job_user=None,
                  grace=DEFAULT_GRACE_SECONDS, devices=None, keep_finished=DEFAULT_KEEP_FINISHED,
-                 keep_for=DEFAULT_KEEP_FOR, clock=time.time):
+                 keep_for=DEFAULT_KEEP_FOR, clock=time.time, live_restore=True):
         self.store = JobStore(state_dir)
         self.state_dir = state_dir
         self.jobs_dir = self.store.jobs_dir
@@ -1840,38 +2291,48 @@ class JobManager:
         self.devices = block_devices() if devices is None else devices
         self.keep_finished = keep_finished
         self.keep_for = keep_for            # None: forever
+        self.live_restore = live_restore
         self._clock = clock
         self._user = _job_user(job_user)
         self._lock = threading.Lock()
         self._jobs = {}                     # id -> Job (running) or FinishedJob
+        self._live = {}                     # id -> Job, from before its spawn until it is final
         self._order = []                    # sorted order_key of every job: List's order
         self._finished = {}                 # id -> None, in the order the jobs ended
         self._running = 0
         self._opened = False
         self._closed = False
         self._closing = threading.Event()
+        self._launcher_ready = threading.Condition(self._lock)
+        self._launcher_deaths = []          # monotonic times, for the restart backoff
+        self._orphans = set()               # pids the server may have to reap (launcher gone)
         self._finisher = self._engine = self._launcher = self._sweeper = None
 
     def open(self):
         """Make the state dir, set up the cgroup parent (on cgroup v2 this moves the calling
-        process into a leaf beside the jobs), start the launcher and the engine thread, load
-        the jobs of earlier runs and apply the retention rules to them. Returns self."""
+        process into a leaf beside the jobs), make this process a child subreaper, connect to
+        the state dir's launcher (starting one if none runs) and adopt the jobs it holds,
+        load the records of earlier runs and apply the retention rules. Returns self."""
         try:
             self.store.open()
             self.cgroups.setup()
+            _set_child_subreaper()
+            raise_fd_limit()
             self._finisher = concurrent.futures.ThreadPoolExecutor(8, "jobworker-finish")
             self._engine = _Engine()
-            self._launcher = Launcher(self._on_exit, self._on_launcher_gone)
+            self._launcher = LauncherClient(self.state_dir, self, self.live_restore)
+            held = self._launcher.connect()
+            # adopted jobs are registered before any of their events is read
+            self._recover(held)
             self._engine.add_reader(self._launcher.fileno(), self._launcher_readable,
                                     close=False)
             self._engine.start()
-            self._recover()
             self.apply_retention()
             self._sweeper = threading.Thread(target=self._sweep, name="jobworker-retention",
                                              daemon=True)
             self._sweeper.start()
         except BaseException:
-            self._shut_down()   # what was started is ended again; nothing is left running
+            self._shut_down(keep_jobs=True)   # what was started is ended; no job is touched
             raise
         self._opened = True
         return self
@@ -1880,7 +2341,8 @@ class JobManager:
 
     def start(self, command, args=(), limits=None, owner=""):
         """Start a job; returns its JobStatus once the program has been exec'd. Raises
-        InvalidArgument, CapReached, SpawnError (nothing left behind) or CgroupError."""
+        InvalidArgument, CapReached, DiskFull, SpawnError (nothing left behind), CgroupError
+        or LauncherError."""
         argv = validate_command(command, list(args))
         limits = limits or Limits()
         if limits.pids is None and self.default_pids:
@@ -1902,43 +2364,45 @@ class JobManager:
         job_id = str(uuid.uuid4())
         cgroup = self.cgroups.job(job_id)
         cgroup.create()
-        job, job_dir, pipes = None, None, []
+        job, job_dir, ours = None, None, []
         try:
             cgroup.set_limits(limits, self.devices)
             job_dir = self.store.create(job_id)
             status = JobStatus(id=job_id, owner=owner, command=argv, limits=limits, state=RUNNING,
                                started_at=self._clock())
             self.store.reserve(status)   # before the process exists: a crash finds its record
-            job = Job(status, cgroup, LogWriter(job_dir, self.log_cap))
-            for _ in (STDOUT, STDERR):
+            job = Job(status, cgroup)
+            pipes = {}
+            for name in ("out", "err"):
                 r, w = os.pipe2(os.O_CLOEXEC)
-                pipes += [r, w]
-            for r in pipes[0::2]:
+                ours += [r, w]
                 _set_pipe_size(r)
-            job.status.pid = self._launcher.spawn(self._spawn_request(job, argv), pipes[1::2],
-                                                  token=job)
+                pipes[name] = (r, w)
+            launcher = self._ready_launcher()
+            with self._lock:
+                self._live[job_id] = job   # its launcher events may come before spawn returns
+            req = dict(self._spawn_request(job, argv), job=job_id, dir=job_dir,
+                       cap=self.log_cap)
+            pid, pidfd = launcher.spawn(req, [pipes["out"][1], pipes["err"][1],
+                                              pipes["out"][0], pipes["err"][0]])
         except BaseException:
-            for fd in pipes:
+            with self._lock:
+                self._live.pop(job_id, None)
+            for fd in ours:
                 _close_quietly(fd)
-            if job is not None:
-                job.writer.close()
             if job_dir is not None:
                 self.store.discard(job_id)
             cgroup.kill_all()
             cgroup.remove()
             raise
-        for fd in pipes[1::2]:
-            os.close(fd)   # the job holds the only write ends now: EOF when it is done
-        job.open_streams = 2
-        job.pipe_fds = pipes[0::2]
+        for name in ("out", "err"):
+            os.close(pipes[name][1])   # the job holds the write ends now: EOF when it is done
+        with job.cond:
+            job.status.pid, job.pidfd = pid, pidfd
+            job.pipes = {name: r for name, (r, _) in pipes.items()}
         with self._lock:
             self._jobs[job_id] = job
             bisect.insort(self._order, status.order_key)
-        for stream, fd in zip((STDOUT, STDERR), pipes[0::2]):
-            os.set_blocking(fd, False)
-            self._engine.add_reader(fd, self._pipe_reader(job, stream))
-        # The main process may have ended before the readers were registered; its exit was
-        # recorded by _on_exit and finishing waits for the pipes, so nothing is missed.
         return job.snapshot()
 
     def stop(self, job_id, grace=None, owner=None):
@@ -2047,38 +2511,23 @@ class JobManager:
                      "s" if len(removed) != 1 else "")
         return removed
 
-    def close(self, grace=None):
-        """Stop every running job, finish their records, end the launcher. Idempotent."""
+    def close(self, grace=None, keep_jobs=False):
+        """Stop every running job, finish their records, end the launcher. With keep_jobs
+        (live restore), leave the jobs running in the launcher's hands instead: the next
+        server on this state dir adopts them. Idempotent."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             running = [j for j in self._jobs.values() if not j.final]
+            self._launcher_ready.notify_all()
         self._closing.set()
         if not self._opened:
             return
-        pool = concurrent.futures.ThreadPoolExecutor(16) if running else None
-        if pool:
-            list(pool.map(lambda j: self._stop_quietly(j, grace), running))
-            pool.shutdown()
-        self._shut_down()
-
-    def _shut_down(self):
-        """End the threads and the launcher (those that were started)."""
-        self._closing.set()
-        if self._finisher:
-            self._finisher.shutdown(wait=True)
-        if self._engine:
-            self._engine.stop()
-            self._engine = None
-        if self._launcher:
-            self._launcher.close()
-        if self._sweeper:
-            self._sweeper.join()
-        for job in self._jobs.values():
-            if isinstance(job, Job):
-                job.writer.close()
-        self.cgroups.remove_parent_if_empty()
+        if not keep_jobs and running:
+            with concurrent.futures.ThreadPoolExecutor(16) as pool:
+                list(pool.map(lambda j: self._stop_quietly(j, grace), running))
+        self._shut_down(keep_jobs)
 
     def __enter__(self):
         return self
@@ -2087,6 +2536,27 @@ class JobManager:
         self.close()
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _shut_down(self, keep_jobs):
+        """End the threads and leave the launcher (those that were started): with keep_jobs
+        it goes on with its jobs, else it is told to stop what runs and exit."""
+        self._closing.set()
+        if self._finisher:
+            self._finisher.shutdown(wait=True)
+        if self._engine:
+            self._engine.stop()
+            self._engine = None
+        if self._launcher:
+            if keep_jobs:
+                self._launcher.detach()
+            else:
+                self._launcher.bye()
+        if self._sweeper:
+            self._sweeper.join()
+        for job in list(self._live.values()):
+            job.close_fds()
+        if not keep_jobs:
+            self.cgroups.remove_parent_if_empty()
 
     def _stop_quietly(self, job, grace):
         try:
@@ -2129,121 +2599,241 @@ class JobManager:
             env["USER"] = env["LOGNAME"] = self._user["name"]
         return req
 
+    # -- the launcher, its events, its death and its successor --------------------------------
+
+    def _ready_launcher(self, wait=5.0):
+        """The launcher, waiting up to `wait` seconds while a dead one is being replaced."""
+        with self._lock:
+            self._launcher_ready.wait_for(
+                lambda: self._closed or not self._launcher_gone(), wait)
+            if self._closed or self._launcher_gone():
+                raise LauncherError("the job launcher process has exited and is being "
+                                    "restarted; try again")
+            return self._launcher
+
+    def _launcher_gone(self):
+        return self._launcher is None or not self._launcher.alive
+
     def _launcher_readable(self, fd):
         if not self._launcher.on_readable():
             self._engine.remove_reader(fd)
 
-    def _on_launcher_gone(self, running):
-        if not self._closed:
-            log.error("the job launcher process exited; no new job can start")
-        # Their exits can no longer be reported, so nothing would ever end them: finish them
-        # now as lost (what is left is killed, the output kept) rather than let Stop wait forever.
-        for job in running:
-            with job.cond:
-                job.launcher_lost = True
-                job.main_exited = True
-                job.cond.notify_all()
-            if not self._closed:
-                self._finisher.submit(self._finish, job)
-
-    def _on_exit(self, job, raw_status):
+    def on_output(self, job_id, state, eof):
+        """Launcher event: the job's output on disk now stands at `state`."""
+        job = self._live.get(job_id)
+        if job is None:
+            return
         with job.cond:
-            if os.WIFSIGNALED(raw_status):
+            s = job.status
+            s.output_bytes, job.records = state["size"], state["records"]
+            s.log_truncated, s.log_error = state["truncated"], state["error"]
+            if eof:
+                job.output_done = True
+            job.cond.notify_all()
+
+    def on_exit(self, job_id, raw_status, at):
+        """Launcher event: the job's main process has ended (just now: it is said at once)."""
+        job = self._live.get(job_id)
+        if job is not None:
+            self._exited(job, raw_status, self._clock())
+
+    def _exited(self, job, raw_status, at, unknown=""):
+        with job.cond:
+            if job.main_exited:
+                return
+            if unknown:
+                job.launcher_lost = unknown
+            elif os.WIFSIGNALED(raw_status):
                 job.status.signal = os.WTERMSIG(raw_status)
             else:
                 job.status.exit_code = os.WEXITSTATUS(raw_status)
+            job.status.ended_at = at
             job.main_exited = True
             job.cond.notify_all()
-        self._finisher.submit(self._finish, job)
+        with contextlib.suppress(RuntimeError):   # none after shutdown: nothing to finish then
+            self._finisher.submit(self._finish, job)
 
-    def _pipe_reader(self, job, stream):
-        writer = job.writer
-
-        def on_readable(fd):
-            try:
-                data = os.read(fd, 1 << 20)
-            except BlockingIOError:
-                return
-            if data:
-                writer.append(stream, data)   # no lock held while writing to disk
-                with job.cond:               # then publish what is on disk, wake followers
-                    s = job.status
-                    s.output_bytes, job.records = writer.size, writer.records
-                    s.log_truncated, s.log_error = writer.truncated, writer.error
-                    job.cond.notify_all()
-                return
-            self._engine.remove_reader(fd)
+    def on_gone(self):
+        """Launcher event (engine thread): the launcher died. Its jobs go on: their pipes are
+        kept open by our copies and handed to a new launcher; their exits are learned from
+        their pidfds (this process is a child subreaper: they are its children now)."""
+        if self._closing.is_set():
+            return
+        log.error("the job launcher process died; starting a new one")
+        with self._lock:
+            self._launcher_ready.notify_all()
+            live = list(self._live.values())
+        for job in live:
+            self._orphans |= self._cgroup_pids(job)
             with job.cond:
-                job.open_streams -= 1
-                if job.open_streams == 0:
-                    job.output_done = True
-                    job.cond.notify_all()
-        return on_readable
+                watch = not job.main_exited and job.pidfd is not None
+            if watch and not self._engine.has_reader(job.pidfd):   # a second death
+                self._engine.add_reader(job.pidfd, self._pidfd_handler(job), close=False)
+        self._engine.call_later(0, self._reap_orphans)
+        self._launcher_deaths.append(time.monotonic())
+        threading.Thread(target=self._replace_launcher, name="jobworker-relaunch",
+                         daemon=True).start()
+
+    @staticmethod
+    def _cgroup_pids(job):
+        try:
+            return job.cgroup.pids()
+        except CgroupError:
+            return set()
+
+    def _pidfd_handler(self, job):
+        def on_exit(fd):
+            self._engine.remove_reader(fd)
+            try:
+                result = os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
+            except ChildProcessError:   # not our child: someone else reaped it
+                self._exited(job, 0, self._clock(), unknown="its launcher died and its exit "
+                             "status went with it")
+                return
+            if result is None:
+                return
+            raw = (result.si_status << 8 if result.si_code == os.CLD_EXITED
+                   else result.si_status)   # as waitpid would say it
+            self._exited(job, raw, self._clock())
+        return on_exit
+
+    def _reap_orphans(self):
+        """While jobs of a dead launcher run: reap their processes re-parented to us when they
+        end (only pids seen in job cgroups: other children of this process are not ours)."""
+        for job in list(self._live.values()):
+            self._orphans |= self._cgroup_pids(job)
+        pidfd_pids = {j.status.pid for j in self._live.values() if j.pidfd is not None}
+        for pid in list(self._orphans - pidfd_pids):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid if not os.path.exists(f"/proc/{pid}") else 0
+            if done:
+                self._orphans.discard(pid)
+        if self._orphans and not self._closing.is_set():
+            self._engine.call_later(1.0, self._reap_orphans)
+
+    def _replace_launcher(self):
+        """Start a new launcher and give it the pipes of every job still writing (backoff if
+        launchers keep dying)."""
+        recent = [t for t in self._launcher_deaths if time.monotonic() - t < 60]
+        delay = min(0.2 * 2 ** (len(recent) - 1), 30.0)
+        while not self._closing.wait(delay):
+            try:
+                launcher = LauncherClient(self.state_dir, self, self.live_restore)
+                held = launcher.connect()
+            except (LauncherError, OSError) as e:
+                log.error("starting a new job launcher: %s", e)
+                delay = min(delay * 2, 30.0)
+                continue
+            for state, fds in held:   # it is new: nothing should be there
+                for fd in fds.values():
+                    _close_quietly(fd)
+            with self._lock:
+                live = [j for j in self._live.values() if not j.output_done and j.pipes]
+            for job in live:
+                launcher.adopt(job.id, self.store.job_dir(job.id), self.log_cap, job.pipes)
+            self._engine.call_soon(lambda: self._engine.add_reader(
+                launcher.fileno(), self._launcher_readable, close=False))
+            with self._lock:
+                self._launcher = launcher
+                self._launcher_ready.notify_all()
+            log.info("a new job launcher (pid %d) took over %d running job%s", launcher.pid,
+                     len(live), "s" if len(live) != 1 else "")
+            return
+
+    # -- the end of a job ---------------------------------------------------------------------
 
     def _finish(self, job):
-        """After the main process ended: kill what it left (KillMode=control-group), collect
-        the rest of the output, read the OOM counter and usage, remove the cgroup; then save
-        the final record and keep a FinishedJob in the job's place."""
+        """After the main process ended: kill what it left (KillMode=control-group), let the
+        launcher write the rest of the output, read the OOM counter and usage, remove the
+        cgroup; then save the final record and keep a FinishedJob in the job's place."""
         try:
             if job.cgroup.pids():
                 job.cgroup.kill_all()
             with job.cond:
-                drained = job.cond.wait_for(lambda: job.output_done, 5.0)
-            if not drained:
-                # a process outside the cgroup holds the pipe: stop reading
-                done = threading.Event()
-
-                def drop():
-                    for fd in job.pipe_fds:
-                        self._engine.remove_reader(fd)
-                    done.set()
-                self._engine.call_soon(drop)
-                done.wait(5.0)
+                job.cond.wait_for(lambda: job.output_done, 5.0)
+            # (not done: a process outside the cgroup holds a pipe; the rest is not waited for)
             oom = job.cgroup.oom_kills() > 0
             usage = job.cgroup.usage()
             job.cgroup.remove()
         except Exception:
             log.exception("finishing job %s", job.id)
             oom, usage = False, {}
-        job.writer.close()   # the engine reads no more of this job's pipes
+        with self._lock:
+            launcher = self._launcher
+        if launcher is not None:
+            launcher.forget(job.id)   # it closes the job's files and pipes
         with job.cond:
             s = job.status
             s.state = LOST if job.launcher_lost else STOPPED if job.stop_requested else EXITED
+            s.lost_reason = job.launcher_lost
             s.oom_killed = oom
             s.usage = usage
-            s.ended_at = self._clock()
+            if s.ended_at is None:
+                s.ended_at = self._clock()
         final = job.snapshot()
         self.store.save(final)
         with self._lock:
             self._running -= 1
+            self._live.pop(job.id, None)
             if self._jobs.get(job.id) is job:
                 self._jobs[job.id] = FinishedJob(final, job.records)
                 self._finished[job.id] = None
+        job.close_fds()
         with job.cond:
             job.final = True
             job.cond.notify_all()
         if not self._closed:
             self.apply_retention()
 
-    def _recover(self):
-        """Load earlier jobs; those that were running when the server died become `lost`:
+    # -- start-up -----------------------------------------------------------------------------
+
+    def _recover(self, held):
+        """Load earlier jobs. Those the launcher still holds are adopted, running (live
+        restore); the other jobs that were running when the server stopped become `lost`:
         whatever is left of them is killed and their cgroups removed."""
+        held = {state["job"]: (state, fds) for state, fds in held}
         statuses = self.store.load()
         for status in statuses:
+            if status.state == RUNNING and status.id in held:
+                self._adopt(status, *held.pop(status.id))
+                continue
             if status.state == RUNNING:   # its record was last written when it started
                 status.state = LOST
+                status.lost_reason = "the server and its launcher stopped while it ran"
                 status.ended_at = self._clock()
                 status.output_bytes = output_size(self.store.job_dir(status.id))
                 self._discard_cgroup(self.cgroups.job(status.id))
                 self.store.save(status)
             self._jobs[status.id] = FinishedJob(status,
                                                 index_records(self.store.job_dir(status.id)))
+        for job_id, (state, fds) in held.items():   # held, but no running record: not ours
+            for fd in fds.values():
+                _close_quietly(fd)
+            self._launcher.forget(job_id)
         self._order = sorted(s.order_key for s in statuses)
         self._finished = dict.fromkeys(s.id for s in sorted(statuses,
-                                                             key=lambda s: (s.ended_at or 0)))
+                                                            key=lambda s: (s.ended_at or 0))
+                                       if s.state != RUNNING)
         for name in self.cgroups.leftover_job_ids():
             if name not in self._jobs:
                 self._discard_cgroup(self.cgroups.job(name))
+
+    def _adopt(self, status, state, fds):
+        """A job the launcher kept running while no server was there."""
+        job = Job(status, self.cgroups.job(status.id))
+        status.pid = state["pid"] if state["pid"] is not None else status.pid
+        status.output_bytes, job.records = state["size"], state["records"]
+        status.log_truncated, status.log_error = state["truncated"], state["error"]
+        job.output_done = state["eof"]
+        job.pidfd = fds.pop("pid", None)
+        job.pipes = fds
+        self._jobs[status.id] = self._live[status.id] = job
+        self._running += 1
+        if state["status"] is not None:   # it ended while no server was there
+            self._exited(job, state["status"], state["at"])
+        log.info("adopted running job %s (pid %s)", status.id, status.pid)
 
     @staticmethod
     def _discard_cgroup(cgroup):
@@ -2252,6 +2842,13 @@ class JobManager:
             cgroup.remove()
         except CgroupError as e:
             log.error("removing leftover cgroup: %s", e)
+
+
+def _set_child_subreaper():
+    """Make this process adopt the orphans of its descendants (the jobs, if the launcher it
+    started dies), so their exit statuses can still be learned."""
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
 def _job_user(name):
@@ -2632,7 +3229,7 @@ def status_to_proto(pb, s):
         state=pb.JobState.Value(STATE_TO_PROTO[s.state]), oom_killed=s.oom_killed,
         usage=usage_to_proto(pb, s.usage),
         log_truncated=s.log_truncated, log_error=s.log_error, output_bytes=s.output_bytes,
-        pid=s.pid or 0)
+        pid=s.pid or 0, lost_reason=s.lost_reason)
     if s.exit_code is not None:
         msg.exit_code = s.exit_code
     if s.signal is not None:
@@ -2808,12 +3405,12 @@ def server_credentials(ca_pem, cert_pem, key_pem):
 @contextlib.contextmanager
 def serve_grpc(manager, listen="127.0.0.1:0", *, ca, cert, key, max_streams=DEFAULT_MAX_STREAMS,
                max_request_bytes=DEFAULT_MAX_REQUEST_BYTES, close_manager=False,
-               open_manager=False):
+               open_manager=False, keep_jobs=lambda: False):
     """Serve JobService over mutual TLS 1.3; yields the bound port. With open_manager, the
     manager is opened (leftovers of earlier runs cleaned up) only once the port is bound. On
     exit: stop accepting, close the manager if asked (running jobs are stopped, streams end
     with their final status), then wait for calls in flight. AddressInUse if the port is
-    taken."""
+    taken. keep_jobs() says, when closing, whether jobs are left running (live restore)."""
     check_server_key(key)
     ca_pem, cert_pem, key_pem = (_read_file(p, w) for p, w in
                                  ((ca, "CA certificate"), (cert, "server certificate"),
@@ -2850,7 +3447,7 @@ def serve_grpc(manager, listen="127.0.0.1:0", *, ca, cert, key, max_streams=DEFA
     finally:
         stopped = server.stop(SHUTDOWN_GRACE if started else 0)
         if close_manager:
-            manager.close()
+            manager.close(keep_jobs=keep_jobs())
         stopped.wait()
         pool.shutdown(wait=False)
 
@@ -3205,7 +3802,7 @@ def status_to_dict(pb, msg):
                   "io_read_bytes": msg.usage.io_read_bytes,
                   "io_write_bytes": msg.usage.io_write_bytes, "tasks": msg.usage.tasks},
         "output_bytes": msg.output_bytes, "log_truncated": msg.log_truncated,
-        "log_error": msg.log_error or None,
+        "log_error": msg.log_error or None, "lost_reason": msg.lost_reason or None,
     }
 
 
@@ -3234,6 +3831,8 @@ def format_status(pb, msg):
         how = (f"exit code {d['exit_code']}" if d["exit_code"] is not None
                else f"killed by {d['signal']}" if d["signal"] else "ended")
         oom = ", OOM-killed" if d["oom_killed"] else ""
+        if d["lost_reason"]:
+            how = d["lost_reason"]
         state = f"{d['state']} ({how}{oom}) at {d['ended_at']}; ran {_duration(end - start)}"
     lim = d["limits"]
     limits = ", ".join(x for x in [
@@ -3422,6 +4021,8 @@ def cmd_serve(args):
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.Formatter.converter = time.gmtime
+    if args.keep_jobs and not args.live_restore:
+        raise CliError("--keep-jobs needs live restore (drop --no-live-restore)", EXIT_USAGE)
     check_server_key(key)    # before anything is created
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -3433,18 +4034,22 @@ def cmd_serve(args):
     manager = JobManager(args.state_dir, cgroups,
                          default_pids=args.default_pids, log_cap=args.log_cap,
                          max_jobs=args.max_jobs, job_user=args.job_user, grace=args.grace,
-                         keep_finished=args.keep_finished, keep_for=args.keep_for)
+                         keep_finished=args.keep_finished, keep_for=args.keep_for,
+                         live_restore=args.live_restore)
+    keep = lambda: args.keep_jobs and stop.is_set()   # a failed start never keeps anything
     try:
         with serve_grpc(manager, args.listen, ca=ca, cert=cert, key=key,
                         max_streams=args.max_streams, max_request_bytes=args.max_request_bytes,
-                        close_manager=True, open_manager=True) as port:
-            log.info("serving on %s (port %d), cgroup v%d, state in %s", args.listen, port,
-                     manager.cgroups.version, args.state_dir)
+                        close_manager=True, open_manager=True, keep_jobs=keep) as port:
+            log.info("serving on %s (port %d), cgroup v%d, state in %s, live restore %s",
+                     args.listen, port, manager.cgroups.version, args.state_dir,
+                     "on" if args.live_restore else "off")
             while not stop.wait(3600):
                 pass
-            log.info("shutting down: stopping jobs")
+            log.info("shutting down: %s", "leaving the jobs running (--keep-jobs)" if keep()
+                     else "stopping jobs")
     finally:
-        manager.close()
+        manager.close(keep_jobs=keep())
         lock.release()
     log.info("stopped")
     return EXIT_OK
@@ -3632,6 +4237,13 @@ def build_parser():
                    default=DEFAULT_KEEP_FOR, metavar="DURATION",
                    help="finished jobs are removed this long after they ended: 30s, 15m, "
                         "12h, 7d, or forever (7d)")
+    p.add_argument("--live-restore", action=argparse.BooleanOptionalAction, default=True,
+                   help="jobs outlive the server: a server that dies (or stops with "
+                        "--keep-jobs) leaves them running, and the next one on this state "
+                        "dir adopts them (default: on)")
+    p.add_argument("--keep-jobs", action="store_true",
+                   help="on SIGTERM or SIGINT, leave the jobs running for the next server "
+                        "(an upgrade) instead of stopping them; needs --live-restore")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("start", usage="jobworker start [--cpu P%%] [--memory SIZE] "
