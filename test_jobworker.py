@@ -2098,3 +2098,124 @@ def test_proto_works_unchanged_from_grpc_js(grpc_js, pki, api):
         ("JOB_STATE_EXITED", "alice", str(64 << 20))
     r = run("reader")
     assert json.loads(r.stdout) == {"start_error": grpc.StatusCode.PERMISSION_DENIED.value[0]}
+
+
+# ================================================================================================
+# Bootstrap and build helpers (zipapp_main.py, v2_guest_checks.py)
+# ================================================================================================
+
+import stat
+import zipfile
+
+import build_zipapp
+import zipapp_main
+
+
+def test_importing_the_bootstrap_runs_nothing():
+    r = subprocess.run([sys.executable, "-c", "import sys, zipapp_main; "
+                        "print(zipapp_main.CONFIG, 'jobworker' in sys.modules)"],
+                       cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "None False\n", "")
+
+
+def test_bootstrap_picks_the_target_or_names_what_was_built():
+    config = {"targets": {"cp311-x86_64": {"wheels": [], "glibc": [2, 28]},
+                          "cp312-aarch64": {"wheels": [], "glibc": [2, 17]}}}
+    assert zipapp_main.find_target(config, "cpython", (3, 11), "x86_64", "2.36")[0] == \
+        "cp311-x86_64"
+    with pytest.raises(zipapp_main.BootstrapError,
+                       match=r"no packages for cpython 3\.9 on x86_64; it was built for "
+                             r"cp311-x86_64, cp312-aarch64"):
+        zipapp_main.find_target(config, "cpython", (3, 9), "x86_64", "2.36")
+    with pytest.raises(zipapp_main.BootstrapError, match="no packages for pypy 3.11"):
+        zipapp_main.find_target(config, "pypy", (3, 11), "x86_64", "2.36")
+    with pytest.raises(zipapp_main.BootstrapError, match=r"needs glibc 2\.28 or newer \(this "
+                                                         r"host has 2\.17\)"):
+        zipapp_main.find_target(config, "cpython", (3, 11), "x86_64", "2.17")
+
+
+def _fake_pyz(path, files):
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return {"build_id": "b1", "lib": "_jobworker_lib", "modules": ["jobworker.py"],
+            "targets": {"cp311-x86_64": {"wheels": ["w-1.0"], "glibc": [2, 17]}}}
+
+
+def test_bootstrap_extracts_its_target_once_into_a_private_dir(tmp_path):
+    archive = tmp_path / "fake.pyz"
+    config = _fake_pyz(archive, {"jobworker.py": "X = 1\n", "_jobworker_lib/w-1.0/w/__init__.py":
+                                 "Y = 2\n", "_jobworker_lib/other-2.0/o.py": "", "README": ""})
+    target = config["targets"]["cp311-x86_64"]
+    root = tmp_path / "cache"
+    root.mkdir(mode=0o700)
+    dest = zipapp_main.extract(config, str(root), "cp311-x86_64", target, str(archive),
+                               os.geteuid())
+    assert dest == str(root / "b1-cp311-x86_64") and os.listdir(root) == ["b1-cp311-x86_64"]
+    assert sorted(os.listdir(dest)) == ["__pycache__", "jobworker.py", "w"]
+    assert glob.glob(f"{dest}/w/__pycache__/__init__.*.pyc")   # bytecode made at extraction
+    assert stat.S_IMODE(os.lstat(dest).st_mode) == 0o700
+    archive.unlink()   # a second run finds the dir and reads nothing
+    assert zipapp_main.extract(config, str(root), "cp311-x86_64", target, str(archive),
+                               os.geteuid()) == dest
+
+
+def test_bootstrap_refuses_a_path_escaping_the_cache_and_leaves_nothing(tmp_path):
+    archive = tmp_path / "evil.pyz"
+    config = _fake_pyz(archive, {"_jobworker_lib/w-1.0/../../../escaped.py": "",
+                                 "_jobworker_lib/w-1.0/ok.py": ""})
+    root = tmp_path / "cache"
+    root.mkdir(mode=0o700)
+    with pytest.raises(zipapp_main.BootstrapError, match="bad path in archive"):
+        zipapp_main.extract(config, str(root), "cp311-x86_64", config["targets"]["cp311-x86_64"],
+                            str(archive), os.geteuid())
+    assert os.listdir(root) == [] and not list(tmp_path.glob("**/escaped.py"))
+
+
+def test_bootstrap_cache_candidates_follow_the_environment():
+    env = {"XDG_CACHE_HOME": "/x", "HOME": "/h", "TMPDIR": "/t"}
+    assert zipapp_main.cache_candidates(env, 1000) == ["/x/jobworker", "/h/.cache/jobworker",
+                                                       "/t/jobworker-1000"]
+    assert zipapp_main.cache_candidates({"HOME": "/h"}, 1000) == ["/h/.cache/jobworker",
+                                                                  "/tmp/jobworker-1000"]
+    assert zipapp_main.cache_candidates(dict(env, JOBWORKER_CACHE_DIR="/c"), 1000) == ["/c"]
+
+
+def test_bootstrap_cache_root_is_made_private_and_an_open_one_is_refused(tmp_path):
+    made = zipapp_main.cache_root({"JOBWORKER_CACHE_DIR": str(tmp_path / "a" / "c")},
+                                  os.geteuid())
+    assert made == str(tmp_path / "a" / "c")
+    assert stat.S_IMODE(os.lstat(made).st_mode) == 0o700
+    os.chmod(made, 0o755)
+    with pytest.raises(zipapp_main.BootstrapError, match=r"open to others \(mode 755\); "
+                                                         r"chmod 700 it"):
+        zipapp_main.cache_root({"JOBWORKER_CACHE_DIR": made}, os.geteuid())
+
+
+def test_build_id_covers_the_bootstrap_text_and_every_entry():
+    with open(build_zipapp.BOOTSTRAP) as f:
+        text = f.read()
+    entries = {"jobworker.py": b"A = 1\n", "_jobworker_lib/w-1.0/w.py": b""}
+    targets = {"cp311-x86_64": {"wheels": ["w-1.0"], "glibc": [2, 17]}}
+    build_id, main = build_zipapp.main_module(text, entries, targets)
+    assert build_zipapp.main_module(text, dict(entries), targets) == (build_id, main)
+    assert build_zipapp.main_module(text + "\n", entries, targets)[0] != build_id
+    assert build_zipapp.main_module(text, dict(entries, **{"jobworker.py": b"A = 2\n"}),
+                                    targets)[0] != build_id
+    namespace = {}
+    exec(compile(main, "__main__.py", "exec"), namespace)   # the guard keeps main() from running
+    assert namespace["CONFIG"] == {"build_id": build_id, "lib": "_jobworker_lib",
+                                   "modules": build_zipapp.MODULES, "targets": targets}
+    with pytest.raises(ValueError, match="CONFIG = None"):
+        build_zipapp.main_module(text.replace(build_zipapp.CONFIG_LINE, ""), entries, targets)
+
+
+@pytest.mark.slow
+def test_pyz_main_is_zipapp_main_with_its_config_filled_in(pyz):
+    with zipfile.ZipFile(pyz) as zf:
+        main = zf.read("__main__.py").decode()
+    config = json.loads(main.split("\nCONFIG = ", 1)[1].split("\n", 1)[0])
+    assert sorted(config["targets"]) == [f"cp3{v}-{os.uname().machine}" for v in range(10, 14)]
+    with open(os.path.join(HERE, "zipapp_main.py")) as f:
+        assert main.replace(f"CONFIG = {json.dumps(config, sort_keys=True)}\n",
+                            build_zipapp.CONFIG_LINE) == f.read()
