@@ -2104,7 +2104,9 @@ def test_proto_works_unchanged_from_grpc_js(grpc_js, pki, api):
 # Bootstrap and build helpers (zipapp_main.py, v2_guest_checks.py)
 # ================================================================================================
 
+import pathlib
 import stat
+import tempfile
 import zipfile
 
 import build_zipapp
@@ -2219,3 +2221,195 @@ def test_pyz_main_is_zipapp_main_with_its_config_filled_in(pyz):
     with open(os.path.join(HERE, "zipapp_main.py")) as f:
         assert main.replace(f"CONFIG = {json.dumps(config, sort_keys=True)}\n",
                             build_zipapp.CONFIG_LINE) == f.read()
+
+
+def test_bootstrap_root_cache_is_fixed_whatever_home_says():
+    env = {"XDG_CACHE_HOME": "/home/bob/.cache", "HOME": "/home/bob", "TMPDIR": "/tmp"}
+    assert zipapp_main.cache_candidates(env, 0) == ["/var/cache/jobworker"]
+    assert zipapp_main.cache_candidates(dict(env, JOBWORKER_CACHE_DIR="/srv/c"), 0) == ["/srv/c"]
+
+
+@pytest.mark.parametrize("mode,problem", [(0o777, "is writable by group or others (mode 777)"),
+                                          (0o775, "is writable by group or others (mode 775)"),
+                                          (0o1777, None), (0o755, None)])
+def test_bootstrap_checks_every_component_before_making_anything_below(tmp_path, mode, problem):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(mode)
+    cache = shared / "sub" / "cache"
+    if problem:
+        with pytest.raises(zipapp_main.BootstrapError) as e:
+            zipapp_main.make_private_dir(str(cache), os.geteuid())
+        assert str(e.value).startswith(f"unsafe cache dir {cache}: {shared} {problem}; ")
+        assert os.listdir(shared) == []
+    else:
+        assert zipapp_main.make_private_dir(str(cache), os.geteuid()) == str(cache)
+        assert stat.S_IMODE((shared / "sub").stat().st_mode) == 0o700
+        assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+
+
+def test_bootstrap_refuses_a_symlink_or_a_file_on_the_way(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    (tmp_path / "file").write_text("")
+    for component, problem in [("link", "is a symlink"), ("file", "is not a directory")]:
+        with pytest.raises(zipapp_main.BootstrapError,
+                           match=f": {tmp_path / component} {problem}; "):
+            zipapp_main.make_private_dir(str(tmp_path / component / "cache"), os.geteuid())
+    assert os.listdir(tmp_path / "real") == []
+
+
+def test_bootstrap_says_which_cache_dirs_it_could_not_make():
+    with pytest.raises(zipapp_main.BootstrapError, match=r"^cannot create a cache dir "
+                                                         r"\(/proc/jobworker-test/c: .+\)$"):
+        zipapp_main.cache_root({"JOBWORKER_CACHE_DIR": "/proc/jobworker-test/c"}, os.geteuid())
+
+
+@pytest.mark.root
+def test_bootstrap_refuses_a_component_of_another_user(tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(zipapp_main.BootstrapError, match=f": {theirs} belongs to uid 65534; "
+                                                         f"every directory down to the cache "
+                                                         f"must be owned by root,"):
+        zipapp_main.make_private_dir(str(theirs / "cache"), 0)
+    assert os.listdir(theirs) == []
+
+
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def _pyz_config(pyz):
+    with zipfile.ZipFile(pyz) as zf:
+        main = zf.read("__main__.py").decode()
+    return json.loads(main.split("\nCONFIG = ", 1)[1].split("\n", 1)[0])
+
+
+def _clean_env(**extra):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("JOBWORKER_CACHE_DIR", "XDG_CACHE_HOME", "HOME", "TMPDIR")}
+    return dict(env, **extra)
+
+
+@pytest.fixture
+def reachable_dir():
+    """A dir in /tmp that uid 65534 can reach (pytest's dirs are root's alone), removed after."""
+    d = tempfile.mkdtemp(prefix="jobworker-test-")
+    os.chmod(d, 0o755)
+    yield pathlib.Path(d)
+    shutil.rmtree(d)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@pytest.mark.parametrize("make,problem", [
+    pytest.param(lambda d: os.chown(d, 65534, 65534), "belongs to uid 65534", id="theirs"),
+    pytest.param(lambda d: d.chmod(0o777), "is writable by group or others (mode 777)",
+                 id="world-writable"),
+    # sticky, as /tmp: others may add entries but not rename ours
+    pytest.param(lambda d: d.chmod(0o1777), None, id="sticky")])
+def test_pyz_as_root_refuses_a_cache_below_a_dir_another_user_can_write(make, problem, pyz,
+                                                                        venvs, reachable_dir):
+    shared = reachable_dir / "shared"
+    shared.mkdir(mode=0o755)
+    make(shared)
+    cache = shared / "cache"
+    # the other user can write there, as the attack needs
+    probe = subprocess.run([*AS_NOBODY, "mkdir", str(shared / "probe")], capture_output=True)
+    assert probe.returncode == 0, probe.stderr
+    r = subprocess.run([venvs["3.11"], str(pyz), "--version"], capture_output=True, text=True,
+                       timeout=120, env=_clean_env(JOBWORKER_CACHE_DIR=str(cache)))
+    if problem:
+        assert (r.returncode, r.stdout) == (1, "")
+        assert r.stderr.startswith(f"jobworker: unsafe cache dir {cache}: {shared} {problem}; ")
+        assert r.stderr.count("\n") == 1
+        assert not cache.exists()
+    else:
+        assert (r.returncode, r.stdout, r.stderr) == (0, f"jobworker {jw.__version__}\n", "")
+        assert stat.S_IMODE(cache.stat().st_mode) == 0o700 and cache.stat().st_uid == 0
+        rename = subprocess.run([*AS_NOBODY, "mv", str(cache), str(shared / "moved")],
+                                capture_output=True)
+        assert rename.returncode != 0 and cache.is_dir()
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_pyz_as_root_refuses_a_symlink_on_the_way_to_its_cache(pyz, venvs, tmp_path):
+    (tmp_path / "real").mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    r = subprocess.run([venvs["3.11"], str(pyz), "--version"], capture_output=True, text=True,
+                       timeout=120, env=_clean_env(JOBWORKER_CACHE_DIR=str(tmp_path / "link/c")))
+    assert r.returncode == 1
+    assert r.stderr.startswith(f"jobworker: unsafe cache dir {tmp_path}/link/c: {tmp_path}/link "
+                               f"is a symlink; ")
+    assert os.listdir(tmp_path / "real") == []
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_pyz_as_root_uses_var_cache_whatever_home_and_xdg_say(pyz, venvs, tmp_path):
+    theirs = tmp_path / "theirs"   # HOME as `sudo -E` keeps it: another user's dir
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, 65534, 65534)
+    extracted = os.path.join(zipapp_main.ROOT_CACHE,
+                             f"{_pyz_config(pyz)['build_id']}-cp311-{os.uname().machine}")
+    existed = os.path.lexists(extracted)
+    try:
+        r = subprocess.run([venvs["3.11"], str(pyz), "--version"], capture_output=True,
+                           text=True, timeout=120,
+                           env=_clean_env(HOME=str(theirs), XDG_CACHE_HOME=str(theirs / "xdg"),
+                                          TMPDIR=str(theirs)))
+        assert (r.returncode, r.stderr) == (0, "")
+        assert os.listdir(theirs) == []
+        for path in (zipapp_main.ROOT_CACHE, extracted):
+            info = os.lstat(path)
+            assert (stat.S_ISDIR(info.st_mode), info.st_uid, stat.S_IMODE(info.st_mode)) == \
+                (True, 0, 0o700), path
+    finally:
+        if not existed:   # the real cache of this machine: only what this test made goes
+            shutil.rmtree(extracted, ignore_errors=True)
+
+
+def _python_for_nobody():
+    """An interpreter the pyz has packages for that uid 65534 may run (~root is private)."""
+    for python in ["/usr/bin/python3", *(f"/usr/bin/python3.{m}" for m in range(10, 14))]:
+        r = subprocess.run([*AS_NOBODY, python, "-c", "import sys; print(sys.version_info[1])"],
+                           capture_output=True, text=True, env=_clean_env())
+        if r.returncode == 0 and 10 <= int(r.stdout) <= 13:
+            return python, f"cp31{int(r.stdout) - 10}-{os.uname().machine}"
+    pytest.skip("no CPython 3.10-3.13 outside ~root for uid 65534 to run")
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_pyz_as_another_user_keeps_the_user_cache_rules(pyz, reachable_dir):
+    python, tag = _python_for_nobody()
+    build = _pyz_config(pyz)["build_id"]
+    base = str(reachable_dir)
+    shutil.copy(pyz, f"{base}/jobworker.pyz")
+    home = f"{base}/home"
+    os.mkdir(home, 0o700)
+    os.chown(home, 65534, 65534)
+    for name, mode in [("tmp", 0o1777), ("open", 0o777)]:
+        os.mkdir(f"{base}/{name}")
+        os.chmod(f"{base}/{name}", mode)
+
+    def run(**env):
+        return subprocess.run([*AS_NOBODY, python, f"{base}/jobworker.pyz", "--version"],
+                              capture_output=True, text=True, timeout=120, env=_clean_env(**env))
+    for env, cache in [({"HOME": home}, f"{home}/.cache/jobworker"),
+                       ({"HOME": home, "XDG_CACHE_HOME": f"{home}/xdg"}, f"{home}/xdg/jobworker"),
+                       ({"HOME": "/nonexistent", "TMPDIR": f"{base}/tmp"},
+                        f"{base}/tmp/jobworker-65534"),
+                       ({"HOME": home, "JOBWORKER_CACHE_DIR": f"{home}/mine"}, f"{home}/mine")]:
+        r = run(**env)
+        assert (r.returncode, r.stdout, r.stderr) == (0, f"jobworker {jw.__version__}\n", ""), env
+        for path in (cache, f"{cache}/{build}-{tag}"):
+            info = os.lstat(path)
+            assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (65534, 0o700), path
+    r = run(HOME=home, JOBWORKER_CACHE_DIR=f"{base}/open/cache")
+    assert r.returncode == 1 and r.stderr.startswith(
+        f"jobworker: unsafe cache dir {base}/open/cache: {base}/open is writable by group or "
+        f"others (mode 777); every directory down to the cache must be owned by root or uid "
+        f"65534,")

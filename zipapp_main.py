@@ -6,9 +6,11 @@ modules (so their bytecode is cached), are extracted once into a private cache d
 made of the payload's hash, atomically (temp dir + rename). build_zipapp.py copies this file
 into the archive with CONFIG filled in; the tests import it and call its steps on their own dirs.
 
-The cache dir: $JOBWORKER_CACHE_DIR, else $XDG_CACHE_HOME/jobworker, else ~/.cache/jobworker,
-else $TMPDIR/jobworker-<uid>. It must be the user's alone and not a symlink: root loads shared
-objects from it.
+The cache dir: for root, /var/cache/jobworker or $JOBWORKER_CACHE_DIR, never one that HOME,
+XDG_CACHE_HOME or TMPDIR point at; for other users, $JOBWORKER_CACHE_DIR, else
+$XDG_CACHE_HOME/jobworker, else ~/.cache/jobworker, else $TMPDIR/jobworker-<uid>. Every directory
+from / down to it must be owned by root or the user, writable by no one else (a sticky one may
+be) and not a symlink; the cache dir itself must be the user's alone.
 """
 
 import errno
@@ -17,6 +19,7 @@ import stat
 import sys
 
 CONFIG = None  # filled in by build_zipapp.py
+ROOT_CACHE = "/var/cache/jobworker"
 
 
 class BootstrapError(Exception):
@@ -59,6 +62,10 @@ def cache_candidates(environ, euid):
     """The cache dirs to try, in order (the first that can be created is used)."""
     if environ.get("JOBWORKER_CACHE_DIR"):
         return [environ["JOBWORKER_CACHE_DIR"]]
+    if euid == 0:
+        # `sudo -E` keeps the caller's HOME: root's cache must not follow it into a dir that
+        # user can write.
+        return [ROOT_CACHE]
     candidates = []
     if environ.get("XDG_CACHE_HOME"):
         candidates.append(os.path.join(environ["XDG_CACHE_HOME"], "jobworker"))
@@ -75,6 +82,24 @@ def cache_candidates(environ, euid):
     return candidates
 
 
+def unsafe_because(st, euid):
+    """Why a directory with this lstat() result may not lie on the path to euid's cache, or None.
+
+    Only root and euid may be able to rename or replace it: then nothing under it can be swapped
+    once checked. In a sticky dir (/tmp) others may add entries but not rename ours. POSIX ACL
+    entries that grant writes show in the group bits (the mask), so they are refused too.
+    """
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symlink"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if st.st_uid not in (0, euid):
+        return f"belongs to uid {st.st_uid}"
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
 def check_private(path, euid):
     """Raise BootstrapError unless path is a directory (not a symlink) of euid's, mode 0700."""
     st = os.lstat(path)
@@ -88,21 +113,45 @@ def check_private(path, euid):
                              f"{stat.S_IMODE(st.st_mode):o}); chmod 700 it")
 
 
+def make_private_dir(path, euid):
+    """path made absolute, created (mode 0700, with missing parents) and checked from / down.
+
+    Each component is checked before anything is created below it. Raises BootstrapError naming
+    the first unsafe component, OSError when a directory cannot be made.
+    """
+    path = os.path.abspath(path)
+    owners = "root" if euid == 0 else f"root or uid {euid}"
+    component = "/"
+    for part in [""] + [p for p in path.split("/") if p]:
+        component = os.path.join(component, part)
+        try:
+            st = os.lstat(component)
+        except FileNotFoundError:
+            try:
+                os.mkdir(component, 0o700)
+            except FileExistsError:
+                pass   # made by a concurrent first run: checked below like any other
+            st = os.lstat(component)
+        problem = component != path and unsafe_because(st, euid)
+        if problem:
+            raise BootstrapError(
+                f"unsafe cache dir {path}: {component} {problem}; every directory down to the "
+                f"cache must be owned by {owners}, writable by no one else unless sticky, and "
+                f"not a symlink (choose another with JOBWORKER_CACHE_DIR)")
+    check_private(path, euid)
+    return path
+
+
 def cache_root(environ, euid):
     """The private cache dir for euid (see the module docstring), created if missing."""
-    explicit = environ.get("JOBWORKER_CACHE_DIR")
-    candidates = cache_candidates(environ, euid)
-    for path in candidates:
+    errors = []
+    for path in cache_candidates(environ, euid):
         try:
-            os.makedirs(path, mode=0o700, exist_ok=True)
-        except OSError as e:
-            if explicit:
-                raise BootstrapError(f"cannot create cache dir {path}: {e.strerror}")
-            continue
-        check_private(path, euid)
-        return path
-    raise BootstrapError(f"no usable cache dir among {', '.join(candidates)}; "
-                         f"set JOBWORKER_CACHE_DIR")
+            return make_private_dir(path, euid)
+        except OSError as e:   # cannot be made here (read-only, no permission): try the next
+            errors.append(f"{path}: {e.strerror}")
+    hint = "" if environ.get("JOBWORKER_CACHE_DIR") else "; set JOBWORKER_CACHE_DIR"
+    raise BootstrapError(f"cannot create a cache dir ({', '.join(errors)}){hint}")
 
 
 def unpack(config, target, archive, tmp):
@@ -162,6 +211,10 @@ def main():
     except BootstrapError as e:
         sys.stderr.write(f"jobworker: {e}\n")
         sys.exit(1)
+    # Nothing can swap the packages between the checks above and the imports below: every
+    # directory from / down to the cache was checked writable only by root and us (a sticky
+    # one lets others add entries, not rename ours), and `packages` is ours, mode 0700. So the
+    # path names what was checked, for as long as this process runs.
     sys.path.insert(0, packages)
     import jobworker
     sys.exit(jobworker.main())
