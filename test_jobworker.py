@@ -2110,6 +2110,7 @@ import tempfile
 import zipfile
 
 import build_zipapp
+import v2_guest
 import zipapp_main
 
 
@@ -2413,3 +2414,17 @@ def test_pyz_as_another_user_keeps_the_user_cache_rules(pyz, reachable_dir):
         f"jobworker: unsafe cache dir {base}/open/cache: {base}/open is writable by group or "
         f"others (mode 777); every directory down to the cache must be owned by root or uid "
         f"65534,")
+
+
+def test_importing_the_guest_checks_runs_nothing():
+    r = subprocess.run([sys.executable, "-c", "import v2_guest_checks as c; print(c.results)"],
+                       cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "{}\n", "")
+
+
+def test_each_guest_run_carries_the_pyz_and_the_checks_file():
+    with open(os.path.join(HERE, "v2_guest_checks.py"), "rb") as f:
+        checks = f.read()
+    assert v2_guest.run_files(b"PYZ") == [("jobworker.pyz", 0o100755, b"PYZ"),
+                                          ("checks.py", 0o100644, checks)]
+    assert b"python3.11 /checks.py" in v2_guest.INIT.encode()
