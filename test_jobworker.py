@@ -2106,6 +2106,7 @@ def test_proto_works_unchanged_from_grpc_js(grpc_js, pki, api):
 
 import pathlib
 import stat
+import struct
 import tempfile
 import zipfile
 
@@ -2428,3 +2429,37 @@ def test_each_guest_run_carries_the_pyz_and_the_checks_file():
     assert v2_guest.run_files(b"PYZ") == [("jobworker.pyz", 0o100755, b"PYZ"),
                                           ("checks.py", 0o100644, checks)]
     assert b"python3.11 /checks.py" in v2_guest.INIT.encode()
+
+
+def test_bench_bare_server_answers_empty_and_streams_over_mutual_tls(pki):
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "bench", "bare_server.py"),
+                             str(pki)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline())
+        creds = grpc.ssl_channel_credentials(*((pki / n).read_bytes() for n in
+                                               ("ca.crt", "client.key", "client.crt")))
+        with grpc.secure_channel(f"127.0.0.1:{port}", creds) as channel:
+            assert channel.unary_unary("/bench.Bare/Empty")(b"", timeout=30) == b""
+            stream = channel.unary_stream("/bench.Bare/Stream")
+            assert list(stream(struct.pack("!II", 5, 3), timeout=30)) == [b"xxxxx"] * 3
+        proc.stdin.close()
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.root
+def test_bench_fork_floor_times_each_round_and_leaves_no_job_cgroup():
+    parent = f"{RUN_PARENT}/floor"
+    try:
+        for mode in ("joined", "fresh"):
+            r = subprocess.run([sys.executable, os.path.join(HERE, "bench", "fork_floor.py"),
+                                parent, "3", mode], capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, r.stderr
+            times = json.loads(r.stdout)
+            assert len(times) == 3 and all(0 < t < 10 for t in times), times
+            assert jw.detect_cgroups(parent).leftover_job_ids() == []
+    finally:
+        jw.detect_cgroups(parent).remove_parent()
