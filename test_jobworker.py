@@ -2085,6 +2085,21 @@ import v2_guest
 import zipapp_main
 
 
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def _pyz_config(pyz):
+    with zipfile.ZipFile(pyz) as zf:
+        main = zf.read("__main__.py").decode()
+    return json.loads(main.split("\nCONFIG = ", 1)[1].split("\n", 1)[0])
+
+
+def _clean_env(**extra):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("JOBWORKER_CACHE_DIR", "XDG_CACHE_HOME", "HOME", "TMPDIR")}
+    return dict(env, **extra)
+
+
 def test_importing_the_bootstrap_runs_nothing():
     r = subprocess.run([sys.executable, "-c", "import sys, zipapp_main; "
                         "print(zipapp_main.CONFIG, 'jobworker' in sys.modules)"],
@@ -2186,13 +2201,12 @@ def test_build_id_covers_the_bootstrap_text_and_every_entry():
 
 @pytest.mark.slow
 def test_pyz_main_is_zipapp_main_with_its_config_filled_in(pyz):
-    with zipfile.ZipFile(pyz) as zf:
-        main = zf.read("__main__.py").decode()
-    config = json.loads(main.split("\nCONFIG = ", 1)[1].split("\n", 1)[0])
+    config = _pyz_config(pyz)
     assert sorted(config["targets"]) == [f"cp3{v}-{os.uname().machine}" for v in range(10, 14)]
-    with open(os.path.join(HERE, "zipapp_main.py")) as f:
-        assert main.replace(f"CONFIG = {json.dumps(config, sort_keys=True)}\n",
-                            build_zipapp.CONFIG_LINE) == f.read()
+    with zipfile.ZipFile(pyz) as zf, open(os.path.join(HERE, "zipapp_main.py")) as f:
+        filled = f"CONFIG = {json.dumps(config, sort_keys=True)}\n"
+        assert zf.read("__main__.py").decode().replace(filled, build_zipapp.CONFIG_LINE) == \
+            f.read()
 
 
 def test_bootstrap_root_cache_is_fixed_whatever_home_says():
@@ -2249,25 +2263,10 @@ def test_bootstrap_refuses_a_component_of_another_user(tmp_path):
     assert os.listdir(theirs) == []
 
 
-AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-
-
-def _pyz_config(pyz):
-    with zipfile.ZipFile(pyz) as zf:
-        main = zf.read("__main__.py").decode()
-    return json.loads(main.split("\nCONFIG = ", 1)[1].split("\n", 1)[0])
-
-
-def _clean_env(**extra):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("JOBWORKER_CACHE_DIR", "XDG_CACHE_HOME", "HOME", "TMPDIR")}
-    return dict(env, **extra)
-
-
 @pytest.fixture
 def reachable_dir():
     """A dir in /tmp that uid 65534 can reach (pytest's dirs are root's alone), removed after."""
-    d = tempfile.mkdtemp(prefix="jobworker-test-")
+    d = tempfile.mkdtemp(prefix="jwtest-reachable-")
     os.chmod(d, 0o755)
     yield pathlib.Path(d)
     shutil.rmtree(d)
@@ -2371,12 +2370,14 @@ def test_pyz_as_another_user_keeps_the_user_cache_rules(pyz, reachable_dir):
         return subprocess.run([*AS_NOBODY, python, f"{base}/jobworker.pyz", "--version"],
                               capture_output=True, text=True, timeout=120, env=_clean_env(**env))
     for env, cache in [({"HOME": home}, f"{home}/.cache/jobworker"),
-                       ({"HOME": home, "XDG_CACHE_HOME": f"{home}/xdg"}, f"{home}/xdg/jobworker"),
+                       ({"HOME": home, "XDG_CACHE_HOME": f"{home}/xdg"},
+                        f"{home}/xdg/jobworker"),
                        ({"HOME": "/nonexistent", "TMPDIR": f"{base}/tmp"},
                         f"{base}/tmp/jobworker-65534"),
                        ({"HOME": home, "JOBWORKER_CACHE_DIR": f"{home}/mine"}, f"{home}/mine")]:
         r = run(**env)
-        assert (r.returncode, r.stdout, r.stderr) == (0, f"jobworker {jw.__version__}\n", ""), env
+        assert (r.returncode, r.stdout, r.stderr) == \
+            (0, f"jobworker {jw.__version__}\n", ""), env
         for path in (cache, f"{cache}/{build}-{tag}"):
             info = os.lstat(path)
             assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (65534, 0o700), path
@@ -2443,7 +2444,8 @@ def test_programs_kept_out_of_strings_lint_clean_where_they_run():
         r = subprocess.run([python, "-c", compiles, os.path.join(HERE, name)],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, (python, name, r.stderr)
-    files = ["zipapp_main.py", "v2_guest_checks.py", "bench/bare_server.py", "bench/fork_floor.py"]
+    files = ["zipapp_main.py", "v2_guest_checks.py", "bench/bare_server.py",
+             "bench/fork_floor.py"]
     lint = ["-m", "pyflakes"] if importlib.util.find_spec("pyflakes") else ["-m", "py_compile"]
     r = subprocess.run([sys.executable, *lint, *files], cwd=HERE, capture_output=True, text=True,
                        timeout=120)
