@@ -46,7 +46,7 @@ $(STUBS): jobworker.proto $(STAMP)
 
 pyz: jobworker.pyz
 
-jobworker.pyz: jobworker.py jobworker.proto build_zipapp.py requirements.txt $(STAMP)
+jobworker.pyz: jobworker.py jobworker.proto build_zipapp.py zipapp_main.py requirements.txt $(STAMP)
 	$(VPY) build_zipapp.py -o $@ --python $(PYZ_PYTHONS)
 
 # Development certificates (private keys never leave certs/, which git ignores).

@@ -7,10 +7,10 @@
 Steps: generate the gRPC modules from jobworker.proto with the pinned grpc_tools.protoc; fetch
 the pinned runtime wheels (requirements.txt) for every target with pip; write a zip holding
 jobworker.py, the generated modules at the top level, each wheel's files under
-_jobworker_lib/<wheel>/, and a __main__.py bootstrap that knows which wheels serve which
-target. Native packages cannot be imported from a zip: the bootstrap extracts a target's wheels
-once into a cache dir keyed by the payload's hash. Two builds from the same inputs give
-identical bytes (sorted entries, fixed timestamps and modes).
+_jobworker_lib/<wheel>/, and a __main__.py bootstrap (zipapp_main.py with its CONFIG filled in)
+that knows which wheels serve which target. Native packages cannot be imported from a zip: the
+bootstrap extracts a target's wheels once into a cache dir keyed by the payload's hash. Two
+builds from the same inputs give identical bytes (sorted entries, fixed timestamps and modes).
 """
 
 import argparse
@@ -32,133 +32,11 @@ EPOCH = (1980, 1, 1, 0, 0, 0)
 PLATFORM_TAGS = ["manylinux2014_{arch}", "manylinux_2_17_{arch}", "manylinux_2_28_{arch}",
                  "manylinux_2_34_{arch}"]
 
-BOOTSTRAP = r"""# jobworker.pyz bootstrap: put the bundled native packages on sys.path, then run jobworker.
-# Native packages cannot be imported from inside a zip; each target's wheels, and jobworker's
-# own modules (so their bytecode is cached), are extracted once into a private cache dir named
-# after the payload's hash, atomically (temp dir + rename).
-import errno
-import os
-import stat
-import sys
-
-CONFIG = None  # filled in by build_zipapp.py
-
-
-def fail(message):
-    sys.stderr.write(f"jobworker: {message}\n")
-    sys.exit(1)
-
-
-def archive_path():
-    return os.path.dirname(os.path.abspath(__file__))
-
-
-def find_target():
-    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    tag = f"cp{sys.version_info[0]}{sys.version_info[1]}-{os.uname().machine}"
-    target = CONFIG["targets"].get(tag)
-    if sys.implementation.name != "cpython" or target is None:
-        built = ", ".join(sorted(CONFIG["targets"]))
-        fail(f"this jobworker.pyz has no packages for {sys.implementation.name} {version} on "
-             f"{os.uname().machine}; it was built for {built} (build_zipapp.py --python/--platform)")
-    try:
-        libc = os.confstr("CS_GNU_LIBC_VERSION").split()[1]
-    except (ValueError, OSError, AttributeError, IndexError):
-        fail("jobworker.pyz needs a glibc-based Linux (its packages are manylinux wheels)")
-    have = tuple(int(x) for x in libc.split(".")[:2])
-    if have < tuple(target["glibc"]):
-        fail(f"jobworker.pyz needs glibc {'.'.join(map(str, target['glibc']))} or newer "
-             f"(this host has {libc})")
-    return tag, target
-
-
-def check_private(path):
-    # root loads shared objects from here: it must be ours alone and not a symlink
-    st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        fail(f"cache dir {path} is a symlink or not a directory; remove it")
-    if st.st_uid != os.geteuid():
-        fail(f"cache dir {path} belongs to uid {st.st_uid}, not {os.geteuid()}; remove it")
-    if st.st_mode & 0o077:
-        fail(f"cache dir {path} is open to others (mode {st.st_mode & 0o777:o}); chmod 700 it")
-
-
-def cache_root():
-    explicit = os.environ.get("JOBWORKER_CACHE_DIR")
-    if explicit:
-        candidates = [explicit]
-    else:
-        candidates = []
-        if os.environ.get("XDG_CACHE_HOME"):
-            candidates.append(os.path.join(os.environ["XDG_CACHE_HOME"], "jobworker"))
-        home = os.path.expanduser("~")
-        if home != "~":
-            candidates.append(os.path.join(home, ".cache", "jobworker"))
-        tmp = os.environ.get("TMPDIR") or "/tmp"
-        candidates.append(os.path.join(tmp, f"jobworker-{os.geteuid()}"))
-    for path in candidates:
-        try:
-            os.makedirs(path, mode=0o700, exist_ok=True)
-        except OSError as e:
-            if explicit:
-                fail(f"cannot create cache dir {path}: {e.strerror}")
-            continue
-        check_private(path)
-        return path
-    fail(f"no usable cache dir among {', '.join(candidates)}; set JOBWORKER_CACHE_DIR")
-
-
-def extract(root, tag, target):
-    dest = os.path.join(root, f"{CONFIG['build_id']}-{tag}")
-    if os.path.lexists(dest):
-        check_private(dest)
-        return dest
-    import shutil
-    import tempfile
-    import zipfile
-    tmp = tempfile.mkdtemp(prefix=".extract-", dir=root)
-    try:
-        prefixes = tuple(f"{CONFIG['lib']}/{stem}/" for stem in target["wheels"])
-        with zipfile.ZipFile(archive_path()) as zf:
-            for info in zf.infolist():
-                if info.filename in CONFIG["modules"]:
-                    rel = info.filename   # our own modules too: imported from here, .pyc cached
-                elif info.filename.startswith(prefixes):
-                    rel = info.filename.split("/", 2)[2]
-                else:
-                    continue
-                out = os.path.normpath(os.path.join(tmp, rel))
-                if not out.startswith(tmp + os.sep):
-                    fail(f"bad path in archive: {info.filename}")
-                os.makedirs(os.path.dirname(out), mode=0o700, exist_ok=True)
-                with zf.open(info) as src, open(out, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-        # Bytecode now, once: imports are fast from the first cached run on, even where
-        # PYTHONDONTWRITEBYTECODE stops Python from writing it later.
-        import compileall
-        compileall.compile_dir(tmp, quiet=2, force=True)
-        try:
-            os.rename(tmp, dest)
-        except OSError as e:
-            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
-            shutil.rmtree(tmp)   # another first run got there first; use theirs
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    check_private(dest)
-    return dest
-
-
-def main():
-    tag, target = find_target()
-    sys.path.insert(0, extract(cache_root(), tag, target))
-    import jobworker
-    sys.exit(jobworker.main())
-
-
-main()
-"""
+# The pyz's __main__.py: this file with its CONFIG line filled in.
+BOOTSTRAP = os.path.join(HERE, "zipapp_main.py")
+CONFIG_LINE = "CONFIG = None  # filled in by build_zipapp.py\n"
+# Our own modules, extracted beside the wheels' so that their bytecode is cached.
+MODULES = ["jobworker.py", "jobworker_pb2.py", "jobworker_pb2_grpc.py"]
 
 
 def parse_args(argv):
@@ -232,6 +110,21 @@ def add(zf, name, data, mode=0o644):
     zf.writestr(info, data, compresslevel=6)
 
 
+def main_module(bootstrap, entries, targets):
+    """(build id, __main__.py bytes): the bootstrap's text with CONFIG filled in. The build id
+    names the cache dir the bootstrap extracts into; it covers the bootstrap's text and every
+    entry, so a change to either extracts afresh."""
+    if bootstrap.count(CONFIG_LINE) != 1:
+        raise ValueError(f"the bootstrap must hold the line {CONFIG_LINE.strip()!r} once")
+    digest = hashlib.sha256(bootstrap.encode())
+    for name in sorted(entries):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(entries[name]).digest())
+    build_id = digest.hexdigest()[:16]
+    config = json.dumps({"build_id": build_id, "lib": LIB, "targets": targets,
+                         "modules": MODULES}, sort_keys=True)
+    return build_id, bootstrap.replace(CONFIG_LINE, f"CONFIG = {config}\n").encode()
+
+
 def build(args):
     versions = [v.strip() for v in args.python.split(",") if v.strip()]
     arches = [a.strip() for a in args.platform.split(",") if a.strip()]
@@ -255,16 +148,12 @@ def build(args):
             entries[name] = data
     with open(os.path.join(HERE, "jobworker.py"), "rb") as f:
         entries["jobworker.py"] = f.read()
-    bootstrap = BOOTSTRAP.lstrip()
-    digest = hashlib.sha256(bootstrap.encode())   # the cache dir's name: payload and bootstrap
-    for name in sorted(entries):
-        digest.update(name.encode() + b"\0" + hashlib.sha256(entries[name]).digest())
-    build_id = digest.hexdigest()[:16]
-    modules = ["jobworker.py", "jobworker_pb2.py", "jobworker_pb2_grpc.py"]
-    config = json.dumps({"build_id": build_id, "lib": LIB, "targets": targets,
-                         "modules": modules}, sort_keys=True)
-    entries["__main__.py"] = bootstrap.replace("CONFIG = None  # filled in by build_zipapp.py",
-                                               f"CONFIG = {config}").encode()
+    with open(BOOTSTRAP, encoding="utf-8") as f:
+        bootstrap = f.read()
+    try:
+        build_id, entries["__main__.py"] = main_module(bootstrap, entries, targets)
+    except ValueError as e:
+        sys.exit(f"build_zipapp: {BOOTSTRAP}: {e}")
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         for name in sorted(entries):

@@ -2843,36 +2843,6 @@ def test_doctor_reports_a_healthy_setup_and_names_problems(pki, tmp_path):
 # The proto from another gRPC stack: grpc-js with proto-loader (Node.js), unchanged
 # ================================================================================================
 
-NODE_CLIENT = r"""
-const grpc = require('@grpc/grpc-js');
-const loader = require('@grpc/proto-loader');
-const fs = require('fs');
-const [proto, addr, dir, name] = process.argv.slice(2);
-const def = loader.loadSync(proto, {keepCase: true, enums: String, longs: String, defaults: true,
-                                    oneofs: true});
-const pkg = grpc.loadPackageDefinition(def).jobworker.v1;
-const creds = grpc.credentials.createSsl(fs.readFileSync(`${dir}/ca.crt`),
-  fs.readFileSync(`${dir}/${name}.key`), fs.readFileSync(`${dir}/${name}.crt`));
-const client = new pkg.JobService(addr, creds);
-client.Start({name: 'sh', args: ['-c', 'echo from node; sleep 0.1; echo err >&2'],
-              resources: {cpu_quota: '50%', memory_limit: '64M'}}, (err, res) => {
-  if (err) { console.log(JSON.stringify({start_error: err.code})); process.exit(0); }
-  const out = []; let final = null;
-  const call = client.Stream({job_id: res.job_id, offset: 0});
-  call.on('data', m => {
-    if (m.chunk) out.push([m.chunk.stream, Buffer.from(m.chunk.data).toString()]);
-    if (m.final_status) final = m.final_status;
-  });
-  call.on('error', e => { console.log(JSON.stringify({stream_error: e.code})); process.exit(1); });
-  call.on('end', () => {
-    console.log(JSON.stringify({job_id: res.job_id, out, state: final.state,
-                                owner: final.owner, memory: final.limits.memory_bytes}));
-    process.exit(0);
-  });
-});
-"""
-
-
 @pytest.fixture(scope="session")
 def grpc_js():
     """node_modules with pinned grpc-js and proto-loader (cached under build/)."""
@@ -2891,8 +2861,7 @@ def grpc_js():
 @slow
 def test_proto_works_unchanged_from_grpc_js(grpc_js, pki, api):
     script = os.path.join(grpc_js, "client.js")
-    with open(script, "w") as f:
-        f.write(NODE_CLIENT)
+    shutil.copyfile(os.path.join(HERE, "test_grpc_js_client.js"), script)
     run = lambda name: subprocess.run(
         ["node", script, os.path.join(HERE, "jobworker.proto"), f"127.0.0.1:{api[1]}", str(pki),
          name], capture_output=True, text=True, timeout=120,
@@ -2905,3 +2874,389 @@ def test_proto_works_unchanged_from_grpc_js(grpc_js, pki, api):
         ("JOB_STATE_EXITED", "alice", str(64 << 20))
     r = run("reader")
     assert json.loads(r.stdout) == {"start_error": grpc.StatusCode.PERMISSION_DENIED.value[0]}
+
+
+# ================================================================================================
+# Bootstrap and build helpers (zipapp_main.py, v2_guest_checks.py)
+# ================================================================================================
+
+import importlib.util
+import pathlib
+import stat
+import struct
+import tempfile
+import zipfile
+
+import build_zipapp
+import v2_guest
+import zipapp_main
+
+
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def _pyz_config(pyz):
+    with zipfile.ZipFile(pyz) as zf:
+        main = zf.read("__main__.py").decode()
+    return json.loads(main.split("\nCONFIG = ", 1)[1].split("\n", 1)[0])
+
+
+def _clean_env(**extra):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("JOBWORKER_CACHE_DIR", "XDG_CACHE_HOME", "HOME", "TMPDIR")}
+    return dict(env, **extra)
+
+
+def test_importing_the_bootstrap_runs_nothing():
+    r = subprocess.run([sys.executable, "-c", "import sys, zipapp_main; "
+                        "print(zipapp_main.CONFIG, 'jobworker' in sys.modules)"],
+                       cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "None False\n", "")
+
+
+def test_bootstrap_picks_the_target_or_names_what_was_built():
+    config = {"targets": {"cp311-x86_64": {"wheels": [], "glibc": [2, 28]},
+                          "cp312-aarch64": {"wheels": [], "glibc": [2, 17]}}}
+    assert zipapp_main.find_target(config, "cpython", (3, 11), "x86_64", "2.36")[0] == \
+        "cp311-x86_64"
+    with pytest.raises(zipapp_main.BootstrapError,
+                       match=r"no packages for cpython 3\.9 on x86_64; it was built for "
+                             r"cp311-x86_64, cp312-aarch64"):
+        zipapp_main.find_target(config, "cpython", (3, 9), "x86_64", "2.36")
+    with pytest.raises(zipapp_main.BootstrapError, match="no packages for pypy 3.11"):
+        zipapp_main.find_target(config, "pypy", (3, 11), "x86_64", "2.36")
+    with pytest.raises(zipapp_main.BootstrapError, match=r"needs glibc 2\.28 or newer \(this "
+                                                         r"host has 2\.17\)"):
+        zipapp_main.find_target(config, "cpython", (3, 11), "x86_64", "2.17")
+
+
+def _fake_pyz(path, files):
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return {"build_id": "b1", "lib": "_jobworker_lib", "modules": ["jobworker.py"],
+            "targets": {"cp311-x86_64": {"wheels": ["w-1.0"], "glibc": [2, 17]}}}
+
+
+def test_bootstrap_extracts_its_target_once_into_a_private_dir(tmp_path):
+    archive = tmp_path / "fake.pyz"
+    config = _fake_pyz(archive, {"jobworker.py": "X = 1\n", "_jobworker_lib/w-1.0/w/__init__.py":
+                                 "Y = 2\n", "_jobworker_lib/other-2.0/o.py": "", "README": ""})
+    target = config["targets"]["cp311-x86_64"]
+    root = tmp_path / "cache"
+    root.mkdir(mode=0o700)
+    dest = zipapp_main.extract(config, str(root), "cp311-x86_64", target, str(archive),
+                               os.geteuid())
+    assert dest == str(root / "b1-cp311-x86_64") and os.listdir(root) == ["b1-cp311-x86_64"]
+    assert sorted(os.listdir(dest)) == ["__pycache__", "jobworker.py", "w"]
+    assert glob.glob(f"{dest}/w/__pycache__/__init__.*.pyc")   # bytecode made at extraction
+    assert stat.S_IMODE(os.lstat(dest).st_mode) == 0o700
+    archive.unlink()   # a second run finds the dir and reads nothing
+    assert zipapp_main.extract(config, str(root), "cp311-x86_64", target, str(archive),
+                               os.geteuid()) == dest
+
+
+def test_bootstrap_refuses_a_path_escaping_the_cache_and_leaves_nothing(tmp_path):
+    archive = tmp_path / "evil.pyz"
+    config = _fake_pyz(archive, {"_jobworker_lib/w-1.0/../../../escaped.py": "",
+                                 "_jobworker_lib/w-1.0/ok.py": ""})
+    root = tmp_path / "cache"
+    root.mkdir(mode=0o700)
+    with pytest.raises(zipapp_main.BootstrapError, match="bad path in archive"):
+        zipapp_main.extract(config, str(root), "cp311-x86_64", config["targets"]["cp311-x86_64"],
+                            str(archive), os.geteuid())
+    assert os.listdir(root) == [] and not list(tmp_path.glob("**/escaped.py"))
+
+
+def test_bootstrap_cache_candidates_follow_the_environment():
+    env = {"XDG_CACHE_HOME": "/x", "HOME": "/h", "TMPDIR": "/t"}
+    assert zipapp_main.cache_candidates(env, 1000) == ["/x/jobworker", "/h/.cache/jobworker",
+                                                       "/t/jobworker-1000"]
+    assert zipapp_main.cache_candidates({"HOME": "/h"}, 1000) == ["/h/.cache/jobworker",
+                                                                  "/tmp/jobworker-1000"]
+    assert zipapp_main.cache_candidates(dict(env, JOBWORKER_CACHE_DIR="/c"), 1000) == ["/c"]
+
+
+def test_bootstrap_cache_root_is_made_private_and_an_open_one_is_refused(tmp_path):
+    made = zipapp_main.cache_root({"JOBWORKER_CACHE_DIR": str(tmp_path / "a" / "c")},
+                                  os.geteuid())
+    assert made == str(tmp_path / "a" / "c")
+    assert stat.S_IMODE(os.lstat(made).st_mode) == 0o700
+    os.chmod(made, 0o755)
+    with pytest.raises(zipapp_main.BootstrapError, match=r"open to others \(mode 755\); "
+                                                         r"chmod 700 it"):
+        zipapp_main.cache_root({"JOBWORKER_CACHE_DIR": made}, os.geteuid())
+
+
+def test_build_id_covers_the_bootstrap_text_and_every_entry():
+    with open(build_zipapp.BOOTSTRAP) as f:
+        text = f.read()
+    entries = {"jobworker.py": b"A = 1\n", "_jobworker_lib/w-1.0/w.py": b""}
+    targets = {"cp311-x86_64": {"wheels": ["w-1.0"], "glibc": [2, 17]}}
+    build_id, main = build_zipapp.main_module(text, entries, targets)
+    assert build_zipapp.main_module(text, dict(entries), targets) == (build_id, main)
+    assert build_zipapp.main_module(text + "\n", entries, targets)[0] != build_id
+    assert build_zipapp.main_module(text, dict(entries, **{"jobworker.py": b"A = 2\n"}),
+                                    targets)[0] != build_id
+    namespace = {}
+    exec(compile(main, "__main__.py", "exec"), namespace)   # the guard keeps main() from running
+    assert namespace["CONFIG"] == {"build_id": build_id, "lib": "_jobworker_lib",
+                                   "modules": build_zipapp.MODULES, "targets": targets}
+    with pytest.raises(ValueError, match="CONFIG = None"):
+        build_zipapp.main_module(text.replace(build_zipapp.CONFIG_LINE, ""), entries, targets)
+
+
+@pytest.mark.slow
+def test_pyz_main_is_zipapp_main_with_its_config_filled_in(pyz):
+    config = _pyz_config(pyz)
+    assert sorted(config["targets"]) == [f"cp3{v}-{os.uname().machine}" for v in range(10, 14)]
+    with zipfile.ZipFile(pyz) as zf, open(os.path.join(HERE, "zipapp_main.py")) as f:
+        filled = f"CONFIG = {json.dumps(config, sort_keys=True)}\n"
+        assert zf.read("__main__.py").decode().replace(filled, build_zipapp.CONFIG_LINE) == \
+            f.read()
+
+
+def test_bootstrap_root_cache_is_fixed_whatever_home_says():
+    env = {"XDG_CACHE_HOME": "/home/bob/.cache", "HOME": "/home/bob", "TMPDIR": "/tmp"}
+    assert zipapp_main.cache_candidates(env, 0) == ["/var/cache/jobworker"]
+    assert zipapp_main.cache_candidates(dict(env, JOBWORKER_CACHE_DIR="/srv/c"), 0) == ["/srv/c"]
+
+
+@pytest.mark.parametrize("mode,problem", [(0o777, "is writable by group or others (mode 777)"),
+                                          (0o775, "is writable by group or others (mode 775)"),
+                                          (0o1777, None), (0o755, None)])
+def test_bootstrap_checks_every_component_before_making_anything_below(tmp_path, mode, problem):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(mode)
+    cache = shared / "sub" / "cache"
+    if problem:
+        with pytest.raises(zipapp_main.BootstrapError) as e:
+            zipapp_main.make_private_dir(str(cache), os.geteuid())
+        assert str(e.value).startswith(f"unsafe cache dir {cache}: {shared} {problem}; ")
+        assert os.listdir(shared) == []
+    else:
+        assert zipapp_main.make_private_dir(str(cache), os.geteuid()) == str(cache)
+        assert stat.S_IMODE((shared / "sub").stat().st_mode) == 0o700
+        assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+
+
+def test_bootstrap_refuses_a_symlink_or_a_file_on_the_way(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    (tmp_path / "file").write_text("")
+    for component, problem in [("link", "is a symlink"), ("file", "is not a directory")]:
+        with pytest.raises(zipapp_main.BootstrapError,
+                           match=f": {tmp_path / component} {problem}; "):
+            zipapp_main.make_private_dir(str(tmp_path / component / "cache"), os.geteuid())
+    assert os.listdir(tmp_path / "real") == []
+
+
+def test_bootstrap_says_which_cache_dirs_it_could_not_make():
+    with pytest.raises(zipapp_main.BootstrapError, match=r"^cannot create a cache dir "
+                                                         r"\(/proc/jobworker-test/c: .+\)$"):
+        zipapp_main.cache_root({"JOBWORKER_CACHE_DIR": "/proc/jobworker-test/c"}, os.geteuid())
+
+
+@pytest.mark.root
+def test_bootstrap_refuses_a_component_of_another_user(tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(zipapp_main.BootstrapError, match=f": {theirs} belongs to uid 65534; "
+                                                         f"every directory down to the cache "
+                                                         f"must be owned by root,"):
+        zipapp_main.make_private_dir(str(theirs / "cache"), 0)
+    assert os.listdir(theirs) == []
+
+
+@pytest.fixture
+def reachable_dir():
+    """A dir in /tmp that uid 65534 can reach (pytest's dirs are root's alone), removed after."""
+    d = tempfile.mkdtemp(prefix="jwtest-reachable-")
+    os.chmod(d, 0o755)
+    yield pathlib.Path(d)
+    shutil.rmtree(d)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@pytest.mark.parametrize("make,problem", [
+    pytest.param(lambda d: os.chown(d, 65534, 65534), "belongs to uid 65534", id="theirs"),
+    pytest.param(lambda d: d.chmod(0o777), "is writable by group or others (mode 777)",
+                 id="world-writable"),
+    # sticky, as /tmp: others may add entries but not rename ours
+    pytest.param(lambda d: d.chmod(0o1777), None, id="sticky")])
+def test_pyz_as_root_refuses_a_cache_below_a_dir_another_user_can_write(make, problem, pyz,
+                                                                        venvs, reachable_dir):
+    shared = reachable_dir / "shared"
+    shared.mkdir(mode=0o755)
+    make(shared)
+    cache = shared / "cache"
+    # the other user can write there, as the attack needs
+    probe = subprocess.run([*AS_NOBODY, "mkdir", str(shared / "probe")], capture_output=True)
+    assert probe.returncode == 0, probe.stderr
+    r = subprocess.run([venvs["3.11"], str(pyz), "--version"], capture_output=True, text=True,
+                       timeout=120, env=_clean_env(JOBWORKER_CACHE_DIR=str(cache)))
+    if problem:
+        assert (r.returncode, r.stdout) == (1, "")
+        assert r.stderr.startswith(f"jobworker: unsafe cache dir {cache}: {shared} {problem}; ")
+        assert r.stderr.count("\n") == 1
+        assert not cache.exists()
+    else:
+        assert (r.returncode, r.stdout, r.stderr) == (0, f"jobworker {jw.__version__}\n", "")
+        assert stat.S_IMODE(cache.stat().st_mode) == 0o700 and cache.stat().st_uid == 0
+        rename = subprocess.run([*AS_NOBODY, "mv", str(cache), str(shared / "moved")],
+                                capture_output=True)
+        assert rename.returncode != 0 and cache.is_dir()
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_pyz_as_root_refuses_a_symlink_on_the_way_to_its_cache(pyz, venvs, tmp_path):
+    (tmp_path / "real").mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    r = subprocess.run([venvs["3.11"], str(pyz), "--version"], capture_output=True, text=True,
+                       timeout=120, env=_clean_env(JOBWORKER_CACHE_DIR=str(tmp_path / "link/c")))
+    assert r.returncode == 1
+    assert r.stderr.startswith(f"jobworker: unsafe cache dir {tmp_path}/link/c: {tmp_path}/link "
+                               f"is a symlink; ")
+    assert os.listdir(tmp_path / "real") == []
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_pyz_as_root_uses_var_cache_whatever_home_and_xdg_say(pyz, venvs, tmp_path):
+    theirs = tmp_path / "theirs"   # HOME as `sudo -E` keeps it: another user's dir
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, 65534, 65534)
+    extracted = os.path.join(zipapp_main.ROOT_CACHE,
+                             f"{_pyz_config(pyz)['build_id']}-cp311-{os.uname().machine}")
+    existed = os.path.lexists(extracted)
+    try:
+        r = subprocess.run([venvs["3.11"], str(pyz), "--version"], capture_output=True,
+                           text=True, timeout=120,
+                           env=_clean_env(HOME=str(theirs), XDG_CACHE_HOME=str(theirs / "xdg"),
+                                          TMPDIR=str(theirs)))
+        assert (r.returncode, r.stderr) == (0, "")
+        assert os.listdir(theirs) == []
+        for path in (zipapp_main.ROOT_CACHE, extracted):
+            info = os.lstat(path)
+            assert (stat.S_ISDIR(info.st_mode), info.st_uid, stat.S_IMODE(info.st_mode)) == \
+                (True, 0, 0o700), path
+    finally:
+        if not existed:   # the real cache of this machine: only what this test made goes
+            shutil.rmtree(extracted, ignore_errors=True)
+
+
+def _python_for_nobody():
+    """An interpreter the pyz has packages for that uid 65534 may run (~root is private)."""
+    for python in ["/usr/bin/python3", *(f"/usr/bin/python3.{m}" for m in range(10, 14))]:
+        r = subprocess.run([*AS_NOBODY, python, "-c", "import sys; print(sys.version_info[1])"],
+                           capture_output=True, text=True, env=_clean_env())
+        if r.returncode == 0 and 10 <= int(r.stdout) <= 13:
+            return python, f"cp31{int(r.stdout) - 10}-{os.uname().machine}"
+    pytest.skip("no CPython 3.10-3.13 outside ~root for uid 65534 to run")
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_pyz_as_another_user_keeps_the_user_cache_rules(pyz, reachable_dir):
+    python, tag = _python_for_nobody()
+    build = _pyz_config(pyz)["build_id"]
+    base = str(reachable_dir)
+    shutil.copy(pyz, f"{base}/jobworker.pyz")
+    home = f"{base}/home"
+    os.mkdir(home, 0o700)
+    os.chown(home, 65534, 65534)
+    for name, mode in [("tmp", 0o1777), ("open", 0o777)]:
+        os.mkdir(f"{base}/{name}")
+        os.chmod(f"{base}/{name}", mode)
+
+    def run(**env):
+        return subprocess.run([*AS_NOBODY, python, f"{base}/jobworker.pyz", "--version"],
+                              capture_output=True, text=True, timeout=120, env=_clean_env(**env))
+    for env, cache in [({"HOME": home}, f"{home}/.cache/jobworker"),
+                       ({"HOME": home, "XDG_CACHE_HOME": f"{home}/xdg"},
+                        f"{home}/xdg/jobworker"),
+                       ({"HOME": "/nonexistent", "TMPDIR": f"{base}/tmp"},
+                        f"{base}/tmp/jobworker-65534"),
+                       ({"HOME": home, "JOBWORKER_CACHE_DIR": f"{home}/mine"}, f"{home}/mine")]:
+        r = run(**env)
+        assert (r.returncode, r.stdout, r.stderr) == \
+            (0, f"jobworker {jw.__version__}\n", ""), env
+        for path in (cache, f"{cache}/{build}-{tag}"):
+            info = os.lstat(path)
+            assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (65534, 0o700), path
+    r = run(HOME=home, JOBWORKER_CACHE_DIR=f"{base}/open/cache")
+    assert r.returncode == 1 and r.stderr.startswith(
+        f"jobworker: unsafe cache dir {base}/open/cache: {base}/open is writable by group or "
+        f"others (mode 777); every directory down to the cache must be owned by root or uid "
+        f"65534,")
+
+
+def test_importing_the_guest_checks_runs_nothing():
+    r = subprocess.run([sys.executable, "-c", "import v2_guest_checks as c; print(c.results)"],
+                       cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "{}\n", "")
+
+
+def test_each_guest_run_carries_the_pyz_and_the_checks_file():
+    with open(os.path.join(HERE, "v2_guest_checks.py"), "rb") as f:
+        checks = f.read()
+    assert v2_guest.run_files(b"PYZ") == [("jobworker.pyz", 0o100755, b"PYZ"),
+                                          ("checks.py", 0o100644, checks)]
+    assert b"python3.11 /checks.py" in v2_guest.INIT.encode()
+
+
+def test_bench_bare_server_answers_empty_and_streams_over_mutual_tls(pki):
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "bench", "bare_server.py"),
+                             str(pki)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline())
+        creds = grpc.ssl_channel_credentials(*((pki / n).read_bytes() for n in
+                                               ("ca.crt", "client.key", "client.crt")))
+        with grpc.secure_channel(f"127.0.0.1:{port}", creds) as channel:
+            assert channel.unary_unary("/bench.Bare/Empty")(b"", timeout=30) == b""
+            stream = channel.unary_stream("/bench.Bare/Stream")
+            assert list(stream(struct.pack("!II", 5, 3), timeout=30)) == [b"xxxxx"] * 3
+        proc.stdin.close()
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.root
+def test_bench_fork_floor_times_each_round_and_leaves_no_job_cgroup():
+    parent = f"{RUN_PARENT}/floor"
+    try:
+        for mode in ("joined", "fresh"):
+            r = subprocess.run([sys.executable, os.path.join(HERE, "bench", "fork_floor.py"),
+                                parent, "3", mode], capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, r.stderr
+            times = json.loads(r.stdout)
+            assert len(times) == 3 and all(t > 0 for t in times), times
+            assert jw.detect_cgroups(parent).leftover_job_ids() == []
+    finally:
+        jw.detect_cgroups(parent).remove_parent()
+
+
+def test_programs_kept_out_of_strings_lint_clean_where_they_run():
+    # the bootstrap runs on every CPython the pyz serves, the checks on the guest's 3.11
+    compiles = "import sys; compile(open(sys.argv[1]).read(), sys.argv[1], 'exec')"
+    for python, name in [*((p, "zipapp_main.py") for p in PYTHONS),
+                         *((p, "v2_guest_checks.py") for p in PYTHONS if "/3.11." in p)]:
+        r = subprocess.run([python, "-c", compiles, os.path.join(HERE, name)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, (python, name, r.stderr)
+    files = ["zipapp_main.py", "v2_guest_checks.py", "bench/bare_server.py",
+             "bench/fork_floor.py"]
+    lint = ["-m", "pyflakes"] if importlib.util.find_spec("pyflakes") else ["-m", "py_compile"]
+    r = subprocess.run([sys.executable, *lint, *files], cwd=HERE, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run(["node", "--check", "test_grpc_js_client.js"], cwd=HERE,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr

@@ -8,9 +8,10 @@ glibc, CPython 3.11, the virtio modules), all fetched with `apt-get download` an
 --cache (default $JOBWORKER_GUEST_CACHE, else ~/.cache/jobworker-v2-guest). It boots with
 `cgroup_no_v1=all`, mounts cgroup2 with cpu, memory, io and pids enabled, starts
 `jobworker.pyz serve` inside a non-root cgroup (as systemd would) with certificates from
-`certs`, and drives it with the real CLI over mutual TLS on the guest's loopback. A scratch
-virtio disk takes the I/O tests. Results come back over the serial console; the exit status is
-0 when every check passed. `jobworker.pyz` must bundle cp311 x86_64 wheels (the guest's Python).
+`certs`, and drives it with the real CLI over mutual TLS on the guest's loopback
+(v2_guest_checks.py, copied into the initramfs at every run). A scratch virtio disk takes the
+I/O tests. Results come back over the serial console; the exit status is 0 when every check
+passed. `jobworker.pyz` must bundle cp311 x86_64 wheels (the guest's Python).
 """
 
 import argparse
@@ -48,199 +49,8 @@ python3.11 /checks.py
 poweroff -f
 """
 
-# Runs inside the guest (CPython 3.11, busybox). Prints one JWCHECK line per check, then JSON.
-CHECKS = r'''
-import json, os, signal, subprocess, sys, time
-
-ENV = dict(os.environ, JOBWORKER_CACHE_DIR="/tmp/jwcache", JOBWORKER_SERVER="127.0.0.1:50051",
-           JOBWORKER_CA="/tmp/certs/ca.crt", JOBWORKER_CERT="/tmp/certs/client.crt",
-           JOBWORKER_KEY="/tmp/certs/client.key")
-PYZ = ["python3.11", "/jobworker.pyz"]
-SERVICE = "/sys/fs/cgroup/jobworker.service"
-results = {}
-t_begin = time.monotonic()
-
-
-def check(name, ok, detail):
-    results[name] = {"ok": bool(ok), "detail": detail}
-    print(f"JWCHECK {name} {'ok' if ok else 'FAIL'} {detail}", flush=True)
-
-
-def jw(*args, timeout=300):
-    r = subprocess.run(PYZ + list(args), capture_output=True, timeout=timeout, env=ENV)
-    if r.returncode != 0:
-        print(f"JWCLI {args[0]} rc={r.returncode} {r.stderr.decode()[-500:]}", flush=True)
-    return r
-
-
-def start(*argv, **limits):
-    flags = []
-    for key, value in limits.items():
-        flags += [f"--{key.replace('_', '-')}", value]
-    return jw("start", *flags, "--", *argv).stdout.decode().strip()
-
-
-def query(job_id):
-    return json.loads(jw("query", job_id, "--json").stdout)
-
-
-def wait_final(job_id, timeout=300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        q = query(job_id)
-        if q["state"] != "running":
-            return q
-        time.sleep(0.5)
-    raise TimeoutError(job_id)
-
-
-def job_dir(job_id):
-    return f"{SERVICE}/jobworker/{job_id}"
-
-
-def output(job_id):
-    with open(f"/tmp/state/jobs/{job_id}/output.log", "rb") as f:
-        return f.read()
-
-
-def alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def run_checks():
-    jw("certs", "init", "/tmp/certs")
-    jw("certs", "issue", "/tmp/certs", "client", "--role", "admin")
-    # The server starts inside a non-root cgroup, as under systemd with Delegate=yes.
-    os.mkdir(SERVICE)
-    log = open("/tmp/serve.log", "w")
-    server = subprocess.Popen(
-        ["sh", "-c", f"echo $$ > {SERVICE}/cgroup.procs; exec python3.11 /jobworker.pyz serve "
-         "--listen 127.0.0.1:50051 --certs /tmp/certs --state-dir /tmp/state"],
-        env=ENV, stderr=log)
-    deadline = time.monotonic() + 300
-    while "serving on" not in open("/tmp/serve.log").read():
-        if time.monotonic() > deadline or server.poll() is not None:
-            check("server_starts", False, open("/tmp/serve.log").read()[-800:])
-            return
-        time.sleep(0.5)
-    check("server_starts", True, f"cgroup v{2 if 'cgroup v2' in open('/tmp/serve.log').read() else '?'}"
-          f" after {time.monotonic() - t_begin:.0f}s")
-    own = open(f"{SERVICE}/cgroup.procs").read().split()
-    leaf = open(f"{SERVICE}/server/cgroup.procs").read().split()
-    subtree = open(f"{SERVICE}/cgroup.subtree_control").read().split()
-    check("no_internal_process", not own and str(server.pid) in leaf
-          and {"cpu", "memory", "io", "pids"} <= set(subtree),
-          f"service procs {own}, server leaf {leaf}, subtree_control {subtree}")
-
-    # CPU: 50% of one CPU holds a busy loop near half a CPU.
-    j = start("sh", "-c", "while :; do :; done", cpu="50%")
-    cpu_max = open(f"{job_dir(j)}/cpu.max").read().strip()
-    time.sleep(1)
-    q1, t1 = query(j), time.monotonic()
-    time.sleep(5)
-    q2, t2 = query(j), time.monotonic()
-    share = (q2["usage"]["cpu_seconds"] - q1["usage"]["cpu_seconds"]) / (t2 - t1)
-    jw("stop", j, "--grace", "0")
-    check("cpu_50_percent", 0.35 <= share <= 0.65 and cpu_max == "50000 100000",
-          f"{share:.2f} of a CPU, cpu.max {cpu_max!r}")
-    check("usage_cpu", q2["usage"]["cpu_seconds"] > 0 and q2["usage"]["memory_bytes"] > 0
-          and q2["usage"]["tasks"] >= 1, json.dumps(q2["usage"]))
-
-    # Memory: 64M and 200 MB touched -> the kernel's OOM killer, read from memory.events.
-    j = start("python3.11", "-c", "b = bytearray(200 << 20)\n"
-              "for i in range(0, len(b), 4096): b[i] = 1\n", memory="64M")
-    q = wait_final(j)
-    check("memory_oom", q["oom_killed"] and q["signal"] == "SIGKILL",
-          f"oom_killed={q['oom_killed']} signal={q['signal']} peak={q['usage']['memory_peak_bytes']}")
-
-    # Disk I/O: 4 MiB of O_DIRECT writes to the scratch disk, free and at 1MiB/s.
-    writer = ("import mmap, os, sys, time\n"
-              "buf = mmap.mmap(-1, 1 << 20); buf.write(b'x' * (1 << 20))\n"
-              "flags = os.O_WRONLY | (os.O_DIRECT if sys.argv[1] == 'direct' else 0)\n"
-              "fd = os.open('/dev/vda', flags)\n"
-              "t = time.monotonic()\n"
-              "for _ in range(4): os.write(fd, buf)\n"
-              "os.fsync(fd)\n"
-              "print(f'{time.monotonic() - t:.3f}')\n")
-    times = {}
-    for label, mode, limit in [("free", "direct", None), ("direct", "direct", "1MiB/s"),
-                               ("buffered_fsync", "buffered", "1MiB/s")]:
-        j = start("python3.11", "-c", writer, mode, **({"disk_io": limit} if limit else {}))
-        q = wait_final(j)
-        times[label] = float(output(j).split()[0]) if q["exit_code"] == 0 else None
-        if label == "direct":
-            io_max = open(f"/tmp/state/jobs/{j}/job.json").read()
-            io_usage = q["usage"]
-    free, direct, buffered = times["free"], times["direct"], times["buffered_fsync"]
-    check("io_direct", direct is not None and direct >= 2.5 and direct >= 3 * free,
-          f"4 MiB O_DIRECT: {direct}s at 1MiB/s vs {free}s unthrottled")
-    check("io_buffered_fsync", buffered is not None and buffered >= 2.5,
-          f"4 MiB buffered + fsync: {buffered}s at 1MiB/s (v2 charges writeback to the job)")
-    check("usage_io", io_usage["io_write_bytes"] >= 4 << 20, json.dumps(io_usage))
-
-    # pids: a fork loop stops at the limit.
-    # (a shell gives up at its first failed fork; this loop keeps trying)
-    bomb = ("import os, time\n"
-            "made = refused = 0\n"
-            "for _ in range(60):\n"
-            "    try:\n"
-            "        if os.fork() == 0:\n"
-            "            time.sleep(600); os._exit(0)\n"
-            "        made += 1\n"
-            "    except BlockingIOError:\n"
-            "        refused += 1\n"
-            "print(made, refused, flush=True)\n"
-            "time.sleep(600)\n")
-    j = start("python3.11", "-c", bomb, pids="20")
-    deadline = time.monotonic() + 120
-    while not output(j).strip() and time.monotonic() < deadline:
-        time.sleep(0.3)
-    made, refused = (int(x) for x in output(j).split()[:2])
-    current = int(open(f"{job_dir(j)}/pids.current").read())
-    events = open(f"{job_dir(j)}/pids.events").read().split()
-    denied = int(events[events.index("max") + 1])
-    jw("stop", j, "--grace", "0")
-    check("pids_fork_bomb", current <= 20 and made <= 19 and refused > 0 and denied > 0,
-          f"forks made {made}, refused {refused}; pids.current {current}, pids.events max {denied}")
-
-    # Stop kills a double-forked setsid daemon that ignores SIGTERM (through cgroup.kill).
-    j = start("sh", "-c", "trap '' TERM; setsid sh -c 'trap \"\" TERM; sleep 600 & echo $!'; "
-              "sleep 600")
-    deadline = time.monotonic() + 120
-    while not output(j).strip() and time.monotonic() < deadline:
-        time.sleep(0.3)
-    daemon = int(output(j).split()[0])
-    was_alive = alive(daemon)
-    t = time.monotonic()
-    stop = jw("stop", j, "--grace", "1")
-    q = query(j)
-    check("stop_kills_daemon", was_alive and not alive(daemon) and q["state"] == "stopped"
-          and q["signal"] == "SIGKILL" and stop.returncode == 0,
-          f"daemon {daemon} alive before {was_alive}, after {alive(daemon)}, state {q['state']}, "
-          f"signal {q['signal']}, stop took {time.monotonic() - t:.1f}s")
-
-    time.sleep(1)
-    left = [d for d in os.listdir(f"{SERVICE}/jobworker") if len(d) == 36]
-    check("cgroups_removed", not left, f"left under the job parent: {left}")
-
-    server.send_signal(signal.SIGTERM)
-    code = server.wait(120)
-    check("server_sigterm_exit_0", code == 0, f"exit {code}")
-
-
-try:
-    run_checks()
-except Exception as e:
-    import traceback
-    check("harness", False, traceback.format_exc()[-1500:])
-print("JWGUEST-RESULT-BEGIN")
-print(json.dumps({"checks": results, "seconds": round(time.monotonic() - t_begin, 1)}))
-print("JWGUEST-RESULT-END", flush=True)
-'''
+# Runs inside the guest as /checks.py (CPython 3.11, busybox); read at every run.
+CHECKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "v2_guest_checks.py")
 
 
 def log(msg):
@@ -360,6 +170,13 @@ def build_base(cache):
     return vmlinuz, base
 
 
+def run_files(pyz_data):
+    """(path, mode, data) of what each run adds to the base image: the pyz and the checks."""
+    with open(CHECKS, "rb") as f:
+        checks = f.read()
+    return [("jobworker.pyz", 0o100755, pyz_data), ("checks.py", 0o100644, checks)]
+
+
 def run_guest(pyz, cache, timeout):
     qemu = shutil.which("qemu-system-x86_64")
     if not qemu:
@@ -370,11 +187,9 @@ def run_guest(pyz, cache, timeout):
         initrd = os.path.join(tmp, "initrd")
         with open(pyz, "rb") as f:
             pyz_data = f.read()
-        run = cpio_newc([("jobworker.pyz", 0o100755, pyz_data),
-                         ("checks.py", 0o100644, CHECKS.encode())])
         with open(initrd, "wb") as out, open(base, "rb") as b:
             shutil.copyfileobj(b, out)   # concatenated cpio archives merge
-            out.write(run)
+            out.write(cpio_newc(run_files(pyz_data)))
         disk = os.path.join(tmp, "scratch.img")
         with open(disk, "wb") as f:
             f.truncate(64 << 20)

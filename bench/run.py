@@ -22,7 +22,8 @@ import tempfile
 import threading
 import time
 
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.dirname(os.path.abspath(__file__))   # the floors' scripts are here
+HERE = os.path.dirname(BENCH)
 sys.path.insert(0, HERE)
 import jobworker as jw  # noqa: E402
 
@@ -75,38 +76,13 @@ class Serve:
         self.proc.wait(120)
 
 
-BARE = r'''
-import os, struct, sys, threading, concurrent.futures
-sys.path.insert(0, sys.argv[1])
-import jobworker as jw
-grpc = jw._grpc()
-d = sys.argv[2]
-pems = [open(os.path.join(d, n), "rb").read() for n in ("ca.crt", "server.crt", "server.key")]
-def empty(request, context):
-    return b""
-def stream(request, context):
-    size, count = struct.unpack("!II", request)
-    msg = b"x" * size
-    for _ in range(count):
-        yield msg
-handler = grpc.method_handlers_generic_handler("bench.Bare", {
-    "Empty": grpc.unary_unary_rpc_method_handler(empty),
-    "Stream": grpc.unary_stream_rpc_method_handler(stream)})
-server = grpc.server(concurrent.futures.ThreadPoolExecutor(300))
-server.add_generic_rpc_handlers((handler,))
-port = server.add_secure_port("127.0.0.1:0", jw.server_credentials(*pems))
-server.start()
-print(port, flush=True)
-sys.stdin.read()
-'''
-
-
 class Bare:
     """A grpc server with the same TLS setup and nothing else: the transport's floor."""
 
     def __init__(self, certs):
-        self.proc = subprocess.Popen([sys.executable, "-c", BARE, HERE, certs],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen([sys.executable, os.path.join(BENCH, "bare_server.py"),
+                                      certs], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
         self.port = int(self.proc.stdout.readline())
 
     def stop(self):
@@ -127,38 +103,6 @@ def stub(certs, port):
 
 
 # -- figures ------------------------------------------------------------------------------------
-
-FORK_FLOOR = r'''
-import json, os, sys, time, uuid
-sys.path.insert(0, sys.argv[1])
-import jobworker as jw
-driver = jw.detect_cgroups(sys.argv[2])
-driver.setup()
-fresh = sys.argv[4] == "fresh"   # a new cgroup with limits per job, as Start makes
-limits, disks = jw.parse_limits("50%", "256M", "10MB/s", "1024"), jw.block_devices()
-cg = driver.job(str(uuid.uuid4()))
-cg.create()
-cg.set_limits(limits, disks)
-times = []
-for _ in range(int(sys.argv[3])):
-    t = time.perf_counter()
-    if fresh:
-        cg.remove()
-        cg = driver.job(str(uuid.uuid4()))
-        cg.create()
-        cg.set_limits(limits, disks)
-    pid = os.fork()
-    if pid == 0:
-        me = str(os.getpid()).encode()
-        for path in cg.procs_files:
-            fd = os.open(path, os.O_WRONLY); os.write(fd, me); os.close(fd)
-        os.execv("/bin/true", ["true"])
-    os.waitpid(pid, 0)
-    times.append(time.perf_counter() - t)
-cg.remove()
-print(json.dumps(times))
-'''
-
 
 def unary_latencies(call, n):
     out = []
@@ -199,7 +143,7 @@ def fig1_2(certs, server, bare):
         s.Stop(pb.StopRequest(job_id=job.job_id, grace_seconds=0))
     limited = pb.StartRequest(name="true", resources=sleeper.resources)
     fork_floor = lambda mode: json.loads(subprocess.run(
-        [sys.executable, "-c", FORK_FLOOR, HERE, f"{PARENT}/floor", "300", mode],
+        [sys.executable, os.path.join(BENCH, "fork_floor.py"), f"{PARENT}/floor", "300", mode],
         capture_output=True, text=True, check=True).stdout)
     floor_fork, floor_fresh = fork_floor("joined"), fork_floor("fresh")
     bch = grpc.secure_channel(f"127.0.0.1:{bare.port}", creds(certs))

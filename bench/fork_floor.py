@@ -1,0 +1,56 @@
+#!/usr/bin/env python3
+"""The spawn floor for bench/run.py: fork, join a job's cgroups, exec /bin/true and wait, with
+nothing of jobworker's around it. Prints the seconds of each round as a JSON list.
+
+    python3 bench/fork_floor.py CGROUP_PARENT ROUNDS joined|fresh
+
+joined: every round joins one cgroup made with limits beforehand; fresh: every round first
+makes a new cgroup with limits, as Start does.
+"""
+
+import json
+import os
+import sys
+import time
+import uuid
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import jobworker as jw  # noqa: E402
+
+
+def main(parent, rounds, mode):
+    driver = jw.detect_cgroups(parent)
+    driver.setup()
+    fresh = mode == "fresh"
+    limits, disks = jw.parse_limits("50%", "256M", "10MB/s", "1024"), jw.block_devices()
+    cg = driver.job(str(uuid.uuid4()))
+    cg.create()
+    cg.set_limits(limits, disks)
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        if fresh:
+            cg.remove()
+            cg = driver.job(str(uuid.uuid4()))
+            cg.create()
+            cg.set_limits(limits, disks)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                me = str(os.getpid()).encode()
+                for path in cg.procs_files:
+                    fd = os.open(path, os.O_WRONLY)
+                    os.write(fd, me)
+                    os.close(fd)
+                os.execv("/bin/true", ["true"])
+            finally:
+                os._exit(127)   # the child never returns into the loop, even on error
+        os.waitpid(pid, 0)
+        times.append(time.perf_counter() - t)
+    cg.remove()
+    print(json.dumps(times))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
