@@ -873,6 +873,11 @@ class CgroupV2Driver(CgroupDriver):
     CONTROLLERS = ("cpu", "memory", "io", "pids")
 
     def __init__(self, own, parent_rel, server_leaf="server"):
+        if os.path.basename(own) == server_leaf:
+            # Started in the leaf an earlier server moved itself into (a restart under live
+            # restore: the cgroup above it hands out controllers, so it can take no process;
+            # systemd's DelegateSubgroup=server does this too): the layout is the same.
+            own = os.path.dirname(own)
         self.own = own                               # the server's own cgroup directory
         self.parent = os.path.join(own, parent_rel)
         self.server_leaf = server_leaf
@@ -1329,6 +1334,7 @@ class _Shim:
         self.outbox = []          # frames (bytes, fds) for the server, in order
         self.progress = {}        # job id -> _ShimJob with output not yet reported
         self.served = False       # a server has connected at least once
+        self.greeted = False      # the connected server has said hello: frames may go to it
         self.ep = select.epoll()
 
     # -- setup and loop -----------------------------------------------------------------------
@@ -1401,6 +1407,7 @@ class _Shim:
             return
         self.conn = conn
         self.served = True
+        self.greeted = False   # nothing is sent before the reply to its hello
         self.ep.register(conn.fileno(), select.EPOLLIN)
 
     # -- the server's requests ----------------------------------------------------------------
@@ -1431,6 +1438,7 @@ class _Shim:
 
     def _hello(self, msg):
         self._clear_outbox()
+        self.greeted = True
         self._send({"op": "hello", "version": LAUNCHER_PROTOCOL, "pid": os.getpid(),
                     "build": __version__, "jobs": len(self.jobs)})
         if msg.get("version") != LAUNCHER_PROTOCOL:
@@ -1614,7 +1622,7 @@ class _Shim:
     def _send(self, obj, fds=()):
         """Queue a frame with copies of fds (the originals stay ours: a job's pidfd may be
         closed before the frame carrying it has left)."""
-        if self.conn is not None:
+        if self.conn is not None and self.greeted:
             self.outbox.append([_frame(obj), [os.dup(fd) for fd in fds]])
 
     def _clear_outbox(self):
@@ -1627,7 +1635,7 @@ class _Shim:
     def _flush(self):
         """Send what can be sent without blocking; the rest waits for EPOLLOUT. Output
         progress is sent last and coalesced: one frame per job however much was written."""
-        if self.conn is None:
+        if self.conn is None or not self.greeted:
             return
         for job in self.progress.values():
             self.outbox.append([_frame(dict(job.state(), op="out")), []])
@@ -2241,6 +2249,16 @@ class _Follow:
         return self.job.snapshot()
 
     def __iter__(self):
+        for offset, data, first, lengths in self.runs():
+            stream, start = first, 0
+            for n in lengths:
+                yield Chunk(stream, offset + start, data[start:start + n])
+                stream, start = STDERR if stream == STDOUT else STDOUT, start + n
+
+    def runs(self):
+        """(offset, data, first stream, run lengths) per read of the log (at most max_chunk
+        bytes): the runs alternate between the streams. Each read is handed on as soon as
+        it is made, so live output is never held back."""
         try:
             while True:
                 size, records, final = self.job.wait_output(self.offset, lambda: self.cancelled)
@@ -2250,14 +2268,11 @@ class _Follow:
                 if end <= self.offset:   # nothing more, and the job is final
                     return
                 segments = read_segments(self._idx_fd, records, self.offset, end)
-                if not segments:   # published but not in the index file (disk trouble)
-                    return
-                for stream, start, stop in segments:
-                    data = os.pread(self._data_fd, stop - start, start)
-                    if not data:   # the file is shorter than its record says (disk trouble)
-                        return
-                    yield Chunk(stream, start, data)
-                    self.offset = start + len(data)
+                data = os.pread(self._data_fd, end - self.offset, self.offset)   # one read
+                if not segments or len(data) < end - self.offset:
+                    return   # published but not on disk: disk trouble
+                yield self.offset, data, segments[0][0], [b - a for _, a, b in segments]
+                self.offset = end
         finally:
             self.close()
 
@@ -3219,6 +3234,24 @@ def usage_to_proto(pb, usage):
     return pb.Usage(**{USAGE_TO_PROTO[k]: v for k, v in (usage or {}).items()})
 
 
+def output_pieces(pb, msg):
+    """[(proto stream, offset, data)] of a StreamResponse's output, whether it came as one
+    chunk or as a batch of runs that alternate between the streams."""
+    kind = msg.WhichOneof("item")
+    if kind == "chunk":
+        return [(msg.chunk.stream, msg.chunk.offset, msg.chunk.data)]
+    if kind != "batch":
+        return []
+    b, out, start = msg.batch, [], 0
+    data, base = b.data, b.offset   # each access of a field makes a new object: once each
+    stream, other = b.first_stream, {pb.OUTPUT_STREAM_STDOUT: pb.OUTPUT_STREAM_STDERR,
+                                     pb.OUTPUT_STREAM_STDERR: pb.OUTPUT_STREAM_STDOUT}
+    for n in b.lengths:
+        out.append((stream, base + start, data[start:start + n]))
+        stream, start = other[stream], start + n
+    return out
+
+
 def status_to_proto(pb, s):
     """JobStatus -> jobworker.v1.JobStatus."""
     msg = pb.JobStatus(
@@ -3351,9 +3384,15 @@ class JobService:
             # A client that goes away ends the follow at once and gives the thread back.
             context.add_callback(follow.cancel)
             context.send_initial_metadata(())   # the client learns at once that it is admitted
-            for chunk in follow:
-                yield self.pb.StreamResponse(chunk=self.pb.OutputChunk(
-                    stream=self._streams_pb[chunk.stream], offset=chunk.offset, data=chunk.data))
+            if request.batch:   # one message per read of the log: at most STREAM_CHUNK bytes
+                for offset, data, first, lengths in follow.runs():
+                    yield self.pb.StreamResponse(batch=self.pb.OutputBatch(
+                        offset=offset, data=data, first_stream=self._streams_pb[first],
+                        lengths=lengths))
+            else:
+                for c in follow:
+                    yield self.pb.StreamResponse(chunk=self.pb.OutputChunk(
+                        stream=self._streams_pb[c.stream], offset=c.offset, data=c.data))
             if not follow.cancelled:
                 # from the follow's own job: the final status even if it was removed meanwhile
                 yield self.pb.StreamResponse(
@@ -3685,14 +3724,15 @@ def certs_issue(directory, name, roles, days=LEAF_DAYS):
 # Exit codes: 0 success; 1 other error; 2 usage; 3 cannot reach the server or TLS failed;
 # 4 job not found; 5 permission denied; 6 request refused (invalid, wrong state, cannot run);
 # 7 a server cap is reached; 8 server internal error; 9 serve: the listen address is in use;
-# 10 serve: another server owns the state dir or cgroup parent; 130 interrupted (Ctrl-C).
+# 10 serve: another server owns the state dir or cgroup parent; 11 serve: the running
+# launcher speaks another protocol version (its jobs are left alone); 130 interrupted (Ctrl-C).
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONNECT, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
 EXIT_DENIED, EXIT_REFUSED, EXIT_EXHAUSTED, EXIT_INTERNAL, EXIT_INTERRUPTED = 5, 6, 7, 8, 130
-EXIT_ADDRESS_IN_USE, EXIT_ALREADY_SERVING = 9, 10
+EXIT_ADDRESS_IN_USE, EXIT_ALREADY_SERVING, EXIT_LAUNCHER_MISMATCH = 9, 10, 11
 # Errors of `serve` itself (no RPC involved) that scripts and systemd tell apart.
 _EXIT_FOR_ERROR = ((AddressInUse, EXIT_ADDRESS_IN_USE), (AlreadyServing, EXIT_ALREADY_SERVING),
-                   (LocalFileError, EXIT_ERROR))
+                   (LauncherMismatch, EXIT_LAUNCHER_MISMATCH), (LocalFileError, EXIT_ERROR))
 _EXIT_FOR_CODE = {
     "UNAVAILABLE": EXIT_CONNECT, "DEADLINE_EXCEEDED": EXIT_CONNECT, "NOT_FOUND": EXIT_NOT_FOUND,
     "PERMISSION_DENIED": EXIT_DENIED, "UNAUTHENTICATED": EXIT_DENIED,
@@ -3983,12 +4023,20 @@ def cmd_stream(args):
     client = Client(args)
     pb = client.pb
     outs = {pb.OUTPUT_STREAM_STDOUT: sys.stdout.buffer, pb.OUTPUT_STREAM_STDERR: sys.stderr.buffer}
-    call = client.stub.Stream(pb.StreamRequest(job_id=args.job_id, offset=args.offset))
+    # Both to one file (a terminal, 2>&1): flush at each switch so it shows them in order.
+    same = _same_file(sys.stdout, sys.stderr)
+    call = client.stub.Stream(pb.StreamRequest(job_id=args.job_id, offset=args.offset,
+                                               batch=True))
     try:
         for msg in call:
-            if msg.HasField("chunk"):
-                out = outs[msg.chunk.stream]
-                out.write(msg.chunk.data)
+            last = None
+            for stream, _, data in output_pieces(pb, msg):
+                out = outs[stream]
+                if same and last is not None and out is not last:
+                    last.flush()
+                out.write(data)
+                last = out
+            for out in outs.values():
                 out.flush()
     except client.grpc.RpcError as e:
         raise client.error(e) from None
@@ -3998,6 +4046,14 @@ def cmd_stream(args):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     return EXIT_OK
+
+
+def _same_file(a, b):
+    try:
+        sa, sb = os.fstat(a.fileno()), os.fstat(b.fileno())
+    except (OSError, ValueError):
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def cmd_certs_init(args):
@@ -4200,7 +4256,8 @@ def build_parser():
         "own cgroup, over mutual-TLS gRPC.",
         epilog="Exit codes: 0 ok, 1 error, 2 usage, 3 cannot reach server, 4 not found, "
         "5 permission denied, 6 refused, 7 cap reached, 8 server error, 9 address in use, "
-        "10 another server owns the state dir, 130 interrupted.")
+        "10 another server owns the state dir, 11 launcher of another protocol, "
+        "130 interrupted.")
     parser.add_argument("--version", action="version", version=f"jobworker {__version__}")
     sub = parser.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
 

@@ -442,6 +442,11 @@ def test_detect_pure_v2_layout(tmp_path):
     d = jw.detect_cgroups("jobworker", str(tmp_path / "mountinfo"), str(tmp_path / "cgroup"))
     assert d.version == 2
     assert d.parent == "/sys/fs/cgroup/system.slice/jobworker.service/jobworker"
+    # a restarted server, started in the leaf an earlier one moved itself into, finds the
+    # same job cgroups (its live-restored jobs are there)
+    (tmp_path / "cgroup").write_text("0::/system.slice/jobworker.service/server\n")
+    d = jw.detect_cgroups("jobworker", str(tmp_path / "mountinfo"), str(tmp_path / "cgroup"))
+    assert d.parent == "/sys/fs/cgroup/system.slice/jobworker.service/jobworker"
 
 
 def test_detect_refuses_escaping_parent():
@@ -1720,6 +1725,35 @@ def test_stream_resumes_from_an_offset(peers):
     assert alice.stub.Stop(pb.StopRequest(job_id=running, grace_seconds=0))
 
 
+INTERLEAVED = ("import os\n"
+               "for i in range(50000):\n"
+               "    os.write(1, b'o'); os.write(2, b'e')\n")
+
+
+@root
+def test_interleaved_output_comes_back_whole_in_batches_or_one_chunk_a_message(peers):
+    alice = peers("alice")
+    job = alice.start("python3", "-c", INTERLEAVED)
+    alice.stream(job)
+    singly, batched = [], []
+    for msg in alice.stub.Stream(pb.StreamRequest(job_id=job), timeout=120):
+        assert msg.WhichOneof("item") in ("chunk", "final_status")   # what an old client knows
+        if msg.HasField("chunk"):
+            singly.append(msg.chunk)
+    messages = 0
+    for msg in alice.stub.Stream(pb.StreamRequest(job_id=job, batch=True), timeout=120):
+        if msg.HasField("batch"):
+            messages += 1
+            batched += jw.output_pieces(pb, msg)
+    assert [(c.stream, c.offset, c.data) for c in singly] == batched
+    assert messages < len(batched)
+    assert [c.offset for c in singly] == list(itertools.accumulate(
+        [0] + [len(c.data) for c in singly[:-1]]))                       # contiguous
+    out = b"".join(c.data for c in singly if c.stream == pb.OUTPUT_STREAM_STDOUT)
+    err = b"".join(c.data for c in singly if c.stream == pb.OUTPUT_STREAM_STDERR)
+    assert (out, err) == (b"o" * 50000, b"e" * 50000)
+
+
 @root
 def test_two_clients_attached_early_and_late_get_identical_output(peers):
     alice = peers("alice")
@@ -2351,6 +2385,65 @@ def test_a_server_that_cannot_start_leaves_no_cgroup_behind(pki, tmp_path):
         assert not glob.glob(f"{jw.CGROUP_ROOT}/*/{RUN_PARENT}/{parent}"), parent
 
 
+def patched_pyz(tmp_path, name, replacements):
+    """A pyz for CPython 3.11 built from this tree with jobworker.py edited: another build."""
+    src = tmp_path / f"src-{name}"
+    src.mkdir()
+    for f in ("jobworker.py", "jobworker.proto", "build_zipapp.py", "zipapp_main.py",
+              "requirements.txt"):
+        shutil.copy(os.path.join(HERE, f), src / f)
+    code = (src / "jobworker.py").read_text()
+    for old, new in replacements:
+        assert old in code, old
+        code = code.replace(old, new)
+    (src / "jobworker.py").write_text(code)
+    out = tmp_path / f"{name}.pyz"
+    subprocess.run([sys.executable, str(src / "build_zipapp.py"), "-o", str(out), "--python",
+                    "3.11", "--wheel-cache", os.path.join(HERE, "build", "wheels")],
+                   check=True, timeout=600, capture_output=True)
+    return out
+
+
+@root
+@slow
+def test_an_upgrade_adopts_the_jobs_and_an_incompatible_build_touches_nothing(pyz, venvs,
+                                                                             pki, tmp_path):
+    python = venvs["3.11"]
+    env = dict(os.environ, JOBWORKER_CACHE_DIR=str(tmp_path / "cache"))
+    newer = patched_pyz(tmp_path, "newer", [  # a compatible change: a new field in the hello
+        ('__version__ = "', '__version__ = "9.9-'),
+        ('"live_restore": self.live_restore})', '"live_restore": self.live_restore, '
+                                                '"feature": "newer"})')])
+    other = patched_pyz(tmp_path, "other", [("LAUNCHER_PROTOCOL = 1 ", "LAUNCHER_PROTOCOL = 2 ")])
+    state, parent = tmp_path / "state", f"{RUN_PARENT}/upgrade"
+    serve = lambda p, **kw: ServeProcess([python, str(p)], pki, state, parent, env=env, **kw)
+    server = serve(pyz)
+    run = lambda *a: cli([python, str(pyz)], *a, certs=pki, port=server.port, env=env)
+    job = run("start", "sh", "-c", COUNTER).stdout.decode().strip()
+    wait_for(lambda: (state / "jobs" / job / "output.log").stat().st_size > 20, what="output")
+    launcher = launcher_of(state)
+    server.proc.kill()                       # as an upgrade under systemd (KillMode=process)
+    server.proc.wait(30)
+    r = subprocess.run([python, str(other), "serve", "--listen", "127.0.0.1:0", "--certs",
+                        str(pki), "--state-dir", str(state), "--cgroup-parent", parent],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 11, r.stderr
+    assert f"pid {launcher}, holding 1 running job" in r.stderr and "protocol 1" in r.stderr
+    assert launcher_of(state) == launcher and pid_alive(launcher)
+    assert jw.detect_cgroups(parent).leftover_job_ids() == [job]   # untouched
+    server = serve(newer)
+    try:
+        assert json.loads(run("query", job, "--json").stdout)["state"] == "running"
+        assert cli([python, str(newer)], "--version", certs=pki).stdout.startswith(
+            b"jobworker 9.9-")
+        run("stop", job, "--grace", "0")
+        seen = numbers(run("stream", job).stdout)
+        assert seen == list(range(len(seen))) and len(seen) > 20
+    finally:
+        assert server.stop() == 0
+    assert not pid_alive(launcher)
+
+
 @root
 def test_serve_sigterm_ends_streams_stops_jobs_and_exits_0(pki, tmp_path):
     server = ServeProcess(SRC, pki, tmp_path / "state", f"{RUN_PARENT}/sigterm")
@@ -2446,8 +2539,8 @@ def test_real_cgroup_v2_guest(pyz, tmp_path):
     checks = json.loads(report.read_text())["checks"]
     assert set(checks) == {"server_starts", "no_internal_process", "cpu_50_percent", "usage_cpu",
                            "memory_oom", "io_direct", "io_buffered_fsync", "usage_io",
-                           "pids_fork_bomb", "stop_kills_daemon", "cgroups_removed",
-                           "server_sigterm_exit_0"}
+                           "pids_fork_bomb", "stop_kills_daemon", "live_restore",
+                           "cgroups_removed", "server_sigterm_exit_0"}
     failed = {name: c["detail"] for name, c in checks.items() if not c["ok"]}
     assert not failed, failed
     assert r.returncode == 0
@@ -2472,6 +2565,128 @@ def children_of(pid):
     for task in os.listdir(f"/proc/{pid}/task"):
         kids += [int(k) for k in open(f"/proc/{pid}/task/{task}/children").read().split()]
     return kids
+
+
+def launcher_of(state):
+    """pid of the launcher process of a state dir, from its lock's holder."""
+    fd = os.open(str(state / "launcher.lock"), os.O_RDONLY)
+    try:
+        return jw._lock_holder(fd)[0]
+    finally:
+        os.close(fd)
+
+
+@root
+def test_live_restore_a_killed_server_s_jobs_run_on_and_are_adopted(pki, tmp_path):
+    state, parent = tmp_path / "state", f"{RUN_PARENT}/live"
+    driver = jw.detect_cgroups(parent)
+    server = ServeProcess(SRC, pki, state, parent)
+    run = lambda *a: cli(SRC, *a, certs=pki, port=server.port)
+    try:
+        ids = {"writer": run("start", "sh", "-c", COUNTER),
+               "idle": run("start", "sleep", "600"),
+               "ends": run("start", "sh", "-c", "sleep 1; echo bye; exit 5"),
+               "oom": run("start", "--memory", "16M", "--", "sh", "-c",
+                          "sleep 1; head -c 100000000 /dev/zero | tail")}
+        ids = {k: v.stdout.decode().strip() for k, v in ids.items()}
+        before = {k: json.loads(run("query", j, "--json").stdout) for k, j in ids.items()}
+        wait_for(lambda: json.loads(run("query", ids["writer"], "--json").stdout)
+                 ["output_bytes"] > 20, what="the counter")
+        launcher = launcher_of(state)
+        server.proc.kill()                       # SIGKILL: nothing of the server runs on
+        server.proc.wait(30)
+        killed_at = time.time()
+        time.sleep(2)                            # the writer writes, two jobs end meanwhile
+        assert pid_alive(launcher) and launcher_of(state) == launcher
+    finally:
+        server.stop()
+    server = ServeProcess(SRC, pki, state, parent)
+    try:
+        assert any("adopted running job" in line for line in server.lines)
+        after = {k: json.loads(run("query", j, "--json").stdout) for k, j in ids.items()}
+        for k in ("writer", "idle"):
+            assert after[k]["state"] == "running"
+            assert (after[k]["started_at"], after[k]["pid"]) == \
+                (before[k]["started_at"], before[k]["pid"])
+        ends = after["ends"]
+        assert (ends["state"], ends["exit_code"]) == ("exited", 5)
+        assert ends["ended_at"] < jw._iso(killed_at + 2)          # it ended in the downtime
+        assert run("stream", ids["ends"]).stdout == b"bye\n"
+        assert after["oom"]["oom_killed"] and after["oom"]["state"] == "exited"
+        stop = run("stop", ids["writer"], "--grace", "1")
+        assert stop.returncode == 0, stop.stderr
+        seen = numbers(run("stream", ids["writer"]).stdout)
+        assert seen == list(range(len(seen))) and len(seen) > 200   # every line, once
+        assert run("stop", ids["idle"], "--grace", "0").returncode == 0
+        assert json.loads(run("query", ids["idle"], "--json").stdout)["state"] == "stopped"
+    finally:
+        assert server.stop() == 0
+    assert driver.leftover_job_ids() == []
+    assert not pid_alive(launcher)               # a plain SIGTERM ends it with its jobs
+
+
+@root
+def test_sigterm_with_keep_jobs_leaves_them_to_the_next_server(pki, tmp_path):
+    state, parent = tmp_path / "state", f"{RUN_PARENT}/keep"
+    server = ServeProcess(SRC, pki, state, parent, extra=["--keep-jobs"])
+    run = lambda *a: cli(SRC, *a, certs=pki, port=server.port)
+    job = run("start", "sh", "-c", COUNTER).stdout.decode().strip()
+    wait_for(lambda: (state / "jobs" / job / "output.log").stat().st_size > 20, what="output")
+    assert server.stop() == 0                    # SIGTERM, --keep-jobs: the job goes on
+    size = (state / "jobs" / job / "output.log").stat().st_size
+    wait_for(lambda: (state / "jobs" / job / "output.log").stat().st_size > size + 50,
+             what="the job to go on writing with no server")
+    server = ServeProcess(SRC, pki, state, parent)
+    try:
+        assert json.loads(run("query", job, "--json").stdout)["state"] == "running"
+        run("stop", job, "--grace", "0")
+        seen = numbers(run("stream", job).stdout)
+        assert seen == list(range(len(seen)))
+    finally:
+        assert server.stop() == 0
+    r = subprocess.run([*SRC, "serve", "--keep-jobs", "--no-live-restore"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--keep-jobs needs live restore" in r.stderr
+
+
+@root
+def test_without_live_restore_a_dead_server_s_jobs_are_stopped_and_lost(pki, tmp_path):
+    state, parent = tmp_path / "state", f"{RUN_PARENT}/nolive"
+    server = ServeProcess(SRC, pki, state, parent, extra=["--no-live-restore"])
+    run = lambda *a: cli(SRC, *a, certs=pki, port=server.port)
+    job = run("start", "sh", "-c", COUNTER).stdout.decode().strip()
+    wait_for(lambda: (state / "jobs" / job / "output.log").stat().st_size > 20, what="output")
+    pid = json.loads(run("query", job, "--json").stdout)["pid"]
+    server.proc.kill()
+    server.proc.wait(30)
+    wait_for(lambda: not pid_alive(pid), what="the launcher to stop the job")
+    server = ServeProcess(SRC, pki, state, parent, extra=["--no-live-restore"])
+    try:
+        d = json.loads(run("query", job, "--json").stdout)
+        assert d["state"] == "lost" and "stopped while it ran" in d["lost_reason"]
+        assert numbers(run("stream", job).stdout)[:3] == [0, 1, 2]
+    finally:
+        assert server.stop() == 0
+
+
+@root
+def test_a_server_s_launcher_killed_by_a_job_comes_back(pki, tmp_path):
+    state, parent = tmp_path / "state", f"{RUN_PARENT}/relaunch"
+    server = ServeProcess(SRC, pki, state, parent)
+    run = lambda *a: cli(SRC, *a, certs=pki, port=server.port)
+    try:
+        job = run("start", "sh", "-c", COUNTER).stdout.decode().strip()
+        first = launcher_of(state)
+        killer = run("start", "kill", "-9", str(first)).stdout.decode().strip()
+        wait_for(lambda: launcher_of(state) not in (None, first), what="a new launcher")
+        assert run("query", killer, "--json").returncode == 0
+        wait_for(lambda: run("start", "true").returncode == 0, timeout=10, what="Start")
+        assert first not in children_of(server.proc.pid)       # the old one was reaped
+        assert json.loads(run("query", job, "--json").stdout)["state"] == "running"
+        run("stop", job, "--grace", "0")
+        assert json.loads(run("query", job, "--json").stdout)["state"] == "stopped"
+    finally:
+        assert server.stop() == 0
 
 
 @root

@@ -71,22 +71,32 @@ def alive(pid):
         return False
 
 
+def start_server(log_path, cgroup=SERVICE):
+    """`serve` inside the service's cgroup, as systemd with Delegate=yes would start it; None
+    if it did not come up. Once the first server has handed controllers to its jobs, the
+    service's cgroup can take no process: a restart goes into the leaf the first one made (as
+    systemd's DelegateSubgroup=server does)."""
+    log = open(log_path, "w")
+    server = subprocess.Popen(
+        ["sh", "-c", f"echo $$ > {cgroup}/cgroup.procs && exec python3.11 /jobworker.pyz "
+         "serve --listen 127.0.0.1:50051 --certs /tmp/certs --state-dir /tmp/state"],
+        env=ENV, stderr=log)
+    deadline = time.monotonic() + 300
+    while "serving on" not in open(log_path).read():
+        if time.monotonic() > deadline or server.poll() is not None:
+            return None
+        time.sleep(0.5)
+    return server
+
+
 def run_checks():
     jw("certs", "init", "/tmp/certs")
     jw("certs", "issue", "/tmp/certs", "client", "--role", "admin")
-    # The server starts inside a non-root cgroup, as under systemd with Delegate=yes.
     os.mkdir(SERVICE)
-    log = open("/tmp/serve.log", "w")
-    server = subprocess.Popen(
-        ["sh", "-c", f"echo $$ > {SERVICE}/cgroup.procs; exec python3.11 /jobworker.pyz serve "
-         "--listen 127.0.0.1:50051 --certs /tmp/certs --state-dir /tmp/state"],
-        env=ENV, stderr=log)
-    deadline = time.monotonic() + 300
-    while "serving on" not in open("/tmp/serve.log").read():
-        if time.monotonic() > deadline or server.poll() is not None:
-            check("server_starts", False, open("/tmp/serve.log").read()[-800:])
-            return
-        time.sleep(0.5)
+    server = start_server("/tmp/serve.log")
+    if server is None:
+        check("server_starts", False, open("/tmp/serve.log").read()[-800:])
+        return
     check("server_starts", True, f"cgroup v{2 if 'cgroup v2' in open('/tmp/serve.log').read() else '?'}"
           f" after {time.monotonic() - t_begin:.0f}s")
     own = open(f"{SERVICE}/cgroup.procs").read().split()
@@ -181,6 +191,27 @@ def run_checks():
           and q["signal"] == "SIGKILL" and stop.returncode == 0,
           f"daemon {daemon} alive before {was_alive}, after {alive(daemon)}, state {q['state']}, "
           f"signal {q['signal']}, stop took {time.monotonic() - t:.1f}s")
+
+    # Live restore: the server is killed; the launcher keeps the job running and writes its
+    # output; a new server adopts it, and the stream has every line once.
+    j = start("sh", "-c", "i=0; while :; do echo $i; i=$((i+1)); sleep 0.01; done")
+    deadline = time.monotonic() + 120
+    while len(output(j)) < 20 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    server.kill()
+    server.wait(60)
+    time.sleep(2)
+    server = start_server("/tmp/serve2.log", f"{SERVICE}/server")
+    if server is None:
+        check("live_restore", False, open("/tmp/serve2.log").read()[-800:])
+        return
+    state = query(j)["state"]
+    stopped = jw("stop", j, "--grace", "0", timeout=60).returncode
+    lines = [int(x) for x in jw("stream", j, timeout=60).stdout.split()]
+    check("live_restore", state == "running" and stopped == 0
+          and lines == list(range(len(lines))) and len(lines) > 100,
+          f"adopted job {state}, stop exit {stopped}, {len(lines)} lines, in order and once: "
+          f"{lines == list(range(len(lines)))}")
 
     time.sleep(1)
     left = [d for d in os.listdir(f"{SERVICE}/jobworker") if len(d) == 36]

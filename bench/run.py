@@ -472,6 +472,119 @@ def fig9(certs, state_root):
         "<= 8 KB")
 
 
+INTERLEAVED = """
+import os, sys, time
+end, n = time.monotonic() + float(sys.argv[1]), 0
+while True:
+    for _ in range(1000):
+        os.write(1, b"o"); os.write(2, b"e")
+    n += 1000
+    if time.monotonic() > end:
+        break
+"""
+
+
+def proc_cpu(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def fig11(certs, state_root):
+    """Output that switches between stdout and stderr at every byte, for 10 s."""
+    pb = jw._pb()[0]
+    server = Serve(certs, os.path.join(state_root, "interleaved"))
+    try:
+        ch, s = stub(certs, server.port)
+        s.Start(pb.StartRequest(name="true"))            # warm up
+        time.sleep(1)
+        rss0 = server.stats()[1]
+        fd = os.open(os.path.join(state_root, "interleaved", "launcher.lock"), os.O_RDONLY)
+        launcher = jw._lock_holder(fd)[0]   # the process holding the launcher's lock
+        os.close(fd)
+        cpu0 = proc_cpu(launcher)
+        job = s.Start(pb.StartRequest(name=sys.executable, args=["-c", INTERLEAVED, "10"])).job_id
+        while s.Query(pb.QueryRequest(job_id=job)).status.state == pb.JOB_STATE_RUNNING:
+            time.sleep(0.2)
+        status = s.Query(pb.QueryRequest(job_id=job)).status
+        launcher_cpu, writer_cpu = proc_cpu(launcher) - cpu0, status.usage.cpu_seconds
+        rss1 = server.stats()[1]
+        idx = os.path.getsize(os.path.join(state_root, "interleaved", "jobs", job, "output.idx"))
+        switches = idx // 8
+        rates = {}
+        for batch in (True, False):
+            t = time.perf_counter()
+            n = 0
+            for msg in s.Stream(pb.StreamRequest(job_id=job, batch=batch)):
+                n += sum(len(d) for _, _, d in jw.output_pieces(pb, msg))
+            rates[batch] = n / 1e6 / (time.perf_counter() - t)
+        ch.close()
+    finally:
+        server.stop()
+    row(11, f"interleaved output: {switches:,} switches, index on disk (MiB per 1M)",
+        idx / switches * 1e6 / MiB, None, None, "<= 8 MiB")
+    row(11, "  server RSS growth (MiB per 1M switches)", (rss1 - rss0) / switches * 1e6 / MiB,
+        None, None, "<= 8 MiB")
+    row(11, "  launcher CPU / writer CPU", launcher_cpu / writer_cpu, None, None, "<= 2x")
+    row(11, "  follower, batched (MB/s)", rates[True], rates[False], rates[True] / rates[False],
+        ">= 20 MB/s")
+
+
+TICKER = "import time\nwhile True:\n    print(time.time_ns(), flush=True)\n    time.sleep(0.01)\n"
+
+
+def fig12(certs, state_root):
+    """A follower across a server restart (SIGKILL, then a new server on the same state dir):
+    how long no output reaches it, and whether any is lost."""
+    pb = jw._pb()[0]
+    state = os.path.join(state_root, "restart")
+    server = Serve(certs, state)
+    ch, s = stub(certs, server.port)
+    job = s.Start(pb.StartRequest(name=sys.executable, args=["-c", TICKER])).job_id
+    got, offset = b"", 0
+    call = s.Stream(pb.StreamRequest(job_id=job, batch=True))
+    t_last = None
+    try:
+        for msg in call:
+            for _, off, data in jw.output_pieces(pb, msg):
+                got += data
+                offset = off + len(data)
+            t_last = time.monotonic()
+            if len(got) > 2000:
+                break
+        server.proc.kill()
+        server.proc.wait()
+        for msg in call:     # the rest until the stream is cut
+            for _, off, data in jw.output_pieces(pb, msg):
+                got += data
+                offset = off + len(data)
+            t_last = time.monotonic()
+    except jw._grpc().RpcError:
+        pass
+    ch.close()
+    t_kill = time.monotonic()
+    server = Serve(certs, state)
+    restart = server.ready_s
+    try:
+        ch, s = stub(certs, server.port)
+        call = s.Stream(pb.StreamRequest(job_id=job, offset=offset, batch=True))
+        first = next(m for m in call if m.HasField("batch"))
+        gap = time.monotonic() - t_last
+        got += b"".join(d for _, _, d in jw.output_pieces(pb, first))
+        call.cancel()
+        s.Stop(pb.StopRequest(job_id=job, grace_seconds=0))
+        whole = b"".join(d for m in s.Stream(pb.StreamRequest(job_id=job, batch=True))
+                         for _, _, d in jw.output_pieces(pb, m))
+        ch.close()
+    finally:
+        server.stop()
+    intact = whole.startswith(got) and all(
+        int(a) < int(b) for a, b in zip(whole.split()[:-1], whole.split()[1:]))
+    row(12, f"follower across a server restart: no output for (s){' (lost bytes!)' if not intact else ''}",
+        gap, restart, gap / restart, "(information)")
+    print(f"    kill to new server accepting {time.monotonic() - t_kill:.2f} s; "
+          f"every line kept, in order: {intact}")
+
+
 def main():
     if os.geteuid() != 0:
         sys.exit("bench: run as root (jobs run in cgroups)")
@@ -498,6 +611,8 @@ def main():
     try:
         fig6_8(certs, tmp)
         fig9(certs, tmp)
+        fig11(certs, tmp)
+        fig12(certs, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         jw.detect_cgroups(PARENT).remove_parent()
