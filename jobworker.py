@@ -60,6 +60,8 @@ MAX_PIDS = 4_194_304                  # the kernel's pid_max ceiling
 JOB_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 JOB_LANG = "C.UTF-8"
 JOB_CWD = "/"
+DYNAMIC_USER = "dynamic"              # serve --job-user dynamic: a uid per job owner
+DEFAULT_UID_RANGE = (61184, 65519)    # systemd's DynamicUser= range
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 STDOUT, STDERR = 1, 2
@@ -73,6 +75,24 @@ FINAL_STATES = frozenset({EXITED, STOPPED, LOST})
 STATES = frozenset({RUNNING}) | FINAL_STATES
 
 _JOB_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+
+
+def check_private_dir(path, what):
+    """Make path (mode 0700) if missing; LocalFileError unless it is a directory, not a symlink,
+    owned by this user and writable by no one else: what lies in it (keys, job records) must
+    not be swapped or read by another local user."""
+    import stat
+    if not os.path.lexists(path):
+        os.makedirs(path, mode=0o700)
+    st = os.lstat(path)
+    problem = ("is a symlink" if stat.S_ISLNK(st.st_mode) else
+               "is not a directory" if not stat.S_ISDIR(st.st_mode) else
+               f"belongs to uid {st.st_uid}" if st.st_uid != os.geteuid() else
+               f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+               if st.st_mode & 0o022 else None)
+    if problem:
+        raise LocalFileError(f"refusing the {what} {path}: it {problem}; it must be a "
+                             f"directory of uid {os.geteuid()} that only it can write")
 
 
 def _close_quietly(fd):
@@ -1209,8 +1229,39 @@ def _recv_msg(sock, maxfds=8):
     return json.loads(_recv_exact(sock, size)), fds
 
 
-def _child_exec(req, out_w, err_w, err_pipe):
-    """In the forked child: join the cgroups, set up fds and session, exec. Never returns."""
+CLONE_NEWNS = 0x00020000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_REC, MS_SLAVE = 32, 4096, 0x4000, 1 << 19
+PR_SET_NO_NEW_PRIVS = 38
+
+
+def _hide_paths(libc, paths, empty_file):
+    """In a new mount namespace, put an empty read-only tmpfs over each directory in `paths`
+    and an empty read-only file over each file (as systemd's InaccessiblePaths=). Mounts made
+    here never propagate back to the host (the whole tree is made a slave first)."""
+    import ctypes
+
+    def check(rc, what):
+        if rc != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+
+    check(libc.unshare(CLONE_NEWNS), "unshare")
+    check(libc.mount(None, b"/", None, MS_REC | MS_SLAVE, None), "mount --make-rslave /")
+    for path in sorted(paths, key=lambda p: os.path.isdir(p)):   # files first: the empty
+        p = os.fsencode(path)                                     # file may be in a hidden dir
+        if os.path.isdir(path):
+            check(libc.mount(b"none", p, b"tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                             b"size=4k,nr_inodes=1,mode=000"), f"hide {path}")
+        elif os.path.exists(path):
+            check(libc.mount(os.fsencode(empty_file), p, None, MS_BIND, None), f"hide {path}")
+            check(libc.mount(None, p, None, MS_BIND | MS_REMOUNT | MS_RDONLY, None),
+                  f"hide {path}")
+
+
+def _child_exec(req, out_w, err_w, err_pipe, libc):
+    """In the forked child: join the cgroups, hide the server's files, set up fds and session,
+    drop privileges, exec. Never returns."""
     stage = "cgroup"
     try:
         pid = str(os.getpid()).encode()
@@ -1220,6 +1271,9 @@ def _child_exec(req, out_w, err_w, err_pipe):
                 os.write(fd, pid)
             finally:
                 os.close(fd)
+        if req.get("hide"):
+            stage = "namespace"
+            _hide_paths(libc, req["hide"], req["empty_file"])
         stage = "setsid"
         os.setsid()
         stage = "stdio"
@@ -1238,8 +1292,12 @@ def _child_exec(req, out_w, err_w, err_pipe):
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         if req.get("uid") is not None:
+            # An unprivileged job: no supplementary groups, no capabilities (setuid away from
+            # root clears them), and no way back up through setuid binaries.
             stage = "setuid"
-            os.setgroups(req["groups"])
+            if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+                raise OSError(errno.EPERM, "PR_SET_NO_NEW_PRIVS")
+            os.setgroups([])
             os.setgid(req["gid"])
             os.setuid(req["uid"])
         stage = "chdir"
@@ -1342,7 +1400,7 @@ class _Shim:
     def run(self, ready_fd):
         import ctypes
         import fcntl
-        libc = ctypes.CDLL(None, use_errno=True)
+        self.libc = libc = ctypes.CDLL(None, use_errno=True)
         # Orphaned daemons of a job are re-parented here and reaped, so none stays a zombie.
         libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
         _reset_reserved_signals(libc)
@@ -1479,7 +1537,7 @@ class _Shim:
             self._send(dict(reply, error="fork", errno=e.errno, detail=e.strerror))
             return
         if pid == 0:
-            _child_exec(req, out_w, err_w, report_w)
+            _child_exec(req, out_w, err_w, report_w, self.libc)
         for fd in (out_w, err_w, report_w):
             os.close(fd)
         pidfd = os.pidfd_open(pid)   # before any reaping: the pid cannot be reused yet
@@ -2294,7 +2352,8 @@ class JobManager:
     def __init__(self, state_dir=DEFAULT_STATE_DIR, cgroups=None, *, default_pids=DEFAULT_PIDS_LIMIT,
                  log_cap=DEFAULT_LOG_CAP, max_jobs=DEFAULT_MAX_JOBS, job_user=None,
                  grace=DEFAULT_GRACE_SECONDS, devices=None, keep_finished=DEFAULT_KEEP_FINISHED,
-                 keep_for=DEFAULT_KEEP_FOR, clock=time.time, live_restore=True):
+                 keep_for=DEFAULT_KEEP_FOR, clock=time.time, live_restore=True,
+                 uid_range=DEFAULT_UID_RANGE, hide_paths=()):
         self.store = JobStore(state_dir)
         self.state_dir = state_dir
         self.jobs_dir = self.store.jobs_dir
@@ -2309,6 +2368,12 @@ class JobManager:
         self.live_restore = live_restore
         self._clock = clock
         self._user = _job_user(job_user)
+        self._dynamic = (DynamicUsers(os.path.join(state_dir, "uids.json"), uid_range)
+                         if job_user == DYNAMIC_USER else None)
+        # What a job may not see: the state dir (every job's output and record, the launcher's
+        # socket) and the server's certificates. Hiding needs root (a mount namespace).
+        self._hide = ([state_dir, *hide_paths] if os.geteuid() == 0 else [])
+        self._empty_file = os.path.join(state_dir, ".empty")
         self._lock = threading.Lock()
         self._jobs = {}                     # id -> Job (running) or FinishedJob
         self._live = {}                     # id -> Job, from before its spawn until it is final
@@ -2330,6 +2395,10 @@ class JobManager:
         load the records of earlier runs and apply the retention rules. Returns self."""
         try:
             self.store.open()
+            if self._hide:
+                os.close(os.open(self._empty_file, os.O_CREAT | os.O_CLOEXEC, 0))
+            if self._dynamic:
+                self._dynamic.load()
             self.cgroups.setup()
             _set_child_subreaper()
             raise_fd_limit()
@@ -2607,11 +2676,16 @@ class JobManager:
 
     def _spawn_request(self, job, argv):
         env = {"PATH": JOB_PATH, "LANG": JOB_LANG, "HOME": "/root"}
-        req = {"argv": argv, "env": env, "cwd": JOB_CWD, "procs": list(job.cgroup.procs_files)}
+        req = {"argv": argv, "env": env, "cwd": JOB_CWD, "procs": list(job.cgroup.procs_files),
+               "hide": self._hide, "empty_file": self._empty_file}
         if self._user:
-            req.update(self._user)
+            req.update(uid=self._user["uid"], gid=self._user["gid"])
             env["HOME"] = self._user["home"]
             env["USER"] = env["LOGNAME"] = self._user["name"]
+        elif self._dynamic:
+            uid = self._dynamic.uid_of(job.status.owner)
+            req.update(uid=uid, gid=uid)
+            env["HOME"] = "/"   # a uid no account has: no home (as systemd's DynamicUser=)
         return req
 
     # -- the launcher, its events, its death and its successor --------------------------------
@@ -2867,16 +2941,82 @@ def _set_child_subreaper():
 
 
 def _job_user(name):
-    """uid, gid, groups and home of the unprivileged user jobs run as, or None."""
-    if not name:
+    """uid, gid and home of the one unprivileged user jobs run as, or None ("dynamic" is
+    handled by DynamicUsers)."""
+    if not name or name == DYNAMIC_USER:
         return None
     import pwd
     try:
         pw = pwd.getpwnam(name) if not str(name).isdigit() else pwd.getpwuid(int(name))
     except KeyError:
-        raise InvalidArgument("job user", name, "an existing user name or uid") from None
-    return {"uid": pw.pw_uid, "gid": pw.pw_gid, "groups": os.getgrouplist(pw.pw_name, pw.pw_gid),
-            "home": pw.pw_dir, "name": pw.pw_name}
+        raise InvalidArgument("job user", name, "an existing user name or uid, or dynamic") \
+            from None
+    return {"uid": pw.pw_uid, "gid": pw.pw_gid, "home": pw.pw_dir, "name": pw.pw_name}
+
+
+def parse_uid_range(text):
+    """'61184-65519' -> (61184, 65519)."""
+    m = re.fullmatch(r"([0-9]{1,10})-([0-9]{1,10})", str(text).strip())
+    if not m or not 0 < int(m.group(1)) <= int(m.group(2)) < 2 ** 31:
+        raise InvalidArgument("job uid range", text, "FIRST-LAST, such as 61184-65519")
+    return int(m.group(1)), int(m.group(2))
+
+
+class DynamicUsers:
+    """A uid and gid of its own for each job owner (serve --job-user dynamic), from a range,
+    never one that /etc/passwd or /etc/group knows, and the same for an owner across restarts
+    (kept in <state_dir>/uids.json)."""
+
+    def __init__(self, path, uid_range=DEFAULT_UID_RANGE):
+        self.path = path
+        self.first, self.last = uid_range
+        self._lock = threading.Lock()
+        self._uids = {}
+
+    def load(self):
+        try:
+            with open(self.path) as f:
+                self._uids = {str(k): int(v) for k, v in json.load(f).items()}
+        except FileNotFoundError:
+            self._uids = {}
+
+    def uid_of(self, owner):
+        """The owner's uid (= gid), allocated and saved at its first job. CapReached if the
+        range is used up."""
+        import grp
+        import pwd
+        with self._lock:
+            uid = self._uids.get(owner)
+            if uid is not None:
+                return uid
+            taken = set(self._uids.values())
+            for uid in range(self.first, self.last + 1):
+                if uid in taken:
+                    continue
+                try:
+                    pwd.getpwuid(uid)
+                    continue
+                except KeyError:
+                    pass
+                try:
+                    grp.getgrgid(uid)
+                    continue
+                except KeyError:
+                    pass
+                self._uids[owner] = uid
+                _write_json_atomic(self.path, self._uids)
+                return uid
+        raise CapReached("dynamic job users", f"{self.first}-{self.last}")
+
+
+def _write_json_atomic(path, obj):
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        _write_all(fd, json.dumps(obj, sort_keys=True).encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 def _set_pipe_size(fd, size=1 << 20):
@@ -3480,6 +3620,7 @@ def serve_grpc(manager, listen="127.0.0.1:0", *, ca, cert, key, max_streams=DEFA
     try:
         if open_manager:
             manager.open()
+        _preload(cert_pem)
         server.start()
         started = True
         yield port
@@ -3489,6 +3630,18 @@ def serve_grpc(manager, listen="127.0.0.1:0", *, ca, cert, key, max_streams=DEFA
             manager.close(keep_jobs=keep_jobs())
         stopped.wait()
         pool.shutdown(wait=False)
+
+
+def _preload(cert_pem):
+    """Import now every module a call may need later. The modules come from a cache dir that
+    was checked when the process started; importing nothing after the first connection keeps
+    that check true for the server's whole life (and the first calls fast)."""
+    import importlib
+    for name in ("base64", "grp", "pwd", "cryptography.x509",
+                 "cryptography.hazmat.primitives.serialization"):
+        importlib.import_module(name)
+    with contextlib.suppress(AccessDenied):   # a server certificate: parsed, then refused
+        identity_from_pem(cert_pem)           # (what parsing a certificate loads, loaded)
 
 
 def _address_in_use(listen):
@@ -3547,7 +3700,7 @@ class ServeLock:
     def acquire(self):
         import fcntl
         try:
-            os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+            check_private_dir(self.state_dir, "state dir")
             targets = [(os.path.join(self.state_dir, "server.lock"), "state dir",
                         self.state_dir)]
             for d in self.cgroup_dirs:
@@ -3673,17 +3826,32 @@ def make_leaf(ca_key, ca_cert, common_name, *, hosts=None, roles=None, days=LEAF
     return key, b.sign(ca_key, hashes.SHA256())
 
 
+def _write_new(path, data, mode):
+    """Write a file whole: a new temp file beside it (O_EXCL|O_NOFOLLOW: no existing file or
+    planted symlink is written through), then renamed over the name (a symlink there is
+    replaced, not followed)."""
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        try:
+            _write_all(fd, data)
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def _write_secret(path, data):
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(path, 0o600)
+    _write_new(path, data, 0o600)
 
 
 def _write_public(path, data):
-    with open(path, "wb") as f:
-        f.write(data)
-    os.chmod(path, 0o644)
+    _write_new(path, data, 0o644)
 
 
 def _load_ca(directory):
@@ -3695,7 +3863,7 @@ def _load_ca(directory):
 
 def certs_init(directory, hosts=(), force=False):
     """Write DIR/ca.{crt,key} and DIR/server.{crt,key} (SANs localhost, 127.0.0.1, ::1 + hosts)."""
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    check_private_dir(directory, "certificate directory")
     if os.path.exists(f"{directory}/ca.key") and not force:
         raise JobworkerError(f"{directory}/ca.key exists; a new CA would orphan every issued "
                              "certificate (use --force to replace it)")
@@ -3712,6 +3880,7 @@ def certs_issue(directory, name, roles, days=LEAF_DAYS):
     """Write DIR/NAME.{crt,key}: a client certificate for identity NAME with these roles."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}", name) or name in ("ca", "server"):
         raise InvalidArgument("name", name, "letters, digits, '.', '_', '@', '-' (not ca or server)")
+    check_private_dir(directory, "certificate directory")
     ca_key, ca_cert = _load_ca(directory)
     key, cert = make_leaf(ca_key, ca_cert, name, roles=roles, days=days)
     _write_secret(f"{directory}/{name}.key", _pem_key(key))
@@ -3846,9 +4015,18 @@ def status_to_dict(pb, msg):
     }
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text):
+    """text with control characters (ESC, CR, ...) shown as \\xNN: what a job or a user
+    named cannot move the cursor, rewrite a line or retitle a terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def _command_line(argv):
     import shlex
-    return " ".join(shlex.quote(a) for a in argv)
+    return printable(" ".join(shlex.quote(a) for a in argv))
 
 
 def _duration(seconds):
@@ -3887,7 +4065,7 @@ def format_status(pb, msg):
         output += " (truncated at the server's cap)"
     if d["log_error"]:
         output += f" ({d['log_error']})"
-    rows = [("State", state), ("Owner", d["owner"]), ("Limits", limits),
+    rows = [("State", state), ("Owner", printable(d["owner"])), ("Limits", limits),
             ("CPU", f"{u['cpu_seconds']:.3f}s"),
             ("Memory", f"{_human_bytes(u['memory_bytes'])} (peak "
                        f"{_human_bytes(u['memory_peak_bytes'])})"),
@@ -3999,7 +4177,7 @@ def cmd_list(args):
     for j in jobs:
         d = status_to_dict(client.pb, j)
         exit_ = (str(d["exit_code"]) if d["exit_code"] is not None else d["signal"] or "")
-        print(f"{d['id']:36}  {d['state']:8}  {exit_:>8}  {d['owner'][:12]:12}  "
+        print(f"{d['id']:36}  {d['state']:8}  {exit_:>8}  {printable(d['owner'])[:12]:12}  "
               f"{(d['started_at'] or '')[:19]:20}  {_command_line(d['command'])[:80]}")
     return EXIT_OK
 
@@ -4087,11 +4265,17 @@ def cmd_serve(args):
     # Order: the locks, then the port, and only then the manager (which cleans up what earlier
     # runs left): a second server started by mistake touches nothing of the first one.
     lock = ServeLock(args.state_dir, cgroups.parent_dirs()).acquire()
+    # a job sees neither the server's certificate directory nor its key
+    hide = [os.path.abspath(args.certs or DEFAULT_CERTS_DIR)] if args.certs or not (
+        args.ca or args.cert or args.key) else []
+    if not any(os.path.abspath(key).startswith(d + os.sep) for d in hide):
+        hide.append(os.path.abspath(key))
     manager = JobManager(args.state_dir, cgroups,
                          default_pids=args.default_pids, log_cap=args.log_cap,
                          max_jobs=args.max_jobs, job_user=args.job_user, grace=args.grace,
                          keep_finished=args.keep_finished, keep_for=args.keep_for,
-                         live_restore=args.live_restore)
+                         live_restore=args.live_restore, uid_range=args.job_uid_range,
+                         hide_paths=hide)
     keep = lambda: args.keep_jobs and stop.is_set()   # a failed start never keeps anything
     try:
         with serve_grpc(manager, args.listen, ca=ca, cert=cert, key=key,
@@ -4270,7 +4454,14 @@ def build_parser():
     p.add_argument("--ca", help="CA certificate that client certificates must chain to")
     p.add_argument("--cert", help="server certificate")
     p.add_argument("--key", help="server private key (ECDSA, mode 0600)")
-    p.add_argument("--job-user", help="run jobs as this user instead of root")
+    p.add_argument("--job-user", metavar="USER|dynamic",
+                   help="run jobs as this user instead of root; dynamic: each job owner gets "
+                        "a uid and gid of its own (from --job-uid-range)")
+    p.add_argument("--job-uid-range", type=_cli_type(parse_uid_range, "FIRST-LAST, such as "
+                                                     "61184-65519"),
+                   default=DEFAULT_UID_RANGE, metavar="FIRST-LAST",
+                   help="uids (and gids) of --job-user dynamic (default 61184-65519, "
+                        "systemd's DynamicUser range)")
     p.add_argument("--cgroup-parent", default=DEFAULT_CGROUP_PARENT,
                    help="job cgroups' parent, relative to the server's own cgroup "
                         f"(default {DEFAULT_CGROUP_PARENT})")

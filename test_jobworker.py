@@ -638,6 +638,69 @@ def test_job_environment_is_clean_and_documented(make_manager, monkeypatch):
 
 
 @root
+def test_a_root_job_sees_neither_the_state_dir_nor_hidden_files(make_manager, tmp_path):
+    secret_dir, secret_file = tmp_path / "certs", tmp_path / "elsewhere.key"
+    secret_dir.mkdir()
+    (secret_dir / "server.key").write_text("PRIVATE")
+    secret_file.write_text("PRIVATE TOO")
+    m = make_manager(hide_paths=[str(secret_dir), str(secret_file)])
+    other = m.start("sh", ["-c", "echo bob-secret"], owner="bob")
+    wait_final(m, other.id)
+    job = m.start("sh", ["-c", f"cat {secret_dir}/server.key {secret_file} "
+                               f"{m.jobs_dir}/{other.id}/output.log; ls -A {secret_dir} "
+                               f"{m.state_dir}; echo uid=$(id -u); "
+                               f"touch {secret_dir}/x || echo read-only"], owner="alice")
+    out, err, _ = output(m, job.id)
+    assert b"PRIVATE" not in out and b"bob-secret" not in out, out
+    assert b"uid=0" in out and b"read-only" in out       # root, and still it cannot
+    assert b"No such file" in err or b"Permission denied" in err
+    mountinfo = open("/proc/self/mountinfo").read()       # nothing came back to the host
+    assert str(secret_dir) not in mountinfo and str(m.state_dir) not in mountinfo
+    assert (secret_dir / "server.key").read_text() == "PRIVATE"
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory under /tmp that every uid may write in (sticky, as /tmp itself)."""
+    import pathlib
+    import tempfile
+    d = pathlib.Path(tempfile.mkdtemp(prefix="jwtest-", dir="/tmp"))
+    d.chmod(0o1777)
+    yield d
+    shutil.rmtree(d)
+
+
+@root
+def test_dynamic_users_keep_owners_apart(make_manager, shared_dir):
+    import pwd
+    m = make_manager(job_user="dynamic", uid_range=(61184, 65519))
+    alice = m.start("sh", ["-c", f"umask 077; echo secret > {shared_dir}/a.txt && "
+                                 f"mkdir {shared_dir}/a.d && echo ok; sleep 600"], owner="alice")
+    wait_for(lambda: m.status(alice.id).output_bytes, what="alice's files")
+    assert (shared_dir / "a.txt").exists() and (shared_dir / "a.d").is_dir()
+    bob = m.start("sh", ["-c", f"id -u; cat {shared_dir}/a.txt; ls {shared_dir}/a.d; "
+                               f"kill -9 {alice.pid}; grep -E '^(CapEff|NoNewPrivs|Groups)' "
+                               "/proc/self/status"], owner="bob")
+    out, err, _ = output(m, bob.id)
+    bob_uid = int(out.split()[0])
+    assert b"secret" not in out and err.count(b"Permission denied") == 2, err
+    assert b"Operation not permitted" in err and pid_alive(alice.pid)
+    status = dict(line.split(":", 1) for line in out.decode().splitlines()[1:])
+    assert status["CapEff"].strip() == "0000000000000000" and status["NoNewPrivs"].strip() == "1"
+    assert status["Groups"].strip() == ""
+    alice_uid = os.stat(shared_dir / "a.txt").st_uid
+    assert 61184 <= alice_uid <= 65519 and 61184 <= bob_uid <= 65519 and alice_uid != bob_uid
+    for uid in (alice_uid, bob_uid):
+        with pytest.raises(KeyError):
+            pwd.getpwuid(uid)                                # never a uid of an account
+    m.stop(alice.id, grace=0)
+    m.close()
+    again = make_manager(state=m.state_dir, job_user="dynamic")   # stable across restarts
+    j = again.start("id", ["-u"], owner="alice")
+    assert int(output(again, j.id)[0]) == alice_uid
+
+
+@root
 def test_job_runs_as_configured_unprivileged_user(make_manager):
     m = make_manager(job_user="nobody")
     job = m.start("sh", ["-c", "id -u; id -g; echo $HOME"])
@@ -1600,6 +1663,56 @@ def test_certs_files_and_modes(pki):
         jw.certs_init(str(pki))
 
 
+def test_certs_write_through_no_planted_symlink_and_refuse_open_dirs(rpc, tmp_path):
+    d, target = tmp_path / "certs", tmp_path / "victim"
+    d.mkdir(mode=0o700)
+    target.write_text("not a key")
+    (d / "server.key").symlink_to(target)          # planted by someone who could write here
+    jw.certs_init(str(d))
+    assert target.read_text() == "not a key"
+    assert not (d / "server.key").is_symlink() and (d / "server.key").stat().st_mode & 0o777 == 0o600
+    assert not list(d.glob(".*.tmp"))
+    new = tmp_path / "new"
+    jw.certs_init(str(new))
+    assert new.stat().st_mode & 0o777 == 0o700
+    d.chmod(0o777)
+    with pytest.raises(jw.LocalFileError, match="writable by group or others"):
+        jw.certs_issue(str(d), "carol", ["writer"])
+    d.chmod(0o700)
+    link = tmp_path / "link"
+    link.symlink_to(d)
+    with pytest.raises(jw.LocalFileError, match="is a symlink"):
+        jw.certs_issue(str(link), "carol", ["writer"])
+    assert not (d / "carol.crt").exists()
+
+
+@root
+def test_certs_and_serve_refuse_a_directory_of_another_user(pki, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir(mode=0o700)
+    os.chown(other, 65534, 65534)
+    with pytest.raises(jw.LocalFileError, match="belongs to uid 65534"):
+        jw.certs_init(str(other))
+    code, err = serve_once(pki, other, f"{RUN_PARENT}/otherstate")
+    assert code == 1 and "refusing the state dir" in err and "uid 65534" in err, err
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    code, err = serve_once(pki, open_dir, f"{RUN_PARENT}/otherstate")
+    assert code == 1 and "writable by group or others" in err, err
+
+
+def test_human_output_escapes_control_characters(rpc):
+    s = jw.JobStatus(id="6f9619ff-8b86-4011-b42d-00c04fc964ff", owner="eve\x1b[2J",
+                     command=["printf", "\x1b]0;pwned\x07\rok"], limits=jw.Limits(),
+                     state=jw.EXITED, exit_code=0, started_at=1.0, ended_at=2.0)
+    msg = jw.status_to_proto(pb, s)
+    human = jw.format_status(pb, msg)
+    assert "\x1b" not in human and "\r" not in human and "\x07" not in human
+    assert "eve\\x1b[2J" in human and "\\x1b]0;pwned\\x07\\x0dok" in human
+    assert jw.status_to_dict(pb, msg)["command"][1] == "\x1b]0;pwned\x07\rok"   # --json: exact
+
+
 # ================================================================================================
 # Service
 # ================================================================================================
@@ -2224,6 +2337,51 @@ def test_serve_retention_flags_and_a_restart_after_removals(pki, tmp_path):
         assert run("stream", jobs[4]).stdout == b"4\n"
     finally:
         assert server.stop() == 0
+
+
+@root
+def test_a_job_of_the_server_cannot_read_its_key(pki, src_server):
+    run = lambda *a: cli(SRC, *a, certs=pki, port=src_server.port)
+    job = run("start", "sh", "-c", f"cat {pki}/server.key; ls -A {pki}").stdout.decode().strip()
+    r = run("stream", job)
+    assert b"PRIVATE KEY" not in r.stdout and b"server.crt" not in r.stdout
+    assert b"No such file" in r.stderr
+    assert b"PRIVATE KEY" in (pki / "server.key").read_bytes()
+
+
+AUDITED_SERVE = """
+import logging, sys
+sys.path.insert(0, sys.argv[1])
+import jobworker
+serving = []
+logging.getLogger("jobworker").addFilter(
+    lambda r: serving.append(1) or True if r.getMessage().startswith("serving on") else True)
+sys.addaudithook(lambda event, args: event == "import" and serving and print(
+    "IMPORTED", args[0], file=sys.stderr, flush=True))
+sys.exit(jobworker.main(sys.argv[2:]))
+"""
+
+
+@root
+def test_the_server_imports_nothing_once_it_serves(pki, tmp_path):
+    server = ServeProcess([sys.executable, "-c", AUDITED_SERVE, HERE], pki, tmp_path / "state",
+                          f"{RUN_PARENT}/audit")
+    try:
+        peer = Peer(pki, server.port, "alice")
+        job = peer.start("sh", "-c", "echo hi; exit 3")
+        peer.stream(job)
+        for method in ("Query", "Stop", "Remove", "Query"):
+            peer.call(method, job)
+        peer.start("sleep", "600")
+        peer.list(states=[pb.JOB_STATE_RUNNING], page_size=1)
+        for name in ("reader", "norole", "expired", "malformed"):
+            Peer(pki, server.port, name).call("Start")
+        with pytest.raises(grpc.RpcError):
+            peer.channel.unary_unary(f"/{jw.SERVICE_NAME}/Query")(b"\xff\xff", timeout=30)
+        peer.close()
+    finally:
+        assert server.stop() == 0
+    assert not [line for line in server.lines if line.startswith("IMPORTED")], server.lines
 
 
 @root
