@@ -48,6 +48,7 @@ DEFAULT_GRACE_SECONDS = 10.0          # SIGTERM -> SIGKILL on Stop
 DEFAULT_PIDS_LIMIT = 1024             # every job gets a pids limit: a fork bomb stops here
 DEFAULT_LOG_CAP = 2 << 30             # bytes of output kept per job (stdout + stderr)
 DEFAULT_MAX_JOBS = 1000               # concurrently running jobs
+DEFAULT_MAX_JOBS_PER_OWNER = 256      # ... of one owner
 MAX_ARGS = 4096                       # argv entries per job
 MAX_ARGV_BYTES = 256 << 10            # total argv size per job
 CPU_PERIOD_US = 100_000               # cfs period (systemd uses 100 ms too)
@@ -387,6 +388,51 @@ def parse_limits(cpu="", memory="", disk_io="", pids=""):
     """Limits from their text forms; every field is checked before anything is created."""
     return Limits(parse_cpu_quota(cpu), parse_memory(memory), parse_disk_io(disk_io),
                   parse_pids(pids))
+
+
+def admin_reserve(cap):
+    """The part of a global cap that only admins may use: at least 8 where the cap allows
+    (at most half of it), 5% of large caps."""
+    return min(max(8, cap // 20), cap // 2)
+
+
+class Quota:
+    """Who holds how much of a capped resource (running jobs, streams, calls in flight): a
+    global cap, of which admin_reserve(cap) is kept for admins so that an admin can always
+    act, and a cap per owner so that no owner can take what the others need. Thread-safe."""
+
+    def __init__(self, what, cap, per_owner):
+        self.what, self.cap, self.per_owner = what, cap, per_owner
+        self.reserve = admin_reserve(cap)
+        self._lock = threading.Lock()
+        self.total = 0
+        self._by_owner = {}
+
+    def take(self, owner, admin=False, force=False):
+        """Count one more for owner, or raise CapReached (force: count it anyway)."""
+        with self._lock:
+            mine = self._by_owner.get(owner, 0)
+            if not force:
+                limit = self.cap if admin else self.cap - self.reserve
+                if self.total >= limit:
+                    raise CapReached(self.what, self.cap if admin else
+                                     f"{limit}; {self.reserve} more are kept for admins")
+                if mine >= self.per_owner:
+                    raise CapReached(f"{self.what} of one owner", self.per_owner)
+            self.total += 1
+            self._by_owner[owner] = mine + 1
+
+    def give(self, owner):
+        with self._lock:
+            self.total -= 1
+            left = self._by_owner[owner] - 1
+            if left:
+                self._by_owner[owner] = left
+            else:
+                del self._by_owner[owner]
+
+    def held_by(self, owner):
+        return self._by_owner.get(owner, 0)
 
 
 def validate_job_id(job_id):
@@ -2350,7 +2396,8 @@ class JobManager:
     Construction only records the settings; open() is the step that acts on the host."""
 
     def __init__(self, state_dir=DEFAULT_STATE_DIR, cgroups=None, *, default_pids=DEFAULT_PIDS_LIMIT,
-                 log_cap=DEFAULT_LOG_CAP, max_jobs=DEFAULT_MAX_JOBS, job_user=None,
+                 log_cap=DEFAULT_LOG_CAP, max_jobs=DEFAULT_MAX_JOBS,
+                 max_jobs_per_owner=DEFAULT_MAX_JOBS_PER_OWNER, job_user=None,
                  grace=DEFAULT_GRACE_SECONDS, devices=None, keep_finished=DEFAULT_KEEP_FINISHED,
                  keep_for=DEFAULT_KEEP_FOR, clock=time.time, live_restore=True,
                  uid_range=DEFAULT_UID_RANGE, hide_paths=()):
@@ -2361,6 +2408,7 @@ class JobManager:
         self.default_pids = default_pids
         self.log_cap = log_cap
         self.max_jobs = max_jobs
+        self._running = Quota("running jobs", max_jobs, max_jobs_per_owner)
         self.grace = grace
         self.devices = block_devices() if devices is None else devices
         self.keep_finished = keep_finished
@@ -2379,7 +2427,6 @@ class JobManager:
         self._live = {}                     # id -> Job, from before its spawn until it is final
         self._order = []                    # sorted order_key of every job: List's order
         self._finished = {}                 # id -> None, in the order the jobs ended
-        self._running = 0
         self._opened = False
         self._closed = False
         self._closing = threading.Event()
@@ -2423,25 +2470,24 @@ class JobManager:
 
     # -- public API ---------------------------------------------------------------------------
 
-    def start(self, command, args=(), limits=None, owner=""):
+    def start(self, command, args=(), limits=None, owner="", admin=False):
         """Start a job; returns its JobStatus once the program has been exec'd. Raises
-        InvalidArgument, CapReached, DiskFull, SpawnError (nothing left behind), CgroupError
-        or LauncherError."""
+        InvalidArgument, CapReached (globally, for `owner`, or past what is kept for admins
+        unless `admin`), DiskFull, SpawnError (nothing left behind), CgroupError or
+        LauncherError."""
         argv = validate_command(command, list(args))
         limits = limits or Limits()
         if limits.pids is None and self.default_pids:
             limits = dataclasses.replace(limits, pids=self.default_pids)
+        owner = sys.intern(owner)
         with self._lock:
             if self._closed or not self._opened:
                 raise LauncherError("the job manager is not open")
-            if self._running >= self.max_jobs:
-                raise CapReached("running jobs", self.max_jobs)
-            self._running += 1
+        self._running.take(owner, admin)
         try:
-            return self._start(argv, limits, sys.intern(owner))
+            return self._start(argv, limits, owner)
         except BaseException:
-            with self._lock:
-                self._running -= 1
+            self._running.give(owner)
             raise
 
     def _start(self, argv, limits, owner):
@@ -2864,7 +2910,7 @@ class JobManager:
         final = job.snapshot()
         self.store.save(final)
         with self._lock:
-            self._running -= 1
+            self._running.give(job.status.owner)
             self._live.pop(job.id, None)
             if self._jobs.get(job.id) is job:
                 self._jobs[job.id] = FinishedJob(final, job.records)
@@ -2919,7 +2965,7 @@ class JobManager:
         job.pidfd = fds.pop("pid", None)
         job.pipes = fds
         self._jobs[status.id] = self._live[status.id] = job
-        self._running += 1
+        self._running.take(status.owner, force=True)   # adopted: it runs whatever the caps
         if state["status"] is not None:   # it ended while no server was there
             self._exited(job, state["status"], state["at"])
         log.info("adopted running job %s (pid %s)", status.id, status.pid)
@@ -3136,6 +3182,10 @@ class Caller:
     scope: str = OWN   # ANY: every job; OWN: jobs it started
 
     @property
+    def is_admin(self):
+        return "admin" in self.roles
+
+    @property
     def owner_filter(self):
         """What JobManager calls take as `owner`: None for every job, else this identity."""
         return None if self.scope == ANY else self.identity
@@ -3232,6 +3282,7 @@ class CallContext:
         self._context = context
         self.caller = caller
         self.code = None
+        self.counted = False   # holds a slot of the interceptor's calls quota
 
     def abort(self, code, details):
         self.code = code
@@ -3244,8 +3295,9 @@ class CallContext:
 class AuthInterceptor:
     """grpc server interceptor: authorizes every call of every kind and writes its audit line."""
 
-    def __init__(self, policy=POLICY):
+    def __init__(self, policy=POLICY, calls=None):
         self.policy = policy
+        self.calls = calls   # a Quota of calls in flight, per identity and for admins
         self.grpc = _grpc()
 
     def intercept_service(self, continuation, details):
@@ -3271,13 +3323,22 @@ class AuthInterceptor:
         ctx = CallContext(context, None)
         try:
             ctx.caller = authorize(method, context.auth_context(), self.policy)
+            if self.calls is not None:   # no identity may hold every handler thread
+                self.calls.take(ctx.caller.identity, ctx.caller.is_admin)
+                ctx.counted = True
             if isinstance(request, _Undecodable):
                 raise MalformedRequest(request.reason)
         except Exception as e:
+            self._leave(ctx)
             code = getattr(self.grpc.StatusCode, status_code_for(e))
             self._audit(ctx.caller, method, request, None, code)
             abort_with(ctx, e)
         return ctx
+
+    def _leave(self, ctx):
+        if ctx.counted:
+            ctx.counted = False
+            self.calls.give(ctx.caller.identity)
 
     def _wrap_unary(self, behavior, method):
         def call(request, context):
@@ -3287,6 +3348,7 @@ class AuthInterceptor:
                 response = behavior(request, ctx)
                 return response
             finally:
+                self._leave(ctx)
                 self._audit(ctx.caller, method, request, response, self._code(ctx, sys.exc_info()))
         return call
 
@@ -3296,6 +3358,7 @@ class AuthInterceptor:
             try:
                 yield from behavior(request, ctx)
             finally:
+                self._leave(ctx)
                 self._audit(ctx.caller, method, request, None, self._code(ctx, sys.exc_info()))
         return call
 
@@ -3324,6 +3387,8 @@ class AuthInterceptor:
 # ================================================================================================
 
 DEFAULT_MAX_STREAMS = 1000
+DEFAULT_MAX_STREAMS_PER_OWNER = 256
+UNARY_CALLS_PER_OWNER = 16    # unary calls of one identity in flight at once (slow Stops)
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 UNARY_WORKERS = 64
 STREAM_CHUNK = 1 << 20
@@ -3443,21 +3508,21 @@ class JobService:
     """The servicer: translates between proto messages and JobManager; decides nothing about
     access (the interceptor did, and passed the Caller on the context)."""
 
-    def __init__(self, manager, max_streams=DEFAULT_MAX_STREAMS):
+    def __init__(self, manager, max_streams=DEFAULT_MAX_STREAMS,
+                 max_streams_per_owner=DEFAULT_MAX_STREAMS_PER_OWNER):
         self.manager = manager
         self.pb, _ = _pb()
         self._streams_pb = {k: self.pb.OutputStream.Value(v) for k, v in STREAM_TO_PROTO.items()}
         self._states_from_pb = {v: k for k, v in STATE_TO_PROTO.items()}
-        self.max_streams = max_streams
-        self._streams = 0
-        self._lock = threading.Lock()
+        self.streams = Quota("concurrent streams", max_streams, max_streams_per_owner)
 
     @_translating
     def Start(self, request, context):
         r = request.resources
         limits = parse_limits(r.cpu_quota, r.memory_limit, r.disk_io, r.pids)
         status = self.manager.start(request.name, list(request.args), limits,
-                                    owner=context.caller.identity)
+                                    owner=context.caller.identity,
+                                    admin=context.caller.is_admin)
         return self.pb.StartResponse(job_id=status.id, status=status_to_proto(self.pb, status))
 
     @_translating
@@ -3512,10 +3577,8 @@ class JobService:
 
     @_translating
     def Stream(self, request, context):
-        with self._lock:
-            if self._streams >= self.max_streams:
-                raise CapReached("concurrent streams", self.max_streams)
-            self._streams += 1
+        caller = context.caller
+        self.streams.take(caller.identity, caller.is_admin)
         follow = None
         try:
             follow = self.manager.follow(request.job_id, request.offset,
@@ -3540,8 +3603,7 @@ class JobService:
         finally:
             if follow is not None:
                 follow.close()
-            with self._lock:
-                self._streams -= 1
+            self.streams.give(caller.identity)
 
 
 # ================================================================================================
@@ -3583,6 +3645,7 @@ def server_credentials(ca_pem, cert_pem, key_pem):
 
 @contextlib.contextmanager
 def serve_grpc(manager, listen="127.0.0.1:0", *, ca, cert, key, max_streams=DEFAULT_MAX_STREAMS,
+               max_streams_per_owner=DEFAULT_MAX_STREAMS_PER_OWNER,
                max_request_bytes=DEFAULT_MAX_REQUEST_BYTES, close_manager=False,
                open_manager=False, keep_jobs=lambda: False):
     """Serve JobService over mutual TLS 1.3; yields the bound port. With open_manager, the
@@ -3598,13 +3661,15 @@ def serve_grpc(manager, listen="127.0.0.1:0", *, ca, cert, key, max_streams=DEFA
     _, pb_grpc = _pb()
     workers = max_streams + UNARY_WORKERS
     pool = concurrent.futures.ThreadPoolExecutor(workers, "jobworker-rpc")
+    calls = Quota("calls in flight", workers, max_streams_per_owner + UNARY_CALLS_PER_OWNER)
     server = grpc.server(
-        pool, interceptors=[AuthInterceptor()],
+        pool, interceptors=[AuthInterceptor(calls=calls)],
         # A backstop: a call past the pool is refused at once instead of queueing forever.
         maximum_concurrent_rpcs=workers,
         options=[("grpc.max_receive_message_length", max_request_bytes),
                  ("grpc.so_reuseport", 0)])
-    pb_grpc.add_JobServiceServicer_to_server(JobService(manager, max_streams), server)
+    pb_grpc.add_JobServiceServicer_to_server(
+        JobService(manager, max_streams, max_streams_per_owner), server)
     creds = server_credentials(ca_pem, cert_pem, key_pem)
     try:
         port = server.add_secure_port(listen, creds)
@@ -4272,14 +4337,17 @@ def cmd_serve(args):
         hide.append(os.path.abspath(key))
     manager = JobManager(args.state_dir, cgroups,
                          default_pids=args.default_pids, log_cap=args.log_cap,
-                         max_jobs=args.max_jobs, job_user=args.job_user, grace=args.grace,
+                         max_jobs=args.max_jobs, max_jobs_per_owner=args.max_jobs_per_owner,
+                         job_user=args.job_user, grace=args.grace,
                          keep_finished=args.keep_finished, keep_for=args.keep_for,
                          live_restore=args.live_restore, uid_range=args.job_uid_range,
                          hide_paths=hide)
     keep = lambda: args.keep_jobs and stop.is_set()   # a failed start never keeps anything
     try:
         with serve_grpc(manager, args.listen, ca=ca, cert=cert, key=key,
-                        max_streams=args.max_streams, max_request_bytes=args.max_request_bytes,
+                        max_streams=args.max_streams,
+                        max_streams_per_owner=args.max_streams_per_owner,
+                        max_request_bytes=args.max_request_bytes,
                         close_manager=True, open_manager=True, keep_jobs=keep) as port:
             log.info("serving on %s (port %d), cgroup v%d, state in %s, live restore %s",
                      args.listen, port, manager.cgroups.version, args.state_dir,
@@ -4473,8 +4541,13 @@ def build_parser():
                    help="output kept per job (default 2G)")
     p.add_argument("--max-jobs", type=int, default=DEFAULT_MAX_JOBS,
                    help=f"running jobs at once ({DEFAULT_MAX_JOBS})")
+    p.add_argument("--max-jobs-per-owner", type=int, default=DEFAULT_MAX_JOBS_PER_OWNER,
+                   help=f"running jobs of one owner ({DEFAULT_MAX_JOBS_PER_OWNER})")
     p.add_argument("--max-streams", type=int, default=DEFAULT_MAX_STREAMS,
                    help=f"concurrent Stream calls ({DEFAULT_MAX_STREAMS})")
+    p.add_argument("--max-streams-per-owner", type=int, default=DEFAULT_MAX_STREAMS_PER_OWNER,
+                   help=f"concurrent Stream calls of one owner "
+                        f"({DEFAULT_MAX_STREAMS_PER_OWNER})")
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                    help=f"largest request message ({DEFAULT_MAX_REQUEST_BYTES})")
     p.add_argument("--keep-finished", type=_cli_type(_count, "a number of jobs, 0 or more"),

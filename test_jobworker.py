@@ -1370,7 +1370,7 @@ def pki(rpc, tmp_path_factory):
 
 @contextlib.contextmanager
 def running_server(pki, tmp_path, **kw):
-    manager_kw = {k: kw.pop(k) for k in ("max_jobs",) if k in kw}
+    manager_kw = {k: kw.pop(k) for k in ("max_jobs", "max_jobs_per_owner") if k in kw}
     driver = jw.detect_cgroups(f"{RUN_PARENT}/t{next(_counter)}")
     m = jw.JobManager(str(tmp_path / "state"), driver, **manager_kw).open()
     try:
@@ -1920,12 +1920,19 @@ def test_every_call_writes_one_audit_line(peers, caplog):
 
 @root
 def test_caps_answer_resource_exhausted(pki, tmp_path):
-    with running_server(pki, tmp_path, max_streams=2, max_jobs=2,
+    # caps of 3: one of each is kept for admins
+    with running_server(pki, tmp_path, max_streams=3, max_jobs=3,
                         max_request_bytes=16 << 10) as (m, port):
-        alice = Peer(pki, port, "alice")
+        alice, admin = Peer(pki, port, "alice"), Peer(pki, port, "admin")
         try:
             jobs = [alice.start("sleep", "600") for _ in range(2)]
             assert alice.call("Start") == SC.RESOURCE_EXHAUSTED
+            with pytest.raises(grpc.RpcError) as e:
+                alice.start("true")
+            assert "1 more are kept for admins" in e.value.details()
+            admin_job = admin.start("sleep", "600")          # the admin's share
+            assert admin.call("Start") == SC.RESOURCE_EXHAUSTED
+            admin.stub.Stop(pb.StopRequest(job_id=admin_job, grace_seconds=0))
             with pytest.raises(grpc.RpcError) as e:
                 alice.start("echo", "x" * (32 << 10))
             assert e.value.code() == SC.RESOURCE_EXHAUSTED
@@ -1942,6 +1949,58 @@ def test_caps_answer_resource_exhausted(pki, tmp_path):
             assert alice.call("Start") == SC.OK
         finally:
             alice.close()
+            admin.close()
+
+
+@root
+def test_one_owner_cannot_starve_another_or_the_admin(pki, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    server = ServeProcess(SRC, pki, tmp_path / "state", f"{RUN_PARENT}/starve", extra=[
+        "--max-jobs", "6", "--max-jobs-per-owner", "2", "--max-streams", "4",
+        "--max-streams-per-owner", "2", "--grace", "1"])
+    alice, bob, admin = (Peer(pki, server.port, n) for n in ("alice", "bob", "admin"))
+    pool = ThreadPoolExecutor(80)
+    try:
+        stubborn = alice.start("sh", "-c", "trap '' TERM; sleep 600")
+        alice.start("sleep", "600")
+        assert alice.call("Start") == SC.RESOURCE_EXHAUSTED               # her jobs
+        hogs = [alice.stub.Stream(pb.StreamRequest(job_id=stubborn)) for _ in range(2)]
+        for h in hogs:                                                    # never read
+            h.initial_metadata()
+        assert alice.call("Stream", stubborn) == SC.RESOURCE_EXHAUSTED    # her streams
+        def slow_stop():
+            try:
+                alice.stub.Stop(pb.StopRequest(job_id=stubborn, grace_seconds=45), timeout=120)
+                return SC.OK
+            except grpc.RpcError as e:
+                return e.code()
+        stops = [pool.submit(slow_stop) for _ in range(70)]   # slow Stops hold threads
+        with pytest.raises(grpc.RpcError):
+            alice.start("echo", *["x" * 60000] * 20)                     # too big a request
+        time.sleep(1)
+        took = {}
+        for who, what, call in [
+                ("bob", "Start", lambda: bob.start("sleep", "600")),
+                ("bob", "Query", lambda: bob.stub.Query(pb.QueryRequest(job_id=bob_job[0]))),
+                ("bob", "List", lambda: bob.list()),
+                ("admin", "List", lambda: admin.list()),
+                ("admin", "Stop", lambda: admin.stub.Stop(pb.StopRequest(
+                    job_id=bob_job[0], grace_seconds=0)))]:
+            t0 = time.monotonic()
+            result = call()
+            took[f"{who} {what}"] = time.monotonic() - t0
+            if what == "Start":
+                bob_job = [result]
+        assert max(took.values()) < 3, took                # each answered at once (wide band)
+        refused = sum(1 for f in stops if f.done() and f.result() == SC.RESOURCE_EXHAUSTED)
+        assert refused >= 70 - jw.UNARY_CALLS_PER_OWNER - 2, refused   # her calls are capped
+        for h in hogs:
+            h.cancel()
+    finally:
+        for p in (alice, bob, admin):
+            p.close()
+        assert server.stop() == 0
+        pool.shutdown(wait=True)
 
 
 def _stream_opens(peer, job_id):
@@ -3005,7 +3064,8 @@ def test_1000_concurrent_starts_succeed_or_hit_the_cap(pki, tmp_path):
         started = [r for r in results if isinstance(r, str)]
         refused = [r for r in results if not isinstance(r, str)]
         assert set(refused) <= {SC.RESOURCE_EXHAUSTED}
-        assert len(started) == 150 and len(refused) == 850
+        allowed = 150 - jw.admin_reserve(150)    # the rest is kept for admins
+        assert len(started) == allowed and len(refused) == 1000 - allowed
         assert {s.id for s in m.list() if s.state == jw.RUNNING} == set(started)
         assert set(m.cgroups.leftover_job_ids()) == set(started)
         assert set(os.listdir(m.jobs_dir)) == set(started)
