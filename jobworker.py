@@ -36,6 +36,7 @@ import subprocess
 import sys
 import threading
 import time
+import typing
 import uuid
 
 __version__ = "0.1.0"
@@ -3180,6 +3181,7 @@ class Caller:
     roles: tuple
     role: str = ""     # the role that granted this call
     scope: str = OWN   # ANY: every job; OWN: jobs it started
+    serial: int = 0    # the certificate's serial number
 
     @property
     def is_admin(self):
@@ -3191,12 +3193,22 @@ class Caller:
         return None if self.scope == ANY else self.identity
 
 
+class ClientCert(typing.NamedTuple):
+    """What jobworker reads from a client certificate."""
+    identity: str
+    roles: tuple
+    serial: int
+    not_before: float
+    not_after: float
+
+
 _identity_cache = {}
 
 
 def identity_from_pem(pem):
-    """(CN, roles) of a client certificate; AccessDenied if it has no clientAuth EKU, no CN,
-    or a missing or malformed role extension. Cached per certificate."""
+    """The ClientCert of a PEM client certificate; AccessDenied if it has no clientAuth EKU,
+    not exactly one CN, a duplicated extension, or a missing or malformed role extension.
+    Cached per certificate."""
     cached = _identity_cache.get(pem)
     if cached:
         return cached
@@ -3204,16 +3216,24 @@ def identity_from_pem(pem):
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
     cert = x509.load_pem_x509_certificate(pem)
     try:
-        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        extensions = cert.extensions   # parsed here: a duplicate is refused, not an error
+    except x509.DuplicateExtension as e:
+        raise AccessDenied(f"client certificate has a duplicated extension ({e.oid.dotted_string})") \
+            from None
+    except ValueError as e:
+        raise AccessDenied(f"client certificate's extensions cannot be read: {e}") from None
+    try:
+        eku = extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
         eku = ()
     if ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
         raise AccessDenied("client certificate lacks the clientAuth extended key usage")
     cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if not cns or not cns[0].value:
-        raise AccessDenied("client certificate has no subject CN")
+    if len(cns) != 1 or not cns[0].value:
+        raise AccessDenied(f"client certificate must have exactly one subject CN, the identity "
+                           f"(it has {len(cns)}{' empty' if cns and not cns[0].value else ''})")
     try:
-        ext = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(ROLE_OID))
+        ext = extensions.get_extension_for_oid(x509.ObjectIdentifier(ROLE_OID))
     except x509.ExtensionNotFound:
         raise AccessDenied(f"client certificate has no jobworker role extension ({ROLE_OID})") \
             from None
@@ -3221,14 +3241,67 @@ def identity_from_pem(pem):
         roles = decode_roles(ext.value.value)
     except (ValueError, UnicodeDecodeError) as e:
         raise AccessDenied(f"client certificate's role extension is malformed: {e}") from None
-    result = (cns[0].value, roles)
+    result = ClientCert(cns[0].value, roles, cert.serial_number,
+                        cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp())
     if len(_identity_cache) > 4096:
         _identity_cache.clear()
     _identity_cache[pem] = result
     return result
 
 
-def authorize(method, auth_context, policy=POLICY):
+class RevocationList:
+    """Serial numbers of revoked client certificates, one a line in hex (`certs revoke`
+    appends to it). Read at start, on reload() (SIGHUP) and whenever the file changes (its
+    mtime is looked at once a second at most); a missing file revokes nothing."""
+
+    def __init__(self, path):
+        self.path = path
+        self.serials = frozenset()
+        self._stamp = None
+        self._checked = 0.0
+        self._lock = threading.Lock()
+        self.reload()
+
+    def reload(self):
+        try:
+            st = os.stat(self.path)
+            with open(self.path) as f:
+                serials = frozenset(parse_serial(line) for line in f
+                                    if line.strip() and not line.lstrip().startswith("#"))
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except FileNotFoundError:
+            serials, stamp = frozenset(), None
+        except (OSError, ValueError) as e:   # keep what was read before: never revoke less
+            log.error("revocation list %s: %s", self.path, e)
+            return
+        with self._lock:
+            if serials != self.serials:
+                log.info("revocation list %s: %d revoked", self.path, len(serials))
+            self.serials, self._stamp = serials, stamp
+
+    def is_revoked(self, serial):
+        now = time.monotonic()
+        if now - self._checked >= 1.0:
+            self._checked = now
+            try:
+                st = os.stat(self.path)
+                stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+            except FileNotFoundError:
+                stamp = None
+            if stamp != self._stamp:
+                self.reload()
+        return serial in self.serials
+
+
+def parse_serial(text):
+    """A certificate serial number written in hex ("1f:a0", "0x1FA0", "1fa0") -> int."""
+    digits = text.strip().lower().removeprefix("0x").replace(":", "")
+    if not re.fullmatch(r"[0-9a-f]{1,64}", digits):
+        raise ValueError(f"not a serial number in hex: {text.strip()!r}")
+    return int(digits, 16)
+
+
+def authorize(method, auth_context, policy=POLICY, revoked=None, now=None):
     """The Caller of one call; Unauthenticated or AccessDenied. Every decision is made here."""
     version = b"".join(auth_context.get("ssl_tls_version", []))
     if version != b"TLSv1.3":
@@ -3236,15 +3309,25 @@ def authorize(method, auth_context, policy=POLICY):
     pems = auth_context.get("x509_pem_cert")
     if not pems:
         raise AccessDenied("no client certificate")
-    identity, roles = identity_from_pem(pems[0])
+    cert = identity_from_pem(pems[0])
+    now = time.time() if now is None else now
+    if not cert.not_before <= now <= cert.not_after:   # a connection may outlive its cert
+        raise Unauthenticated(f"client certificate (serial {cert.serial:x}) is not valid now "
+                              f"(valid until {_iso_utc(cert.not_after)})")
+    if revoked is not None and revoked.is_revoked(cert.serial):
+        raise Unauthenticated(f"client certificate (serial {cert.serial:x}) is revoked")
     rules = policy.get(method)
     if rules is None:
         raise AccessDenied(f"{method} is not allowed to anyone")
-    granted = [(rules[r], r) for r in roles if r in rules]
+    granted = [(rules[r], r) for r in cert.roles if r in rules]
     if not granted:
-        raise AccessDenied(f"role {'/'.join(roles)} may not call {method.rsplit('/', 1)[-1]}")
+        raise AccessDenied(f"role {'/'.join(cert.roles)} may not call {method.rsplit('/', 1)[-1]}")
     scope, role = min(granted, key=lambda g: g[0] != ANY)   # ANY beats OWN
-    return Caller(identity, roles, role, scope)
+    return Caller(cert.identity, cert.roles, role, scope, cert.serial)
+
+
+def _iso_utc(ts):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 class _Undecodable:
@@ -3295,9 +3378,10 @@ class CallContext:
 class AuthInterceptor:
     """grpc server interceptor: authorizes every call of every kind and writes its audit line."""
 
-    def __init__(self, policy=POLICY, calls=None):
+    def __init__(self, policy=POLICY, calls=None, revoked=None):
         self.policy = policy
         self.calls = calls   # a Quota of calls in flight, per identity and for admins
+        self.revoked = revoked   # a RevocationList
         self.grpc = _grpc()
 
     def intercept_service(self, continuation, details):
@@ -3322,7 +3406,7 @@ class AuthInterceptor:
     def _enter(self, method, request, context):
         ctx = CallContext(context, None)
         try:
-            ctx.caller = authorize(method, context.auth_context(), self.policy)
+            ctx.caller = authorize(method, context.auth_context(), self.policy, self.revoked)
             if self.calls is not None:   # no identity may hold every handler thread
                 self.calls.take(ctx.caller.identity, ctx.caller.is_admin)
                 ctx.counted = True
@@ -3331,7 +3415,7 @@ class AuthInterceptor:
         except Exception as e:
             self._leave(ctx)
             code = getattr(self.grpc.StatusCode, status_code_for(e))
-            self._audit(ctx.caller, method, request, None, code)
+            self._audit(ctx, method, request, None, code)
             abort_with(ctx, e)
         return ctx
 
@@ -3349,7 +3433,7 @@ class AuthInterceptor:
                 return response
             finally:
                 self._leave(ctx)
-                self._audit(ctx.caller, method, request, response, self._code(ctx, sys.exc_info()))
+                self._audit(ctx, method, request, response, self._code(ctx, sys.exc_info()))
         return call
 
     def _wrap_stream(self, behavior, method):
@@ -3359,7 +3443,7 @@ class AuthInterceptor:
                 yield from behavior(request, ctx)
             finally:
                 self._leave(ctx)
-                self._audit(ctx.caller, method, request, None, self._code(ctx, sys.exc_info()))
+                self._audit(ctx, method, request, None, self._code(ctx, sys.exc_info()))
         return call
 
     def _code(self, ctx, exc_info):
@@ -3372,14 +3456,26 @@ class AuthInterceptor:
         return self.grpc.StatusCode.UNKNOWN
 
     @staticmethod
-    def _audit(caller, method, request, response, code):
+    def _audit(ctx, method, request, response, code):
+        """One line per call, denied ones included: who (identity, role, certificate serial,
+        peer address), what (method, job) and how it ended."""
+        caller = ctx.caller
         job_id = getattr(request, "job_id", "") or getattr(response, "job_id", "") or "-"
         if not isinstance(job_id, str) or not _JOB_ID_RE.fullmatch(job_id):
             job_id = "invalid" if job_id != "-" else "-"
-        audit_log.info("identity=%s role=%s method=%s job=%s code=%s",
+        serial = "-"
+        if caller:
+            serial = f"{caller.serial:x}"
+        else:   # refused before a Caller existed: the certificate may still say who it was
+            with contextlib.suppress(ValueError, TypeError):
+                pem = ctx.auth_context().get("x509_pem_cert")
+                if pem:
+                    from cryptography import x509
+                    serial = f"{x509.load_pem_x509_certificate(pem[0]).serial_number:x}"
+        audit_log.info("identity=%s role=%s serial=%s peer=%s method=%s job=%s code=%s",
                        json.dumps(caller.identity) if caller else "-",
-                       caller.role if caller else "-", method.rsplit("/", 1)[-1], job_id,
-                       code.name)
+                       caller.role if caller else "-", serial, ctx.peer() or "-",
+                       method.rsplit("/", 1)[-1], job_id, code.name)
 
 
 # ================================================================================================
@@ -3611,6 +3707,8 @@ class JobService:
 # ================================================================================================
 
 DEFAULT_LISTEN = "[::]:50051"
+MAX_CONNECTION_AGE_MS = 3600 * 1000
+REVOKED_FILE = "revoked.txt"
 DEFAULT_SERVER = "localhost:50051"
 SHUTDOWN_GRACE = 30.0
 
@@ -3647,12 +3745,13 @@ def server_credentials(ca_pem, cert_pem, key_pem):
 def serve_grpc(manager, listen="127.0.0.1:0", *, ca, cert, key, max_streams=DEFAULT_MAX_STREAMS,
                max_streams_per_owner=DEFAULT_MAX_STREAMS_PER_OWNER,
                max_request_bytes=DEFAULT_MAX_REQUEST_BYTES, close_manager=False,
-               open_manager=False, keep_jobs=lambda: False):
+               open_manager=False, keep_jobs=lambda: False, revoked=None):
     """Serve JobService over mutual TLS 1.3; yields the bound port. With open_manager, the
     manager is opened (leftovers of earlier runs cleaned up) only once the port is bound. On
     exit: stop accepting, close the manager if asked (running jobs are stopped, streams end
     with their final status), then wait for calls in flight. AddressInUse if the port is
-    taken. keep_jobs() says, when closing, whether jobs are left running (live restore)."""
+    taken. keep_jobs() says, when closing, whether jobs are left running (live restore).
+    revoked: a RevocationList checked on every call."""
     check_server_key(key)
     ca_pem, cert_pem, key_pem = (_read_file(p, w) for p, w in
                                  ((ca, "CA certificate"), (cert, "server certificate"),
@@ -3663,11 +3762,14 @@ def serve_grpc(manager, listen="127.0.0.1:0", *, ca, cert, key, max_streams=DEFA
     pool = concurrent.futures.ThreadPoolExecutor(workers, "jobworker-rpc")
     calls = Quota("calls in flight", workers, max_streams_per_owner + UNARY_CALLS_PER_OWNER)
     server = grpc.server(
-        pool, interceptors=[AuthInterceptor(calls=calls)],
+        pool, interceptors=[AuthInterceptor(calls=calls, revoked=revoked)],
         # A backstop: a call past the pool is refused at once instead of queueing forever.
         maximum_concurrent_rpcs=workers,
         options=[("grpc.max_receive_message_length", max_request_bytes),
-                 ("grpc.so_reuseport", 0)])
+                 ("grpc.so_reuseport", 0),
+                 # clients re-handshake at least hourly (calls in flight go on): a certificate
+                 # is checked by TLS again, not only by the per-call checks
+                 ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS)])
     pb_grpc.add_JobServiceServicer_to_server(
         JobService(manager, max_streams, max_streams_per_owner), server)
     creds = server_credentials(ca_pem, cert_pem, key_pem)
@@ -3939,6 +4041,30 @@ def certs_init(directory, hosts=(), force=False):
     key, cert = make_leaf(ca_key, ca_cert, hosts[0] if hosts else "localhost", hosts=all_hosts)
     _write_secret(f"{directory}/server.key", _pem_key(key))
     _write_public(f"{directory}/server.crt", _pem_cert(cert))
+
+
+def certs_revoke(directory, which):
+    """Append a client certificate's serial to DIR/revoked.txt: `which` is the NAME of a
+    certificate in DIR, or a serial number in hex. Returns the serial."""
+    check_private_dir(directory, "certificate directory")
+    path = os.path.join(directory, f"{which}.crt")
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}", which) and os.path.exists(path):
+        from cryptography import x509
+        serial = x509.load_pem_x509_certificate(_read_file(path, "certificate")).serial_number
+    else:
+        try:
+            serial = parse_serial(which)
+        except ValueError:
+            raise InvalidArgument("certificate", which, f"the NAME of a certificate in "
+                                  f"{directory}, or a serial number in hex") from None
+    fd = os.open(os.path.join(directory, REVOKED_FILE),
+                 os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        _write_all(fd, f"{serial:x}\n".encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return serial
 
 
 def certs_issue(directory, name, roles, days=LEAF_DAYS):
@@ -4312,6 +4438,13 @@ def cmd_certs_issue(args):
     return EXIT_OK
 
 
+def cmd_certs_revoke(args):
+    serial = certs_revoke(args.dir, args.which)
+    print(f"revoked serial {serial:x} in {args.dir}/{REVOKED_FILE} (servers reading it refuse "
+          "it within a second)", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_serve(args):
     ca, cert, key = args.ca, args.cert, args.key
     if args.certs or not (ca or cert or key):
@@ -4326,6 +4459,9 @@ def cmd_serve(args):
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    revoked = RevocationList(args.revoked or os.path.join(
+        os.path.dirname(os.path.abspath(ca)), REVOKED_FILE))
+    signal.signal(signal.SIGHUP, lambda *_: revoked.reload())
     cgroups = detect_cgroups(args.cgroup_parent)
     # Order: the locks, then the port, and only then the manager (which cleans up what earlier
     # runs left): a second server started by mistake touches nothing of the first one.
@@ -4348,7 +4484,8 @@ def cmd_serve(args):
                         max_streams=args.max_streams,
                         max_streams_per_owner=args.max_streams_per_owner,
                         max_request_bytes=args.max_request_bytes,
-                        close_manager=True, open_manager=True, keep_jobs=keep) as port:
+                        close_manager=True, open_manager=True, keep_jobs=keep,
+                        revoked=revoked) as port:
             log.info("serving on %s (port %d), cgroup v%d, state in %s, live restore %s",
                      args.listen, port, manager.cgroups.version, args.state_dir,
                      "on" if args.live_restore else "off")
@@ -4522,6 +4659,10 @@ def build_parser():
     p.add_argument("--ca", help="CA certificate that client certificates must chain to")
     p.add_argument("--cert", help="server certificate")
     p.add_argument("--key", help="server private key (ECDSA, mode 0600)")
+    p.add_argument("--revoked", metavar="FILE",
+                   help=f"serials of revoked client certificates, one a line (default: "
+                        f"{REVOKED_FILE} beside the CA certificate); reread on SIGHUP and "
+                        "when it changes")
     p.add_argument("--job-user", metavar="USER|dynamic",
                    help="run jobs as this user instead of root; dynamic: each job owner gets "
                         "a uid and gid of its own (from --job-uid-range)")
@@ -4635,6 +4776,13 @@ def build_parser():
                    help="reader, writer or admin (repeatable)")
     c.add_argument("--days", type=int, default=LEAF_DAYS, help=f"validity ({LEAF_DAYS})")
     c.set_defaults(func=cmd_certs_issue)
+    c = certs.add_parser("revoke", help=f"append a client certificate's serial to "
+                                        f"DIR/{REVOKED_FILE}: every server reading it refuses "
+                                        "it from then on, on open connections too")
+    c.add_argument("dir")
+    c.add_argument("which", metavar="NAME|SERIAL",
+                   help="a certificate's name (DIR/NAME.crt) or its serial number in hex")
+    c.set_defaults(func=cmd_certs_revoke)
     return parser
 
 

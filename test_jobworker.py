@@ -1580,6 +1580,139 @@ def test_certificate_without_client_auth_eku_is_refused(peers):
     assert code in (SC.UNAVAILABLE, SC.PERMISSION_DENIED)
 
 
+def _der(tag, body):
+    n = len(body)
+    size = bytes([n]) if n < 0x80 else bytes([0x80 | ((n.bit_length() + 7) // 8)]) + \
+        n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag]) + size + body
+
+
+def odd_client_cert(pki, name, *, cns=1, duplicate_roles=False):
+    """A client certificate signed by the test CA with `cns` subject CNs, or with the role
+    extension twice (which cryptography's builder refuses: the TBS is patched and re-signed)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    ca_key, ca_cert = jw._load_ca(str(pki))
+    key = jw._new_key()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name}{i}")
+                         for i in range(cns)] or [x509.NameAttribute(NameOID.ORGANIZATION_NAME,
+                                                                     name)])
+    role_oid = int(jw.ROLE_OID.split(".")[2])
+    twin = f"2.25.{role_oid - 1}"   # encodes to as many bytes as the role OID
+    b = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_cert.subject)
+         .public_key(key.public_key()).serial_number(x509.random_serial_number())
+         .not_valid_before(now - datetime.timedelta(minutes=5))
+         .not_valid_after(now + datetime.timedelta(days=1))
+         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
+         .add_extension(x509.UnrecognizedExtension(x509.ObjectIdentifier(jw.ROLE_OID),
+                                                   jw.encode_roles(["admin"])), False))
+    if duplicate_roles:
+        b = b.add_extension(x509.UnrecognizedExtension(x509.ObjectIdentifier(twin),
+                                                       jw.encode_roles(["writer"])), False)
+    cert = b.sign(ca_key, hashes.SHA256())
+    der = cert.public_bytes(serialization.Encoding.DER)
+    if duplicate_roles:
+        tbs = cert.tbs_certificate_bytes.replace(_der(6, _oid_body(twin)),
+                                                 _der(6, _oid_body(jw.ROLE_OID)))
+        sig = ca_key.sign(tbs, ec.ECDSA(hashes.SHA256()))
+        alg = bytes.fromhex("300a06082a8648ce3d040302")   # ecdsa-with-SHA256
+        der = _der(0x30, tbs + alg + _der(3, b"\0" + sig))
+    pem = x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
+    (pki / f"{name}.crt").write_bytes(pem)
+    jw._write_secret(str(pki / f"{name}.key"), jw._pem_key(key))
+    return pem
+
+
+def _oid_body(dotted):
+    parts = [int(p) for p in dotted.split(".")]
+    body = bytes([40 * parts[0] + parts[1]])
+    for p in parts[2:]:
+        chunk = [p & 0x7F]
+        while p > 0x7F:
+            p >>= 7
+            chunk.append(0x80 | (p & 0x7F))
+        body += bytes(reversed(chunk))
+    return body
+
+
+def test_a_certificate_names_exactly_one_identity_once(pki, tmp_path):
+    ctx = lambda pem: {"ssl_tls_version": [b"TLSv1.3"], "x509_pem_cert": [pem]}
+    method = f"/{jw.SERVICE_NAME}/List"
+    certs = tmp_path / "odd"
+    shutil.copytree(pki, certs)
+    for kw, reason in [(dict(cns=2), "exactly one subject CN"),
+                       (dict(cns=0), "exactly one subject CN"),
+                       (dict(duplicate_roles=True), "duplicated extension")]:
+        pem = odd_client_cert(certs, "odd", **kw)
+        with pytest.raises(jw.AccessDenied, match=reason) as e:
+            jw.authorize(method, ctx(pem))
+        assert jw.status_code_for(e.value) == "PERMISSION_DENIED"
+
+
+@root
+def test_odd_certificates_are_permission_denied_over_the_wire(pki, api, tmp_path):
+    certs = tmp_path / "odd"
+    shutil.copytree(pki, certs)
+    for kw, reason in [(dict(cns=2), "exactly one subject CN"),
+                       (dict(duplicate_roles=True), "duplicated extension")]:
+        odd_client_cert(certs, "odd", **kw)
+        peer = Peer(certs, api[1], "odd")
+        try:
+            with pytest.raises(grpc.RpcError) as e:
+                peer.stub.List(pb.ListRequest(), timeout=30)
+            assert e.value.code() == SC.PERMISSION_DENIED and reason in e.value.details()
+        finally:
+            peer.close()
+
+
+@root
+def test_a_revoked_or_expired_certificate_is_refused_on_an_open_connection(pki, tmp_path):
+    certs = tmp_path / "certs"
+    shutil.copytree(pki, certs)
+    jw.certs_issue(str(certs), "carol", ["writer"])
+    jw.certs_issue(str(certs), "erin", ["writer"])
+    ca_key, ca_cert = jw._load_ca(str(certs))
+    soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=4)
+    key, cert = jw.make_leaf(ca_key, ca_cert, "dave", roles=["writer"], not_after=soon)
+    jw._write_secret(str(certs / "dave.key"), jw._pem_key(key))
+    jw._write_public(str(certs / "dave.crt"), jw._pem_cert(cert))
+    server = ServeProcess(SRC, certs, tmp_path / "state", f"{RUN_PARENT}/revoke")
+    carol, dave, erin, bob = (Peer(certs, server.port, n)
+                              for n in ("carol", "dave", "erin", "bob"))
+    try:
+        for p in (carol, dave, erin, bob):
+            assert p.call("List") == SC.OK                 # connections are open and work
+        r = cli(SRC, "certs", "revoke", str(certs), "carol", certs=certs)
+        assert r.returncode == 0, r.stderr
+        serial = f"{cert.serial_number:x}"
+        from cryptography import x509
+        erin_serial = x509.load_pem_x509_certificate((certs / "erin.crt").read_bytes()) \
+            .serial_number.to_bytes(20, "big").hex(":")   # as openssl prints it
+        r = cli(SRC, "certs", "revoke", str(certs), erin_serial, certs=certs)
+        assert r.returncode == 0, r.stderr
+        server.proc.send_signal(signal.SIGHUP)             # reread at once (or within 1 s)
+        wait_for(lambda: carol.call("List") == SC.UNAUTHENTICATED, what="the revocation")
+        wait_for(lambda: erin.call("List") == SC.UNAUTHENTICATED, what="the revocation")
+        with pytest.raises(grpc.RpcError) as e:
+            carol.stub.List(pb.ListRequest(), timeout=30)
+        assert "is revoked" in e.value.details()
+        wait_for(lambda: dave.call("List") == SC.UNAUTHENTICATED, timeout=20,
+                 what="the expiry")
+        with pytest.raises(grpc.RpcError) as e:
+            dave.stub.List(pb.ListRequest(), timeout=30)
+        assert "not valid now" in e.value.details() and serial in e.value.details()
+        assert bob.call("List") == SC.OK                   # others are not touched
+        audit = "".join(server.lines)
+        assert "code=UNAUTHENTICATED" in audit and "serial=" in audit
+    finally:
+        for p in (carol, dave, erin, bob):
+            p.close()
+        assert server.stop() == 0
+
+
 @root
 @pytest.mark.parametrize("name", ["expired", "notyet", "foreign"])
 def test_invalid_certificates_fail_the_handshake(name, peers):
@@ -1894,7 +2027,7 @@ def test_unexpected_errors_are_internal_without_details(peers, api, monkeypatch)
 
 
 @root
-def test_every_call_writes_one_audit_line(peers, caplog):
+def test_every_call_writes_one_audit_line(pki, peers, caplog):
     caplog.set_level("INFO", logger="jobworker.audit")
     alice = peers("alice")
     job = alice.start("true")
@@ -1905,16 +2038,24 @@ def test_every_call_writes_one_audit_line(peers, caplog):
     peers("norole").call("List")
     peers("bob").call("Remove", job)
     alice.call("Remove", job)
+    from cryptography import x509
+    serial = {n: f"{x509.load_pem_x509_certificate((pki / f'{n}.crt').read_bytes()).serial_number:x}"
+              for n in ("alice", "reader", "bob", "norole")}
     lines = [r.getMessage() for r in caplog.records if r.name == "jobworker.audit"]
-    assert lines == [
-        f'identity="alice" role=writer method=Start job={job} code=OK',
-        f'identity="alice" role=writer method=Stream job={job} code=OK',
-        f'identity="alice" role=writer method=Query job={job} code=OK',
-        f'identity=- role=- method=Stop job={job} code=PERMISSION_DENIED',
-        f'identity="bob" role=writer method=Query job={job} code=NOT_FOUND',
-        'identity=- role=- method=List job=- code=PERMISSION_DENIED',
-        f'identity="bob" role=writer method=Remove job={job} code=NOT_FOUND',
-        f'identity="alice" role=writer method=Remove job={job} code=OK',
+    peers_seen = {line.split(" peer=")[1].split()[0] for line in lines}
+    assert all(p.startswith("ipv4:127.0.0.1:") for p in peers_seen), peers_seen
+    assert [" ".join(f for f in line.split() if not f.startswith("peer=")) for line in lines] == [
+        f'identity="alice" role=writer serial={serial["alice"]} method=Start job={job} code=OK',
+        f'identity="alice" role=writer serial={serial["alice"]} method=Stream job={job} code=OK',
+        f'identity="alice" role=writer serial={serial["alice"]} method=Query job={job} code=OK',
+        f'identity=- role=- serial={serial["reader"]} method=Stop job={job} '
+        'code=PERMISSION_DENIED',
+        f'identity="bob" role=writer serial={serial["bob"]} method=Query job={job} '
+        'code=NOT_FOUND',
+        f'identity=- role=- serial={serial["norole"]} method=List job=- code=PERMISSION_DENIED',
+        f'identity="bob" role=writer serial={serial["bob"]} method=Remove job={job} '
+        'code=NOT_FOUND',
+        f'identity="alice" role=writer serial={serial["alice"]} method=Remove job={job} code=OK',
     ]
 
 
