@@ -1886,6 +1886,9 @@ class LauncherClient:
             raise
         waiter[0].wait()
         reply, got = waiter[1], waiter[2]
+        if reply.get("error") == "launcher":
+            raise LauncherError("the job launcher exited while starting the job; what it "
+                                "had started was ended")
         if "pid" not in reply:
             raise SpawnError.from_report(req["argv"][0], reply.get("errno") or 0,
                                          reply.get("error", "spawn"), reply.get("detail", ""))
@@ -1925,6 +1928,8 @@ class LauncherClient:
 
     def _lost(self):
         with self._lock:
+            if self._gone:
+                return
             self._gone = True
             pending, self._pending = list(self._pending.values()), {}
         for waiter in pending:
@@ -2456,7 +2461,8 @@ class JobManager:
             held = self._launcher.connect()
             # adopted jobs are registered before any of their events is read
             self._recover(held)
-            self._engine.add_reader(self._launcher.fileno(), self._launcher_readable,
+            self._engine.add_reader(self._launcher.fileno(),
+                                    self._launcher_reader(self._launcher),
                                     close=False)
             self._engine.start()
             self.apply_retention()
@@ -2750,9 +2756,13 @@ class JobManager:
     def _launcher_gone(self):
         return self._launcher is None or not self._launcher.alive
 
-    def _launcher_readable(self, fd):
-        if not self._launcher.on_readable():
-            self._engine.remove_reader(fd)
+    def _launcher_reader(self, launcher):
+        """The engine's handler for one launcher's socket (bound to it: while a successor is
+        being installed, `self._launcher` may still name the dead one)."""
+        def readable(fd):
+            if not launcher.on_readable():
+                self._engine.remove_reader(fd)
+        return readable
 
     def on_output(self, job_id, state, eof):
         """Launcher event: the job's output on disk now stands at `state`."""
@@ -2869,11 +2879,11 @@ class JobManager:
                 live = [j for j in self._live.values() if not j.output_done and j.pipes]
             for job in live:
                 launcher.adopt(job.id, self.store.job_dir(job.id), self.log_cap, job.pipes)
-            self._engine.call_soon(lambda: self._engine.add_reader(
-                launcher.fileno(), self._launcher_readable, close=False))
             with self._lock:
                 self._launcher = launcher
                 self._launcher_ready.notify_all()
+            self._engine.call_soon(lambda: self._engine.add_reader(
+                launcher.fileno(), self._launcher_reader(launcher), close=False))
             log.info("a new job launcher (pid %d) took over %d running job%s", launcher.pid,
                      len(live), "s" if len(live) != 1 else "")
             return
@@ -3347,6 +3357,9 @@ def _tolerant(deserialize):
     return decode
 
 
+SERVER_ERROR_KEY = "jobworker-error"   # trailing metadata of an error the service raised
+
+
 def abort_with(context, exc):
     """End the call with the status code ERROR_CODES gives `exc`; returns only if the context
     does not raise (grpc's does). Unexpected errors are logged, and the client learns nothing."""
@@ -3355,6 +3368,8 @@ def abort_with(context, exc):
     if code == "INTERNAL":
         log.error("internal error", exc_info=exc)
         context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+    # Said by the server itself: a client tells an UNAVAILABLE of ours from an unreachable host.
+    context.set_trailing_metadata(((SERVER_ERROR_KEY, code),))
     context.abort(getattr(grpc.StatusCode, code), str(exc))
 
 
@@ -4148,7 +4163,8 @@ class Client:
     def error(self, e):
         code = e.code().name if e.code() else "UNKNOWN"
         details = e.details() or code
-        if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+        said = dict(e.trailing_metadata() or ()).get(SERVER_ERROR_KEY)
+        if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED") and not said:
             files = ", ".join(f"{k}={v}" for k, v in self.files.items())
             return CliError(f"cannot reach server {self.server} ({files}): {details}",
                             EXIT_CONNECT)

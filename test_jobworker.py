@@ -2185,16 +2185,30 @@ def _idle_rpc_threads():
 
 @root
 @slow
-def test_500_concurrent_followers_get_the_same_bytes(pki, api, peers):
+def test_500_concurrent_followers_get_the_same_bytes(pki, tmp_path):
+    # One identity follows 500 times: the per-owner stream cap is raised to admit them.
+    with running_server(pki, tmp_path, max_streams_per_owner=600) as (_, port):
+        alice = Peer(pki, port, "alice")
+        try:
+            job = alice.start("sh", "-c",
+                              "sleep 2; for i in $(seq 1 200); do echo line $i; done; sleep 1")
+            results = _follow_500(pki, port, job)
+        finally:
+            alice.close()
+    expected = b"".join(f"line {i}\n".encode() for i in range(1, 201))
+    assert len(results) == 500
+    assert all(data == expected for data, _ in results)
+    assert all(final.state == pb.JOB_STATE_EXITED for _, final in results)
+
+
+def _follow_500(pki, port, job):
     import asyncio
-    alice = peers("alice")
-    job = alice.start("sh", "-c", "sleep 2; for i in $(seq 1 200); do echo line $i; done; sleep 1")
     read = lambda p: open(p, "rb").read()
 
     async def follow_all():
         creds = grpc.ssl_channel_credentials(read(pki / "ca.crt"), read(pki / "reader.key"),
                                              read(pki / "reader.crt"))
-        channels = [grpc.aio.secure_channel(f"127.0.0.1:{api[1]}", creds) for _ in range(5)]
+        channels = [grpc.aio.secure_channel(f"127.0.0.1:{port}", creds) for _ in range(5)]
 
         async def one(i):
             stub = pb_grpc.JobServiceStub(channels[i % 5])
@@ -2212,11 +2226,7 @@ def test_500_concurrent_followers_get_the_same_bytes(pki, api, peers):
             for c in channels:
                 await c.close()
 
-    results = asyncio.run(follow_all())
-    expected = b"".join(f"line {i}\n".encode() for i in range(1, 201))
-    assert len(results) == 500
-    assert all(data == expected for data, _ in results)
-    assert all(final.state == pb.JOB_STATE_EXITED for _, final in results)
+    return asyncio.run(follow_all())
 
 
 # ================================================================================================
@@ -3035,7 +3045,9 @@ def test_a_server_s_launcher_killed_by_a_job_comes_back(pki, tmp_path):
     try:
         job = run("start", "sh", "-c", COUNTER).stdout.decode().strip()
         first = launcher_of(state)
-        killer = run("start", "kill", "-9", str(first)).stdout.decode().strip()
+        # After a pause, so that Start has its answer (a launcher killed before it answers is
+        # the next test).
+        killer = run("start", "sh", "-c", f"sleep 0.5; kill -9 {first}").stdout.decode().strip()
         wait_for(lambda: launcher_of(state) not in (None, first), what="a new launcher")
         assert run("query", killer, "--json").returncode == 0
         wait_for(lambda: run("start", "true").returncode == 0, timeout=10, what="Start")
@@ -3043,6 +3055,33 @@ def test_a_server_s_launcher_killed_by_a_job_comes_back(pki, tmp_path):
         assert json.loads(run("query", job, "--json").stdout)["state"] == "running"
         run("stop", job, "--grace", "0")
         assert json.loads(run("query", job, "--json").stdout)["state"] == "stopped"
+    finally:
+        assert server.stop() == 0
+
+
+@root
+def test_a_launcher_killed_before_it_answers_start_fails_it_cleanly(pki, tmp_path):
+    state, parent = tmp_path / "state", f"{RUN_PARENT}/relaunch-race"
+    server = ServeProcess(SRC, pki, state, parent)
+    run = lambda *a: cli(SRC, *a, certs=pki, port=server.port)
+    try:
+        for _ in range(4):   # (more, and the relaunch backoff grows past a test's patience)
+            first = launcher_of(state)
+            # The job kills its launcher at once: whether Start gets its answer first is a race.
+            r = run("start", "kill", "-9", str(first))
+            wait_for(lambda: launcher_of(state) not in (None, first), what="a new launcher")
+            if r.returncode == 0:
+                assert run("query", r.stdout.decode().strip()).returncode == 0
+            else:
+                assert r.returncode == jw.EXIT_CONNECT, r
+                assert b"job launcher exited while starting the job" in r.stderr, r
+                assert b"cannot reach" not in r.stderr, r
+            wait_for(lambda: run("start", "true").returncode == 0, timeout=10, what="Start")
+        listed = run("list", "--json").stdout.decode()
+        # No job dir and no cgroup without a job.
+        assert [p.name for p in pathlib.Path(state, "jobs").iterdir()
+                if p.name not in listed] == []
+        assert [c for c in jw.detect_cgroups(parent).leftover_job_ids() if c not in listed] == []
     finally:
         assert server.stop() == 0
 
