@@ -443,8 +443,9 @@ def validate_job_id(job_id):
     return job_id
 
 
-def validate_command(command, args):
-    """Return argv; refuse an empty, NUL-bearing or oversized command line."""
+def validate_command(command, args, env=None):
+    """Return argv; refuse an empty, NUL-bearing or oversized command line (argv and the
+    variables given for the environment share one size cap: both go to execve)."""
     argv = [command, *args]
     if not command:
         raise InvalidArgument("name", command, "the program to run, such as bash or /usr/bin/env")
@@ -454,9 +455,55 @@ def validate_command(command, args):
                                   "text without NUL bytes")
     if len(argv) > MAX_ARGS:
         raise CapReached("argument count", MAX_ARGS)
-    if sum(len(a.encode("utf-8", "surrogateescape")) + 1 for a in argv) > MAX_ARGV_BYTES:
-        raise CapReached("argument size", f"{MAX_ARGV_BYTES} bytes")
+    size = sum(len(a.encode("utf-8", "surrogateescape")) + 1 for a in argv)
+    size += sum(len(f"{k}={v}".encode("utf-8", "surrogateescape")) + 1
+                for k, v in (env or {}).items())
+    if size > MAX_ARGV_BYTES:
+        raise CapReached("argument and environment size", f"{MAX_ARGV_BYTES} bytes")
     return argv
+
+
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MAX_NAME_CHARS = 100
+MAX_TIMEOUT = 10 * 365 * 86400.0
+
+
+def validate_env(env):
+    """The variables a job is given, checked: names [A-Za-z_][A-Za-z0-9_]*, values without
+    NUL. Returns a dict."""
+    out = {}
+    for name, value in (env or {}).items():
+        if not isinstance(name, str) or not _ENV_NAME_RE.fullmatch(name):
+            raise InvalidArgument("env", name, "variable names are [A-Za-z_][A-Za-z0-9_]*")
+        if not isinstance(value, str) or "\0" in value:
+            raise InvalidArgument(f"env[{name}]", "(value)", "a value without NUL bytes")
+        out[name] = value
+    return out
+
+
+def validate_workdir(path):
+    """An absolute, normalised working directory ("/" if none is given)."""
+    if not path:
+        return JOB_CWD
+    if not isinstance(path, str) or "\0" in path or not path.startswith("/"):
+        raise InvalidArgument("workdir", path, "an absolute path of a directory")
+    return os.path.normpath(path)
+
+
+def validate_timeout(seconds):
+    """A job's timeout in seconds, or None for none (0 or unset)."""
+    if seconds is None or seconds == 0:
+        return None
+    if not 0 < seconds <= MAX_TIMEOUT:   # also refuses NaN
+        raise InvalidArgument("timeout", seconds, "seconds, more than 0, at most ten years")
+    return float(seconds)
+
+
+def validate_name(name):
+    """A job's name: up to 100 printable characters ("" for none)."""
+    if not isinstance(name, str) or len(name) > MAX_NAME_CHARS or not name.isprintable():
+        raise InvalidArgument("name", name, f"up to {MAX_NAME_CHARS} printable characters")
+    return name
 
 
 # ================================================================================================
@@ -2005,6 +2052,11 @@ class JobStatus:
     log_error: str = ""
     pid: int = None
     lost_reason: str = ""         # why a lost job's end is not known
+    name: str = ""                # a label given at Start
+    env_keys: tuple = ()          # names of the variables it was given (values are not kept)
+    workdir: str = JOB_CWD
+    timeout: float = None         # seconds it may run; None: no limit
+    timed_out: bool = False       # stopped because it ran past its timeout
 
     @property
     def order_key(self):
@@ -2016,6 +2068,7 @@ class JobStatus:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["limits"] = self.limits.to_dict()
         d["command"], d["usage"] = list(self.command), dict(self.usage)
+        d["env_keys"] = list(self.env_keys)
         return d
 
     @classmethod
@@ -2028,6 +2081,7 @@ class JobStatus:
         # kept in memory share them instead of holding a copy each
         d["usage"] = {k: usage[k] for k in USAGE_KEYS if k in usage}
         d["owner"] = sys.intern(str(d.get("owner", "")))
+        d["env_keys"] = tuple(d.get("env_keys") or ())
         return cls(**d)
 
 
@@ -2079,6 +2133,10 @@ class Job:
         with self.cond:
             return self.cond.wait_for(lambda: self.main_exited, timeout)
 
+    def wait_final_or(self, cancelled):
+        with self.cond:
+            self.cond.wait_for(lambda: self.final or cancelled())
+
     def close_fds(self):
         for fd in [self.pidfd, *self.pipes.values()]:
             if fd is not None:
@@ -2111,6 +2169,9 @@ class FinishedJob:
 
     def wait_final(self, timeout=None):
         return True
+
+    def wait_final_or(self, cancelled):
+        pass
 
 
 RECORD_FILE = "job.json"
@@ -2336,22 +2397,32 @@ class _Engine(threading.Thread):
 class _Follow:
     """Iterator of Chunks of one job's output from an offset, live until the job is final.
     It holds the output files open: a job removed meanwhile is still read to its end.
-    cancel() from any thread ends it at once."""
+    cancel() from any thread ends it at once; so does `leaving` (set when the server leaves
+    its jobs running to the next one: the follower goes on with that one)."""
 
-    def __init__(self, job, offset, max_chunk, fds):
+    def __init__(self, job, offset, max_chunk, fds, leaving=None):
         self.job = job
         self.offset = offset
         self.max_chunk = max_chunk
-        self.cancelled = False
+        self._cancelled = False
+        self._leaving = leaving or threading.Event()
         self._data_fd, self._idx_fd = fds
 
+    @property
+    def cancelled(self):
+        return self._cancelled or (self._leaving.is_set() and not self.job.final)
+
     def cancel(self):
-        self.cancelled = True
+        self._cancelled = True
         self.job.wake()
 
     def __del__(self):
         if hasattr(self, "_idx_fd"):
             self.close()
+
+    def wait_end(self):
+        """Wait, reading nothing, until the job is final or the follow is cancelled."""
+        self.job.wait_final_or(lambda: self.cancelled)
 
     def final_status(self):
         """The job's status once the iteration has ended (whether or not the job is still
@@ -2436,6 +2507,7 @@ class JobManager:
         self._opened = False
         self._closed = False
         self._closing = threading.Event()
+        self._leaving = threading.Event()   # closing with the jobs left running: followers end
         self._launcher_ready = threading.Condition(self._lock)
         self._launcher_deaths = []          # monotonic times, for the restart backoff
         self._orphans = set()               # pids the server may have to reap (launcher gone)
@@ -2477,12 +2549,26 @@ class JobManager:
 
     # -- public API ---------------------------------------------------------------------------
 
-    def start(self, command, args=(), limits=None, owner="", admin=False):
-        """Start a job; returns its JobStatus once the program has been exec'd. Raises
-        InvalidArgument, CapReached (globally, for `owner`, or past what is kept for admins
-        unless `admin`), DiskFull, SpawnError (nothing left behind), CgroupError or
+    def start(self, command, args=(), limits=None, owner="", admin=False, *, env=None,
+              workdir=None, timeout=None, name=""):
+        """Start a job; returns its JobStatus once the program has been exec'd. `env` is added
+        to the default environment, `workdir` is its working directory, `timeout` (seconds)
+        stops it as Stop would, `name` labels it. Raises InvalidArgument (a workdir that is
+        not a directory too), CapReached (globally, for `owner`, or past what is kept for
+        admins unless `admin`), DiskFull, SpawnError (nothing left behind), CgroupError or
         LauncherError."""
-        argv = validate_command(command, list(args))
+        env = validate_env(env)
+        argv = validate_command(command, list(args), env)
+        workdir = validate_workdir(workdir)
+        timeout = validate_timeout(timeout)
+        name = validate_name(name)
+        try:   # checked here, before anything is made (the job's user is checked at chdir)
+            is_dir = os.path.isdir(workdir)
+            os.stat(workdir)
+        except OSError as e:
+            raise InvalidArgument("workdir", workdir, e.strerror) from None
+        if not is_dir:
+            raise InvalidArgument("workdir", workdir, os.strerror(errno.ENOTDIR))
         limits = limits or Limits()
         if limits.pids is None and self.default_pids:
             limits = dataclasses.replace(limits, pids=self.default_pids)
@@ -2491,22 +2577,24 @@ class JobManager:
             if self._closed or not self._opened:
                 raise LauncherError("the job manager is not open")
         self._running.take(owner, admin)
+        status = JobStatus(id=str(uuid.uuid4()), owner=owner, command=argv, limits=limits,
+                           state=RUNNING, name=name, env_keys=tuple(sorted(env)),
+                           workdir=workdir, timeout=timeout)
         try:
-            return self._start(argv, limits, owner)
+            return self._start(status, env)
         except BaseException:
             self._running.give(owner)
             raise
 
-    def _start(self, argv, limits, owner):
-        job_id = str(uuid.uuid4())
+    def _start(self, status, env):
+        job_id = status.id
         cgroup = self.cgroups.job(job_id)
         cgroup.create()
         job, job_dir, ours = None, None, []
         try:
-            cgroup.set_limits(limits, self.devices)
+            cgroup.set_limits(status.limits, self.devices)
             job_dir = self.store.create(job_id)
-            status = JobStatus(id=job_id, owner=owner, command=argv, limits=limits, state=RUNNING,
-                               started_at=self._clock())
+            status.started_at = self._clock()
             self.store.reserve(status)   # before the process exists: a crash finds its record
             job = Job(status, cgroup)
             pipes = {}
@@ -2518,10 +2606,16 @@ class JobManager:
             launcher = self._ready_launcher()
             with self._lock:
                 self._live[job_id] = job   # its launcher events may come before spawn returns
-            req = dict(self._spawn_request(job, argv), job=job_id, dir=job_dir,
+            req = dict(self._spawn_request(job, env), job=job_id, dir=job_dir,
                        cap=self.log_cap)
-            pid, pidfd = launcher.spawn(req, [pipes["out"][1], pipes["err"][1],
-                                              pipes["out"][0], pipes["err"][0]])
+            try:
+                pid, pidfd = launcher.spawn(req, [pipes["out"][1], pipes["err"][1],
+                                                  pipes["out"][0], pipes["err"][0]])
+            except SpawnError as e:
+                if e.stage != "chdir":
+                    raise
+                raise InvalidArgument("workdir", status.workdir,
+                                      f"{os.strerror(e.errno)} (as the job's user)") from None
         except BaseException:
             with self._lock:
                 self._live.pop(job_id, None)
@@ -2540,6 +2634,8 @@ class JobManager:
         with self._lock:
             self._jobs[job_id] = job
             bisect.insort(self._order, status.order_key)
+        if status.timeout:
+            self._arm_timeout(job, status.timeout)
         return job.snapshot()
 
     def stop(self, job_id, grace=None, owner=None):
@@ -2550,22 +2646,49 @@ class JobManager:
         grace = self.grace if grace is None else grace
         if grace < 0:
             raise InvalidArgument("grace", grace, "seconds, 0 or more")
-        if job.final:
+        if job.final or not self._begin_stop(job, grace):
+            job.wait_final()   # it ended by itself: the stop comes too late
             raise JobNotRunning(job_id, job.status.state)
-        with job.cond:
-            ended = job.main_exited   # by itself: the stop comes too late
-            if not ended:
-                first = not job.stop_requested
-                job.stop_requested = True
-        if ended:
-            job.wait_final()
-            raise JobNotRunning(job_id, job.status.state)
-        if first:
-            job.cgroup.signal_all(signal.SIGTERM)
-        if not job.wait_main_exited(grace):
-            job.cgroup.kill_all()
         job.wait_final()
         return job.snapshot()
+
+    def _begin_stop(self, job, grace):
+        """SIGTERM to every process of the job (once, however many stop it), and SIGKILL to
+        what is left `grace` seconds later; returns at once. False if it had already ended.
+        Concurrent stops share the job's one end; the shortest grace decides."""
+        with job.cond:
+            if job.main_exited:
+                return False
+            first = not job.stop_requested
+            job.stop_requested = True
+        if first:
+            job.cgroup.signal_all(signal.SIGTERM)
+
+        def escalate():
+            if not job.main_exited:
+                with contextlib.suppress(RuntimeError):   # (shut down: close() kills it)
+                    self._finisher.submit(self._kill_quietly, job)
+        self._engine.call_soon(lambda: self._engine.call_later(grace, escalate))
+        return True
+
+    def _kill_quietly(self, job):
+        try:
+            job.cgroup.kill_all()
+        except CgroupError as e:
+            log.error("killing job %s: %s", job.id, e)
+
+    def _arm_timeout(self, job, seconds):
+        """Stop the job, as Stop would, once it has run `seconds` (from its start)."""
+        def expire():
+            with job.cond:
+                if job.main_exited:
+                    return
+                job.status.timed_out = True
+            log.info("job %s ran past its timeout of %gs: stopping it", job.id,
+                     job.status.timeout)
+            self._begin_stop(job, self.grace)
+        left = max(0.0, job.status.started_at + seconds - self._clock())
+        self._engine.call_soon(lambda: self._engine.call_later(left, expire))
 
     def status(self, job_id, owner=None):
         """JobStatus of one job; live usage while it runs."""
@@ -2578,10 +2701,10 @@ class JobManager:
                 pass   # finished in between; the snapshot is still right
         return snap
 
-    def walk(self, owner=None, states=None, after=None, newest_first=False):
+    def walk(self, owner=None, states=None, after=None, newest_first=False, name=None):
         """JobStatus of the jobs past position `after` (an order_key; None: from the start), in
-        List's order (oldest first, or newest first), of `owner` only and in one of `states`
-        if given. Jobs added or removed meanwhile do not disturb the walk."""
+        List's order (oldest first, or newest first), of `owner` only, in one of `states` and
+        of that `name` if given. Jobs added or removed meanwhile do not disturb the walk."""
         with self._lock:
             if newest_first:
                 i = bisect.bisect_left(self._order, after) if after else len(self._order)
@@ -2593,7 +2716,8 @@ class JobManager:
             jobs = [self._jobs[k[1]] for k in keys]
         for job in jobs:
             s = job.status
-            if (owner is None or s.owner == owner) and (not states or s.state in states):
+            if ((owner is None or s.owner == owner) and (not states or s.state in states)
+                    and (name is None or s.name == name)):
                 yield job.snapshot()
 
     def list(self, owner=None):
@@ -2615,7 +2739,7 @@ class JobManager:
                 if fd is not None:
                     os.close(fd)
             raise InvalidArgument("offset", offset, f"at most the output size so far, {size}")
-        return _Follow(job, offset, max_chunk, fds)
+        return _Follow(job, offset, max_chunk, fds, self._leaving)
 
     def remove(self, job_id, owner=None):
         """Delete a finished job's record and output; its id is unknown from then on. Raises
@@ -2664,6 +2788,10 @@ class JobManager:
         if not keep_jobs and running:
             with concurrent.futures.ThreadPoolExecutor(16) as pool:
                 list(pool.map(lambda j: self._stop_quietly(j, grace), running))
+        elif keep_jobs:
+            self._leaving.set()
+            for job in running:
+                job.wake()
         self._shut_down(keep_jobs)
 
     def __enter__(self):
@@ -2727,10 +2855,11 @@ class JobManager:
             except Exception:
                 log.exception("retention sweep")
 
-    def _spawn_request(self, job, argv):
+    def _spawn_request(self, job, given_env):
         env = {"PATH": JOB_PATH, "LANG": JOB_LANG, "HOME": "/root"}
-        req = {"argv": argv, "env": env, "cwd": JOB_CWD, "procs": list(job.cgroup.procs_files),
-               "hide": self._hide, "empty_file": self._empty_file}
+        req = {"argv": job.status.command, "env": env, "cwd": job.status.workdir,
+               "procs": list(job.cgroup.procs_files), "hide": self._hide,
+               "empty_file": self._empty_file}
         if self._user:
             req.update(uid=self._user["uid"], gid=self._user["gid"])
             env["HOME"] = self._user["home"]
@@ -2739,6 +2868,7 @@ class JobManager:
             uid = self._dynamic.uid_of(job.status.owner)
             req.update(uid=uid, gid=uid)
             env["HOME"] = "/"   # a uid no account has: no home (as systemd's DynamicUser=)
+        env.update(given_env)   # what the caller gave overrides the defaults
         return req
 
     # -- the launcher, its events, its death and its successor --------------------------------
@@ -2979,6 +3109,8 @@ class JobManager:
         self._running.take(status.owner, force=True)   # adopted: it runs whatever the caps
         if state["status"] is not None:   # it ended while no server was there
             self._exited(job, state["status"], state["at"])
+        elif status.timeout:
+            self._arm_timeout(job, status.timeout)   # what is left of it
         log.info("adopted running job %s (pid %s)", status.id, status.pid)
 
     @staticmethod
@@ -3578,7 +3710,8 @@ def status_to_proto(pb, s):
         state=pb.JobState.Value(STATE_TO_PROTO[s.state]), oom_killed=s.oom_killed,
         usage=usage_to_proto(pb, s.usage),
         log_truncated=s.log_truncated, log_error=s.log_error, output_bytes=s.output_bytes,
-        pid=s.pid or 0, lost_reason=s.lost_reason)
+        pid=s.pid or 0, lost_reason=s.lost_reason, name=s.name, env_keys=s.env_keys,
+        workdir=s.workdir, timeout_seconds=s.timeout or 0, timed_out=s.timed_out)
     if s.exit_code is not None:
         msg.exit_code = s.exit_code
     if s.signal is not None:
@@ -3631,9 +3764,15 @@ class JobService:
     def Start(self, request, context):
         r = request.resources
         limits = parse_limits(r.cpu_quota, r.memory_limit, r.disk_io, r.pids)
+        timeout = request.timeout_seconds
+        if not (timeout == 0 or 0 < timeout <= MAX_TIMEOUT):   # NaN, negative, huge
+            raise InvalidArgument("timeout_seconds", timeout, "seconds, 0 (none) or more, "
+                                  "at most ten years")
         status = self.manager.start(request.name, list(request.args), limits,
                                     owner=context.caller.identity,
-                                    admin=context.caller.is_admin)
+                                    admin=context.caller.is_admin, env=dict(request.env),
+                                    workdir=request.workdir, timeout=timeout,
+                                    name=request.job_name)
         return self.pb.StartResponse(job_id=status.id, status=status_to_proto(self.pb, status))
 
     @_translating
@@ -3669,7 +3808,8 @@ class JobService:
         after = (decode_page_token(request.page_token, request.newest_first)
                  if request.page_token else None)
         jobs, total, last, more = [], 0, None, False
-        for status in self.manager.walk(owner, states, after, request.newest_first):
+        for status in self.manager.walk(owner, states, after, request.newest_first,
+                                        request.name or None):
             msg = status_to_proto(pb, status)
             n = msg.ByteSize() + 8
             if jobs and (len(jobs) >= size or total + n > LIST_PAGE_BYTES):
@@ -3698,7 +3838,9 @@ class JobService:
             # A client that goes away ends the follow at once and gives the thread back.
             context.add_callback(follow.cancel)
             context.send_initial_metadata(())   # the client learns at once that it is admitted
-            if request.batch:   # one message per read of the log: at most STREAM_CHUNK bytes
+            if request.status_only:
+                follow.wait_end()
+            elif request.batch:   # one message per read of the log: at most STREAM_CHUNK bytes
                 for offset, data, first, lengths in follow.runs():
                     yield self.pb.StreamResponse(batch=self.pb.OutputBatch(
                         offset=offset, data=data, first_stream=self._streams_pb[first],
@@ -3723,6 +3865,7 @@ class JobService:
 
 DEFAULT_LISTEN = "[::]:50051"
 MAX_CONNECTION_AGE_MS = 3600 * 1000
+KEEPALIVE_MS, KEEPALIVE_TIMEOUT_MS = 60_000, 20_000
 REVOKED_FILE = "revoked.txt"
 DEFAULT_SERVER = "localhost:50051"
 SHUTDOWN_GRACE = 30.0
@@ -3784,7 +3927,12 @@ def serve_grpc(manager, listen="127.0.0.1:0", *, ca, cert, key, max_streams=DEFA
                  ("grpc.so_reuseport", 0),
                  # clients re-handshake at least hourly (calls in flight go on): a certificate
                  # is checked by TLS again, not only by the per-call checks
-                 ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS)])
+                 ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
+                 # a client that vanished (its host died) is noticed, its stream slot freed;
+                 # clients' own keepalive pings on quiet streams are welcome
+                 ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+                 ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+                 ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2)])
     pb_grpc.add_JobServiceServicer_to_server(
         JobService(manager, max_streams, max_streams_per_owner), server)
     creds = server_credentials(ca_pem, cert_pem, key_pem)
@@ -4127,17 +4275,22 @@ RPC_TIMEOUT = 30.0   # unary calls; Stop adds its grace period
 class CliError(Exception):
     """One line for stderr and an exit code."""
 
-    def __init__(self, message, code=EXIT_ERROR):
+    def __init__(self, message, code=EXIT_ERROR, unreachable=False):
         super().__init__(message)
         self.code = code
+        self.unreachable = unreachable   # no answer from the server (worth trying again)
 
 
 # -- connection ------------------------------------------------------------------------------
 
 class Client:
-    """A channel to one server with the CLI's certificates; turns RpcErrors into CliErrors."""
+    """A channel to one server with the CLI's certificates; turns RpcErrors into CliErrors.
+    main() closes every one made (a channel left to the interpreter's exit can hang it)."""
+
+    made = []
 
     def __init__(self, args):
+        Client.made.append(self)
         self.server = args.server
         self.files = {"ca": args.ca, "cert": args.cert, "key": args.key}
         pems = {}
@@ -4151,7 +4304,10 @@ class Client:
         self.grpc = _grpc()
         self.pb, pb_grpc = _pb()
         creds = self.grpc.ssl_channel_credentials(pems["ca"], pems["key"], pems["cert"])
-        self.channel = self.grpc.secure_channel(self.server, creds)
+        # A server that vanished under a quiet stream (`run`, `wait`) is noticed in a minute.
+        self.channel = self.grpc.secure_channel(
+            self.server, creds, options=[("grpc.keepalive_time_ms", KEEPALIVE_MS),
+                                         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS)])
         self.stub = pb_grpc.JobServiceStub(self.channel)
 
     def call(self, method, request, timeout=RPC_TIMEOUT):
@@ -4167,7 +4323,7 @@ class Client:
         if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED") and not said:
             files = ", ".join(f"{k}={v}" for k, v in self.files.items())
             return CliError(f"cannot reach server {self.server} ({files}): {details}",
-                            EXIT_CONNECT)
+                            EXIT_CONNECT, unreachable=True)
         return CliError(details, _EXIT_FOR_CODE.get(code, EXIT_ERROR))
 
     def close(self):
@@ -4219,6 +4375,8 @@ def status_to_dict(pb, msg):
                   "io_write_bytes": msg.usage.io_write_bytes, "tasks": msg.usage.tasks},
         "output_bytes": msg.output_bytes, "log_truncated": msg.log_truncated,
         "log_error": msg.log_error or None, "lost_reason": msg.lost_reason or None,
+        "name": msg.name, "env_keys": list(msg.env_keys), "workdir": msg.workdir or JOB_CWD,
+        "timeout_seconds": msg.timeout_seconds or None, "timed_out": msg.timed_out,
     }
 
 
@@ -4256,6 +4414,8 @@ def format_status(pb, msg):
         how = (f"exit code {d['exit_code']}" if d["exit_code"] is not None
                else f"killed by {d['signal']}" if d["signal"] else "ended")
         oom = ", OOM-killed" if d["oom_killed"] else ""
+        if d["timed_out"]:
+            how += f", timed out after {_duration(d['timeout_seconds'])}"
         if d["lost_reason"]:
             how = d["lost_reason"]
         state = f"{d['state']} ({how}{oom}) at {d['ended_at']}; ran {_duration(end - start)}"
@@ -4272,13 +4432,22 @@ def format_status(pb, msg):
         output += " (truncated at the server's cap)"
     if d["log_error"]:
         output += f" ({d['log_error']})"
-    rows = [("State", state), ("Owner", printable(d["owner"])), ("Limits", limits),
-            ("CPU", f"{u['cpu_seconds']:.3f}s"),
-            ("Memory", f"{_human_bytes(u['memory_bytes'])} (peak "
-                       f"{_human_bytes(u['memory_peak_bytes'])})"),
-            ("IO", f"read {_human_bytes(u['io_read_bytes'])}, "
-                   f"written {_human_bytes(u['io_write_bytes'])}"),
-            ("Tasks", str(u["tasks"])), ("Output", output)]
+    rows = [("State", state)]
+    if d["name"]:
+        rows.append(("Name", printable(d["name"])))
+    rows += [("Owner", printable(d["owner"])), ("Limits", limits)]
+    if d["workdir"] != JOB_CWD:
+        rows.append(("Workdir", printable(d["workdir"])))
+    if d["env_keys"]:
+        rows.append(("Env", " ".join(d["env_keys"]) + " (values not shown)"))
+    if d["timeout_seconds"]:
+        rows.append(("Timeout", _duration(d["timeout_seconds"])))
+    rows += [("CPU", f"{u['cpu_seconds']:.3f}s"),
+             ("Memory", f"{_human_bytes(u['memory_bytes'])} (peak "
+                        f"{_human_bytes(u['memory_peak_bytes'])})"),
+             ("IO", f"read {_human_bytes(u['io_read_bytes'])}, "
+                    f"written {_human_bytes(u['io_write_bytes'])}"),
+             ("Tasks", str(u["tasks"])), ("Output", output)]
     dot = {"running": "●", "exited": "○" if d["exit_code"] == 0 else "×"}.get(d["state"], "×")
     lines = [f"{dot} {d['id']} - {_command_line(d['command'])}"]
     lines += [f"{k:>10}: {v}" for k, v in rows]
@@ -4287,8 +4456,9 @@ def format_status(pb, msg):
 
 # -- subcommands ----------------------------------------------------------------------------
 
-START_VALUE_OPTIONS = {"--cpu", "--memory", "--disk-io", "--pids", "--server", "--ca", "--cert",
-                       "--key"}
+START_VALUE_OPTIONS = {"--cpu", "--memory", "--disk-io", "--pids", "--env", "--workdir",
+                       "--timeout", "--name", "--server", "--ca", "--cert", "--key"}
+START_FLAG_OPTIONS = {"--detach"}   # of `run` only
 
 
 def split_start_args(tokens):
@@ -4306,7 +4476,7 @@ def split_start_args(tokens):
             opts += tokens[i:i + take]
             i += take
             continue
-        if t in ("-h", "--help") and not cmd:
+        if t in START_FLAG_OPTIONS or (t in ("-h", "--help") and not cmd):
             opts.append(t)
         else:
             cmd.append(t)
@@ -4314,22 +4484,218 @@ def split_start_args(tokens):
     return opts, cmd
 
 
-def cmd_start(args):
+def _env_item(text):
+    name, eq, value = text.partition("=")
+    if not eq:
+        raise ValueError(text)
+    validate_env({name: value})
+    return name, value
+
+
+def start_job(args):
+    """Start the job `start` and `run` describe; returns (client, job id)."""
     limits = {"cpu_quota": args.cpu or "", "memory_limit": args.memory or "",
               "disk_io": args.disk_io or "", "pids": args.pids or ""}
     # Check locally too: a typo is reported without a round trip, with the same message.
     try:
         parse_limits(limits["cpu_quota"], limits["memory_limit"], limits["disk_io"],
                      limits["pids"])
+        validate_name(args.name or "")
     except InvalidArgument as e:
         if e.field != "cpu_quota":   # the server's CPU count decides the CPU range
             raise CliError(str(e), EXIT_REFUSED) from None
     client = Client(args)
     pb = client.pb
     req = pb.StartRequest(name=args.command[0], args=args.command[1:],
-                          resources=pb.ResourceConfig(**limits))
-    print(client.call("Start", req).job_id)
+                          resources=pb.ResourceConfig(**limits), env=dict(args.env or ()),
+                          workdir=args.workdir or "", timeout_seconds=args.timeout or 0,
+                          job_name=args.name or "")
+    return client, client.call("Start", req).job_id
+
+
+def cmd_start(args):
+    print(start_job(args)[1])
     return EXIT_OK
+
+
+# `run` and `wait` exit as the job did, as a shell says it, and with these where it did not
+# end by itself: timeout(1)'s 124 for a timeout, 125 (docker's "the daemon failed") for a job
+# whose end is unknown (lost with a crashed server), 128+N for run's own signal N.
+EXIT_TIMED_OUT, EXIT_LOST = 124, 125
+RECONNECT_PATIENCE = 60.0   # how long `run` and `wait` try again to reach a restarting server
+
+
+def job_exit_code(pb, msg):
+    """The exit code `run` and `wait` give a job's final status."""
+    if msg.timed_out:
+        return EXIT_TIMED_OUT
+    if msg.state == pb.JOB_STATE_LOST:
+        return EXIT_LOST
+    if msg.HasField("exit_code"):
+        return msg.exit_code
+    if msg.HasField("signal"):
+        return 128 + msg.signal
+    return EXIT_ERROR
+
+
+def job_end_notes(pb, msg):
+    """jobworker's own lines about how a job ended, where its exit code does not say it."""
+    d = status_to_dict(pb, msg)
+    notes = []
+    if d["timed_out"]:
+        notes.append(f"job {d['id']} ran past its timeout of {_duration(d['timeout_seconds'])}"
+                     f" and was stopped")
+    if d["state"] == "lost":
+        notes.append(f"job {d['id']} was lost: {d['lost_reason'] or 'its end is not known'}")
+    if d["oom_killed"]:
+        limit = d["limits"]["memory_bytes"]
+        notes.append(f"job {d['id']} was killed by the OOM killer: "
+                     + (f"it reached its memory limit of {_human_bytes(limit)}" if limit
+                        else "the host ran out of memory"))
+    return notes
+
+
+def follow_to_end(client, job_id, on_message=None, offset=0):
+    """Stream a job until its final status, which is returned; each output message goes to
+    on_message (None: status only, no output is sent). A server that cannot be reached (one
+    being restarted) is tried again for RECONNECT_PATIENCE seconds, resuming where the
+    output stopped."""
+    pb, grpc = client.pb, client.grpc
+    trying_since = None
+    while True:
+        req = pb.StreamRequest(job_id=job_id, offset=offset, batch=True,
+                               status_only=on_message is None)
+        call = client.stub.Stream(req)
+        try:
+            for msg in call:
+                trying_since = None
+                if msg.HasField("final_status"):
+                    return msg.final_status
+                for _, at, data in output_pieces(pb, msg):
+                    offset = at + len(data)
+                on_message(msg)
+            err = CliError("the server ended the stream early", EXIT_CONNECT, unreachable=True)
+        except grpc.RpcError as e:
+            err = client.error(e)
+            if not err.unreachable:
+                raise err from None
+        finally:
+            call.cancel()
+        now = time.monotonic()
+        trying_since = trying_since or now
+        if now - trying_since > RECONNECT_PATIENCE:
+            raise err
+        time.sleep(0.5)
+
+
+class OutputWriter:
+    """Writes a stream's output to stdout and stderr, byte-exact; flushed at each switch when
+    both go to one file (a terminal, 2>&1), so that it shows them in order."""
+
+    def __init__(self, pb):
+        self.pb = pb
+        self.outs = {pb.OUTPUT_STREAM_STDOUT: sys.stdout.buffer,
+                     pb.OUTPUT_STREAM_STDERR: sys.stderr.buffer}
+        self.same = _same_file(sys.stdout, sys.stderr)
+
+    def __call__(self, msg):
+        last = None
+        for stream, _, data in output_pieces(self.pb, msg):
+            out = self.outs[stream]
+            if self.same and last is not None and out is not last:
+                last.flush()
+            out.write(data)
+            last = out
+        for out in self.outs.values():
+            out.flush()
+
+
+def _quiet_stdout():
+    """stdout went away (`| head`): nothing more to say, and nothing to flush at exit."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+class _Signalled(BaseException):
+    def __init__(self, signum):
+        self.signum = signum
+
+
+def _raise_signalled(signum, frame):
+    raise _Signalled(signum)
+
+
+RUN_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def cmd_run(args):
+    if args.detach:
+        return cmd_start(args)
+    old = {sig: signal.signal(sig, _raise_signalled) for sig in RUN_SIGNALS}
+    try:
+        client, job_id = None, None
+        try:
+            client, job_id = start_job(args)
+            final = follow_to_end(client, job_id, OutputWriter(client.pb))
+        except _Signalled as e:
+            if job_id is None:
+                return 128 + e.signum   # nothing started (or its id never came back)
+            return _stop_for_signal(client, job_id, e.signum)
+        except BrokenPipeError:
+            _quiet_stdout()
+            _stop_quietly(client, job_id)   # the reader of its output left: so does the job
+            return 141
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    for note in job_end_notes(client.pb, final):
+        print(f"jobworker: {note}", file=sys.stderr)
+    return job_exit_code(client.pb, final)
+
+
+def _stop_for_signal(client, job_id, signum):
+    """run got SIGINT, SIGTERM or SIGHUP: stop the job (its default grace), say how it ended,
+    exit 128+signum. Another signal meanwhile leaves at once (the server goes on stopping)."""
+    name = signal.Signals(signum).name
+    print(f"jobworker: {name}: stopping job {job_id} (again to leave at once)", file=sys.stderr)
+    try:
+        try:
+            # (no deadline: the server's grace is not known here; a second signal leaves)
+            status = client.call("Stop", client.pb.StopRequest(job_id=job_id),
+                                 timeout=None).status
+        except CliError as e:
+            if e.code != EXIT_REFUSED:   # not "it had ended already"
+                raise
+            status = client.call("Query", client.pb.QueryRequest(job_id=job_id)).status
+        print(f"jobworker: job {job_id} {_how_it_ended(client.pb, status)}", file=sys.stderr)
+    except _Signalled:
+        print(f"jobworker: left; job {job_id} is being stopped", file=sys.stderr)
+    return 128 + signum
+
+
+def _stop_quietly(client, job_id):
+    with contextlib.suppress(CliError, _Signalled):
+        client.call("Stop", client.pb.StopRequest(job_id=job_id), timeout=2.0)
+
+
+def _how_it_ended(pb, msg):
+    d = status_to_dict(pb, msg)
+    how = (f"exit code {d['exit_code']}" if d["exit_code"] is not None
+           else d["signal"] or d["lost_reason"] or "")
+    return f"{d['state']} ({how})" if how else d["state"]
+
+
+def cmd_wait(args):
+    client = Client(args)
+    pb = client.pb
+    for job_id in args.job_ids:   # every id is checked before any wait: a typo fails at once
+        client.call("Query", pb.QueryRequest(job_id=job_id))
+    code = EXIT_OK
+    for job_id in args.job_ids:
+        final = follow_to_end(client, job_id)
+        if args.json:
+            print(json.dumps(status_to_dict(pb, final)), flush=True)
+        code = job_exit_code(pb, final)
+    return code
 
 
 def cmd_stop(args):
@@ -4340,9 +4706,7 @@ def cmd_stop(args):
         req.grace_seconds = args.grace
         timeout = RPC_TIMEOUT + args.grace
     status = client.call("Stop", req, timeout=timeout).status
-    d = status_to_dict(client.pb, status)
-    how = f"exit code {d['exit_code']}" if d["exit_code"] is not None else f"{d['signal']}"
-    print(f"{d['id']} {d['state']} ({how})", file=sys.stderr)
+    print(f"{status.job_id} {_how_it_ended(client.pb, status)}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -4356,12 +4720,12 @@ def cmd_query(args):
     return EXIT_OK
 
 
-def list_jobs(client, states=(), owner="", last=None):
+def list_jobs(client, states=(), owner="", last=None, name=""):
     """Every job the server lists for these filters, oldest first, walking all pages (the
     newest `last` only, if given)."""
     pb = client.pb
     req = pb.ListRequest(states=[pb.JobState.Value(STATE_TO_PROTO[s]) for s in states],
-                         owner=owner or "", newest_first=last is not None)
+                         owner=owner or "", newest_first=last is not None, name=name or "")
     jobs = []
     while True:
         if last is not None:
@@ -4376,16 +4740,18 @@ def list_jobs(client, states=(), owner="", last=None):
 
 def cmd_list(args):
     client = Client(args)
-    jobs = list_jobs(client, args.state or (), args.owner, args.last)
+    jobs = list_jobs(client, args.state or (), args.owner, args.last, args.name)
     if args.json:
         print(json.dumps([status_to_dict(client.pb, j) for j in jobs], indent=2))
         return EXIT_OK
-    print(f"{'ID':36}  {'STATE':8}  {'EXIT':>8}  {'OWNER':12}  {'STARTED':20}  COMMAND")
+    print(f"{'ID':36}  {'STATE':8}  {'EXIT':>8}  {'OWNER':12}  {'NAME':16}  {'STARTED':20}  "
+          "COMMAND")
     for j in jobs:
         d = status_to_dict(client.pb, j)
         exit_ = (str(d["exit_code"]) if d["exit_code"] is not None else d["signal"] or "")
         print(f"{d['id']:36}  {d['state']:8}  {exit_:>8}  {printable(d['owner'])[:12]:12}  "
-              f"{(d['started_at'] or '')[:19]:20}  {_command_line(d['command'])[:80]}")
+              f"{printable(d['name'])[:16]:16}  {(d['started_at'] or '')[:19]:20}  "
+              f"{_command_line(d['command'])[:80]}")
     return EXIT_OK
 
 
@@ -4407,28 +4773,17 @@ def cmd_rm(args):
 def cmd_stream(args):
     client = Client(args)
     pb = client.pb
-    outs = {pb.OUTPUT_STREAM_STDOUT: sys.stdout.buffer, pb.OUTPUT_STREAM_STDERR: sys.stderr.buffer}
-    # Both to one file (a terminal, 2>&1): flush at each switch so it shows them in order.
-    same = _same_file(sys.stdout, sys.stderr)
     call = client.stub.Stream(pb.StreamRequest(job_id=args.job_id, offset=args.offset,
                                                batch=True))
+    write = OutputWriter(pb)
     try:
         for msg in call:
-            last = None
-            for stream, _, data in output_pieces(pb, msg):
-                out = outs[stream]
-                if same and last is not None and out is not last:
-                    last.flush()
-                out.write(data)
-                last = out
-            for out in outs.values():
-                out.flush()
+            write(msg)
     except client.grpc.RpcError as e:
         raise client.error(e) from None
     except BrokenPipeError:
         call.cancel()
-        # stdout went away (`| head`): nothing more to say, and nothing to flush at exit
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _quiet_stdout()
         return 141
     return EXIT_OK
 
@@ -4648,6 +5003,24 @@ def _state_list(text):
     return states
 
 
+def _add_start_options(p):
+    p.add_argument("--cpu", help="CPU quota, percent of one CPU: 50%%, 150%%")
+    p.add_argument("--memory", help="memory limit: 256M, 1G (base 1024)")
+    p.add_argument("--disk-io", help="read and write bandwidth per disk: 10MB/s (base 1000)")
+    p.add_argument("--pids", help=f"most processes (server default {DEFAULT_PIDS_LIMIT})")
+    p.add_argument("--env", action="append", metavar="NAME=VALUE",
+                   type=_cli_type(_env_item, "NAME=VALUE, NAME as [A-Za-z_][A-Za-z0-9_]*"),
+                   help="an environment variable for the job, added to its defaults "
+                        "(repeatable; `query` shows the names, never the values)")
+    p.add_argument("--workdir", metavar="DIR", help=f"its working directory ({JOB_CWD})")
+    p.add_argument("--timeout", metavar="DURATION", type=_cli_type(parse_duration, DURATION_FORM),
+                   help="stop it (as `stop` does) once it has run this long: 30s, 15m, 2h")
+    p.add_argument("--name", metavar="NAME",
+                   help=f"a label for `list` and `query` (not unique; up to {MAX_NAME_CHARS} "
+                        "printable characters)")
+    _add_client_options(p)
+
+
 def _add_client_options(p):
     for flag, (env, default) in CLIENT_DEFAULTS.items():
         p.add_argument(f"--{flag}", default=os.environ.get(env, default),
@@ -4662,7 +5035,7 @@ def build_parser():
         epilog="Exit codes: 0 ok, 1 error, 2 usage, 3 cannot reach server, 4 not found, "
         "5 permission denied, 6 refused, 7 cap reached, 8 server error, 9 address in use, "
         "10 another server owns the state dir, 11 launcher of another protocol, "
-        "130 interrupted.")
+        "130 interrupted. `run` and `wait` exit as the job did (see `run -h`).")
     parser.add_argument("--version", action="version", version=f"jobworker {__version__}")
     sub = parser.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
 
@@ -4724,18 +5097,39 @@ def build_parser():
                         "(an upgrade) instead of stopping them; needs --live-restore")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("start", usage="jobworker start [--cpu P%%] [--memory SIZE] "
-                       "[--disk-io RATE] [--pids N] [--] CMD [ARG...]",
+    p = sub.add_parser("start", usage="jobworker start [START OPTIONS] [--] CMD [ARG...]",
                        help="start a job; prints only its id",
                        description="Options may come before or after the command; after `--` "
                                    "everything is the command's.")
-    p.add_argument("--cpu", help="CPU quota, percent of one CPU: 50%%, 150%%")
-    p.add_argument("--memory", help="memory limit: 256M, 1G (base 1024)")
-    p.add_argument("--disk-io", help="read and write bandwidth per disk: 10MB/s (base 1000)")
-    p.add_argument("--pids", help=f"most processes (server default {DEFAULT_PIDS_LIMIT})")
-    _add_client_options(p)
+    _add_start_options(p)
     p.set_defaults(func=cmd_start)
-    parser.start_parser = p
+    parser.start_parsers = {"start": p}
+
+    p = sub.add_parser(
+        "run", usage="jobworker run [START OPTIONS] [--detach] [--] CMD [ARG...]",
+        help="start a job, print its output as it comes, exit with its exit code",
+        description="Starts a job as `start` does, writes its stdout to stdout and its stderr "
+                    "to stderr from the first byte, and exits as the job did: its exit code, "
+                    "128+N if signal N killed it (137: also the OOM killer, said on stderr), "
+                    f"{EXIT_TIMED_OUT} if it ran past --timeout, {EXIT_LOST} if its end is "
+                    "unknown (lost in a server crash). Ctrl-C or SIGTERM stops the job and "
+                    "exits 130 or 143; a second Ctrl-C leaves at once. A server restart is "
+                    f"waited for ({RECONNECT_PATIENCE:g}s) and the output resumed.")
+    _add_start_options(p)
+    p.add_argument("--detach", action="store_true", help="only start it, as `start` does")
+    p.set_defaults(func=cmd_run)
+    parser.start_parsers["run"] = p
+
+    p = sub.add_parser(
+        "wait", help="wait until jobs have ended; exit as the last one did",
+        description="Waits until every given job has ended (without fetching output) and "
+                    "exits as `run` would for the last one. Jobs that already ended return "
+                    f"at once; a server restart is waited for ({RECONNECT_PATIENCE:g}s).")
+    p.add_argument("job_ids", nargs="+", metavar="ID")
+    p.add_argument("--json", action="store_true",
+                   help="print each final status as it comes, one JSON object a line")
+    _add_client_options(p)
+    p.set_defaults(func=cmd_wait)
 
     p = sub.add_parser("stop", help="stop a job (SIGTERM, then SIGKILL after the grace period)")
     p.add_argument("job_id")
@@ -4764,6 +5158,7 @@ def build_parser():
                    help="only jobs of this identity (readers and admins)")
     p.add_argument("--last", type=_cli_type(_positive, "a number of jobs, 1 or more"),
                    metavar="N", help="only the newest N jobs")
+    p.add_argument("--name", default="", metavar="NAME", help="only jobs of this --name")
     _add_client_options(p)
     p.set_defaults(func=cmd_list)
 
@@ -4807,18 +5202,21 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     command = None
-    if argv and argv[0] == "start":
+    if argv and argv[0] in parser.start_parsers:
         opts, command = split_start_args(argv[1:])
-        argv = ["start", *opts]
+        argv = [argv[0], *opts]
     args = parser.parse_args(argv)   # -h and bad options end here
-    if args.subcommand == "start":
+    if args.subcommand in parser.start_parsers:
         if not command:
-            parser.start_parser.error("a command to run is required: jobworker start -- sleep 9")
+            parser.start_parsers[args.subcommand].error(
+                f"a command to run is required: jobworker {args.subcommand} -- sleep 9")
         args.command = command
     try:
         return args.func(args)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except _Signalled as e:   # between run's handlers being set and its own try
+        return 128 + e.signum
     except CliError as e:
         print(f"jobworker: {e}", file=sys.stderr)
         return e.code
@@ -4838,7 +5236,23 @@ def main(argv=None):
         print(f"jobworker: unexpected error: {e!r} (JOBWORKER_DEBUG=1 shows where)",
               file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        while Client.made:
+            with contextlib.suppress(Exception):
+                Client.made.pop().close()
+
+
+def run_main():
+    """The program's entry: main(), then exit at once. The interpreter's own exit would first
+    wait for threads and collect objects, and a grpc call object collected then can wait
+    forever for a lock of a thread that no longer runs."""
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    logging.shutdown()
+    os._exit(code if isinstance(code, int) else EXIT_ERROR)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main()

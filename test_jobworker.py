@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 
 import pytest
 import jobworker as jw
@@ -2308,6 +2309,7 @@ class ServeProcess:
     """`jobworker serve` in a subprocess on a free port; stop() sends SIGTERM."""
 
     def __init__(self, argv, certs, state, parent, listen="127.0.0.1:0", env=None, extra=()):
+        self.state = state
         self.proc = subprocess.Popen(
             [*argv, "serve", "--listen", listen, "--certs", str(certs), "--state-dir", str(state),
              "--cgroup-parent", parent, *extra], stderr=subprocess.PIPE, text=True, env=env)
@@ -2832,6 +2834,289 @@ def test_serve_sigterm_ends_streams_stops_jobs_and_exits_0(pki, tmp_path):
     record = json.load(open(tmp_path / "state" / "jobs" / job_id / "job.json"))
     assert record["state"] == "stopped"
     peer.close()
+
+
+# ================================================================================================
+# run and wait: exit codes, signals, restarts; per-job env, workdir, timeout and name
+# ================================================================================================
+
+def cli_env(pki, port, name="client"):
+    return dict(os.environ, JOBWORKER_CA=str(pki / "ca.crt"),
+                JOBWORKER_CERT=str(pki / f"{name}.crt"), JOBWORKER_KEY=str(pki / f"{name}.key"),
+                JOBWORKER_SERVER=f"127.0.0.1:{port}")
+
+
+@pytest.fixture(scope="module")
+def quick_server(pki, tmp_path_factory):
+    """A server whose Stop grace is 1 s (timeouts and Ctrl-C end in a second)."""
+    s = ServeProcess(SRC, pki, tmp_path_factory.mktemp("quick"), f"{RUN_PARENT}/quick",
+                     extra=["--grace", "1"])
+    yield s
+    assert s.stop() == 0
+
+
+@root
+@pytest.mark.parametrize("script, code", [
+    ("printf 'out\\0\\377'; printf 'err\\n' >&2", 0),
+    ("printf out; printf 'err\\n' >&2; exit 3", 3),
+    ("printf out; printf 'err\\n' >&2; kill -9 $$", 137),
+    ("printf out; printf 'err\\n' >&2; kill -USR1 $$", 128 + signal.SIGUSR1),
+])
+def test_run_streams_byte_exact_and_exits_as_the_job_did(script, code, pki, quick_server):
+    r = cli(SRC, "run", "sh", "-c", script, certs=pki, port=quick_server.port)
+    assert r.returncode == code, r
+    assert r.stdout.startswith(b"out") and r.stderr == b"err\n"   # nothing of jobworker's own
+    if code == 0:
+        assert r.stdout == b"out\0\377"
+
+
+@root
+def test_run_of_an_oom_killed_job_exits_137_and_says_so(pki, quick_server):
+    r = cli(SRC, "run", "--memory", "32M", "--", "python3", "-c", "x = bytearray(512 << 20)",
+            certs=pki, port=quick_server.port)
+    assert r.returncode == 137, r
+    last = r.stderr.decode().rstrip("\n").split("\n")[-1]
+    assert last.startswith("jobworker: ") and "OOM killer" in last and "32.0M" in last, r.stderr
+
+
+@root
+def test_a_timeout_stops_a_job_that_ignores_sigterm_after_the_grace(pki, quick_server):
+    t0 = time.monotonic()
+    r = cli(SRC, "run", "--timeout", "1s", "--", "sh", "-c", "trap '' TERM; echo up; sleep 600",
+            certs=pki, port=quick_server.port)
+    took = time.monotonic() - t0
+    assert r.returncode == 124, r
+    assert r.stdout == b"up\n" and b"ran past its timeout of 1.0s" in r.stderr
+    assert 2.0 <= took < 30   # the timeout, then the server's 1 s grace before SIGKILL
+    job = json.loads(cli(SRC, "list", "--last", "1", "--json", certs=pki,
+                         port=quick_server.port).stdout)[0]
+    assert (job["state"], job["signal"], job["timed_out"]) == ("stopped", "SIGKILL", True)
+    assert job["timeout_seconds"] == 1.0
+    assert "timed out after 1.0s" in cli(SRC, "query", job["id"], certs=pki,
+                                         port=quick_server.port).stdout.decode()
+
+
+@root
+def test_a_timeout_stops_the_job_as_stop_does(make_manager):
+    m = make_manager(grace=1)
+    t0 = time.monotonic()
+    s = m.start("sleep", ["60"], timeout=0.3)
+    final = wait_final(m, s.id)
+    assert time.monotonic() - t0 < 20
+    assert (final.state, final.signal, final.timed_out) == (jw.STOPPED, signal.SIGTERM, True)
+    fast = m.start("true", [], timeout=30)
+    assert wait_final(m, fast.id).timed_out is False
+
+
+@root
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_run_stops_its_job_on_ctrl_c_or_sigterm(sig, code, pki, quick_server):
+    p = subprocess.Popen([*SRC, "run", "sh", "-c", "echo started; sleep 600"],
+                         env=cli_env(pki, quick_server.port), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    assert p.stdout.readline() == b"started\n"
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == code, err
+    job = json.loads(cli(SRC, "list", "--last", "1", "--json", certs=pki,
+                         port=quick_server.port).stdout)[0]
+    assert job["state"] == "stopped" and job["command"][-1] == "echo started; sleep 600"
+    assert f"job {job['id']} stopped (SIGTERM)".encode() in err, err
+
+
+@root
+def test_a_second_ctrl_c_leaves_run_at_once_and_the_stop_goes_on(pki, src_server):
+    # src_server's grace is the default 10 s: the job ignores SIGTERM and outlives `run`.
+    p = subprocess.Popen([*SRC, "run", "sh", "-c", "trap '' TERM; echo started; sleep 600"],
+                         env=cli_env(pki, src_server.port), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    assert p.stdout.readline() == b"started\n"
+    p.send_signal(signal.SIGINT)
+    wait_for(lambda: b"" != p.stderr.peek(1), what="run's first words on stderr")
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 130 and time.monotonic() - t0 < jw.DEFAULT_GRACE_SECONDS / 2, err
+    assert b"is being stopped" in err
+    job = json.loads(cli(SRC, "list", "--last", "1", "--json", certs=pki,
+                         port=src_server.port).stdout)[0]
+    assert job["state"] == "running"           # still in its grace period
+    w = cli(SRC, "wait", job["id"], certs=pki, port=src_server.port)
+    assert w.returncode == 137                 # SIGKILL after the grace
+
+
+@root
+def test_run_detach_is_start(pki, quick_server):
+    r = cli(SRC, "run", "--detach", "sleep", "0", certs=pki, port=quick_server.port)
+    assert r.returncode == 0 and jw._JOB_ID_RE.fullmatch(r.stdout.decode().strip()), r
+
+
+@root
+def test_run_errors_exit_as_start_does(pki, quick_server):
+    r = cli(SRC, "run", "--memory", "lots", "true", certs=pki, port=quick_server.port)
+    assert r.returncode == 6 and b"memory" in r.stderr
+    r = cli(SRC, "run", "/no/such/program", certs=pki, port=quick_server.port)
+    assert r.returncode == 6 and b"no such file: /no/such/program" in r.stderr
+    r = cli(SRC, "run", certs=pki, port=quick_server.port)
+    assert r.returncode == 2 and b"a command to run is required" in r.stderr
+    r = cli(SRC, "run", "true", certs=pki, port=quick_server.port, name="reader")
+    assert r.returncode == 5
+
+
+@root
+def test_wait_for_running_ended_several_and_unknown_jobs(pki, quick_server):
+    run = lambda *a: cli(SRC, *a, certs=pki, port=quick_server.port)
+    ended = run("start", "sh", "-c", "exit 4").stdout.decode().strip()
+    wait_for(lambda: json.loads(run("query", ended, "--json").stdout)["state"] == "exited",
+             what="the job to end")
+    t0 = time.monotonic()
+    assert run("wait", ended).returncode == 4 and time.monotonic() - t0 < 10
+    slow = run("start", "sh", "-c", "sleep 1.5; exit 7").stdout.decode().strip()
+    killed = run("start", "sh", "-c", "sleep 0.5; kill -9 $$").stdout.decode().strip()
+    r = run("wait", killed, slow)
+    assert r.returncode == 7 and r.stdout == b"" and r.stderr == b""   # the last one's
+    assert json.loads(run("query", slow, "--json").stdout)["state"] == "exited"
+    r = run("wait", slow, killed, "--json")
+    lines = [json.loads(line) for line in r.stdout.decode().splitlines()]
+    assert r.returncode == 137 and [d["id"] for d in lines] == [slow, killed]
+    assert lines[1]["signal"] == "SIGKILL"
+    missing = str(uuid.uuid4())
+    r = run("wait", slow, missing)
+    assert r.returncode == 4 and missing.encode() in r.stderr and r.stdout == b""
+
+
+@root
+def test_run_and_wait_go_on_across_a_server_upgrade(pki, tmp_path):
+    state, parent = tmp_path / "state", f"{RUN_PARENT}/runrestart"
+    server = ServeProcess(SRC, pki, state, parent, listen="127.0.0.1:0", extra=["--keep-jobs"])
+    port = server.port
+    env = cli_env(pki, port)
+    script = "for i in $(seq 1 30); do echo line $i; sleep 0.1; done; echo done >&2; exit 5"
+    runner = subprocess.Popen([*SRC, "run", "--name", "upgrade", "sh", "-c", script], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert runner.stdout.readline() == b"line 1\n"
+    waiter = subprocess.Popen([*SRC, "wait", "--json", *json.loads(cli(
+        SRC, "list", "--json", certs=pki, port=port).stdout)[0]["id"].split()], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(0.5)
+    assert server.stop() == 0   # --keep-jobs: the job goes on without a server
+    server = ServeProcess(SRC, pki, state, parent, listen=f"127.0.0.1:{port}",
+                          extra=["--keep-jobs"])
+    try:
+        out, err = runner.communicate(timeout=90)
+        assert runner.returncode == 5, err
+        assert b"line 1\n" + out == b"".join(f"line {i}\n".encode() for i in range(1, 31))
+        assert err == b"done\n"                      # no line twice, none lost, nothing extra
+        wout, werr = waiter.communicate(timeout=60)
+        assert waiter.returncode == 5, werr
+        d = json.loads(wout)
+        assert (d["state"], d["exit_code"], d["name"]) == ("exited", 5, "upgrade")
+    finally:
+        server.stop()
+
+
+@root
+def test_wait_for_a_job_lost_in_a_crash_exits_125(pki, tmp_path):
+    state, parent = tmp_path / "state", f"{RUN_PARENT}/waitlost"
+    server = ServeProcess(SRC, pki, state, parent, extra=["--no-live-restore"])
+    port = server.port
+    job = cli(SRC, "start", "sleep", "600", certs=pki, port=port).stdout.decode().strip()
+    waiter = subprocess.Popen([*SRC, "wait", job], env=cli_env(pki, port),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(0.5)
+    server.proc.kill()           # a crash: without live restore its jobs end with it
+    server.proc.wait(30)
+    server = ServeProcess(SRC, pki, state, parent, listen=f"127.0.0.1:{port}",
+                          extra=["--no-live-restore"])
+    try:
+        out, err = waiter.communicate(timeout=90)
+        assert waiter.returncode == 125, err
+        assert cli(SRC, "wait", job, certs=pki, port=port).returncode == 125
+    finally:
+        assert server.stop() == 0
+
+
+@root
+def test_env_reaches_the_job_and_its_values_are_never_shown(pki, quick_server, tmp_path):
+    run = lambda *a: cli(SRC, *a, certs=pki, port=quick_server.port)
+    r = run("run", "--env", "SECRET=hunter2=x", "--env", "PATH=/usr/bin:/bin", "--env",
+            "EMPTY=", "--", "sh", "-c", 'echo "$SECRET|$PATH|${EMPTY-unset}|$HOME"')
+    assert r.returncode == 0 and r.stdout == b"hunter2=x|/usr/bin:/bin||/root\n", r
+    job = json.loads(run("list", "--last", "1", "--json").stdout)[0]
+    assert job["env_keys"] == ["EMPTY", "PATH", "SECRET"]
+    for shown in (run("query", job["id"]).stdout, run("query", job["id"], "--json").stdout,
+                  run("list", "--json").stdout):
+        assert b"hunter2" not in shown
+    assert b"SECRET" in run("query", job["id"]).stdout
+    records = list(pathlib.Path(quick_server.state).glob(f"jobs/{job['id']}/*"))
+    assert records and not [p for p in records if p.is_file() and b"hunter2" in p.read_bytes()
+                            and p.name != "output.log"]
+    for bad, why in [("1X=a", b"NAME=VALUE"), ("NOEQUALS", b"NAME=VALUE"), ("A B=c", b"NAME")]:
+        r = run("start", "--env", bad, "true")
+        assert r.returncode == 2 and why in r.stderr, r
+
+
+def test_env_is_checked_and_counts_toward_the_request_cap():
+    assert jw.validate_env({"A": "1", "_b9": ""}) == {"A": "1", "_b9": ""}
+    for env in ({"9A": "x"}, {"A-B": "x"}, {"": "x"}, {"A": "x\0y"}):
+        with pytest.raises(jw.InvalidArgument) as e:
+            jw.validate_env(env)
+        assert "x\0y" not in str(e.value)   # a value is never echoed back
+    big = "x" * (jw.MAX_ARGV_BYTES // 2)
+    jw.validate_command("true", [big], {})
+    with pytest.raises(jw.CapReached):
+        jw.validate_command("true", [big], {"A": big})
+
+
+@root
+def test_workdir_is_used_and_a_bad_one_fails_start_creating_nothing(pki, quick_server,
+                                                                    tmp_path):
+    run = lambda *a: cli(SRC, *a, certs=pki, port=quick_server.port)
+    (tmp_path / "work").mkdir()
+    (tmp_path / "file").write_text("")
+    r = run("run", "--workdir", str(tmp_path / "work"), "--", "sh", "-c", "pwd; touch made")
+    assert r.returncode == 0 and r.stdout.decode().strip() == str(tmp_path / "work")
+    assert (tmp_path / "work" / "made").exists()
+    before = run("list", "--json").stdout
+    for path, why in [(tmp_path / "nope", "No such file or directory"),
+                      (tmp_path / "file", "Not a directory"), ("relative", "absolute path")]:
+        r = run("start", "--workdir", str(path), "true")
+        assert r.returncode == 6 and str(path).encode() in r.stderr and why.encode() in r.stderr
+    assert run("list", "--json").stdout == before   # nothing was made
+    job = json.loads(run("list", "--last", "1", "--json").stdout)[0]
+    assert job["workdir"] == str(tmp_path / "work")
+    assert f"Workdir: {tmp_path / 'work'}" in run("query", job["id"]).stdout.decode()
+
+
+@root
+def test_names_are_shown_filtered_and_checked(pki, quick_server):
+    run = lambda *a: cli(SRC, *a, certs=pki, port=quick_server.port)
+    tag = f"nightly-{uuid.uuid4().hex[:6]}"
+    ids = [run("start", "--name", tag, "true").stdout.decode().strip() for _ in range(2)]
+    run("start", "--name", tag + "-other", "true")
+    listed = json.loads(run("list", "--name", tag, "--json").stdout)
+    assert [d["id"] for d in listed] == ids and all(d["name"] == tag for d in listed)
+    assert tag in run("list", "--name", tag).stdout.decode()
+    assert f"Name: {tag}" in run("query", ids[0]).stdout.decode()
+    for bad in ("x" * 101, "tab\there"):
+        r = run("start", "--name", bad, "true")
+        assert r.returncode == 6 and b"name" in r.stderr, r
+
+
+@root
+def test_job_options_are_kept_in_the_record_across_a_restart(make_manager, tmp_path):
+    m = make_manager()
+    s = m.start("sh", ["-c", "exit 0"], env={"TOKEN": "s3cret"}, workdir="/tmp", timeout=60,
+                name="keep me")
+    wait_final(m, s.id)
+    state = m.state_dir
+    m.close()
+    again = make_manager(state=state)
+    d = again.status(s.id)
+    assert (d.name, d.env_keys, d.workdir, d.timeout, d.timed_out) == (
+        "keep me", ("TOKEN",), "/tmp", 60.0, False)
+    assert b"s3cret" not in (pathlib.Path(state) / "jobs" / s.id / "job.json").read_bytes()
 
 
 # ================================================================================================

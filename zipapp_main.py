@@ -217,7 +217,7 @@ def main():
     # path names what was checked, for as long as this process runs.
     sys.path.insert(0, packages)
     import jobworker
-    sys.exit(jobworker.main())
+    jobworker.run_main()
 
 
 if __name__ == "__main__":
