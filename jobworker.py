@@ -435,6 +435,11 @@ class Quota:
     def held_by(self, owner):
         return self._by_owner.get(owner, 0)
 
+    def holders(self):
+        """{owner: count} of every owner holding some now."""
+        with self._lock:
+            return dict(self._by_owner)
+
 
 def validate_job_id(job_id):
     """Return job_id if it is a canonical uuid4 string; raise InvalidArgument before any path use."""
@@ -2465,6 +2470,13 @@ class _Follow:
                 os.close(fd)
 
 
+class _NoObserver:
+    def job_started(self, status): pass
+    def job_ended(self, status): pass
+    def start_failed(self, exc): pass
+    def output_stored(self, nbytes): pass
+
+
 class JobManager:
     """Starts, stops and watches jobs on this host, and keeps finished ones within the retention
     rules. Thread-safe. Jobs are forked and their output written by the state dir's launcher
@@ -2477,8 +2489,11 @@ class JobManager:
                  max_jobs_per_owner=DEFAULT_MAX_JOBS_PER_OWNER, job_user=None,
                  grace=DEFAULT_GRACE_SECONDS, devices=None, keep_finished=DEFAULT_KEEP_FINISHED,
                  keep_for=DEFAULT_KEEP_FOR, clock=time.time, live_restore=True,
-                 uid_range=DEFAULT_UID_RANGE, hide_paths=()):
+                 uid_range=DEFAULT_UID_RANGE, hide_paths=(), observer=None):
         self.store = JobStore(state_dir)
+        # Told of what happens, for metrics: job_started(status), job_ended(status),
+        # start_failed(exc), output_stored(nbytes). Called from the manager's threads; quick.
+        self.observer = observer or _NoObserver()
         self.state_dir = state_dir
         self.jobs_dir = self.store.jobs_dir
         self.cgroups = cgroups or detect_cgroups()
@@ -2557,6 +2572,14 @@ class JobManager:
         not a directory too), CapReached (globally, for `owner`, or past what is kept for
         admins unless `admin`), DiskFull, SpawnError (nothing left behind), CgroupError or
         LauncherError."""
+        try:
+            return self._checked_start(command, args, limits, owner, admin, env, workdir,
+                                       timeout, name)
+        except Exception as e:
+            self.observer.start_failed(e)
+            raise
+
+    def _checked_start(self, command, args, limits, owner, admin, env, workdir, timeout, name):
         env = validate_env(env)
         argv = validate_command(command, list(args), env)
         workdir = validate_workdir(workdir)
@@ -2636,7 +2659,9 @@ class JobManager:
             bisect.insort(self._order, status.order_key)
         if status.timeout:
             self._arm_timeout(job, status.timeout)
-        return job.snapshot()
+        snap = job.snapshot()
+        self.observer.job_started(snap)
+        return snap
 
     def stop(self, job_id, grace=None, owner=None):
         """SIGTERM every process of the job, SIGKILL after `grace` seconds; returns the final
@@ -2901,6 +2926,8 @@ class JobManager:
             return
         with job.cond:
             s = job.status
+            if state["size"] > s.output_bytes:
+                self.observer.output_stored(state["size"] - s.output_bytes)
             s.output_bytes, job.records = state["size"], state["records"]
             s.log_truncated, s.log_error = state["truncated"], state["error"]
             if eof:
@@ -3060,6 +3087,7 @@ class JobManager:
         with job.cond:
             job.final = True
             job.cond.notify_all()
+        self.observer.job_ended(final)
         if not self._closed:
             self.apply_retention()
 
@@ -3229,6 +3257,7 @@ def _set_pipe_size(fd, size=1 << 20):
 ROLE_OID = "2.25.52511606258847999243873323235950800237"
 ROLES = ("reader", "writer", "admin")
 ANY, OWN = "any", "own"          # which jobs a role may act on
+AUTHENTICATED = {}               # a method any valid client certificate may call
 SERVICE_NAME = "jobworker.v1.JobService"
 _READ = {"reader": ANY, "writer": OWN, "admin": ANY}
 POLICY = {
@@ -3238,6 +3267,9 @@ POLICY = {
     f"/{SERVICE_NAME}/Stream": _READ,
     f"/{SERVICE_NAME}/List": _READ,
     f"/{SERVICE_NAME}/Remove": {"writer": OWN, "admin": ANY},
+    # the standard services operators' tools speak: any valid certificate, no role needed
+    **{f"/grpc.health.v1.Health/{m}": AUTHENTICATED for m in ("Check", "Watch", "List")},
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": AUTHENTICATED,
 }
 # grpcio has no minimum-TLS-version setting. With an ECDSA server key and only RSA-authenticated
 # TLS 1.2 suites allowed, no TLS 1.2 handshake can succeed; TLS 1.3 suites are not affected by
@@ -3377,10 +3409,9 @@ def identity_from_pem(pem):
     try:
         ext = extensions.get_extension_for_oid(x509.ObjectIdentifier(ROLE_OID))
     except x509.ExtensionNotFound:
-        raise AccessDenied(f"client certificate has no jobworker role extension ({ROLE_OID})") \
-            from None
+        ext = None   # no role: only the methods open to every certificate (health, reflection)
     try:
-        roles = decode_roles(ext.value.value)
+        roles = decode_roles(ext.value.value) if ext else ()
     except (ValueError, UnicodeDecodeError) as e:
         raise AccessDenied(f"client certificate's role extension is malformed: {e}") from None
     result = ClientCert(cns[0].value, roles, cert.serial_number,
@@ -3461,6 +3492,10 @@ def authorize(method, auth_context, policy=POLICY, revoked=None, now=None):
     rules = policy.get(method)
     if rules is None:
         raise AccessDenied(f"{method} is not allowed to anyone")
+    if rules is AUTHENTICATED:
+        return Caller(cert.identity, cert.roles, "", OWN, cert.serial)
+    if not cert.roles:
+        raise AccessDenied(f"client certificate has no jobworker role extension ({ROLE_OID})")
     granted = [(rules[r], r) for r in cert.roles if r in rules]
     if not granted:
         raise AccessDenied(f"role {'/'.join(cert.roles)} may not call {method.rsplit('/', 1)[-1]}")
@@ -3513,10 +3548,15 @@ class CallContext:
         self.caller = caller
         self.code = None
         self.counted = False   # holds a slot of the interceptor's calls quota
+        self.began = 0.0       # time.monotonic() when it arrived
 
     def abort(self, code, details):
         self.code = code
         self._context.abort(code, details)
+
+    def set_code(self, code):
+        self.code = code
+        self._context.set_code(code)
 
     def __getattr__(self, name):
         return getattr(self._context, name)
@@ -3525,10 +3565,11 @@ class CallContext:
 class AuthInterceptor:
     """grpc server interceptor: authorizes every call of every kind and writes its audit line."""
 
-    def __init__(self, policy=POLICY, calls=None, revoked=None):
+    def __init__(self, policy=POLICY, calls=None, revoked=None, metrics=None):
         self.policy = policy
         self.calls = calls   # a Quota of calls in flight, per identity and for admins
         self.revoked = revoked   # a RevocationList
+        self.metrics = metrics   # a Metrics: every call is counted and timed
         self.grpc = _grpc()
 
     def intercept_service(self, continuation, details):
@@ -3552,6 +3593,7 @@ class AuthInterceptor:
 
     def _enter(self, method, request, context):
         ctx = CallContext(context, None)
+        ctx.began = time.monotonic()
         try:
             ctx.caller = authorize(method, context.auth_context(), self.policy, self.revoked)
             if self.calls is not None:   # no identity may hold every handler thread
@@ -3562,9 +3604,14 @@ class AuthInterceptor:
         except Exception as e:
             self._leave(ctx)
             code = getattr(self.grpc.StatusCode, status_code_for(e))
-            self._audit(ctx, method, request, None, code)
+            self._ended(ctx, method, request, None, code)
             abort_with(ctx, e)
         return ctx
+
+    def _ended(self, ctx, method, request, response, code):
+        self._audit(ctx, method, request, response, code)
+        if self.metrics:
+            self.metrics.rpc(method, code.name, time.monotonic() - ctx.began)
 
     def _leave(self, ctx):
         if ctx.counted:
@@ -3580,7 +3627,7 @@ class AuthInterceptor:
                 return response
             finally:
                 self._leave(ctx)
-                self._audit(ctx, method, request, response, self._code(ctx, sys.exc_info()))
+                self._ended(ctx, method, request, response, self._code(ctx, sys.exc_info()))
         return call
 
     def _wrap_stream(self, behavior, method):
@@ -3590,7 +3637,7 @@ class AuthInterceptor:
                 yield from behavior(request, ctx)
             finally:
                 self._leave(ctx)
-                self._audit(ctx, method, request, None, self._code(ctx, sys.exc_info()))
+                self._ended(ctx, method, request, None, self._code(ctx, sys.exc_info()))
         return call
 
     def _code(self, ctx, exc_info):
@@ -3621,7 +3668,7 @@ class AuthInterceptor:
                     serial = f"{x509.load_pem_x509_certificate(pem[0]).serial_number:x}"
         audit_log.info("identity=%s role=%s serial=%s peer=%s method=%s job=%s code=%s",
                        json.dumps(caller.identity) if caller else "-",
-                       caller.role if caller else "-", serial, ctx.peer() or "-",
+                       (caller.role or "-") if caller else "-", serial, ctx.peer() or "-",
                        method.rsplit("/", 1)[-1], job_id, code.name)
 
 
@@ -3753,8 +3800,9 @@ class JobService:
     access (the interceptor did, and passed the Caller on the context)."""
 
     def __init__(self, manager, max_streams=DEFAULT_MAX_STREAMS,
-                 max_streams_per_owner=DEFAULT_MAX_STREAMS_PER_OWNER):
+                 max_streams_per_owner=DEFAULT_MAX_STREAMS_PER_OWNER, metrics=None):
         self.manager = manager
+        self.metrics = metrics
         self.pb, _ = _pb()
         self._streams_pb = {k: self.pb.OutputStream.Value(v) for k, v in STREAM_TO_PROTO.items()}
         self._states_from_pb = {v: k for k, v in STATE_TO_PROTO.items()}
@@ -3763,11 +3811,15 @@ class JobService:
     @_translating
     def Start(self, request, context):
         r = request.resources
-        limits = parse_limits(r.cpu_quota, r.memory_limit, r.disk_io, r.pids)
-        timeout = request.timeout_seconds
-        if not (timeout == 0 or 0 < timeout <= MAX_TIMEOUT):   # NaN, negative, huge
-            raise InvalidArgument("timeout_seconds", timeout, "seconds, 0 (none) or more, "
-                                  "at most ten years")
+        try:
+            limits = parse_limits(r.cpu_quota, r.memory_limit, r.disk_io, r.pids)
+            timeout = request.timeout_seconds
+            if not (timeout == 0 or 0 < timeout <= MAX_TIMEOUT):   # NaN, negative, huge
+                raise InvalidArgument("timeout_seconds", timeout, "seconds, 0 (none) or "
+                                      "more, at most ten years")
+        except InvalidArgument as e:
+            self.manager.observer.start_failed(e)
+            raise
         status = self.manager.start(request.name, list(request.args), limits,
                                     owner=context.caller.identity,
                                     admin=context.caller.is_admin, env=dict(request.env),
@@ -3838,6 +3890,7 @@ class JobService:
             # A client that goes away ends the follow at once and gives the thread back.
             context.add_callback(follow.cancel)
             context.send_initial_metadata(())   # the client learns at once that it is admitted
+            sent = self.metrics.streamed if self.metrics else (lambda n: None)
             if request.status_only:
                 follow.wait_end()
             elif request.batch:   # one message per read of the log: at most STREAM_CHUNK bytes
@@ -3845,10 +3898,12 @@ class JobService:
                     yield self.pb.StreamResponse(batch=self.pb.OutputBatch(
                         offset=offset, data=data, first_stream=self._streams_pb[first],
                         lengths=lengths))
+                    sent(len(data))
             else:
                 for c in follow:
                     yield self.pb.StreamResponse(chunk=self.pb.OutputChunk(
                         stream=self._streams_pb[c.stream], offset=c.offset, data=c.data))
+                    sent(len(c.data))
             if not follow.cancelled:
                 # from the follow's own job: the final status even if it was removed meanwhile
                 yield self.pb.StreamResponse(
@@ -3903,13 +3958,16 @@ def server_credentials(ca_pem, cert_pem, key_pem):
 def serve_grpc(manager, listen="127.0.0.1:0", *, ca, cert, key, max_streams=DEFAULT_MAX_STREAMS,
                max_streams_per_owner=DEFAULT_MAX_STREAMS_PER_OWNER,
                max_request_bytes=DEFAULT_MAX_REQUEST_BYTES, close_manager=False,
-               open_manager=False, keep_jobs=lambda: False, revoked=None):
-    """Serve JobService over mutual TLS 1.3; yields the bound port. With open_manager, the
-    manager is opened (leftovers of earlier runs cleaned up) only once the port is bound. On
-    exit: stop accepting, close the manager if asked (running jobs are stopped, streams end
-    with their final status), then wait for calls in flight. AddressInUse if the port is
-    taken. keep_jobs() says, when closing, whether jobs are left running (live restore).
-    revoked: a RevocationList checked on every call."""
+               open_manager=False, keep_jobs=lambda: False, revoked=None, reflection=True,
+               metrics=None):
+    """Serve JobService, gRPC health and (unless not `reflection`) server reflection over
+    mutual TLS 1.3; yields the bound port. With open_manager, the manager is opened
+    (leftovers of earlier runs cleaned up) only once the port is bound; health says SERVING
+    once the server has started. On exit: health says NOT_SERVING, stop accepting, close the
+    manager if asked (running jobs are stopped, streams end with their final status), then
+    wait for calls in flight. AddressInUse if the port is taken. keep_jobs() says, when
+    closing, whether jobs are left running (live restore). revoked: a RevocationList checked
+    on every call. metrics: a Metrics that counts every call."""
     check_server_key(key)
     ca_pem, cert_pem, key_pem = (_read_file(p, w) for p, w in
                                  ((ca, "CA certificate"), (cert, "server certificate"),
@@ -3920,7 +3978,7 @@ def serve_grpc(manager, listen="127.0.0.1:0", *, ca, cert, key, max_streams=DEFA
     pool = concurrent.futures.ThreadPoolExecutor(workers, "jobworker-rpc")
     calls = Quota("calls in flight", workers, max_streams_per_owner + UNARY_CALLS_PER_OWNER)
     server = grpc.server(
-        pool, interceptors=[AuthInterceptor(calls=calls, revoked=revoked)],
+        pool, interceptors=[AuthInterceptor(calls=calls, revoked=revoked, metrics=metrics)],
         # A backstop: a call past the pool is refused at once instead of queueing forever.
         maximum_concurrent_rpcs=workers,
         options=[("grpc.max_receive_message_length", max_request_bytes),
@@ -3933,8 +3991,16 @@ def serve_grpc(manager, listen="127.0.0.1:0", *, ca, cert, key, max_streams=DEFA
                  ("grpc.keepalive_time_ms", KEEPALIVE_MS),
                  ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
                  ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2)])
-    pb_grpc.add_JobServiceServicer_to_server(
-        JobService(manager, max_streams, max_streams_per_owner), server)
+    service = JobService(manager, max_streams, max_streams_per_owner, metrics)
+    pb_grpc.add_JobServiceServicer_to_server(service, server)
+    health = HealthService()
+    health.add_to(server)
+    if reflection:
+        from grpc_reflection.v1alpha import reflection as grpc_reflection
+        grpc_reflection.enable_server_reflection(
+            (SERVICE_NAME, HealthService.NAME, grpc_reflection.SERVICE_NAME), server)
+    if metrics:
+        metrics.watch(manager, service.streams)
     creds = server_credentials(ca_pem, cert_pem, key_pem)
     try:
         port = server.add_secure_port(listen, creds)
@@ -3953,13 +4019,233 @@ def serve_grpc(manager, listen="127.0.0.1:0", *, ca, cert, key, max_streams=DEFA
         _preload(cert_pem)
         server.start()
         started = True
+        health.serving()
         yield port
     finally:
+        health.shut_down()   # watchers hear NOT_SERVING first; their streams end
         stopped = server.stop(SHUTDOWN_GRACE if started else 0)
         if close_manager:
             manager.close(keep_jobs=keep_jobs())
         stopped.wait()
         pool.shutdown(wait=False)
+
+
+class HealthService:
+    """grpc.health.v1.Health, grpc's own servicer: NOT_SERVING until serving() (for "" and
+    jobworker.v1.JobService), NOT_SERVING again from shut_down(). Each Watch holds a handler
+    thread (the interceptor wraps every method, so grpc's non-blocking mode is not used);
+    shut_down() ends them all, so that no probe delays a stop."""
+
+    NAME = "grpc.health.v1.Health"
+
+    def __init__(self):
+        import queue
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+        self._pb, self._pb_grpc = health_pb2, health_pb2_grpc
+        self._lock = threading.Lock()
+        self._queues = set()
+        self._ended = False
+        outer = self
+
+        class Servicer(health.HealthServicer):
+            def Watch(self, request, context):
+                q = queue.SimpleQueue()
+                with outer._lock:
+                    outer._queues.add(q)
+                try:
+                    super().Watch(request, context, send_response_callback=q.put)
+                    if outer._ended:
+                        q.put(None)
+                    while (response := q.get()) is not None:
+                        yield response
+                finally:
+                    with outer._lock:
+                        outer._queues.discard(q)
+
+        self.servicer = Servicer(experimental_non_blocking=False)
+        for name in ("", SERVICE_NAME):
+            self.servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def add_to(self, server):
+        self._pb_grpc.add_HealthServicer_to_server(self.servicer, server)
+
+    def serving(self):
+        for name in ("", SERVICE_NAME):
+            self.servicer.set(name, self._pb.HealthCheckResponse.SERVING)
+
+    def shut_down(self):
+        self.servicer.enter_graceful_shutdown()
+        with self._lock:
+            self._ended = True
+            for q in self._queues:
+                q.put(None)
+
+
+# -- metrics (Prometheus) ------------------------------------------------------------------
+
+METRICS_MAX_OWNERS = 1000   # distinct owner label values; later owners are counted as "other"
+RPC_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
+
+
+class Metrics:
+    """The server's Prometheus metrics, in a registry of their own. Counters are kept as
+    things happen and gauges read live counts, so a scrape costs the same with 10 jobs or
+    20,000. It is the JobManager's observer."""
+
+    def __init__(self, cgroup_version):
+        import prometheus_client as pc
+        from prometheus_client.core import GaugeMetricFamily
+        self._gauge_family = GaugeMetricFamily
+        r = self.registry = pc.CollectorRegistry()
+        pc.ProcessCollector(registry=r)
+        self._owners = set()
+        self._owners_lock = threading.Lock()
+        self.started = pc.Counter("jobworker_jobs_started", "Jobs started", ["owner"],
+                                  registry=r)
+        self.ended = pc.Counter("jobworker_jobs_ended", "Jobs ended, by final state",
+                                ["owner", "state"], registry=r)
+        self.oom = pc.Counter("jobworker_jobs_oom_killed", "Jobs in which the OOM killer "
+                              "killed a process", ["owner"], registry=r)
+        self.timed_out = pc.Counter("jobworker_jobs_timed_out", "Jobs stopped by their "
+                                    "timeout", ["owner"], registry=r)
+        self.start_failures = pc.Counter("jobworker_start_failures", "Start calls that failed "
+                                         "in the job manager, by reason", ["reason"],
+                                         registry=r)
+        self.rpcs = pc.Counter("jobworker_rpcs", "RPCs handled, by method and status code",
+                               ["method", "code"], registry=r)
+        self.rpc_seconds = pc.Histogram("jobworker_rpc_duration_seconds", "Time from an RPC's "
+                                        "arrival to its end (a stream: its whole life)",
+                                        ["method"], buckets=RPC_BUCKETS, registry=r)
+        self.stored = pc.Counter("jobworker_output_stored_bytes", "Bytes of job output "
+                                 "written to disk", registry=r)
+        self.sent = pc.Counter("jobworker_output_streamed_bytes", "Bytes of job output sent "
+                               "to Stream clients", registry=r)
+        pc.Info("jobworker", "The server", registry=r).info(
+            {"version": __version__, "cgroup_version": str(cgroup_version)})
+        self._manager = self._streams = None
+
+    def watch(self, manager, streams):
+        """Export the live counts: running jobs per owner, open streams."""
+        self._manager, self._streams = manager, streams
+        self.registry.register(self)
+
+    def collect(self):   # the registry's collector protocol: called per scrape
+        running = self._gauge_family("jobworker_jobs_running", "Jobs running now",
+                                     labels=["owner"])
+        counts = {}
+        for owner, n in self._manager._running.holders().items():
+            label = self.owner(owner)
+            counts[label] = counts.get(label, 0) + n
+        for label, n in counts.items():
+            running.add_metric([label], n)
+        yield running
+        yield self._gauge_family("jobworker_streams_open", "Stream calls open now",
+                                 value=self._streams.total)
+
+    def describe(self):
+        return []   # collect() is not called at registration
+
+    def owner(self, name):
+        """An owner's label value: the first METRICS_MAX_OWNERS owners by name, then "other"."""
+        if name in self._owners:
+            return name
+        with self._owners_lock:
+            if len(self._owners) < METRICS_MAX_OWNERS:
+                self._owners.add(name)
+                return name
+        return "other"
+
+    # -- the JobManager's observer --
+
+    def job_started(self, status):
+        self.started.labels(self.owner(status.owner)).inc()
+
+    def job_ended(self, status):
+        owner = self.owner(status.owner)
+        self.ended.labels(owner, status.state).inc()
+        if status.oom_killed:
+            self.oom.labels(owner).inc()
+        if status.timed_out:
+            self.timed_out.labels(owner).inc()
+
+    def start_failed(self, exc):
+        name = type(exc).__name__ if isinstance(exc, JobworkerError) else "internal"
+        self.start_failures.labels(re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()).inc()
+
+    def output_stored(self, nbytes):
+        self.stored.inc(nbytes)
+
+    # -- the interceptor's and the servicer's --
+
+    def rpc(self, method, code, seconds):
+        method = method.rsplit("/", 1)[-1] if method.startswith(f"/{SERVICE_NAME}/") else method
+        self.rpcs.labels(method, code).inc()
+        self.rpc_seconds.labels(method).observe(seconds)
+
+    def streamed(self, nbytes):
+        self.sent.inc(nbytes)
+
+
+class MetricsServer:
+    """Plain HTTP on its own port: GET /metrics in the Prometheus text format, and nothing
+    else (404 for other paths, 405 for other methods). AddressInUse if the port is taken."""
+
+    def __init__(self, listen, registry):
+        import http.server
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        host, _, port = listen.rpartition(":")
+        host = host.strip("[]")
+        try:
+            port = int(port)
+        except ValueError:
+            raise InvalidArgument("metrics listen address", listen, "HOST:PORT") from None
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            server_version = "jobworker"
+            sys_version = ""
+
+            def do_GET(self):
+                if self.path.split("?", 1)[0] != "/metrics":
+                    self.send_error(404, "only /metrics is served here")
+                    return
+                body = generate_latest(registry)
+                self.send_response(200)
+                self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def refuse(self):
+                self.send_response(405)
+                self.send_header("Allow", "GET")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = refuse
+
+            def log_message(self, *args):
+                pass
+
+        class Server(http.server.ThreadingHTTPServer):
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            daemon_threads = True
+
+        try:
+            self.httpd = Server((host, port), Handler)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise AddressInUse(f"cannot listen on {listen} for metrics: the address is in "
+                                   "use by another process") from None
+            raise JobworkerError(f"cannot listen on {listen} for metrics: {e.strerror}") \
+                from None
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="jobworker-metrics",
+                                       daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 def _preload(cert_pem):
@@ -4684,6 +4970,23 @@ def _how_it_ended(pb, msg):
     return f"{d['state']} ({how})" if how else d["state"]
 
 
+def cmd_health(args):
+    client = Client(args)   # first: it imports grpc as jobworker must
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    stub = health_pb2_grpc.HealthStub(client.channel)
+    try:
+        answer = stub.Check(health_pb2.HealthCheckRequest(service=args.service),
+                            timeout=RPC_TIMEOUT)
+    except client.grpc.RpcError as e:
+        if e.code() == client.grpc.StatusCode.NOT_FOUND:
+            raise CliError(f"the server has no service {args.service!r} (it has "
+                           f"{SERVICE_NAME!r} and '' for itself)", EXIT_NOT_FOUND) from None
+        raise client.error(e) from None
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+    print(status)
+    return EXIT_OK if answer.status == health_pb2.HealthCheckResponse.SERVING else EXIT_ERROR
+
+
 def cmd_wait(args):
     client = Client(args)
     pb = client.pb
@@ -4837,6 +5140,14 @@ def cmd_serve(args):
     # Order: the locks, then the port, and only then the manager (which cleans up what earlier
     # runs left): a second server started by mistake touches nothing of the first one.
     lock = ServeLock(args.state_dir, cgroups.parent_dirs()).acquire()
+    metrics = metrics_server = None
+    if args.metrics_listen:
+        metrics = Metrics(cgroups.version)
+        try:
+            metrics_server = MetricsServer(args.metrics_listen, metrics.registry)
+        except BaseException:
+            lock.release()
+            raise
     # a job sees neither the server's certificate directory nor its key
     hide = [os.path.abspath(args.certs or DEFAULT_CERTS_DIR)] if args.certs or not (
         args.ca or args.cert or args.key) else []
@@ -4848,7 +5159,7 @@ def cmd_serve(args):
                          job_user=args.job_user, grace=args.grace,
                          keep_finished=args.keep_finished, keep_for=args.keep_for,
                          live_restore=args.live_restore, uid_range=args.job_uid_range,
-                         hide_paths=hide)
+                         hide_paths=hide, observer=metrics)
     keep = lambda: args.keep_jobs and stop.is_set()   # a failed start never keeps anything
     try:
         with serve_grpc(manager, args.listen, ca=ca, cert=cert, key=key,
@@ -4856,16 +5167,21 @@ def cmd_serve(args):
                         max_streams_per_owner=args.max_streams_per_owner,
                         max_request_bytes=args.max_request_bytes,
                         close_manager=True, open_manager=True, keep_jobs=keep,
-                        revoked=revoked) as port:
+                        revoked=revoked, reflection=args.reflection, metrics=metrics) as port:
             log.info("serving on %s (port %d), cgroup v%d, state in %s, live restore %s",
                      args.listen, port, manager.cgroups.version, args.state_dir,
                      "on" if args.live_restore else "off")
+            if metrics_server:
+                log.info("metrics on http://%s/metrics (port %d)", args.metrics_listen,
+                         metrics_server.port)
             while not stop.wait(3600):
                 pass
             log.info("shutting down: %s", "leaving the jobs running (--keep-jobs)" if keep()
                      else "stopping jobs")
     finally:
         manager.close(keep_jobs=keep())
+        if metrics_server:
+            metrics_server.close()
         lock.release()
     log.info("stopped")
     return EXIT_OK
@@ -5092,6 +5408,12 @@ def build_parser():
                    help="jobs outlive the server: a server that dies (or stops with "
                         "--keep-jobs) leaves them running, and the next one on this state "
                         "dir adopts them (default: on)")
+    p.add_argument("--reflection", action=argparse.BooleanOptionalAction, default=True,
+                   help="gRPC server reflection, for grpcurl and the like (default: on; any "
+                        "valid client certificate may use it)")
+    p.add_argument("--metrics-listen", metavar="HOST:PORT",
+                   help="serve Prometheus metrics over plain HTTP at http://HOST:PORT/metrics "
+                        "(off unless given; 127.0.0.1:9105 keeps them on this host)")
     p.add_argument("--keep-jobs", action="store_true",
                    help="on SIGTERM or SIGINT, leave the jobs running for the next server "
                         "(an upgrade) instead of stopping them; needs --live-restore")
@@ -5166,6 +5488,13 @@ def build_parser():
     p.add_argument("job_ids", nargs="+", metavar="ID", help="a finished job's id")
     _add_client_options(p)
     p.set_defaults(func=cmd_rm)
+
+    p = sub.add_parser("health", help="ask the server's gRPC health service; exit 0 only when "
+                                      "it is SERVING")
+    p.add_argument("--service", default="", metavar="NAME",
+                   help=f"a service's health instead of the server's: {SERVICE_NAME}")
+    _add_client_options(p)
+    p.set_defaults(func=cmd_health)
 
     p = sub.add_parser("doctor", help="check this host and the server's certificates")
     p.add_argument("--certs", default=DEFAULT_CERTS_DIR,

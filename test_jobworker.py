@@ -2687,7 +2687,8 @@ def test_pyz_end_to_end_on_each_python(version, pyz, venvs, tmp_path):
     for args in (["certs", "init", str(certs)], ["certs", "issue", str(certs), "client", "--role",
                                                  "writer"]):
         assert subprocess.run([*argv, *args], env=env, timeout=120).returncode == 0
-    server = ServeProcess(argv, certs, tmp_path / "state", f"{RUN_PARENT}/pyz{version}", env=env)
+    server = ServeProcess(argv, certs, tmp_path / "state", f"{RUN_PARENT}/pyz{version}", env=env,
+                          extra=["--metrics-listen", "127.0.0.1:0"])
     try:
         job_id = cli(argv, "start", "sh", "-c", "echo out; echo err >&2; exit 3", certs=certs,
                      port=server.port, env=env).stdout.decode().strip()
@@ -2696,8 +2697,24 @@ def test_pyz_end_to_end_on_each_python(version, pyz, venvs, tmp_path):
         d = json.loads(cli(argv, "query", job_id, "--json", certs=certs, port=server.port,
                            env=env).stdout)
         assert (d["state"], d["exit_code"]) == ("exited", 3)
+        # the bundled ops packages: health (CLI), reflection (on by default), metrics
+        r = cli(argv, "run", "sh", "-c", "echo again; exit 3", certs=certs, port=server.port,
+                env=env)
+        assert (r.returncode, r.stdout) == (3, b"again\n")
+        h = cli(argv, "health", certs=certs, port=server.port, env=env)
+        assert (h.returncode, h.stdout) == (0, b"SERVING\n"), h
+        assert 'jobworker_jobs_started_total{owner="client"} 2.0' in scrape(server).decode()
     finally:
         assert server.stop() == 0
+
+
+def scrape(server, path="/metrics"):
+    """The body of an HTTP GET of a ServeProcess's metrics port (from its log line)."""
+    import urllib.request
+    line = next(x for x in server.lines if "metrics on" in x)
+    port = int(line.split("(port ")[1].split(")")[0])
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as r:
+        return r.read()
 
 
 def serve_once(pki, state, parent, listen="127.0.0.1:0", certs=None):
@@ -3117,6 +3134,181 @@ def test_job_options_are_kept_in_the_record_across_a_restart(make_manager, tmp_p
     assert (d.name, d.env_keys, d.workdir, d.timeout, d.timed_out) == (
         "keep me", ("TOKEN",), "/tmp", 60.0, False)
     assert b"s3cret" not in (pathlib.Path(state) / "jobs" / s.id / "job.json").read_bytes()
+
+
+# ================================================================================================
+# Ops protocols: gRPC health, server reflection, Prometheus metrics
+# ================================================================================================
+
+def _health(pki, port, name):
+    from grpc_health.v1 import health_pb2_grpc
+    peer = Peer(pki, port, name)
+    return peer, health_pb2_grpc.HealthStub(peer.channel)
+
+
+@root
+def test_health_serves_any_certificate_and_says_not_serving_at_sigterm(pki, tmp_path):
+    from grpc_health.v1 import health_pb2 as hpb
+    server = ServeProcess(SRC, pki, tmp_path / "state", f"{RUN_PARENT}/health")
+    port = server.port
+    peer, health = _health(pki, port, "norole")   # no role at all: health is open to it
+    try:
+        for service in ("", "jobworker.v1.JobService"):
+            assert health.Check(hpb.HealthCheckRequest(service=service),
+                                timeout=30).status == hpb.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as e:
+            health.Check(hpb.HealthCheckRequest(service="no.such.Service"), timeout=30)
+        assert e.value.code() == SC.NOT_FOUND
+        h = cli(SRC, "health", certs=pki, port=port, name="reader")
+        assert (h.returncode, h.stdout) == (0, b"SERVING\n"), h
+        h = cli(SRC, "health", "--service", "no.such.Service", certs=pki, port=port)
+        assert h.returncode == 4 and b"no service 'no.such.Service'" in h.stderr, h
+        job = cli(SRC, "start", "sh", "-c", "echo up; sleep 600", certs=pki,
+                  port=port).stdout.decode().strip()
+        follower = Peer(pki, port, "client")
+        stream = follower.stub.Stream(pb.StreamRequest(job_id=job), timeout=120)
+        assert next(stream).chunk.data == b"up\n"   # the stream is open
+        watch = health.Watch(hpb.HealthCheckRequest(service=""), timeout=120)
+        seen = [next(watch).status]
+        t0 = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        seen += [m.status for m in watch]   # NOT_SERVING, then the watch ends
+        assert seen == [hpb.HealthCheckResponse.SERVING, hpb.HealthCheckResponse.NOT_SERVING]
+        finals = [m.final_status for m in stream if m.HasField("final_status")]
+        assert [f.state for f in finals] == [pb.JOB_STATE_STOPPED]   # after the watch ended
+        assert server.stop() == 0
+        assert time.monotonic() - t0 < jw.SHUTDOWN_GRACE   # no open watch holds the stop up
+        follower.close()
+    finally:
+        peer.close()
+        server.stop()
+    assert any("method=Check" in line and 'identity="norole"' in line for line in server.lines)
+
+
+@root
+def test_reflection_lists_and_describes_every_service_unless_turned_off(pki, tmp_path):
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import \
+        ProtoReflectionDescriptorDatabase
+    with running_server(pki, tmp_path) as (_, port):
+        peer = Peer(pki, port, "norole")
+        try:
+            db = ProtoReflectionDescriptorDatabase(peer.channel)
+            assert set(db.get_services()) == {"jobworker.v1.JobService", "grpc.health.v1.Health",
+                                              "grpc.reflection.v1alpha.ServerReflection"}
+            pool = DescriptorPool(db)
+            service = pool.FindServiceByName("jobworker.v1.JobService")
+            assert {m.name for m in service.methods} == {"Start", "Stop", "Query", "Stream",
+                                                         "List", "Remove"}
+            start = pool.FindMessageTypeByName("jobworker.v1.StartRequest")
+            assert {"name", "args", "resources", "env", "workdir", "timeout_seconds",
+                    "job_name"} <= set(start.fields_by_name)
+            resources = pool.FindMessageTypeByName("jobworker.v1.ResourceConfig")
+            assert {"cpu_quota", "memory_limit", "disk_io"} <= set(resources.fields_by_name)
+        finally:
+            peer.close()
+    with running_server(pki, tmp_path / "off", reflection=False) as (_, port):
+        peer = Peer(pki, port, "reader")
+        try:
+            with pytest.raises(grpc.RpcError) as e:
+                ProtoReflectionDescriptorDatabase(peer.channel).get_services()
+            assert e.value.code() == SC.UNIMPLEMENTED
+        finally:
+            peer.close()
+
+
+def _scrape(port, path="/metrics", method="GET"):
+    import urllib.error
+    import urllib.request
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.headers.get("Content-Type"), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("Content-Type"), e.read()
+
+
+def _samples(body):
+    from prometheus_client.parser import text_string_to_metric_families
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+
+
+@root
+def test_metrics_follow_real_jobs_and_the_port_serves_only_get_metrics(pki, tmp_path):
+    driver = jw.detect_cgroups(f"{RUN_PARENT}/metrics")
+    metrics = jw.Metrics(driver.version)
+    m = jw.JobManager(str(tmp_path / "state"), driver, observer=metrics, grace=1).open()
+    http = jw.MetricsServer("127.0.0.1:0", metrics.registry)
+    try:
+        with jw.serve_grpc(m, "127.0.0.1:0", ca=str(pki / "ca.crt"),
+                           cert=str(pki / "server.crt"), key=str(pki / "server.key"),
+                           metrics=metrics) as port:
+            alice = Peer(pki, port, "alice")
+            ok = alice.start("sh", "-c", "head -c 5000 /dev/zero")
+            oom = alice.start("python3", "-c", "x = bytearray(512 << 20)", memory_limit="32M")
+            stopped = alice.start("sleep", "600")
+            with pytest.raises(grpc.RpcError) as e:
+                alice.start("/no/such/program")
+            assert e.value.code() == SC.INVALID_ARGUMENT
+            for job in (ok, oom):
+                alice.stream(job)
+            got = _samples(_scrape(http.port)[2])
+            owner = (("owner", "alice"),)
+            assert got[("jobworker_jobs_running", owner)] == 1
+            alice.stub.Stop(pb.StopRequest(job_id=stopped, grace_seconds=0), timeout=30)
+            alice.stream(stopped)
+            got = _samples(_scrape(http.port)[2])
+            alice.close()
+        assert got[("jobworker_jobs_started_total", owner)] == 3
+        assert got[("jobworker_jobs_ended_total", owner + (("state", "exited"),))] == 2
+        assert got[("jobworker_jobs_ended_total", owner + (("state", "stopped"),))] == 1
+        assert got[("jobworker_jobs_oom_killed_total", owner)] == 1
+        assert got.get(("jobworker_jobs_running", owner), 0) == 0
+        assert got[("jobworker_start_failures_total",
+                    (("reason", "program_not_runnable"),))] == 1
+        assert got[("jobworker_rpcs_total", (("code", "OK"), ("method", "Start")))] == 3
+        assert got[("jobworker_rpcs_total", (("code", "INVALID_ARGUMENT"),
+                                             ("method", "Start")))] == 1
+        assert got[("jobworker_rpc_duration_seconds_count", (("method", "Stop"),))] == 1
+        assert got[("jobworker_output_stored_bytes_total", ())] >= 5000
+        assert got[("jobworker_output_streamed_bytes_total", ())] >= 5000
+        assert got[("jobworker_streams_open", ())] == 0
+        assert got[("jobworker_info", (("cgroup_version", str(driver.version)),
+                                       ("version", jw.__version__)))] == 1
+        assert got[("process_open_fds", ())] > 0 and got[("process_resident_memory_bytes", ())]
+        status, kind, _ = _scrape(http.port, "/metrics?name[]=x")
+        assert status == 200 and kind.startswith("text/plain")
+        assert _scrape(http.port, "/")[0] == 404
+        assert _scrape(http.port, "/metrics/../x")[0] == 404
+        for verb in ("POST", "PUT", "DELETE", "HEAD"):
+            assert _scrape(http.port, method=verb)[0] == 405
+    finally:
+        http.close()
+        m.close(grace=0)
+        driver.remove_parent()
+
+
+def test_metrics_owner_labels_are_capped(monkeypatch):
+    monkeypatch.setattr(jw, "METRICS_MAX_OWNERS", 3)
+    metrics = jw.Metrics(2)
+    labels = [metrics.owner(f"user{i}") for i in range(6)] + [metrics.owner("user1")]
+    assert labels == ["user0", "user1", "user2", "other", "other", "other", "user1"]
+    for i in range(6):
+        metrics.job_started(jw.JobStatus(id="x", owner=f"user{i}", command=["true"],
+                                         limits=jw.Limits(), state=jw.RUNNING))
+    from prometheus_client import generate_latest
+    got = _samples(generate_latest(metrics.registry))
+    assert got[("jobworker_jobs_started_total", (("owner", "other"),))] == 3
+
+
+def test_metrics_listen_in_use_is_exit_9_like_the_grpc_port(tmp_path):
+    import socket
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        with pytest.raises(jw.AddressInUse):
+            jw.MetricsServer(f"127.0.0.1:{blocker.getsockname()[1]}", jw.Metrics(2).registry)
 
 
 # ================================================================================================
