@@ -35,8 +35,10 @@ PLATFORM_TAGS = ["manylinux2014_{arch}", "manylinux_2_17_{arch}", "manylinux_2_2
 # The pyz's __main__.py: this file with its CONFIG line filled in.
 BOOTSTRAP = os.path.join(HERE, "zipapp_main.py")
 CONFIG_LINE = "CONFIG = None  # filled in by build_zipapp.py\n"
-# Our own modules, extracted beside the wheels' so that their bytecode is cached.
-MODULES = ["jobworker.py", "jobworker_pb2.py", "jobworker_pb2_grpc.py"]
+# Our own modules, extracted beside the wheels' so that their bytecode is cached, and the
+# completion scripts `jobworker completion` prints from beside jobworker.py.
+MODULES = ["jobworker.py", "jobworker_pb2.py", "jobworker_pb2_grpc.py",
+           "completions/jobworker.bash", "completions/jobworker.zsh"]
 
 
 def parse_args(argv):
@@ -68,6 +70,17 @@ def generate_stubs(out_dir):
                    check=True)
     return {name: open(os.path.join(out_dir, name), "rb").read()
             for name in ("jobworker_pb2.py", "jobworker_pb2_grpc.py")}
+
+
+def completions():
+    """Shell completion scripts for `jobworker completion bash|zsh`, made by shtab (a build-time
+    tool) from jobworker's own argparse parser."""
+    import shtab
+    sys.path.insert(0, HERE)
+    import jobworker
+    return {f"completions/jobworker.{shell}":
+            shtab.complete(jobworker.build_parser(), shell=shell).encode()
+            for shell in jobworker.COMPLETION_SHELLS}
 
 
 def fetch_wheels(version, arch, cache):
@@ -146,6 +159,7 @@ def build(args):
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in generate_stubs(tmp).items():
             entries[name] = data
+    entries.update(completions())
     with open(os.path.join(HERE, "jobworker.py"), "rb") as f:
         entries["jobworker.py"] = f.read()
     with open(BOOTSTRAP, encoding="utf-8") as f:

@@ -2726,10 +2726,12 @@ class JobManager:
                 pass   # finished in between; the snapshot is still right
         return snap
 
-    def walk(self, owner=None, states=None, after=None, newest_first=False, name=None):
+    def walk(self, owner=None, states=None, after=None, newest_first=False, name=None,
+             id_prefix=None, live_usage=False):
         """JobStatus of the jobs past position `after` (an order_key; None: from the start), in
-        List's order (oldest first, or newest first), of `owner` only, in one of `states` and
-        of that `name` if given. Jobs added or removed meanwhile do not disturb the walk."""
+        List's order (oldest first, or newest first), of `owner` only, in one of `states`, of
+        that `name` and whose id starts with `id_prefix` if given; running jobs with their
+        usage now if `live_usage`. Jobs added or removed meanwhile do not disturb the walk."""
         with self._lock:
             if newest_first:
                 i = bisect.bisect_left(self._order, after) if after else len(self._order)
@@ -2742,8 +2744,13 @@ class JobManager:
         for job in jobs:
             s = job.status
             if ((owner is None or s.owner == owner) and (not states or s.state in states)
-                    and (name is None or s.name == name)):
-                yield job.snapshot()
+                    and (name is None or s.name == name)
+                    and (id_prefix is None or s.id.startswith(id_prefix))):
+                snap = job.snapshot()
+                if live_usage and snap.state == RUNNING:
+                    with contextlib.suppress(CgroupError):
+                        snap.usage = job.cgroup.usage()
+                yield snap
 
     def list(self, owner=None):
         """JobStatus of every job (of `owner` only, if given), oldest first."""
@@ -3267,6 +3274,7 @@ POLICY = {
     f"/{SERVICE_NAME}/Stream": _READ,
     f"/{SERVICE_NAME}/List": _READ,
     f"/{SERVICE_NAME}/Remove": {"writer": OWN, "admin": ANY},
+    f"/{SERVICE_NAME}/Info": {"reader": ANY, "writer": ANY, "admin": ANY},
     # the standard services operators' tools speak: any valid certificate, no role needed
     **{f"/grpc.health.v1.Health/{m}": AUTHENTICATED for m in ("Check", "Watch", "List")},
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": AUTHENTICATED,
@@ -3860,8 +3868,11 @@ class JobService:
         after = (decode_page_token(request.page_token, request.newest_first)
                  if request.page_token else None)
         jobs, total, last, more = [], 0, None, False
+        prefix = request.id_prefix.lower() or None
+        if prefix is not None and not re.fullmatch(r"[0-9a-f-]{1,36}", prefix):
+            raise InvalidArgument("id_prefix", request.id_prefix, "the start of a job id")
         for status in self.manager.walk(owner, states, after, request.newest_first,
-                                        request.name or None):
+                                        request.name or None, prefix, live_usage=True):
             msg = status_to_proto(pb, status)
             n = msg.ByteSize() + 8
             if jobs and (len(jobs) >= size or total + n > LIST_PAGE_BYTES):
@@ -3872,6 +3883,20 @@ class JobService:
             last = status
         token = encode_page_token(last.order_key, request.newest_first) if more else ""
         return pb.ListResponse(jobs=jobs, next_page_token=token)
+
+    @_translating
+    def Info(self, request, context):
+        m = self.manager
+        ncpu = os.cpu_count() or 1
+        return self.pb.InfoResponse(
+            version=__version__, cgroup_version=m.cgroups.version, cpus=ncpu,
+            cpu_percent_min=MIN_CPU_QUOTA_US * 100 / CPU_PERIOD_US, cpu_percent_max=ncpu * 100,
+            disks=list(m.devices), default_pids=m.default_pids or 0,
+            default_grace_seconds=m.grace, max_jobs=m.max_jobs,
+            max_jobs_per_owner=m._running.per_owner, max_streams=self.streams.cap,
+            max_streams_per_owner=self.streams.per_owner, keep_finished=m.keep_finished,
+            keep_for_seconds=m.keep_for or 0, log_cap_bytes=m.log_cap,
+            live_restore=m.live_restore)
 
     @_translating
     def Remove(self, request, context):
@@ -4486,6 +4511,18 @@ def certs_init(directory, hosts=(), force=False):
     ca_key, ca_cert = make_ca()
     _write_secret(f"{directory}/ca.key", _pem_key(ca_key))
     _write_public(f"{directory}/ca.crt", _pem_cert(ca_cert))
+    _issue_server(directory, ca_key, ca_cert, hosts)
+
+
+def certs_server(directory, hosts=()):
+    """Write a new DIR/server.{crt,key} from the CA in DIR (SANs localhost, 127.0.0.1, ::1 +
+    hosts): the client certificates stay valid."""
+    check_private_dir(directory, "certificate directory")
+    ca_key, ca_cert = _load_ca(directory)
+    _issue_server(directory, ca_key, ca_cert, hosts)
+
+
+def _issue_server(directory, ca_key, ca_cert, hosts):
     all_hosts = list(dict.fromkeys(["localhost", "127.0.0.1", "::1", *hosts]))
     key, cert = make_leaf(ca_key, ca_cert, hosts[0] if hosts else "localhost", hosts=all_hosts)
     _write_secret(f"{directory}/server.key", _pem_key(key))
@@ -4516,11 +4553,15 @@ def certs_revoke(directory, which):
     return serial
 
 
-def certs_issue(directory, name, roles, days=LEAF_DAYS):
-    """Write DIR/NAME.{crt,key}: a client certificate for identity NAME with these roles."""
+def certs_issue(directory, name, roles, days=LEAF_DAYS, force=False):
+    """Write DIR/NAME.{crt,key}: a client certificate for identity NAME with these roles
+    (LocalFileError if NAME.crt exists, unless `force`)."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}", name) or name in ("ca", "server"):
         raise InvalidArgument("name", name, "letters, digits, '.', '_', '@', '-' (not ca or server)")
     check_private_dir(directory, "certificate directory")
+    if not force and os.path.exists(f"{directory}/{name}.crt"):
+        raise LocalFileError(f"{directory}/{name}.crt exists: --force replaces it (the old "
+                             "certificate stays valid until it expires or is revoked)")
     ca_key, ca_cert = _load_ca(directory)
     key, cert = make_leaf(ca_key, ca_cert, name, roles=roles, days=days)
     _write_secret(f"{directory}/{name}.key", _pem_key(key))
@@ -4556,6 +4597,8 @@ CLIENT_DEFAULTS = {   # flag: (environment variable, default)
     "key": ("JOBWORKER_KEY", f"{DEFAULT_CERTS_DIR}/client.key"),
 }
 RPC_TIMEOUT = 30.0   # unary calls; Stop adds its grace period
+MIN_ID_PREFIX = 4
+DEFAULT_PORT = 50051
 
 
 class CliError(Exception):
@@ -4567,7 +4610,115 @@ class CliError(Exception):
         self.unreachable = unreachable   # no answer from the server (worth trying again)
 
 
+# -- contexts: saved connections, as docker's and kubectl's ------------------------------------
+
+def config_dir(env=os.environ):
+    base = env.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "jobworker")
+
+
+class Contexts:
+    """~/.config/jobworker/contexts.json (mode 0600, in a 0700 dir): named connections
+    {server, ca, cert, key} with absolute paths, and which one is current."""
+
+    def __init__(self, path=None):
+        self.path = path or os.path.join(config_dir(), "contexts.json")
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            data = {}
+        except (OSError, ValueError) as e:
+            raise CliError(f"cannot read {self.path}: {e}") from None
+        self.current = data.get("current") or ""
+        self.all = data.get("contexts") or {}
+
+    def get(self, name):
+        if name not in self.all:
+            raise CliError(f"no context {name!r} (jobworker context ls shows them)", EXIT_USAGE)
+        return self.all[name]
+
+    def save(self):
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        data = json.dumps({"current": self.current, "contexts": self.all}, indent=2,
+                          sort_keys=True) + "\n"
+        _write_new(self.path, data.encode(), 0o600)
+
+
+def client_settings(args, env=os.environ):
+    """server, ca, cert, key for a client command: each from its flag, else its environment
+    variable, else the context (--context, JOBWORKER_CONTEXT or the current one), else the
+    default."""
+    name = getattr(args, "context", None) or env.get("JOBWORKER_CONTEXT")
+    contexts = Contexts(os.path.join(config_dir(env), "contexts.json"))
+    context = contexts.get(name) if name else contexts.all.get(contexts.current, {})
+    out = {}
+    for flag, (var, default) in CLIENT_DEFAULTS.items():
+        out[flag] = getattr(args, flag, None) or env.get(var) or context.get(flag) or default
+    return out
+
+
+def cmd_context(args):
+    contexts = Contexts()
+    if args.action == "add":
+        if args.name in contexts.all and not args.force:
+            raise CliError(f"context {args.name!r} exists: --force replaces it", EXIT_USAGE)
+        entry = {"server": with_default_port(args.server)}
+        for what in ("ca", "cert", "key"):
+            path = os.path.abspath(getattr(args, what))
+            if not os.path.isfile(path):
+                raise CliError(f"--{what} {path}: no such file", EXIT_USAGE)
+            entry[what] = path
+        contexts.all[args.name] = entry
+        if not contexts.current:
+            contexts.current = args.name
+        contexts.save()
+        print(f"context {args.name!r} saved in {contexts.path}"
+              + (" (current)" if contexts.current == args.name else ""), file=sys.stderr)
+    elif args.action == "use":
+        contexts.get(args.name)
+        contexts.current = args.name
+        contexts.save()
+        print(f"current context: {args.name}", file=sys.stderr)
+    elif args.action == "rm":
+        contexts.get(args.name)
+        del contexts.all[args.name]
+        if contexts.current == args.name:
+            contexts.current = ""
+        contexts.save()
+    else:
+        print(f"{'':1} {'NAME':16} {'SERVER':32} CERT")
+        for name, c in sorted(contexts.all.items()):
+            mark = "*" if name == contexts.current else " "
+            print(f"{mark} {name:16} {c.get('server', ''):32} {c.get('cert', '')}")
+    return EXIT_OK
+
+
 # -- connection ------------------------------------------------------------------------------
+
+def _key_matches(cert_path, key_path):
+    """Whether a private key belongs to a certificate (True when either cannot be read: the
+    mismatch is then not the problem)."""
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+        cert = x509.load_pem_x509_certificate(open(cert_path, "rb").read())
+        key = serialization.load_pem_private_key(open(key_path, "rb").read(), None)
+        der = serialization.PublicFormat.SubjectPublicKeyInfo
+        enc = serialization.Encoding.DER
+        return cert.public_key().public_bytes(enc, der) == key.public_key().public_bytes(enc, der)
+    except Exception:
+        return True
+
+
+def with_default_port(server):
+    """HOST:PORT as given, or HOST with jobworker's port (grpc would take 443)."""
+    if server.startswith("["):                       # [v6] or [v6]:port
+        return server if "]:" in server else f"{server}:{DEFAULT_PORT}"
+    if server.count(":") > 1:                        # a bare IPv6 address
+        return f"[{server}]:{DEFAULT_PORT}"
+    return server if ":" in server else f"{server}:{DEFAULT_PORT}"
+
 
 class Client:
     """A channel to one server with the CLI's certificates; turns RpcErrors into CliErrors.
@@ -4577,8 +4728,9 @@ class Client:
 
     def __init__(self, args):
         Client.made.append(self)
-        self.server = args.server
-        self.files = {"ca": args.ca, "cert": args.cert, "key": args.key}
+        settings = client_settings(args)
+        self.server = with_default_port(settings["server"])
+        self.files = {k: settings[k] for k in ("ca", "cert", "key")}
         pems = {}
         for what, path in self.files.items():
             try:
@@ -4602,15 +4754,58 @@ class Client:
         except self.grpc.RpcError as e:
             raise self.error(e) from None
 
+    def job_id(self, text):
+        """The job id `text` names: a whole id, or a unique prefix of at least
+        MIN_ID_PREFIX characters (any case) of a job this identity can see."""
+        text = text.strip().lower()
+        if _JOB_ID_RE.fullmatch(text):
+            return text
+        if len(text) < MIN_ID_PREFIX or not re.fullmatch(r"[0-9a-f-]+", text):
+            raise CliError(f"invalid job_id {text!r}: a job id, or its first {MIN_ID_PREFIX} or "
+                           "more characters", EXIT_REFUSED)
+        found = self.call("List", self.pb.ListRequest(id_prefix=text, page_size=11)).jobs
+        if not found:
+            raise CliError(f"no job id starts with {text!r}", EXIT_NOT_FOUND)
+        if len(found) > 1:
+            ids = ", ".join(j.job_id for j in found[:10]) + (", ..." if len(found) > 10 else "")
+            raise CliError(f"{text!r} is the start of several job ids: {ids}; give more of it",
+                           EXIT_REFUSED)
+        return found[0].job_id
+
     def error(self, e):
         code = e.code().name if e.code() else "UNKNOWN"
         details = e.details() or code
         said = dict(e.trailing_metadata() or ()).get(SERVER_ERROR_KEY)
         if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED") and not said:
-            files = ", ".join(f"{k}={v}" for k, v in self.files.items())
-            return CliError(f"cannot reach server {self.server} ({files}): {details}",
-                            EXIT_CONNECT, unreachable=True)
+            return CliError(self.diagnose(details), EXIT_CONNECT, unreachable=True)
         return CliError(details, _EXIT_FOR_CODE.get(code, EXIT_ERROR))
+
+    def diagnose(self, details):
+        """One line saying why the server could not be reached and what to do about it."""
+        files = ", ".join(f"{k}={v}" for k, v in self.files.items())
+        host = self.server.rsplit(":", 1)[0].strip("[]")
+        if "security handshaker" in details or "private key" in details.lower():
+            if not _key_matches(self.files["cert"], self.files["key"]):
+                return (f"the key {self.files['key']} does not belong to the certificate "
+                        f"{self.files['cert']}: give the key issued with it (--key)")
+            return f"cannot use the client certificate and key ({files}): {details}"
+        if "Hostname Verification" in details:
+            return (f"the server's certificate does not name {host!r}: connect by a name it "
+                    f"has, or re-issue it: `jobworker certs server DIR --host {host}` "
+                    f"({files})")
+        if "CERTIFICATE_VERIFY_FAILED" in details:
+            return (f"the server {self.server} has a certificate the CA {self.files['ca']} did "
+                    "not issue: is it the right server, and the right --ca?")
+        if "Socket closed" in details or "handshake" in details.lower():
+            return (f"the server {self.server} closed the connection during the TLS "
+                    f"handshake: it does not accept the client certificate {self.files['cert']}"
+                    " (issued by a CA it does not trust?)")
+        if "Connection refused" in details:
+            return (f"cannot reach server {self.server}: connection refused (is `jobworker "
+                    f"serve` running there, on that port?) ({files})")
+        if "DNS" in details or "resolv" in details.lower() or "lookup" in details:
+            return f"cannot reach server {self.server}: the host name does not resolve ({files})"
+        return f"cannot reach server {self.server} ({files}): {details}"
 
     def close(self):
         self.channel.close()
@@ -4618,12 +4813,28 @@ class Client:
 
 # -- output formatting -----------------------------------------------------------------------
 
-def _human_bytes(n, base=1024, suffixes="BKMGT"):
+def _human_bytes(n, base=1024):
+    """Sizes say their base: 256 MiB, 1.5 GiB (base 1024); 10 MB (base 1000, for rates)."""
     n = float(n)
-    for s in suffixes:
-        if n < base or s == suffixes[-1]:
-            return f"{n:.0f}{s}" if s == "B" else f"{n:.1f}{s}"
+    units = ["B", "KiB", "MiB", "GiB", "TiB"] if base == 1024 else ["B", "kB", "MB", "GB", "TB"]
+    for unit in units:
+        if n < base or unit == units[-1]:
+            return f"{n:.0f} {unit}" if unit == "B" or n == int(n) else f"{n:.1f} {unit}"
         n /= base
+
+
+def _local(ts):
+    """A time for people: local, with its zone (--json says UTC)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(ts))
+
+
+class _IsoFormatter(logging.Formatter):
+    """Log times in ISO 8601 with their UTC offset: 2026-11-29T04:21:04.593+00:00."""
+
+    def formatTime(self, record, datefmt=None):
+        import datetime
+        return datetime.datetime.fromtimestamp(record.created).astimezone().isoformat(
+            timespec="milliseconds")
 
 
 def _iso(ts):
@@ -4686,6 +4897,9 @@ def _duration(seconds):
         return f"{seconds:.1f}s"
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
+    d, h = divmod(h, 24)
+    if d:
+        return f"{d}d {h}h" if h else f"{d}d"
     return f"{h}h {m}min {s}s" if h else f"{m}min {s}s"
 
 
@@ -4695,7 +4909,7 @@ def format_status(pb, msg):
     start = msg.started_at.ToNanoseconds() / 1e9
     end = msg.ended_at.ToNanoseconds() / 1e9 if d["ended_at"] else time.time()
     if d["state"] == "running":
-        state = f"running (pid {d['pid']}) since {d['started_at']}; {_duration(end - start)}"
+        state = f"running (pid {d['pid']}) since {_local(start)}; {_duration(end - start)}"
     else:
         how = (f"exit code {d['exit_code']}" if d["exit_code"] is not None
                else f"killed by {d['signal']}" if d["signal"] else "ended")
@@ -4704,12 +4918,12 @@ def format_status(pb, msg):
             how += f", timed out after {_duration(d['timeout_seconds'])}"
         if d["lost_reason"]:
             how = d["lost_reason"]
-        state = f"{d['state']} ({how}{oom}) at {d['ended_at']}; ran {_duration(end - start)}"
+        state = f"{d['state']} ({how}{oom}) at {_local(end)}; ran {_duration(end - start)}"
     lim = d["limits"]
     limits = ", ".join(x for x in [
         f"cpu {lim['cpu_percent']:g}%" if lim["cpu_percent"] else "",
         f"memory {_human_bytes(lim['memory_bytes'])}" if lim["memory_bytes"] else "",
-        f"disk-io {_human_bytes(lim['io_bytes_per_second'], 1000)}B/s"
+        f"disk-io {_human_bytes(lim['io_bytes_per_second'], 1000)}/s"
         if lim["io_bytes_per_second"] else "",
         f"pids {lim['pids']}" if lim["pids"] else ""] if x) or "none"
     u = d["usage"]
@@ -4743,31 +4957,65 @@ def format_status(pb, msg):
 # -- subcommands ----------------------------------------------------------------------------
 
 START_VALUE_OPTIONS = {"--cpu", "--memory", "--disk-io", "--pids", "--env", "--workdir",
-                       "--timeout", "--name", "--server", "--ca", "--cert", "--key"}
+                       "--timeout", "--name", "--server", "--ca", "--cert", "--key", "--context"}
 START_FLAG_OPTIONS = {"--detach"}   # of `run` only
 
 
+class UsageError(Exception):
+    """A command line that cannot be what was meant: argparse's usage message and exit 2."""
+
+
+def _option_at(tokens, i):
+    """How many tokens jobworker's start option at tokens[i] takes (0: it is none)."""
+    t = tokens[i]
+    if t.split("=", 1)[0] in START_VALUE_OPTIONS:
+        return 1 if "=" in t else (2 if i + 1 < len(tokens) else 0)
+    return 1 if t in START_FLAG_OPTIONS else 0
+
+
 def split_start_args(tokens):
-    """(jobworker options, command) of `start`. With `--`, everything after it is the command.
-    Without, jobworker's own options are recognised anywhere, before or after the command."""
-    if "--" in tokens:
-        k = tokens.index("--")
-        return tokens[:k], tokens[k + 1:]
-    opts, cmd, i = [], [], 0
+    """(jobworker options, command, trailing options) of `start` and `run`. Options come before
+    the command (`--` ends them); after the command, only a run of jobworker options that goes
+    on to the very end is jobworker's (`start bash -c '...' --cpu 50%`): anything before that
+    run is the command's own (`start xz --memory=1G -T0 f` runs all of it). UsageError for an
+    unknown option before the command."""
+    opts, i = [], 0
     while i < len(tokens):
         t = tokens[i]
-        name = t.split("=", 1)[0]
-        if name in START_VALUE_OPTIONS:
-            take = 1 if "=" in t else 2
-            opts += tokens[i:i + take]
-            i += take
-            continue
-        if t in START_FLAG_OPTIONS or (t in ("-h", "--help") and not cmd):
-            opts.append(t)
+        if t == "--":
+            return opts, tokens[i + 1:], []
+        n = _option_at(tokens, i) or (1 if t in ("-h", "--help") else 0)
+        if n:
+            opts += tokens[i:i + n]
+            i += n
+        elif t.startswith("-") and t != "-":
+            raise UsageError(f"unknown option {t} (if it is the command's, put -- before the "
+                             f"command: -- {t} ...)")
         else:
-            cmd.append(t)
-        i += 1
-    return opts, cmd
+            break
+    command = tokens[i:]
+    for k in range(1, len(command)):
+        j = k
+        while j < len(command) and (n := _option_at(command, j)):
+            j += n
+        if j == len(command) and j > k:
+            return opts + command[k:], command[:k], command[k:]
+    return opts, command, []
+
+
+# Which start option sets which request field: a value given after the command that the
+# server or the local check refuses was perhaps meant for the command.
+FIELD_OPTIONS = {"cpu_quota": "--cpu", "memory_limit": "--memory", "disk_io": "--disk-io",
+                 "pids": "--pids", "name": "--name", "workdir": "--workdir"}
+
+
+def _trailing_hint(message, trailing):
+    given = {t.split("=", 1)[0] for t in trailing}
+    for field, option in FIELD_OPTIONS.items():
+        if option in given and f" {field} " in f" {message} ".replace("'", " "):
+            return (f"{message} (if {option} is the command's own option, put -- before the "
+                    f"command)")
+    return message
 
 
 def _env_item(text):
@@ -4783,20 +5031,26 @@ def start_job(args):
     limits = {"cpu_quota": args.cpu or "", "memory_limit": args.memory or "",
               "disk_io": args.disk_io or "", "pids": args.pids or ""}
     # Check locally too: a typo is reported without a round trip, with the same message.
+    trailing = getattr(args, "trailing", ())
     try:
         parse_limits(limits["cpu_quota"], limits["memory_limit"], limits["disk_io"],
                      limits["pids"])
         validate_name(args.name or "")
     except InvalidArgument as e:
         if e.field != "cpu_quota":   # the server's CPU count decides the CPU range
-            raise CliError(str(e), EXIT_REFUSED) from None
+            raise CliError(_trailing_hint(str(e), trailing), EXIT_REFUSED) from None
     client = Client(args)
     pb = client.pb
     req = pb.StartRequest(name=args.command[0], args=args.command[1:],
                           resources=pb.ResourceConfig(**limits), env=dict(args.env or ()),
                           workdir=args.workdir or "", timeout_seconds=args.timeout or 0,
                           job_name=args.name or "")
-    return client, client.call("Start", req).job_id
+    try:
+        return client, client.call("Start", req).job_id
+    except CliError as e:
+        if e.code == EXIT_REFUSED and trailing:
+            raise CliError(_trailing_hint(str(e), trailing), e.code) from None
+        raise
 
 
 def cmd_start(args):
@@ -4884,14 +5138,23 @@ class OutputWriter:
                      pb.OUTPUT_STREAM_STDERR: sys.stderr.buffer}
         self.same = _same_file(sys.stdout, sys.stderr)
 
+        self._last = None
+
     def __call__(self, msg):
-        last = None
-        for stream, _, data in output_pieces(self.pb, msg):
-            out = self.outs[stream]
-            if self.same and last is not None and out is not last:
-                last.flush()
-            out.write(data)
-            last = out
+        for stream, at, data in output_pieces(self.pb, msg):
+            self.piece(stream, at, data)
+        self.flush()
+
+    def piece(self, stream, at, data):
+        out = self.outs[stream]
+        if self.same and self._last is not None and out is not self._last:
+            self._last.flush()
+        out.write(data)
+        self._last = out
+        if len(data) < 65536:   # live output is seen as it comes
+            out.flush()
+
+    def flush(self):
         for out in self.outs.values():
             out.flush()
 
@@ -4970,6 +5233,97 @@ def _how_it_ended(pb, msg):
     return f"{d['state']} ({how})" if how else d["state"]
 
 
+def cmd_version(args):
+    print(f"client: jobworker {__version__} (Python {sys.version.split()[0]})")
+    client = Client(args)
+    info = client.call("Info", client.pb.InfoRequest())
+    if args.json:
+        from google.protobuf import json_format
+        print(json.dumps({"client": __version__, "server": json_format.MessageToDict(
+            info, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)},
+            indent=2))
+        return EXIT_OK
+    keep = (f"{info.keep_finished} finished jobs, for "
+            + (_duration(info.keep_for_seconds) if info.keep_for_seconds else "ever"))
+    print(f"server: jobworker {info.version} at {client.server}, cgroup v{info.cgroup_version}, "
+          f"{info.cpus} CPUs (--cpu {info.cpu_percent_min:g}% to {info.cpu_percent_max:g}%), "
+          f"disks {' '.join(info.disks) or 'none'}\n"
+          f"        default pids {info.default_pids}, grace {info.default_grace_seconds:g}s; "
+          f"caps: {info.max_jobs} jobs ({info.max_jobs_per_owner} per owner), "
+          f"{info.max_streams} streams ({info.max_streams_per_owner} per owner); keeps {keep}; "
+          f"output {_human_bytes(info.log_cap_bytes)} per job; live restore "
+          f"{'on' if info.live_restore else 'off'}")
+    return EXIT_OK
+
+
+def cmd_top(args):
+    """Live CPU, memory, IO and tasks of the running jobs, each second, as docker stats."""
+    client = Client(args)
+    pb = client.pb
+    tty = sys.stdout.isatty()
+
+    def sample():
+        return time.monotonic(), {j.job_id: j for j in list_jobs(client, ["running"])}
+
+    before = sample()
+    try:
+        while True:
+            time.sleep(1.0)
+            now = sample()
+            lines = format_top(pb, before, now)
+            if tty:
+                sys.stdout.write("\x1b[H\x1b[J")
+            print("\n".join(lines) + ("" if tty or args.no_stream else "\n"), flush=True)
+            if args.no_stream:
+                return EXIT_OK
+            before = now
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141
+
+
+def format_top(pb, before, now):
+    """`top`'s lines from two samples (time, {id: JobStatus}) of the running jobs."""
+    import shutil
+    width = shutil.get_terminal_size((120, 24)).columns
+    (t0, old), (t1, jobs) = before, now
+    head = ("ID", "NAME", "CPU %", "MEM", "LIMIT", "MEM %", "IO READ", "IO WRITE", "TASKS")
+    rows = []
+    for job_id, j in jobs.items():
+        prev = old.get(job_id)
+        cpu = ""
+        if prev is not None and t1 > t0:
+            cpu = f"{max(0.0, j.usage.cpu_seconds - prev.usage.cpu_seconds) / (t1 - t0) * 100:.1f}"
+        mem, limit = j.usage.memory_bytes, j.limits.memory_bytes
+        rows.append((job_id[:8], printable(j.name)[:16] or _command_line(j.command)[:16], cpu,
+                     _human_bytes(mem), _human_bytes(limit) if limit else "-",
+                     f"{mem / limit * 100:.1f}" if limit else "-",
+                     _human_bytes(j.usage.io_read_bytes), _human_bytes(j.usage.io_write_bytes),
+                     str(j.usage.tasks)))
+    sizes = [max([len(head[i])] + [len(r[i]) for r in rows]) for i in range(len(head))]
+    return ["  ".join(f"{v:{sizes[i]}}" for i, v in enumerate(r))[:width] for r in [head, *rows]]
+
+
+COMPLETION_SHELLS = ("bash", "zsh")
+
+
+def cmd_completion(args):
+    """The completion script made at build time (jobworker.pyz holds it); from the source tree
+    it is made now, if shtab is installed."""
+    path = os.path.join(os.path.dirname(__file__), "completions", f"jobworker.{args.shell}")
+    try:   # the loader reads inside the pyz (a zipimporter) as well as from a directory
+        script = __loader__.get_data(path)
+    except OSError:
+        try:
+            import shtab
+        except ImportError:
+            raise CliError("completion scripts are made when jobworker.pyz is built; from the "
+                           "source tree, install shtab (pip install shtab)") from None
+        script = shtab.complete(build_parser(), shell=args.shell).encode()
+    sys.stdout.buffer.write(script)
+    return EXIT_OK
+
+
 def cmd_health(args):
     client = Client(args)   # first: it imports grpc as jobworker must
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -4990,10 +5344,11 @@ def cmd_health(args):
 def cmd_wait(args):
     client = Client(args)
     pb = client.pb
-    for job_id in args.job_ids:   # every id is checked before any wait: a typo fails at once
+    job_ids = [client.job_id(j) for j in args.job_ids]
+    for job_id in job_ids:   # every id is checked before any wait: a typo fails at once
         client.call("Query", pb.QueryRequest(job_id=job_id))
     code = EXIT_OK
-    for job_id in args.job_ids:
+    for job_id in job_ids:
         final = follow_to_end(client, job_id)
         if args.json:
             print(json.dumps(status_to_dict(pb, final)), flush=True)
@@ -5002,20 +5357,55 @@ def cmd_wait(args):
 
 
 def cmd_stop(args):
+    """Stop each job (at once, then wait for all); one that had already ended is fine, as with
+    systemctl stop. Exit code: the first failure's."""
     client = Client(args)
-    req = client.pb.StopRequest(job_id=args.job_id)
-    timeout = RPC_TIMEOUT + DEFAULT_GRACE_SECONDS
-    if args.grace is not None:
-        req.grace_seconds = args.grace
-        timeout = RPC_TIMEOUT + args.grace
-    status = client.call("Stop", req, timeout=timeout).status
-    print(f"{status.job_id} {_how_it_ended(client.pb, status)}", file=sys.stderr)
-    return EXIT_OK
+    pb = client.pb
+    first = EXIT_OK
+
+    def stop(text):
+        job_id = client.job_id(text)
+        req = pb.StopRequest(job_id=job_id)
+        timeout = RPC_TIMEOUT + DEFAULT_GRACE_SECONDS
+        if args.grace is not None:
+            req.grace_seconds = args.grace
+            timeout = RPC_TIMEOUT + args.grace
+        try:
+            status = client.call("Stop", req, timeout=timeout).status
+            return f"{job_id} {_how_it_ended(pb, status)}"
+        except CliError as e:
+            if e.code != EXIT_REFUSED:
+                raise
+            status = client.call("Query", pb.QueryRequest(job_id=job_id)).status
+            if status.state == pb.JOB_STATE_RUNNING:
+                raise
+            return f"{job_id} had already ended: {_how_it_ended(pb, status)}"
+
+    with concurrent.futures.ThreadPoolExecutor(min(16, len(args.job_ids))) as pool:
+        for text, done in zip(args.job_ids, pool.map(_outcome(stop), args.job_ids)):
+            said, error = done
+            if error is None:
+                print(said, file=sys.stderr)
+                continue
+            print(f"jobworker: {text}: {error}", file=sys.stderr)
+            first = first or error.code
+    return first
+
+
+def _outcome(fn):
+    """fn made to return (result, None) or (None, the CliError it raised)."""
+    def call(arg):
+        try:
+            return fn(arg), None
+        except CliError as e:
+            return None, e
+    return call
 
 
 def cmd_query(args):
     client = Client(args)
-    status = client.call("Query", client.pb.QueryRequest(job_id=args.job_id)).status
+    job_id = client.job_id(args.job_id)
+    status = client.call("Query", client.pb.QueryRequest(job_id=job_id)).status
     if args.json:
         print(json.dumps(status_to_dict(client.pb, status), indent=2))
     else:
@@ -5044,18 +5434,64 @@ def list_jobs(client, states=(), owner="", last=None, name=""):
 def cmd_list(args):
     client = Client(args)
     jobs = list_jobs(client, args.state or (), args.owner, args.last, args.name)
-    if args.json:
-        print(json.dumps([status_to_dict(client.pb, j) for j in jobs], indent=2))
-        return EXIT_OK
-    print(f"{'ID':36}  {'STATE':8}  {'EXIT':>8}  {'OWNER':12}  {'NAME':16}  {'STARTED':20}  "
-          "COMMAND")
-    for j in jobs:
-        d = status_to_dict(client.pb, j)
-        exit_ = (str(d["exit_code"]) if d["exit_code"] is not None else d["signal"] or "")
-        print(f"{d['id']:36}  {d['state']:8}  {exit_:>8}  {printable(d['owner'])[:12]:12}  "
-              f"{printable(d['name'])[:16]:16}  {(d['started_at'] or '')[:19]:20}  "
-              f"{_command_line(d['command'])[:80]}")
+    try:
+        if args.json:
+            print(json.dumps([status_to_dict(client.pb, j) for j in jobs], indent=2))
+        elif args.quiet:
+            for j in jobs:
+                print(j.job_id)
+        else:
+            for line in format_table(client.pb, jobs):
+                print(line)
+        sys.stdout.flush()
+    except BrokenPipeError:   # `| head`: quietly, as a shell's own commands
+        _quiet_stdout()
+        return 141
     return EXIT_OK
+
+
+def format_table(pb, jobs, now=None, width=None):
+    """`list`'s lines: one per job, cut to the terminal's width (the command gets what is
+    left, ending in … when cut)."""
+    import shutil
+    now = time.time() if now is None else now
+    width = width or shutil.get_terminal_size((120, 24)).columns
+    short = 8   # ids as short as is unique among these (any prefix of 4 or more works)
+    while short < 36 and len({j.job_id[:short] for j in jobs}) < len(jobs):
+        short += 4
+    rows = []
+    for j in jobs:
+        d = status_to_dict(pb, j)
+        if d["exit_code"] is not None:
+            end = str(d["exit_code"])
+        else:
+            end = d["signal"] or ""
+        if d["oom_killed"]:
+            end = "oom-killed"
+        elif d["timed_out"]:
+            end = "timed-out"
+        start = j.started_at.ToNanoseconds() / 1e9
+        rows.append((d["id"][:short], d["state"], end, printable(d["owner"])[:16],
+                     printable(d["name"])[:20], _ago(now - start),
+                     _command_line(d["command"]).replace("\n", " ")))
+    head = ("ID", "STATE", "EXIT", "OWNER", "NAME", "STARTED", "COMMAND")
+    sizes = [max([len(head[i])] + [len(r[i]) for r in rows]) for i in range(6)]
+    lines = []
+    for r in [head, *rows]:
+        line = "  ".join(f"{v:{sizes[i]}}" for i, v in enumerate(r[:6])) + "  "
+        room = max(10, width - len(line))
+        cmd = r[6] if len(r[6]) <= room else r[6][:room - 1] + "…"
+        lines.append(line + cmd)
+    return lines
+
+
+def _ago(seconds):
+    """How long ago, as a person says it: 12s, 5m, 3h, 2d."""
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
 
 
 def cmd_rm(args):
@@ -5063,7 +5499,7 @@ def cmd_rm(args):
     first = EXIT_OK
     for job_id in args.job_ids:
         try:
-            client.call("Remove", client.pb.RemoveRequest(job_id=job_id))
+            client.call("Remove", client.pb.RemoveRequest(job_id=client.job_id(job_id)))
         except CliError as e:
             print(f"jobworker: {e}", file=sys.stderr)
             if first == EXIT_OK:
@@ -5073,19 +5509,79 @@ def cmd_rm(args):
     return first
 
 
+def read_output(client, job_id, offset, on_piece, until=None):
+    """Stream a job's output from `offset` to on_piece(stream, offset, data), up to `until`
+    (exclusive; None: live until the job ends). Returns (final status or None, the offset
+    reached). A stream the server ends early (it is going away) is a CliError saying where
+    to resume."""
+    pb = client.pb
+    if until is not None and offset >= until:
+        return None, offset
+    call = client.stub.Stream(pb.StreamRequest(job_id=job_id, offset=offset, batch=True))
+    try:
+        for msg in call:
+            if msg.HasField("final_status"):
+                return msg.final_status, offset
+            for stream, at, data in output_pieces(pb, msg):
+                if until is not None and at + len(data) > until:
+                    data = data[:max(0, until - at)]
+                if data:
+                    on_piece(stream, at, data)
+                offset = at + len(data)
+            if until is not None and offset >= until:
+                return None, offset
+        why = "the server ended it early"
+    except client.grpc.RpcError as e:
+        err = client.error(e)
+        if not err.unreachable:
+            raise err from None
+        why = e.details() or "the server went away"
+    finally:
+        call.cancel()
+    raise CliError(f"the stream was cut ({why}); resume with: jobworker stream {job_id} "
+                   f"--offset {offset}", EXIT_CONNECT)
+
+
+def tail_offset(client, job_id, lines, size):
+    """Where the last `lines` lines of a job's first `size` bytes of output begin."""
+    if lines == 0:
+        return size
+    window = 64 << 10
+    while True:
+        start = max(0, size - window)
+        data = bytearray()
+        read_output(client, job_id, start, lambda _s, _o, d: data.extend(d), until=size)
+        end = len(data) - 1 if data.endswith(b"\n") else len(data)   # the last line's end
+        for _ in range(lines):
+            end = data.rfind(b"\n", 0, end)
+            if end < 0:
+                break
+        if end >= 0:
+            return start + end + 1
+        if start == 0:
+            return 0
+        window *= 4
+
+
 def cmd_stream(args):
     client = Client(args)
     pb = client.pb
-    call = client.stub.Stream(pb.StreamRequest(job_id=args.job_id, offset=args.offset,
-                                               batch=True))
-    write = OutputWriter(pb)
+    job_id = client.job_id(args.job_id)
+    offset, until = args.offset, None
+    if args.tail is not None or not args.follow:
+        size = client.call("Query", pb.QueryRequest(job_id=job_id)).status.output_bytes
+        if offset > size:
+            raise CliError(f"--offset {offset} is past the end of the output ({size} bytes)",
+                           EXIT_REFUSED)
+        if args.tail is not None:
+            offset = max(offset, tail_offset(client, job_id, args.tail, size))
+        if not args.follow:
+            until = size
+    writer = OutputWriter(pb)
     try:
-        for msg in call:
-            write(msg)
-    except client.grpc.RpcError as e:
-        raise client.error(e) from None
+        read_output(client, job_id, offset, writer.piece, until)
+        writer.flush()
     except BrokenPipeError:
-        call.cancel()
         _quiet_stdout()
         return 141
     return EXIT_OK
@@ -5105,8 +5601,15 @@ def cmd_certs_init(args):
     return EXIT_OK
 
 
+def cmd_certs_server(args):
+    certs_server(args.dir, args.host or ())
+    print(f"wrote {args.dir}/server.crt, server.key (restart the server to use them)",
+          file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_certs_issue(args):
-    certs_issue(args.dir, args.name, args.role, days=args.days)
+    certs_issue(args.dir, args.name, args.role, days=args.days, force=args.force)
     print(f"wrote {args.dir}/{args.name}.crt, {args.name}.key (roles: {', '.join(args.role)})",
           file=sys.stderr)
     return EXIT_OK
@@ -5124,9 +5627,9 @@ def cmd_serve(args):
     if args.certs or not (ca or cert or key):
         d = args.certs or DEFAULT_CERTS_DIR
         ca, cert, key = (ca or f"{d}/ca.crt", cert or f"{d}/server.crt", key or f"{d}/server.key")
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.Formatter.converter = time.gmtime
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_IsoFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     if args.keep_jobs and not args.live_restore:
         raise CliError("--keep-jobs needs live restore (drop --no-live-restore)", EXIT_USAGE)
     check_server_key(key)    # before anything is created
@@ -5299,6 +5802,19 @@ def _keep_for(text):
     return None if text == "forever" else parse_duration(text)
 
 
+def _seconds(text):
+    seconds = parse_duration(text)
+    if seconds < 0:
+        raise ValueError(text)
+    return seconds
+
+
+def _offset(text):
+    if not re.fullmatch(r"[0-9]{1,18}", text.strip()):
+        raise ValueError(text)
+    return int(text)
+
+
 def _count(text):
     if not re.fullmatch(r"[0-9]{1,9}", text.strip()):
         raise ValueError(text)
@@ -5339,8 +5855,9 @@ def _add_start_options(p):
 
 def _add_client_options(p):
     for flag, (env, default) in CLIENT_DEFAULTS.items():
-        p.add_argument(f"--{flag}", default=os.environ.get(env, default),
-                       help=f"(env {env}; default {default})")
+        p.add_argument(f"--{flag}", help=f"(env {env}; else the context's; else {default})")
+    p.add_argument("--context", metavar="NAME",
+                   help="a saved connection (jobworker context add; env JOBWORKER_CONTEXT)")
 
 
 def build_parser():
@@ -5351,11 +5868,16 @@ def build_parser():
         epilog="Exit codes: 0 ok, 1 error, 2 usage, 3 cannot reach server, 4 not found, "
         "5 permission denied, 6 refused, 7 cap reached, 8 server error, 9 address in use, "
         "10 another server owns the state dir, 11 launcher of another protocol, "
-        "130 interrupted. `run` and `wait` exit as the job did (see `run -h`).")
+        "130 interrupted. `run` and `wait` exit as the job did (see `run -h`). Options of "
+        "start and run go before the command; only a run of them at its very end is read too "
+        "(start bash -c '...' --cpu 50%%); put -- before the command to give it any option.")
     parser.add_argument("--version", action="version", version=f"jobworker {__version__}")
     sub = parser.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+    parser.subcommands = sub.choices   # filled in below
 
-    p = sub.add_parser("serve", help="run the server (as root)")
+    p = sub.add_parser("serve", help="run the server (as root)",
+                       epilog="example: jobworker serve --certs /etc/jobworker --metrics-listen "
+                              "127.0.0.1:9105")
     p.add_argument("--listen", default=DEFAULT_LISTEN, help=f"HOST:PORT (default {DEFAULT_LISTEN})")
     p.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
                    help=f"job records and output (default {DEFAULT_STATE_DIR})")
@@ -5421,8 +5943,11 @@ def build_parser():
 
     p = sub.add_parser("start", usage="jobworker start [START OPTIONS] [--] CMD [ARG...]",
                        help="start a job; prints only its id",
-                       description="Options may come before or after the command; after `--` "
-                                   "everything is the command's.")
+                       description="Options go before the command; only a run of them at its "
+                                   "very end is read too; after `--` everything is the "
+                                   "command's.",
+                       epilog="example: jobworker start --memory 1G --name nightly -- make "
+                              "-j8 test (prints only the id: ID=$(jobworker start ...))")
     _add_start_options(p)
     p.set_defaults(func=cmd_start)
     parser.start_parsers = {"start": p}
@@ -5439,6 +5964,7 @@ def build_parser():
                     f"waited for ({RECONNECT_PATIENCE:g}s) and the output resumed.")
     _add_start_options(p)
     p.add_argument("--detach", action="store_true", help="only start it, as `start` does")
+    p.epilog = "example: jobworker run --timeout 2h --memory 1G -- make test && echo passed"
     p.set_defaults(func=cmd_run)
     parser.start_parsers["run"] = p
 
@@ -5447,31 +5973,46 @@ def build_parser():
         description="Waits until every given job has ended (without fetching output) and "
                     "exits as `run` would for the last one. Jobs that already ended return "
                     f"at once; a server restart is waited for ({RECONNECT_PATIENCE:g}s).")
-    p.add_argument("job_ids", nargs="+", metavar="ID")
+    p.add_argument("job_ids", nargs="+", metavar="ID",
+                   help="a job id or its first 4 or more characters")
     p.add_argument("--json", action="store_true",
                    help="print each final status as it comes, one JSON object a line")
+    p.epilog = "example: jobworker wait $A $B || echo the last one failed"
     _add_client_options(p)
     p.set_defaults(func=cmd_wait)
 
-    p = sub.add_parser("stop", help="stop a job (SIGTERM, then SIGKILL after the grace period)")
-    p.add_argument("job_id")
-    p.add_argument("--grace", type=float, help="seconds between SIGTERM and SIGKILL")
+    p = sub.add_parser("stop", help="stop jobs (SIGTERM, then SIGKILL after the grace period)",
+                       epilog="example: jobworker stop $(jobworker list -q --state running)")
+    p.add_argument("job_ids", nargs="+", metavar="ID",
+                   help="a job id or its first 4 or more characters; one that already ended "
+                        "is fine")
+    p.add_argument("--grace", type=_cli_type(_seconds, DURATION_FORM), metavar="DURATION",
+                   help="between SIGTERM and SIGKILL: 5, 5s, 2m (the server's default: 10s)")
     _add_client_options(p)
     p.set_defaults(func=cmd_stop)
 
-    p = sub.add_parser("query", help="show a job's status")
-    p.add_argument("job_id")
+    p = sub.add_parser("query", help="show a job's status",
+                       epilog="example: jobworker query 3f2a --json")
+    p.add_argument("job_id", metavar="ID", help="a job id or its first 4 or more characters")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_client_options(p)
     p.set_defaults(func=cmd_query)
 
-    p = sub.add_parser("stream", help="print a job's output from the start, live until it ends")
-    p.add_argument("job_id")
-    p.add_argument("--offset", type=int, default=0, help="resume from this output position")
+    p = sub.add_parser("stream", help="print a job's output from the start, live until it ends",
+                       epilog="example: jobworker stream 3f2a --tail 20")
+    p.add_argument("job_id", metavar="ID", help="a job id or its first 4 or more characters")
+    p.add_argument("--offset", type=_cli_type(_offset, "a byte offset, 0 or more"), default=0,
+                   metavar="N", help="start at this byte of the output (as a cut stream says)")
+    p.add_argument("--tail", type=_cli_type(_count, "a number of lines, 0 or more"),
+                   metavar="N", help="start with the last N lines of the output so far")
+    p.add_argument("--follow", action=argparse.BooleanOptionalAction, default=True,
+                   help="go on with live output until the job ends (default); --no-follow: "
+                        "print what there is now and exit")
     _add_client_options(p)
     p.set_defaults(func=cmd_stream)
 
-    p = sub.add_parser("list", help="list the jobs you may see, oldest first")
+    p = sub.add_parser("list", help="list the jobs you may see, oldest first",
+                       epilog="example: jobworker list --state running --last 20")
     p.add_argument("--json", action="store_true", help="machine-readable output (one array)")
     p.add_argument("--state", type=_cli_type(_state_list, "states separated by commas: "
                                              "running, exited, stopped, lost"),
@@ -5481,45 +6022,105 @@ def build_parser():
     p.add_argument("--last", type=_cli_type(_positive, "a number of jobs, 1 or more"),
                    metavar="N", help="only the newest N jobs")
     p.add_argument("--name", default="", metavar="NAME", help="only jobs of this --name")
+    p.add_argument("-q", "--quiet", action="store_true", help="print job ids only, one a line")
     _add_client_options(p)
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("rm", help="remove finished jobs: their records and output")
-    p.add_argument("job_ids", nargs="+", metavar="ID", help="a finished job's id")
+    p = sub.add_parser("rm", help="remove finished jobs: their records and output",
+                       epilog="example: jobworker rm $(jobworker list -q --state exited)")
+    p.add_argument("job_ids", nargs="+", metavar="ID",
+                   help="a finished job's id or its first 4 or more characters")
     _add_client_options(p)
     p.set_defaults(func=cmd_rm)
 
+    p = sub.add_parser("completion", help="print a shell completion script",
+                       epilog="example: jobworker completion bash > "
+                              "/etc/bash_completion.d/jobworker (zsh: jobworker completion zsh "
+                              "> ~/.zfunc/_jobworker)")
+    p.add_argument("shell", choices=COMPLETION_SHELLS, help="bash or zsh")
+    p.set_defaults(func=cmd_completion)
+
+    p = sub.add_parser("top", help="live CPU, memory, IO and tasks of the running jobs",
+                       epilog="example: jobworker top --no-stream")
+    p.add_argument("--no-stream", action="store_true", help="print one sample and exit")
+    _add_client_options(p)
+    p.set_defaults(func=cmd_top)
+
+    p = sub.add_parser("version", help="print the client's version and the server's, with what "
+                                       "it accepts", epilog="example: jobworker version --json")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_client_options(p)
+    p.set_defaults(func=cmd_version)
+
     p = sub.add_parser("health", help="ask the server's gRPC health service; exit 0 only when "
-                                      "it is SERVING")
+                                      "it is SERVING", epilog="example: jobworker health "
+                                                               "--server host:50051")
     p.add_argument("--service", default="", metavar="NAME",
                    help=f"a service's health instead of the server's: {SERVICE_NAME}")
     _add_client_options(p)
     p.set_defaults(func=cmd_health)
 
-    p = sub.add_parser("doctor", help="check this host and the server's certificates")
+    p = sub.add_parser("context", help="saved connections to servers: add, ls, use, rm",
+                       epilog="example: jobworker context add build1 --server build1:50051 "
+                              "--ca certs/ca.crt --cert certs/alice.crt --key certs/alice.key; "
+                              "jobworker context use build1")
+    ctx = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    c = ctx.add_parser("add", help="save a connection (the first one saved becomes current)",
+                       epilog="example: jobworker context add build1 --server build1 --ca "
+                              "certs/ca.crt --cert certs/alice.crt --key certs/alice.key")
+    c.add_argument("name", help="a name for it")
+    c.add_argument("--server", required=True, help="HOST[:PORT] (port 50051 if none)")
+    for what in ("ca", "cert", "key"):
+        c.add_argument(f"--{what}", required=True, help=f"{what} file (saved as an absolute path)")
+    c.add_argument("--force", action="store_true", help="replace a context of that name")
+    c = ctx.add_parser("use", help="make a context the current one",
+                       epilog="example: jobworker context use build1")
+    c.add_argument("name", help="a context's name")
+    c = ctx.add_parser("rm", help="forget a context", epilog="example: jobworker context rm old")
+    c.add_argument("name", help="a context's name")
+    ctx.add_parser("ls", help="list the contexts; * marks the current one",
+                   epilog="example: jobworker context ls")
+    p.set_defaults(func=cmd_context)
+
+    p = sub.add_parser("doctor", help="check this host and the server's certificates",
+                       epilog="example: jobworker doctor --certs /etc/jobworker (as root)")
     p.add_argument("--certs", default=DEFAULT_CERTS_DIR,
                    help=f"DIR holding ca.crt, server.crt, server.key (default ./{DEFAULT_CERTS_DIR})")
-    p.add_argument("--cgroup-parent", default=DEFAULT_CGROUP_PARENT)
+    p.add_argument("--cgroup-parent", default=DEFAULT_CGROUP_PARENT,
+                   help=f"as serve's (default {DEFAULT_CGROUP_PARENT})")
     p.set_defaults(func=cmd_doctor)
 
-    p = sub.add_parser("certs", help="make a CA, server and client certificates")
+    p = sub.add_parser("certs", help="make a CA, server and client certificates",
+                       epilog="example: jobworker certs init certs && jobworker certs issue "
+                              "certs alice --role writer")
     certs = p.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
-    c = certs.add_parser("init", help="write DIR/ca.{crt,key} and DIR/server.{crt,key}")
-    c.add_argument("dir")
+    c = certs.add_parser("init", help="write DIR/ca.{crt,key} and DIR/server.{crt,key}",
+                         epilog="example: jobworker certs init certs --host build1.example.com")
+    c.add_argument("dir", help="where to write them (made mode 0700)")
     c.add_argument("--host", action="append", help="extra server name or IP (repeatable)")
     c.add_argument("--force", action="store_true", help="replace an existing CA")
     c.set_defaults(func=cmd_certs_init)
-    c = certs.add_parser("issue", help="write DIR/NAME.{crt,key}, a client certificate")
-    c.add_argument("dir")
+    c = certs.add_parser("server", help="write a new DIR/server.{crt,key} from the CA in DIR "
+                                        "(other host names; client certificates stay valid)",
+                         epilog="example: jobworker certs server certs --host build1.example.com"
+                                " --host 192.0.2.10")
+    c.add_argument("dir", help="the directory of certs init")
+    c.add_argument("--host", action="append", help="a server name or IP (repeatable)")
+    c.set_defaults(func=cmd_certs_server)
+    c = certs.add_parser("issue", help="write DIR/NAME.{crt,key}, a client certificate",
+                         epilog="example: jobworker certs issue certs alice --role writer")
+    c.add_argument("dir", help="the directory of certs init (its CA signs)")
     c.add_argument("name", help="the identity (certificate CN)")
     c.add_argument("--role", action="append", choices=ROLES, required=True,
                    help="reader, writer or admin (repeatable)")
     c.add_argument("--days", type=int, default=LEAF_DAYS, help=f"validity ({LEAF_DAYS})")
+    c.add_argument("--force", action="store_true", help="replace an existing NAME.crt")
     c.set_defaults(func=cmd_certs_issue)
     c = certs.add_parser("revoke", help=f"append a client certificate's serial to "
                                         f"DIR/{REVOKED_FILE}: every server reading it refuses "
-                                        "it from then on, on open connections too")
-    c.add_argument("dir")
+                                        "it from then on, on open connections too",
+                         epilog="example: jobworker certs revoke certs alice")
+    c.add_argument("dir", help="the directory of certs init")
     c.add_argument("which", metavar="NAME|SERIAL",
                    help="a certificate's name (DIR/NAME.crt) or its serial number in hex")
     c.set_defaults(func=cmd_certs_revoke)
@@ -5531,15 +6132,26 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     command = None
+    command, trailing = None, []
+    if argv[:1] != ["serve"]:   # a client: its errors are its own lines, not the C core's
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     if argv and argv[0] in parser.start_parsers:
-        opts, command = split_start_args(argv[1:])
+        try:
+            opts, command, trailing = split_start_args(argv[1:])
+        except UsageError as e:
+            parser.start_parsers[argv[0]].error(str(e))
         argv = [argv[0], *opts]
+    elif argv and not argv[0].startswith("-") and argv[0] not in parser.subcommands:
+        import difflib
+        close = difflib.get_close_matches(argv[0], parser.subcommands, n=1)
+        parser.error(f"unknown command {argv[0]!r}" + (f"; did you mean {close[0]!r}?"
+                                                         if close else ""))
     args = parser.parse_args(argv)   # -h and bad options end here
     if args.subcommand in parser.start_parsers:
         if not command:
             parser.start_parsers[args.subcommand].error(
                 f"a command to run is required: jobworker {args.subcommand} -- sleep 9")
-        args.command = command
+        args.command, args.trailing = command, trailing
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -2341,8 +2342,9 @@ class ServeProcess:
 
 
 def cli(argv, *args, certs, port=None, host="127.0.0.1", name="client", timeout=60, env=None):
-    env = dict(env or os.environ, JOBWORKER_CA=str(certs / "ca.crt"),
-               JOBWORKER_CERT=str(certs / f"{name}.crt"), JOBWORKER_KEY=str(certs / f"{name}.key"))
+    env = dict(env or {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"},
+               JOBWORKER_CA=str(certs / "ca.crt"), JOBWORKER_CERT=str(certs / f"{name}.crt"),
+               JOBWORKER_KEY=str(certs / f"{name}.key"))
     if port:
         env["JOBWORKER_SERVER"] = f"{host}:{port}"
     return subprocess.run([*argv, *args], env=env, capture_output=True, timeout=timeout)
@@ -2375,11 +2377,11 @@ def test_cli_original_example_with_trailing_options(pki, src_server):
                       "started_at", "ended_at", "limits", "usage"}
     assert (d["state"], d["owner"]) == ("running", "client")
     human = cli(SRC, "query", job_id, certs=pki, port=src_server.port).stdout.decode()
-    assert "State: running" in human and "cpu 50%" in human and "memory 256.0M" in human
+    assert "State: running" in human and "cpu 50%" in human and "memory 256 MiB" in human
     stop = cli(SRC, "stop", job_id, "--grace", "1", certs=pki, port=src_server.port)
     assert stop.returncode == 0 and b"stopped" in stop.stderr
     listing = cli(SRC, "list", certs=pki, port=src_server.port).stdout.decode()
-    assert job_id in listing and "stopped" in listing
+    assert job_id[:8] in listing and "stopped" in listing
 
 
 @root
@@ -2483,7 +2485,7 @@ def test_cli_list_walks_every_page_of_50_jobs_with_250_kb_argv(pki, src_server):
     assert set(big) <= set(ids) and len(ids) == len(set(ids))
     assert [j["started_at"] for j in jobs] == sorted(j["started_at"] for j in jobs)
     human = run("list")
-    assert human.returncode == 0 and all(j in human.stdout.decode() for j in big)
+    assert human.returncode == 0 and all(j[:8] in human.stdout.decode() for j in big)
     last = json.loads(run("list", "--json", "--last", "3").stdout)
     assert [j["id"] for j in last] == ids[-3:]
     running = run("start", "sleep", "600").stdout.decode().strip()
@@ -2628,6 +2630,9 @@ def test_pyz_is_reproducible(pyz, tmp_path):
     import zipfile
     names = zipfile.ZipFile(pyz).namelist()
     assert {"__main__.py", "jobworker.py", "jobworker_pb2.py", "jobworker_pb2_grpc.py"} <= set(names)
+    r = subprocess.run([str(pyz), "completion", "bash"], capture_output=True, timeout=120)
+    assert r.returncode == 0 and r.stdout == zipfile.ZipFile(pyz).read("completions/jobworker.bash")
+    assert subprocess.run(["bash", "-n"], input=r.stdout, timeout=60).returncode == 0
 
 
 @slow
@@ -2858,7 +2863,9 @@ def test_serve_sigterm_ends_streams_stops_jobs_and_exits_0(pki, tmp_path):
 # ================================================================================================
 
 def cli_env(pki, port, name="client"):
-    return dict(os.environ, JOBWORKER_CA=str(pki / "ca.crt"),
+    # (GRPC_VERBOSITY: this process set it for its own servers; a CLI chooses its own)
+    return dict({k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"},
+                JOBWORKER_CA=str(pki / "ca.crt"),
                 JOBWORKER_CERT=str(pki / f"{name}.crt"), JOBWORKER_KEY=str(pki / f"{name}.key"),
                 JOBWORKER_SERVER=f"127.0.0.1:{port}")
 
@@ -2893,7 +2900,7 @@ def test_run_of_an_oom_killed_job_exits_137_and_says_so(pki, quick_server):
             certs=pki, port=quick_server.port)
     assert r.returncode == 137, r
     last = r.stderr.decode().rstrip("\n").split("\n")[-1]
-    assert last.startswith("jobworker: ") and "OOM killer" in last and "32.0M" in last, r.stderr
+    assert last.startswith("jobworker: ") and "OOM killer" in last and "32 MiB" in last, r.stderr
 
 
 @root
@@ -3199,7 +3206,7 @@ def test_reflection_lists_and_describes_every_service_unless_turned_off(pki, tmp
             pool = DescriptorPool(db)
             service = pool.FindServiceByName("jobworker.v1.JobService")
             assert {m.name for m in service.methods} == {"Start", "Stop", "Query", "Stream",
-                                                         "List", "Remove"}
+                                                         "List", "Remove", "Info"}
             start = pool.FindMessageTypeByName("jobworker.v1.StartRequest")
             assert {"name", "args", "resources", "env", "workdir", "timeout_seconds",
                     "job_name"} <= set(start.fields_by_name)
@@ -3309,6 +3316,371 @@ def test_metrics_listen_in_use_is_exit_9_like_the_grpc_port(tmp_path):
         blocker.listen()
         with pytest.raises(jw.AddressInUse):
             jw.MetricsServer(f"127.0.0.1:{blocker.getsockname()[1]}", jw.Metrics(2).registry)
+
+
+# ================================================================================================
+# The CLI for daily use: the option rule, short ids, tails, tables
+# ================================================================================================
+
+@root
+def test_option_rule_leaves_the_command_its_own_flags(pki, quick_server):
+    run = lambda *a: cli(SRC, *a, certs=pki, port=quick_server.port)
+    # a jobworker option in the middle of the command is the command's
+    r = run("run", "echo", "--memory=100MiB", "-T0", "f")
+    assert (r.returncode, r.stdout) == (0, b"--memory=100MiB -T0 f\n"), r
+    job = json.loads(run("list", "--last", "1", "--json").stdout)[0]
+    assert job["limits"]["memory_bytes"] is None
+    r = run("run", "echo", "--cert", "/etc/ssl/c.pem", "URL")
+    assert (r.returncode, r.stdout) == (0, b"--cert /etc/ssl/c.pem URL\n"), r
+    # a trailing run is jobworker's; a value it refuses suggests --
+    r = run("start", "stress-ng", "--cpu", "2")
+    assert r.returncode == 6 and b"put -- before the command" in r.stderr, r
+    r = run("run", "echo", "hi", "--memory", "64M", "--name", "trailing")
+    assert (r.returncode, r.stdout) == (0, b"hi\n"), r
+    job = json.loads(run("list", "--last", "1", "--json").stdout)[0]
+    assert (job["limits"]["memory_bytes"], job["name"]) == (64 << 20, "trailing")
+    # an unknown option before the command is a usage error, not a program name
+    r = run("start", "--nmae", "x", "true")
+    assert r.returncode == 2 and b"unknown option --nmae" in r.stderr, r
+    r = run("qeury", "x")
+    assert r.returncode == 2 and b"did you mean 'query'" in r.stderr, r
+
+
+def test_split_start_args_cases():
+    split = jw.split_start_args
+    assert split(["bash", "-c", "x", "--cpu", "50%", "--memory", "256M", "--disk-io",
+                  "10MB/s"]) == (["--cpu", "50%", "--memory", "256M", "--disk-io", "10MB/s"],
+                                 ["bash", "-c", "x"],
+                                 ["--cpu", "50%", "--memory", "256M", "--disk-io", "10MB/s"])
+    assert split(["--cpu", "5%", "--", "ls", "--cpu"]) == (["--cpu", "5%"], ["ls", "--cpu"], [])
+    assert split(["git", "log", "--", "f"]) == ([], ["git", "log", "--", "f"], [])
+    assert split(["stress", "--cpu"]) == ([], ["stress", "--cpu"], [])
+    assert split(["xz", "--memory=1G", "-T0", "f"]) == ([], ["xz", "--memory=1G", "-T0", "f"], [])
+    assert split(["--detach", "sleep", "1", "--detach"]) == (
+        ["--detach", "--detach"], ["sleep", "1"], ["--detach"])
+    with pytest.raises(jw.UsageError):
+        split(["--nmae", "x", "true"])
+
+
+@root
+def test_id_prefixes_resolve_uniquely_and_never_reveal_other_owners_jobs(pki, quick_server):
+    run = lambda *a, name="client": cli(SRC, *a, certs=pki, port=quick_server.port, name=name)
+    job = run("start", "sh", "-c", "echo found").stdout.decode().strip()
+    wait_for(lambda: run("wait", job).returncode == 0, what="the job")
+    for prefix in (job[:4], job[:9].upper(), job):
+        assert run("stream", prefix).stdout == b"found\n", prefix
+    assert run("query", job[:6], "--json").returncode == 0
+    r = run("query", job[:3])
+    assert r.returncode == 6 and b"4 or more" in r.stderr
+    # another writer's job: its prefix is not found (as an unknown id), and says nothing more
+    theirs = run("start", "true", name="alice").stdout.decode().strip()
+    r = run("query", theirs[:8])
+    assert r.returncode == 4 and theirs.encode() not in r.stderr
+    assert run("query", theirs[:8], name="reader").returncode == 0   # readers see every job
+    # an ambiguous prefix lists the candidates: made by starting until two share 4 chars
+    # (1,500 random ids share none with a chance of 4e-8)
+    seen, pair = {}, None
+    peer = Peer(pki, quick_server.port, "client")
+    try:
+        for _ in range(1500):
+            j = peer.start("true")
+            if j[:4] in seen:
+                pair = (seen[j[:4]], j)
+                break
+            seen[j[:4]] = j
+    finally:
+        peer.close()
+    assert pair, "no two of 1,500 ids shared their first 4 characters"
+    r = run("query", pair[0][:4])
+    assert r.returncode == 6 and all(p.encode() in r.stderr for p in pair), r
+
+
+@root
+def test_stop_takes_several_ids_and_an_ended_job_is_fine(pki, quick_server):
+    run = lambda *a: cli(SRC, *a, certs=pki, port=quick_server.port)
+    a, b = (run("start", "sleep", "600").stdout.decode().strip() for _ in range(2))
+    ended = run("start", "true").stdout.decode().strip()
+    run("wait", ended)
+    r = run("stop", a[:8], b, ended, "--grace", "1s")
+    assert r.returncode == 0, r
+    assert f"{ended} had already ended: exited (exit code 0)".encode() in r.stderr
+    for j in (a, b):
+        assert json.loads(run("query", j, "--json").stdout)["state"] == "stopped"
+    running = run("list", "-q", "--state", "running").stdout.decode().split()
+    assert a not in running and all(jw._JOB_ID_RE.fullmatch(j) for j in running)
+    missing = str(uuid.uuid4())
+    r = run("stop", missing, ended)
+    assert r.returncode == 4 and r.stderr.count(b"\n") == 2
+
+
+@root
+def test_stream_tail_and_no_follow(pki, quick_server):
+    run = lambda *a: cli(SRC, *a, certs=pki, port=quick_server.port)
+    job = run("start", "sh", "-c", "for i in $(seq 1 100000); do echo line $i; done; "
+              "printf 'no newline'; echo err >&2; sleep 600").stdout.decode().strip()
+    wait_for(lambda: b"err" in run("stream", job, "--no-follow").stderr, what="output")
+    r = run("stream", job, "--tail", "3", "--no-follow")
+    assert r.returncode == 0 and r.stdout == b"line 99999\nline 100000\nno newline", r
+    assert r.stderr == b"err\n"
+    assert run("stream", job, "--tail", "0", "--no-follow").stdout == b""
+    whole = run("stream", job, "--no-follow").stdout
+    assert whole.startswith(b"line 1\n") and whole.endswith(b"no newline")
+    assert whole.count(b"\n") == 100000
+    for bad in ("-1", "x", "1.5"):
+        r = run("stream", job, "--offset", bad)
+        assert r.returncode == 2 and b"--offset" in r.stderr and b"Traceback" not in r.stderr
+    run("stop", job, "--grace", "0")
+
+
+@root
+def test_a_stream_cut_by_a_server_upgrade_says_where_to_resume(pki, tmp_path):
+    state, parent = tmp_path / "state", f"{RUN_PARENT}/cut"
+    server = ServeProcess(SRC, pki, state, parent, extra=["--keep-jobs"])
+    env = cli_env(pki, server.port)
+    job = cli(SRC, "start", "sh", "-c", "echo first; sleep 600", certs=pki,
+              port=server.port).stdout.decode().strip()
+    p = subprocess.Popen([*SRC, "stream", job], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    assert p.stdout.readline() == b"first\n"
+    assert server.stop() == 0
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 3 and err.count(b"\n") == 1, err
+    assert f"resume with: jobworker stream {job} --offset 6".encode() in err
+    server = ServeProcess(SRC, pki, state, parent)
+    try:
+        r = cli(SRC, "stream", job, "--offset", "6", "--no-follow", certs=pki, port=server.port)
+        assert (r.returncode, r.stdout) == (0, b"")
+    finally:
+        assert server.stop() == 0
+
+
+@root
+def test_list_fits_the_terminal_and_leaves_quietly_under_head(pki, quick_server):
+    run = lambda *a, **kw: cli(SRC, *a, certs=pki, port=quick_server.port, **kw)
+    for _ in range(3):
+        run("start", "sh", "-c", "echo x\n" + "y" * 300)
+    oom = run("run", "--memory", "32M", "--", "python3", "-c", "x = bytearray(512 << 20)")
+    assert oom.returncode == 137
+    r = run("list", env=dict(os.environ, COLUMNS="100"))
+    lines = r.stdout.decode().splitlines()
+    assert lines[0].split() == ["ID", "STATE", "EXIT", "OWNER", "NAME", "STARTED", "COMMAND"]
+    assert all(len(line) <= 100 for line in lines), lines
+    assert any(line.endswith("…") for line in lines) and "oom-killed" in lines[-1]
+    assert "ago" in lines[-1]
+    env = cli_env(pki, quick_server.port)
+    while len(run("list", "-q").stdout.split()) < 120:   # --json: more than a pipe holds
+        run("start", "true")
+    for how in ("list", "list --json"):
+        p = subprocess.run(f"{sys.executable} {SRC[1]} {how} | head -1; "
+                           "echo \"rc=${PIPESTATUS[0]}\"", shell=True, executable="/bin/bash",
+                           env=dict(env, COLUMNS="100"), capture_output=True, timeout=60)
+        code = p.stdout.decode().splitlines()[-1]
+        assert code == "rc=141" or (how == "list" and code == "rc=0"), p   # (a table may fit)
+        assert p.stderr == b"", p.stderr
+
+
+@root
+def test_list_json_shows_live_usage_of_running_jobs(pki, quick_server):
+    run = lambda *a: cli(SRC, *a, certs=pki, port=quick_server.port)
+    job = run("start", "sh", "-c", "while :; do :; done").stdout.decode().strip()
+    try:
+        wait_for(lambda: json.loads(run("query", job, "--json").stdout)["usage"]["cpu_seconds"]
+                 > 0.2, what="CPU use")
+        listed = {d["id"]: d for d in json.loads(run("list", "--json").stdout)}
+        assert listed[job]["usage"]["cpu_seconds"] > 0.2
+    finally:
+        run("stop", job, "--grace", "0")
+
+
+def test_server_without_a_port_means_50051():
+    assert jw.with_default_port("host") == "host:50051"
+    assert jw.with_default_port("host:7") == "host:7"
+    assert jw.with_default_port("[::1]") == "[::1]:50051"
+    assert jw.with_default_port("[::1]:7") == "[::1]:7"
+    assert jw.with_default_port("::1") == "[::1]:50051"
+
+
+def test_durations_for_grace_and_certs_issue_needs_force(tmp_path):
+    args = jw.build_parser().parse_args(["stop", "x", "--grace", "5s"])
+    assert args.grace == 5.0
+    d = tmp_path / "certs"
+    jw.certs_init(str(d), ())
+    jw.certs_issue(str(d), "alice", ["writer"])
+    before = (d / "alice.crt").read_bytes()
+    r = subprocess.run([*SRC, "certs", "issue", str(d), "alice", "--role", "admin"],
+                       capture_output=True, timeout=60)
+    assert r.returncode == 1 and b"--force" in r.stderr and (d / "alice.crt").read_bytes() == before
+    r = subprocess.run([*SRC, "certs", "issue", str(d), "alice", "--role", "admin", "--force"],
+                       capture_output=True, timeout=60)
+    assert r.returncode == 0 and (d / "alice.crt").read_bytes() != before
+
+
+def test_log_lines_carry_an_iso_time_with_offset():
+    import logging
+    record = logging.LogRecord("jobworker", logging.INFO, __file__, 1, "hello", (), None)
+    line = jw._IsoFormatter("%(asctime)s %(message)s").format(record)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d hello", line), line
+
+
+@root
+def test_contexts_and_their_precedence(pki, quick_server, tmp_path):
+    cfg = tmp_path / "cfg"
+    base = {k: v for k, v in os.environ.items() if not k.startswith("JOBWORKER_")}
+    env = dict(base, XDG_CONFIG_HOME=str(cfg))
+    ctl = lambda *a, **kw: subprocess.run([*SRC, *a], env=dict(env, **kw), capture_output=True,
+                                          timeout=60, cwd=tmp_path)
+    # certs given relative to here are saved absolute
+    shutil.copytree(pki, tmp_path / "mine")
+    r = ctl("context", "add", "quick", "--server", f"127.0.0.1:{quick_server.port}",
+            "--ca", "mine/ca.crt", "--cert", "mine/client.crt", "--key", "mine/client.key")
+    assert r.returncode == 0, r
+    saved = cfg / "jobworker" / "contexts.json"
+    assert stat_mode(saved) == 0o600 and stat_mode(saved.parent) == 0o700
+    assert json.loads(saved.read_text())["contexts"]["quick"]["cert"] == str(
+        tmp_path / "mine" / "client.crt")
+    assert ctl("list", "-q").returncode == 0                      # the current context
+    r = ctl("context", "add", "reader", "--server", f"127.0.0.1:{quick_server.port}",
+            "--ca", "mine/ca.crt", "--cert", "mine/reader.crt", "--key", "mine/reader.key")
+    assert r.returncode == 0
+    assert b"* quick" in ctl("context", "ls").stdout
+    assert ctl("start", "true").returncode == 0                    # quick: a writer
+    assert ctl("start", "--context", "reader", "true").returncode == 5
+    assert ctl("start", "true", JOBWORKER_CONTEXT="reader").returncode == 5
+    # the environment beats the context, a flag beats the environment
+    assert ctl("start", "true", JOBWORKER_CERT=str(pki / "reader.crt"),
+               JOBWORKER_KEY=str(pki / "reader.key")).returncode == 5
+    assert ctl("start", "--cert", str(pki / "client.crt"), "--key", str(pki / "client.key"),
+               "true", JOBWORKER_CONTEXT="reader").returncode == 0
+    assert ctl("context", "use", "reader").returncode == 0
+    assert ctl("start", "true").returncode == 5
+    r = ctl("list", "--context", "nope")
+    assert r.returncode == 2 and b"no context 'nope'" in r.stderr
+    r = ctl("context", "add", "quick", "--server", "x", "--ca", "mine/ca.crt", "--cert",
+            "mine/client.crt", "--key", "mine/client.key")
+    assert r.returncode == 2 and b"--force" in r.stderr
+
+
+def stat_mode(path):
+    return os.stat(path).st_mode & 0o777
+
+
+@root
+def test_connection_errors_say_what_to_do_in_one_line(pki, quick_server, tmp_path):
+    other = tmp_path / "other"
+    jw.certs_init(str(other), ())
+    jw.certs_issue(str(other), "client", ["writer"])
+    port = quick_server.port
+    cases = [
+        (dict(key=pki / "reader.key"), "does not belong to the certificate"),
+        (dict(cert=other / "client.crt", key=other / "client.key"),
+         "does not accept the client certificate"),
+        (dict(ca=other / "ca.crt"), "a certificate the CA"),
+    ]
+    for files, says in cases:
+        env = dict(cli_env(pki, port), **{f"JOBWORKER_{k.upper()}": str(v)
+                                           for k, v in files.items()})
+        r = subprocess.run([*SRC, "list"], env=env, capture_output=True, timeout=60)
+        err = r.stderr.decode()
+        assert r.returncode == 3 and says in err and err.count("\n") == 1, (files, err)
+    with socket_port() as closed:
+        r = cli(SRC, "list", certs=pki, port=closed)
+    assert r.returncode == 3 and b"connection refused" in r.stderr
+    assert r.stderr.count(b"\n") == 1
+    # an address the server's certificate does not name
+    server = ServeProcess(SRC, pki, tmp_path / "state", f"{RUN_PARENT}/noname",
+                          listen="127.0.0.2:0")
+    try:
+        r = cli(SRC, "list", certs=pki, port=server.port, host="127.0.0.2")
+        assert r.returncode == 3 and r.stderr.count(b"\n") == 1, r
+        assert b"does not name '127.0.0.2'" in r.stderr
+        assert b"jobworker certs server DIR --host 127.0.0.2" in r.stderr
+    finally:
+        assert server.stop() == 0
+
+
+@root
+def test_certs_server_reissues_for_more_names_and_keeps_clients_valid(pki, tmp_path):
+    d = tmp_path / "certs"
+    shutil.copytree(pki, d)
+    r = subprocess.run([*SRC, "certs", "server", str(d), "--host", "127.0.0.2"],
+                       capture_output=True, timeout=60)
+    assert r.returncode == 0, r
+    server = ServeProcess(SRC, d, tmp_path / "state", f"{RUN_PARENT}/reissue",
+                          listen="127.0.0.2:0")
+    try:
+        r = cli(SRC, "list", "-q", certs=d, port=server.port, host="127.0.0.2")
+        assert r.returncode == 0, r          # the old client certificate, the new name
+    finally:
+        assert server.stop() == 0
+
+
+@root
+def test_version_shows_both_sides_and_info_is_open_to_every_role(pki, quick_server):
+    r = cli(SRC, "version", "--json", certs=pki, port=quick_server.port, name="reader")
+    assert r.returncode == 0, r
+    d = json.loads(r.stdout.decode().split("\n", 1)[1])
+    assert d["client"] == jw.__version__ and d["server"]["version"] == jw.__version__
+    assert d["server"]["cpu_percent_max"] == (os.cpu_count() or 1) * 100
+    assert d["server"]["default_grace_seconds"] == 1.0 and d["server"]["live_restore"] is True
+    human = cli(SRC, "version", certs=pki, port=quick_server.port).stdout.decode()
+    assert human.startswith(f"client: jobworker {jw.__version__}") and "server: jobworker" in human
+    peer = Peer(pki, quick_server.port, "norole")
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            peer.stub.Info(pb.InfoRequest(), timeout=30)
+        assert e.value.code() == SC.PERMISSION_DENIED   # a role is needed, any one
+    finally:
+        peer.close()
+
+
+@root
+def test_top_shows_live_cpu_and_memory_of_running_jobs(pki, quick_server):
+    run = lambda *a: cli(SRC, *a, certs=pki, port=quick_server.port)
+    job = run("start", "--memory", "256M", "--name", "spin", "--", "python3", "-c",
+              "x = bytearray(64 << 20)\nwhile True: pass").stdout.decode().strip()
+    try:
+        wait_for(lambda: json.loads(run("query", job, "--json").stdout)["usage"]["memory_bytes"]
+                 > 60 << 20, what="memory use")
+        r = run("top", "--no-stream")
+        assert r.returncode == 0, r
+        lines = r.stdout.decode().splitlines()
+        assert lines[0].split()[:3] == ["ID", "NAME", "CPU"]
+        row = next(line for line in lines if line.startswith(job[:8])).split()
+        assert row[1] == "spin" and float(row[2]) > 20          # busy: CPU % of one CPU
+        assert "MiB" in row[4] and row[5:7] == ["256", "MiB"]   # memory, then its limit
+    finally:
+        run("stop", job, "--grace", "0")
+
+
+def test_every_subcommand_has_an_example_and_its_arguments_help():
+    import argparse
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield path + [name], sub
+                    yield from walk(sub, path + [name])
+    for path, sub in walk(jw.build_parser(), []):
+        if any(isinstance(a, argparse._SubParsersAction) for a in sub._actions):
+            continue
+        assert sub.epilog and "example: jobworker" in sub.epilog, path
+        for action in sub._actions:
+            assert action.help, (path, action.dest)
+
+
+def test_completion_scripts_load_in_bash(tmp_path):
+    pytest.importorskip("shtab")
+    r = subprocess.run([*SRC, "completion", "bash"], capture_output=True, timeout=60)
+    assert r.returncode == 0 and b"_shtab_jobworker" in r.stdout
+    script = tmp_path / "c.bash"
+    script.write_bytes(r.stdout)
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    check = subprocess.run(["bash", "-c", f"source {script}; complete -p jobworker"],
+                           capture_output=True, text=True, timeout=60)
+    assert "jobworker" in check.stdout, check
+    z = subprocess.run([*SRC, "completion", "zsh"], capture_output=True, timeout=60)
+    assert z.returncode == 0 and z.stdout.startswith(b"#compdef jobworker")
 
 
 # ================================================================================================
