@@ -1440,6 +1440,10 @@ def _reset_reserved_signals(libc):
         libc.syscall(nr, sig, ctypes.byref(act), None, 8)
 
 
+FDS_PER_JOB = 6     # the launcher's per running job: two pipes, the log and index, a pidfd, slack
+FD_RESERVE = 512    # for everything else: connections, the state dir, spawns in flight
+
+
 def raise_fd_limit():
     """Lift RLIMIT_NOFILE to what the kernel allows (root may raise the hard limit too): each
     running job holds a few fds in the server and in the launcher."""
@@ -1614,8 +1618,14 @@ class _Shim:
 
     def _spawn(self, req, fds):
         """Fork the job; its exec report is read by the loop (another spawn need not wait)."""
-        out_w, err_w, out_r, err_r = fds
         reply = {"op": "spawned", "seq": req["seq"]}
+        if len(fds) != 4:   # the kernel dropped some: this process is at its open-files limit
+            for fd in fds:
+                _close_quietly(fd)
+            self._send(dict(reply, error="fds", errno=errno.EMFILE,
+                            detail="the launcher is at its open-files limit"))
+            return
+        out_w, err_w, out_r, err_r = fds
         try:
             writer = LogWriter(req["dir"], req["cap"])
         except OSError as e:
@@ -1941,6 +1951,8 @@ class LauncherClient:
         if reply.get("error") == "launcher":
             raise LauncherError("the job launcher exited while starting the job; what it "
                                 "had started was ended")
+        if reply.get("error") == "fds":
+            raise CapReached("open files of the job launcher", "RLIMIT_NOFILE")
         if "pid" not in reply:
             raise SpawnError.from_report(req["argv"][0], reply.get("errno") or 0,
                                          reply.get("error", "spawn"), reply.get("detail", ""))
@@ -2541,7 +2553,7 @@ class JobManager:
                 self._dynamic.load()
             self.cgroups.setup()
             _set_child_subreaper()
-            raise_fd_limit()
+            self._cap_by_fd_limit(raise_fd_limit())
             self._finisher = concurrent.futures.ThreadPoolExecutor(8, "jobworker-finish")
             self._engine = _Engine()
             self._launcher = LauncherClient(self.state_dir, self, self.live_restore)
@@ -2914,6 +2926,20 @@ class JobManager:
                 raise LauncherError("the job launcher process has exited and is being "
                                     "restarted; try again")
             return self._launcher
+
+    def _cap_by_fd_limit(self, limit):
+        """Run no more jobs at once than the open-files limit allows (the launcher, which
+        inherits it, holds FDS_PER_JOB per running job; the server fewer)."""
+        if not limit:
+            return
+        fits = max(1, (limit - FD_RESERVE) // FDS_PER_JOB)
+        if fits < self._running.cap:
+            log.warning("the open-files limit (RLIMIT_NOFILE %d) allows %d running jobs, fewer "
+                        "than --max-jobs %d: at most %d run at once (raise the hard limit, "
+                        "systemd's LimitNOFILE=, for more)", limit, fits, self._running.cap,
+                        fits)
+            self._running.cap = fits
+            self._running.reserve = admin_reserve(fits)
 
     def _launcher_gone(self):
         return self._launcher is None or not self._launcher.alive

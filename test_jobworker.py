@@ -3683,6 +3683,41 @@ def test_completion_scripts_load_in_bash(tmp_path):
     assert z.returncode == 0 and z.stdout.startswith(b"#compdef jobworker")
 
 
+@root
+def test_a_spawn_whose_fds_did_not_all_arrive_is_refused_and_the_launcher_lives(manager):
+    # A launcher at its open-files limit receives fewer fds than were sent (the kernel drops
+    # the rest): it must refuse that one spawn, not die with every job's pipes.
+    running = manager.start("sleep", ["600"])
+    launcher = manager._launcher
+    before = launcher.pid
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        req = {"argv": ["true"], "env": {}, "cwd": "/", "procs": [], "hide": [],
+               "empty_file": "/dev/null", "job": str(uuid.uuid4()),
+               "dir": str(manager.store.jobs_dir), "cap": 1 << 20}
+        with pytest.raises(jw.CapReached) as e:
+            launcher.spawn(req, [w, r])
+        assert "open files of the job launcher" in str(e.value)
+        assert jw.status_code_for(e.value) == "RESOURCE_EXHAUSTED"
+    finally:
+        os.close(r)
+        os.close(w)
+    assert launcher.alive and manager._launcher.pid == before
+    assert manager.status(running.id).state == jw.RUNNING
+    assert manager.start("true", []).state == jw.RUNNING
+
+
+def test_running_jobs_are_capped_by_the_open_files_limit(fake_manager, caplog):
+    m = fake_manager(max_jobs=5000)
+    m._cap_by_fd_limit(20000)
+    assert m._running.cap == (20000 - jw.FD_RESERVE) // jw.FDS_PER_JOB
+    assert "allows 3248 running jobs, fewer than --max-jobs 5000" in caplog.text
+    assert m._running.reserve == jw.admin_reserve(m._running.cap)
+    roomy = fake_manager(state=m.state_dir + "-2", max_jobs=100)
+    roomy._cap_by_fd_limit(20000)
+    assert roomy._running.cap == 100
+
+
 # ================================================================================================
 # Deploy: three hosts in network namespaces, driven by the CLI from the root namespace
 # ================================================================================================

@@ -55,7 +55,9 @@ class Serve:
         self.proc = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "jobworker.py"), "serve", "--listen",
              "127.0.0.1:0", "--certs", certs, "--state-dir", state, "--cgroup-parent",
-             f"{PARENT}/{os.path.basename(state)}", *extra],
+             f"{PARENT}/{os.path.basename(state)}",
+             # one identity drives every figure: the per-owner caps are the global ones
+             "--max-jobs-per-owner", "20000", "--max-streams-per-owner", "1000", *extra],
             stderr=subprocess.PIPE, text=True)
         for line in self.proc.stderr:
             if "serving on" in line:
@@ -73,7 +75,7 @@ class Serve:
 
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(120)
+        self.proc.wait(600)
 
 
 class Bare:
@@ -345,6 +347,64 @@ def fig6_8(certs, state_root):
         server.stop()
 
 
+def fig13(certs, state_root):
+    """BENCH_MANY (10,000) jobs running at once: all start, the server stays small and quick."""
+    import resource
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    fits = (hard - jw.FD_RESERVE) // jw.FDS_PER_JOB - 100   # what the server will allow here
+    many = int(os.environ.get("BENCH_MANY", min(10000, fits)))
+    if many < 10000:
+        print(f"    (the open-files hard limit here, {hard}, allows {fits + 100} running jobs: "
+              f"{many} are run; 10,000 need {10100 * jw.FDS_PER_JOB + jw.FD_RESERVE})")
+    pb, _ = jw._pb()
+    server = Serve(certs, os.path.join(state_root, "tenk"), ["--max-jobs", str(many + 100)])
+    try:
+        ch, s = stub(certs, server.port)
+        idle_job = s.Start(pb.StartRequest(name="sleep", args=["3600"])).job_id
+        q = lambda: s.Query(pb.QueryRequest(job_id=idle_job))
+        unary_latencies(q, 50)
+        idle_q = pct(unary_latencies(q, 500), 50)
+        _, rss0, _ = server.stats()
+        start = lambda _: s.Start(pb.StartRequest(name="sleep", args=["3600"]), timeout=120)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(start, range(99)))
+            time.sleep(1)
+            threads0 = server.stats()[0]
+            t = time.perf_counter()
+            list(pool.map(start, range(many - 100)))
+            took = time.perf_counter() - t
+        time.sleep(2)
+        threads1, rss1, _ = server.stats()
+        running = len(s.List(pb.ListRequest(states=[pb.JOB_STATE_RUNNING], page_size=1)).jobs)
+        busy_q = pct(unary_latencies(q, 500), 50)
+        launcher = max(int(p) for p in os.listdir("/proc") if p.isdigit() and _is_launcher(p))
+        lrss = int(dict(l.split(":", 1) for l in open(f"/proc/{launcher}/status"))
+                   ["VmRSS"].split()[0]) * 1024
+        row(13, f"{many} running jobs: started (jobs/s)", (many - 100) / took, None, None, "-")
+        row(13, f"{many} running jobs: Query p50 (ms)", busy_q * 1000, idle_q * 1000,
+            busy_q / idle_q, "<= 1.2x")
+        row(13, f"{many} running jobs: server RSS (MB)", rss1 / 1e6, rss0 / 1e6, rss1 / rss0,
+            "<= 300 MB")
+        row(13, f"{many} running jobs: launcher RSS (MB)", lrss / 1e6, None, None, "-")
+        row(13, f"{many} running jobs: server threads (floor: 100 jobs)", float(threads1),
+            float(threads0), threads1 / threads0, "not growing")
+        assert running == 1   # (a page of one: the call works with them all there)
+        ch.close()
+        t = time.perf_counter()
+    finally:
+        server.stop()
+    row(13, f"{many} running jobs: server stop, all stopped (s)", time.perf_counter() - t, None,
+        None, "-")
+
+
+def _is_launcher(pid):
+    try:
+        return b"launcher_main" in open(f"/proc/{pid}/cmdline", "rb").read() and \
+            b"tenk" in open(f"/proc/{pid}/cmdline", "rb").read()
+    except OSError:
+        return False
+
+
 def fig7(certs, server, bare, pyz):
     pb = jw._pb()[0]
     ch, s = stub(certs, server.port)
@@ -598,21 +658,23 @@ def main():
     certs = os.path.join(tmp, "certs")
     jw.certs_init(certs)
     jw.certs_issue(certs, "bench", ["admin"])
+    # BENCH_FIGS=1,3,7 runs only those figures (each function's first number decides)
+    only = {int(f) for f in os.environ.get("BENCH_FIGS", "").split(",") if f.strip()}
+    want = lambda fn: not only or int(fn.__name__[3:].split("_")[0]) in only
     server = Serve(certs, os.path.join(tmp, "main"))
     bare = Bare(certs)
     try:
-        fig1_2(certs, server, bare)
-        fig3_4(certs, server, bare, tmp)
-        fig5(certs, server, bare)
-        fig7(certs, server, bare, pyz)
+        for fn, args in ((fig1_2, (certs, server, bare)), (fig3_4, (certs, server, bare, tmp)),
+                         (fig5, (certs, server, bare)), (fig7, (certs, server, bare, pyz))):
+            if want(fn):
+                fn(*args)
     finally:
         server.stop()
         bare.stop()
     try:
-        fig6_8(certs, tmp)
-        fig9(certs, tmp)
-        fig11(certs, tmp)
-        fig12(certs, tmp)
+        for fn in (fig6_8, fig9, fig11, fig12, fig13):
+            if want(fn):
+                fn(certs, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         jw.detect_cgroups(PARENT).remove_parent()
