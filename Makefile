@@ -63,6 +63,7 @@ run: jobworker.pyz certs/client.crt
 	@echo "  ID=\$$(./jobworker.pyz start bash -c 'while true; do echo hello; sleep 1; done' --cpu 50% --memory 256M --disk-io 10MB/s)"
 	@echo "  ./jobworker.pyz stream \$$ID        # Ctrl-C leaves; the job goes on"
 	@echo "  ./jobworker.pyz query \$$ID && ./jobworker.pyz stop \$$ID"
+	@echo "  ./jobworker.pyz run --memory 64M -- sh -c 'echo hi; exit 3'; echo \$$?   # 3"
 	./jobworker.pyz serve --listen localhost:50051 --certs certs --state-dir build/state
 
 clean:

@@ -6184,6 +6184,9 @@ def main(argv=None):
         return EXIT_INTERRUPTED
     except _Signalled as e:   # between run's handlers being set and its own try
         return 128 + e.signum
+    except BrokenPipeError:   # stdout went away (`| head`): quietly, as a shell's commands
+        _quiet_stdout()
+        return 141
     except CliError as e:
         print(f"jobworker: {e}", file=sys.stderr)
         return e.code

@@ -3624,6 +3624,10 @@ def test_version_shows_both_sides_and_info_is_open_to_every_role(pki, quick_serv
     assert d["server"]["default_grace_seconds"] == 1.0 and d["server"]["live_restore"] is True
     human = cli(SRC, "version", certs=pki, port=quick_server.port).stdout.decode()
     assert human.startswith(f"client: jobworker {jw.__version__}") and "server: jobworker" in human
+    p = subprocess.run(f"{sys.executable} {SRC[1]} version | head -1; echo rc=${{PIPESTATUS[0]}}",
+                       shell=True, executable="/bin/bash", env=cli_env(pki, quick_server.port),
+                       capture_output=True, timeout=60)
+    assert p.stdout.decode().splitlines()[-1] in ("rc=141", "rc=0") and p.stderr == b"", p
     peer = Peer(pki, quick_server.port, "norole")
     try:
         with pytest.raises(grpc.RpcError) as e:
