@@ -2597,6 +2597,9 @@ class JobManager:
         workdir = validate_workdir(workdir)
         timeout = validate_timeout(timeout)
         name = validate_name(name)
+        if any(workdir == h or workdir.startswith(h.rstrip("/") + "/") for h in self._hide):
+            # what the job cannot see does not exist for it: nothing here says otherwise
+            raise InvalidArgument("workdir", workdir, os.strerror(errno.ENOENT))
         try:   # checked here, before anything is made (the job's user is checked at chdir)
             is_dir = os.path.isdir(workdir)
             os.stat(workdir)
@@ -3918,7 +3921,7 @@ class JobService:
             version=__version__, cgroup_version=m.cgroups.version, cpus=ncpu,
             cpu_percent_min=MIN_CPU_QUOTA_US * 100 / CPU_PERIOD_US, cpu_percent_max=ncpu * 100,
             disks=list(m.devices), default_pids=m.default_pids or 0,
-            default_grace_seconds=m.grace, max_jobs=m.max_jobs,
+            default_grace_seconds=m.grace, max_jobs=m._running.cap,
             max_jobs_per_owner=m._running.per_owner, max_streams=self.streams.cap,
             max_streams_per_owner=self.streams.per_owner, keep_finished=m.keep_finished,
             keep_for_seconds=m.keep_for or 0, log_cap_bytes=m.log_cap,
@@ -4088,6 +4091,7 @@ class HealthService:
     shut_down() ends them all, so that no probe delays a stop."""
 
     NAME = "grpc.health.v1.Health"
+    NAMES = ("", SERVICE_NAME)   # the services whose health it tells
 
     def __init__(self):
         import queue
@@ -4100,6 +4104,11 @@ class HealthService:
 
         class Servicer(health.HealthServicer):
             def Watch(self, request, context):
+                if request.service not in outer.NAMES:
+                    # grpc's servicer keeps every name ever watched: only ours are kept
+                    yield health_pb2.HealthCheckResponse(
+                        status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+                    return
                 q = queue.SimpleQueue()
                 with outer._lock:
                     outer._queues.add(q)
@@ -4114,14 +4123,14 @@ class HealthService:
                         outer._queues.discard(q)
 
         self.servicer = Servicer(experimental_non_blocking=False)
-        for name in ("", SERVICE_NAME):
+        for name in self.NAMES:
             self.servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def add_to(self, server):
         self._pb_grpc.add_HealthServicer_to_server(self.servicer, server)
 
     def serving(self):
-        for name in ("", SERVICE_NAME):
+        for name in self.NAMES:
             self.servicer.set(name, self._pb.HealthCheckResponse.SERVING)
 
     def shut_down(self):
@@ -4135,6 +4144,7 @@ class HealthService:
 # -- metrics (Prometheus) ------------------------------------------------------------------
 
 METRICS_MAX_OWNERS = 1000   # distinct owner label values; later owners are counted as "other"
+METRICS_CONNECTIONS, METRICS_TIMEOUT = 16, 10.0   # scrapers at once; seconds each may take
 RPC_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
 
 
@@ -4254,6 +4264,7 @@ class MetricsServer:
         class Handler(http.server.BaseHTTPRequestHandler):
             server_version = "jobworker"
             sys_version = ""
+            timeout = METRICS_TIMEOUT
 
             def do_GET(self):
                 if self.path.split("?", 1)[0] != "/metrics":
@@ -4278,8 +4289,27 @@ class MetricsServer:
                 pass
 
         class Server(http.server.ThreadingHTTPServer):
+            """At most METRICS_CONNECTIONS at once (more are closed at once), each given
+            METRICS_TIMEOUT seconds: a flood of idle connections holds no threads."""
             address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
             daemon_threads = True
+            slots = threading.BoundedSemaphore(METRICS_CONNECTIONS)
+
+            def process_request(self, request, client_address):
+                if not self.slots.acquire(blocking=False):
+                    self.shutdown_request(request)
+                    return
+                try:
+                    super().process_request(request, client_address)
+                except BaseException:
+                    self.slots.release()
+                    raise
+
+            def process_request_thread(self, request, client_address):
+                try:
+                    super().process_request_thread(request, client_address)
+                finally:
+                    self.slots.release()
 
         try:
             self.httpd = Server((host, port), Handler)
@@ -4673,14 +4703,21 @@ class Contexts:
 
 def client_settings(args, env=os.environ):
     """server, ca, cert, key for a client command: each from its flag, else its environment
-    variable, else the context (--context, JOBWORKER_CONTEXT or the current one), else the
-    default."""
-    name = getattr(args, "context", None) or env.get("JOBWORKER_CONTEXT")
+    variable, else the context (JOBWORKER_CONTEXT or the current one), else the default. A
+    context named by --context is a flag: it wins over the environment (a named host is not
+    swapped for another by a variable left set)."""
     contexts = Contexts(os.path.join(config_dir(env), "contexts.json"))
-    context = contexts.get(name) if name else contexts.all.get(contexts.current, {})
+    named = getattr(args, "context", None)
+    if named:
+        context = contexts.get(named)
+        order = lambda flag, var: (getattr(args, flag, None), context.get(flag), env.get(var))
+    else:
+        name = env.get("JOBWORKER_CONTEXT")
+        context = contexts.get(name) if name else contexts.all.get(contexts.current, {})
+        order = lambda flag, var: (getattr(args, flag, None), env.get(var), context.get(flag))
     out = {}
     for flag, (var, default) in CLIENT_DEFAULTS.items():
-        out[flag] = getattr(args, flag, None) or env.get(var) or context.get(flag) or default
+        out[flag] = next((v for v in order(flag, var) if v), default)
     return out
 
 
@@ -5045,10 +5082,22 @@ def _trailing_hint(message, trailing):
 
 
 def _env_item(text):
+    """NAME=VALUE, or NAME: the value of NAME here (as docker's -e NAME). Errors name the
+    variable, never its value."""
+    import argparse
     name, eq, value = text.partition("=")
+    if not _ENV_NAME_RE.fullmatch(name):
+        raise argparse.ArgumentTypeError(f"invalid name {name!r}: NAME=VALUE or NAME, NAME as "
+                                         "[A-Za-z_][A-Za-z0-9_]*")
     if not eq:
-        raise ValueError(text)
-    validate_env({name: value})
+        if name not in os.environ:
+            raise argparse.ArgumentTypeError(f"{name} is not set here (NAME alone takes its "
+                                             "value from this environment)")
+        value = os.environ[name]
+    try:
+        validate_env({name: value})
+    except InvalidArgument as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return name, value
 
 
@@ -5260,7 +5309,8 @@ def _how_it_ended(pb, msg):
 
 
 def cmd_version(args):
-    print(f"client: jobworker {__version__} (Python {sys.version.split()[0]})")
+    if not args.json:   # said first: the client's version is known if the server is not
+        print(f"client: jobworker {__version__} (Python {sys.version.split()[0]})", flush=True)
     client = Client(args)
     info = client.call("Info", client.pb.InfoRequest())
     if args.json:
@@ -5866,10 +5916,10 @@ def _add_start_options(p):
     p.add_argument("--memory", help="memory limit: 256M, 1G (base 1024)")
     p.add_argument("--disk-io", help="read and write bandwidth per disk: 10MB/s (base 1000)")
     p.add_argument("--pids", help=f"most processes (server default {DEFAULT_PIDS_LIMIT})")
-    p.add_argument("--env", action="append", metavar="NAME=VALUE",
-                   type=_cli_type(_env_item, "NAME=VALUE, NAME as [A-Za-z_][A-Za-z0-9_]*"),
-                   help="an environment variable for the job, added to its defaults "
-                        "(repeatable; `query` shows the names, never the values)")
+    p.add_argument("--env", action="append", metavar="NAME=VALUE", type=_env_item,
+                   help="an environment variable for the job, added to its defaults; NAME "
+                        "alone passes this shell's value (repeatable; `query` shows the names, "
+                        "never the values)")
     p.add_argument("--workdir", metavar="DIR", help=f"its working directory ({JOB_CWD})")
     p.add_argument("--timeout", metavar="DURATION", type=_cli_type(parse_duration, DURATION_FORM),
                    help="stop it (as `stop` does) once it has run this long: 30s, 15m, 2h")
@@ -6159,6 +6209,11 @@ def main(argv=None):
     parser = build_parser()
     command = None
     command, trailing = None, []
+    if argv[:1] == ["--context"] and len(argv) > 2 or argv[:1] and argv[0].startswith(
+            "--context="):   # as docker's: jobworker --context NAME SUBCOMMAND ...
+        given = argv[0].split("=", 1)[1] if "=" in argv[0] else argv[1]
+        rest = argv[1:] if "=" in argv[0] else argv[2:]
+        argv = [rest[0], "--context", given, *rest[1:]] if rest else argv
     if argv[:1] != ["serve"]:   # a client: its errors are its own lines, not the C core's
         os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     if argv and argv[0] in parser.start_parsers:

@@ -3076,7 +3076,8 @@ def test_env_reaches_the_job_and_its_values_are_never_shown(pki, quick_server, t
     records = list(pathlib.Path(quick_server.state).glob(f"jobs/{job['id']}/*"))
     assert records and not [p for p in records if p.is_file() and b"hunter2" in p.read_bytes()
                             and p.name != "output.log"]
-    for bad, why in [("1X=a", b"NAME=VALUE"), ("NOEQUALS", b"NAME=VALUE"), ("A B=c", b"NAME")]:
+    for bad, why in [("1X=a", b"NAME=VALUE"), ("NOEQUALS_UNSET", b"not set here"),
+                     ("A B=c", b"NAME")]:
         r = run("start", "--env", bad, "true")
         assert r.returncode == 2 and why in r.stderr, r
 
@@ -3551,6 +3552,10 @@ def test_contexts_and_their_precedence(pki, quick_server, tmp_path):
                JOBWORKER_KEY=str(pki / "reader.key")).returncode == 5
     assert ctl("start", "--cert", str(pki / "client.crt"), "--key", str(pki / "client.key"),
                "true", JOBWORKER_CONTEXT="reader").returncode == 0
+    # a context named by --context is a flag: it beats the environment, before or after
+    assert ctl("start", "--context", "quick", "true", JOBWORKER_CERT=str(pki / "reader.crt"),
+               JOBWORKER_KEY=str(pki / "reader.key")).returncode == 0
+    assert ctl("--context", "reader", "start", "true").returncode == 5
     assert ctl("context", "use", "reader").returncode == 0
     assert ctl("start", "true").returncode == 5
     r = ctl("list", "--context", "nope")
@@ -3618,7 +3623,7 @@ def test_certs_server_reissues_for_more_names_and_keeps_clients_valid(pki, tmp_p
 def test_version_shows_both_sides_and_info_is_open_to_every_role(pki, quick_server):
     r = cli(SRC, "version", "--json", certs=pki, port=quick_server.port, name="reader")
     assert r.returncode == 0, r
-    d = json.loads(r.stdout.decode().split("\n", 1)[1])
+    d = json.loads(r.stdout)   # JSON alone
     assert d["client"] == jw.__version__ and d["server"]["version"] == jw.__version__
     assert d["server"]["cpu_percent_max"] == (os.cpu_count() or 1) * 100
     assert d["server"]["default_grace_seconds"] == 1.0 and d["server"]["live_restore"] is True
@@ -3720,6 +3725,87 @@ def test_running_jobs_are_capped_by_the_open_files_limit(fake_manager, caplog):
     roomy = fake_manager(state=m.state_dir + "-2", max_jobs=100)
     roomy._cap_by_fd_limit(20000)
     assert roomy._running.cap == 100
+
+
+@root
+def test_health_watch_of_unknown_names_ends_and_keeps_nothing(pki, tmp_path):
+    from grpc_health.v1 import health_pb2 as hpb
+    server = ServeProcess(SRC, pki, tmp_path / "state", f"{RUN_PARENT}/healthleak")
+    peer, health = _health(pki, server.port, "norole")
+    try:
+        rss = lambda: int(dict(line.split(":", 1) for line in open(
+            f"/proc/{server.proc.pid}/status"))["VmRSS"].split()[0]) << 10
+        watch = health.Watch(hpb.HealthCheckRequest(service="no.such.Service"), timeout=30)
+        assert [m.status for m in watch] == [hpb.HealthCheckResponse.SERVICE_UNKNOWN]
+        before = rss()
+        for i in range(100):   # 100 names of 1,000,000 bytes each, each watched once
+            name = f"{i:04d}".ljust(1_000_000, "x")
+            list(health.Watch(hpb.HealthCheckRequest(service=name), timeout=30))
+        assert rss() - before < 40 << 20, (before, rss())   # not 100 MB kept
+    finally:
+        peer.close()
+        assert server.stop() == 0
+
+
+def test_metrics_port_holds_no_thread_for_idle_connections(monkeypatch):
+    import socket
+    import urllib.request
+    monkeypatch.setattr(jw, "METRICS_TIMEOUT", 1.0)
+    http = jw.MetricsServer("127.0.0.1:0", jw.Metrics(2).registry)
+    idle = []
+    try:
+        before = threading.active_count()
+        for _ in range(60):   # each sends half a request and waits
+            s = socket.create_connection(("127.0.0.1", http.port))
+            s.sendall(b"GET /metr")
+            idle.append(s)
+        time.sleep(0.5)
+        assert threading.active_count() <= before + jw.METRICS_CONNECTIONS
+        wait_for(lambda: threading.active_count() <= before, timeout=15,
+                 what="idle connections timed out")
+        with urllib.request.urlopen(f"http://127.0.0.1:{http.port}/metrics", timeout=30) as r:
+            assert r.status == 200
+    finally:
+        for s in idle:
+            s.close()
+        http.close()
+
+
+def test_env_errors_never_show_a_value_and_name_alone_passes_this_shell_s(monkeypatch):
+    parse = lambda *a: jw.build_parser().parse_args(["start", *a])
+    monkeypatch.setenv("JW_TEST_TOKEN", "from-here")
+    assert parse("--env", "JW_TEST_TOKEN").env == [("JW_TEST_TOKEN", "from-here")]
+    for bad in ("1BAD=s3cret", "A B=s3cret"):
+        r = subprocess.run([*SRC, "start", "--env", bad, "true"], capture_output=True,
+                           timeout=60)
+        assert r.returncode == 2 and b"s3cret" not in r.stderr and b"invalid name" in r.stderr
+    r = subprocess.run([*SRC, "start", "--env", "JW_TEST_UNSET_XYZ", "true"],
+                       capture_output=True, timeout=60)
+    assert r.returncode == 2 and b"JW_TEST_UNSET_XYZ is not set here" in r.stderr
+
+
+@root
+def test_a_workdir_in_a_hidden_path_answers_as_a_missing_one(pki, quick_server):
+    run = lambda *a: cli(SRC, *a, certs=pki, port=quick_server.port)
+    job = run("start", "true").stdout.decode().strip()
+    for path in (quick_server.state / "jobs" / job, quick_server.state / "jobs" / "made-up",
+                 pki, pki / "ca.key"):
+        r = run("start", "--workdir", str(path), "true")
+        assert r.returncode == 6, r
+        assert r.stderr.decode().rstrip().endswith(": No such file or directory"), r.stderr
+
+
+@root
+def test_the_running_jobs_cap_follows_the_open_files_limit(pki, tmp_path):
+    server = ServeProcess(["prlimit", "--nofile=1100:1100", *SRC], pki, tmp_path / "state",
+                          f"{RUN_PARENT}/fdcap")
+    try:
+        fits = (1100 - jw.FD_RESERVE) // jw.FDS_PER_JOB
+        assert any(f"allows {fits} running jobs" in line for line in server.lines)
+        r = cli(SRC, "version", "--json", certs=pki, port=server.port)
+        assert json.loads(r.stdout)["server"]["max_jobs"] == fits
+    finally:
+        assert server.stop() == 0
 
 
 # ================================================================================================
