@@ -5885,16 +5885,15 @@ def _seconds(text):
     return seconds
 
 
+def _count(text, digits=9):
+    """A whole number of at most `digits` ASCII digits (no sign: 0 or more)."""
+    if not re.fullmatch(rf"[0-9]{{1,{digits}}}", text.strip()):
+        raise ValueError(text)
+    return int(text)
+
+
 def _offset(text):
-    if not re.fullmatch(r"[0-9]{1,18}", text.strip()):
-        raise ValueError(text)
-    return int(text)
-
-
-def _count(text):
-    if not re.fullmatch(r"[0-9]{1,9}", text.strip()):
-        raise ValueError(text)
-    return int(text)
+    return _count(text, 18)
 
 
 def _positive(text):
