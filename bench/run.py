@@ -661,17 +661,18 @@ def main():
     # BENCH_FIGS=1,3,7 runs only those figures (each function's first number decides)
     only = {int(f) for f in os.environ.get("BENCH_FIGS", "").split(",") if f.strip()}
     want = lambda fn: not only or int(fn.__name__[3:].split("_")[0]) in only
-    server = Serve(certs, os.path.join(tmp, "main"))
-    bare = Bare(certs)
-    try:
-        for fn, args in ((fig1_2, (certs, server, bare)), (fig3_4, (certs, server, bare, tmp)),
-                         (fig5, (certs, server, bare)), (fig7, (certs, server, bare, pyz))):
-            if want(fn):
-                fn(*args)
-    finally:
-        server.stop()
-        bare.stop()
-    try:
+    try:   # the state and the cgroup parent go, whichever figure fails
+        server = Serve(certs, os.path.join(tmp, "main"))
+        bare = Bare(certs)
+        try:
+            for fn, args in ((fig1_2, (certs, server, bare)),
+                             (fig3_4, (certs, server, bare, tmp)), (fig5, (certs, server, bare)),
+                             (fig7, (certs, server, bare, pyz))):
+                if want(fn):
+                    fn(*args)
+        finally:
+            server.stop()
+            bare.stop()
         for fn in (fig6_8, fig9, fig11, fig12, fig13):
             if want(fn):
                 fn(certs, tmp)
