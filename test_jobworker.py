@@ -613,6 +613,29 @@ def test_non_executable_program_reports_permission_denied(manager, tmp_path):
 
 
 @root
+def test_program_is_searched_in_the_job_s_path_as_execvp_does(manager, tmp_path):
+    dirs = [tmp_path / n for n in ("missing", "plain", "notdir", "script")]
+    for d in dirs[1:]:
+        d.mkdir()
+    (dirs[1] / "prog").write_text("#!/bin/sh\necho plain\n")   # not executable: skipped
+    (dirs[2] / "prog").mkdir()                                  # a directory: skipped
+    (dirs[3] / "prog").write_text("#!/bin/sh\necho found\n")
+    (dirs[3] / "prog").chmod(0o755)
+    path = ":".join(map(str, dirs))
+    job = manager.start("prog", env={"PATH": path})
+    assert output(manager, job.id)[0] == b"found\n"
+    # no entry runs it: the first error other than "not there" is the one reported
+    with pytest.raises(jw.SpawnError, match="permission denied: prog"):
+        manager.start("prog", env={"PATH": ":".join(map(str, dirs[:3]))})
+    with pytest.raises(jw.SpawnError, match="no such file: prog"):
+        manager.start("prog", env={"PATH": str(dirs[0])})
+    with pytest.raises(jw.SpawnError, match="no such file: prog"):
+        manager.start("prog", env={"PATH": ""})   # an empty PATH: the current directory
+    wait_final(manager, job.id)
+    assert manager.cgroups.leftover_job_ids() == []
+
+
+@root
 def test_job_gets_only_fds_0_to_2_and_devnull_stdin(manager):
     job = manager.start("ls", ["-l", "/proc/self/fd"])
     out, _, _ = output(manager, job.id)
