@@ -624,6 +624,13 @@ def _kill_via_file(path):
 def _rmdir_tree(path, attempts=100):
     """Remove a cgroup dir and its sub-cgroups. ENOENT means done; EBUSY (a task still
     exiting) is retried for about a second before giving up."""
+    try:   # the usual case, an empty cgroup without sub-cgroups: no walk of its files
+        os.rmdir(path)
+        return
+    except FileNotFoundError:
+        return
+    except OSError:
+        pass
     for d in _descendants_bottom_up(path):
         for attempt in range(attempts):
             try:
@@ -635,6 +642,11 @@ def _rmdir_tree(path, attempts=100):
                 if e.errno != errno.EBUSY or attempt == attempts - 1:
                     raise CgroupError(d, None, e.errno) from None
                 time.sleep(0.01)
+
+
+def _populated(events_path):
+    """What cgroup.events says of the subtree (a cgroup already gone holds nothing)."""
+    return _read_keyed(events_path).get("populated", 0) != 0
 
 
 def _wait_populated_zero(events_path, timeout):
@@ -676,6 +688,10 @@ class Cgroup:
     def create(self): raise NotImplementedError
     def set_limits(self, limits, devices): raise NotImplementedError
     def pids(self): raise NotImplementedError
+
+    def populated(self):
+        """Whether any process is in it or below it."""
+        return bool(self.pids())
     def wait_empty(self, timeout): raise NotImplementedError
     def oom_kills(self): raise NotImplementedError
     def usage(self): raise NotImplementedError
@@ -768,6 +784,11 @@ class CgroupV1(Cgroup):
 
     def pids(self):
         return _procs(self._track)
+
+    def populated(self):
+        if self.unified:   # one read for the whole subtree
+            return _populated(f"{self.unified}/cgroup.events")
+        return super().populated()
 
     def _kill_file(self):
         return f"{self.unified}/cgroup.kill" if self.unified else None
@@ -874,6 +895,9 @@ class CgroupV2(Cgroup):
 
     def wait_empty(self, timeout):
         return _wait_populated_zero(f"{self.path}/cgroup.events", timeout)
+
+    def populated(self):
+        return _populated(f"{self.path}/cgroup.events")
 
     def oom_kills(self):
         return _read_keyed(f"{self.path}/memory.events").get("oom_kill", 0)
@@ -3114,7 +3138,7 @@ class JobManager:
         launcher write the rest of the output, read the OOM counter and usage, remove the
         cgroup; then save the final record and keep a FinishedJob in the job's place."""
         try:
-            if job.cgroup.pids():
+            if job.cgroup.populated():
                 job.cgroup.kill_all()
             with job.cond:
                 job.cond.wait_for(lambda: job.output_done, 5.0)

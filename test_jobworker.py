@@ -1057,6 +1057,16 @@ def test_sub_cgroups_made_by_the_job_are_removed(manager):
 
 
 @root
+def test_populated_says_whether_any_process_is_in_the_job_or_below(manager):
+    job = manager.start("sh", ["-c", "sleep 600 & wait"])
+    cg = manager.cgroups.job(job.id)
+    assert cg.populated() and cg.pids()
+    manager.stop(job.id, grace=0)
+    assert not cg.populated() and not cg.pids()   # stopped, and its cgroups removed
+    assert not jw.Cgroup.populated(cg)            # the generic way agrees
+
+
+@root
 def test_concurrent_stops_make_one_transition(manager):
     job = manager.start("sleep", ["600"])
     results, errors = [], []
