@@ -3792,6 +3792,71 @@ def _translating(fn):
     return unary
 
 
+# Output goes out already encoded (as StreamResponse bytes, the serializer passes them on): a
+# message object would copy the data in and again out, the largest cost of a stream after TLS.
+# Byte for byte what protobuf's SerializeToString gives: fields in order, zeros left out.
+
+def _varint(n):
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _field(tag, value):
+    """A varint field, left out when 0 (proto3)."""
+    return tag + _varint(value) if value else b""
+
+
+def _wrapped(tag, parts, size):
+    """A length-delimited field holding `parts` (their total length: size)."""
+    return b"".join([tag, _varint(size), *parts])
+
+
+def encode_output_chunk(stream, offset, data):
+    """StreamResponse{chunk: OutputChunk{stream, offset, data}} as bytes."""
+    head = _field(b"\x08", stream) + _field(b"\x10", offset)
+    if data:
+        head += b"\x1a" + _varint(len(data))
+    return _wrapped(b"\x0a", (head, data), len(head) + len(data))
+
+
+def encode_output_batch(offset, data, first_stream, lengths):
+    """StreamResponse{batch: OutputBatch{offset, data, first_stream, lengths}} as bytes."""
+    head = _field(b"\x08", offset) + (b"\x12" + _varint(len(data)) if data else b"")
+    tail = _field(b"\x18", first_stream)
+    if lengths:
+        packed = b"".join(_varint(n) for n in lengths)
+        tail += b"\x22" + _varint(len(packed)) + packed
+    return _wrapped(b"\x1a", (head, data, tail), len(head) + len(data) + len(tail))
+
+
+def _passing_bytes(serialize):
+    """A response serializer that sends bytes as they are (already encoded)."""
+    return lambda msg: msg if type(msg) is bytes else serialize(msg)
+
+
+def add_job_service(service, server):
+    """Register `service` for every method of JobService (as the generated
+    add_JobServiceServicer_to_server does), with Stream's responses sent as encoded."""
+    grpc = _grpc()
+    pb = _pb()[0]
+    handlers = {}
+    for m in pb.DESCRIPTOR.services_by_name["JobService"].methods:
+        serialize = getattr(pb, m.output_type.name).SerializeToString
+        make = (grpc.unary_stream_rpc_method_handler if m.server_streaming
+                else grpc.unary_unary_rpc_method_handler)
+        handlers[m.name] = make(
+            getattr(service, m.name),
+            request_deserializer=getattr(pb, m.input_type.name).FromString,
+            response_serializer=_passing_bytes(serialize) if m.server_streaming else serialize)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME,
+                                                                          handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 def _timestamp(pb_ts, seconds):
     if seconds is not None:
         pb_ts.FromNanoseconds(int(seconds * 1e9))
@@ -3999,14 +4064,11 @@ class JobService:
                 follow.wait_end()
             elif request.batch:   # one message per read of the log: at most STREAM_CHUNK bytes
                 for offset, data, first, lengths in follow.runs():
-                    yield self.pb.StreamResponse(batch=self.pb.OutputBatch(
-                        offset=offset, data=data, first_stream=self._streams_pb[first],
-                        lengths=lengths))
+                    yield encode_output_batch(offset, data, self._streams_pb[first], lengths)
                     sent(len(data))
             else:
                 for c in follow:
-                    yield self.pb.StreamResponse(chunk=self.pb.OutputChunk(
-                        stream=self._streams_pb[c.stream], offset=c.offset, data=c.data))
+                    yield encode_output_chunk(self._streams_pb[c.stream], c.offset, c.data)
                     sent(len(c.data))
             if not follow.cancelled:
                 # from the follow's own job: the final status even if it was removed meanwhile
@@ -4096,7 +4158,7 @@ def serve_grpc(manager, listen="127.0.0.1:0", *, ca, cert, key, max_streams=DEFA
                  ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
                  ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2)])
     service = JobService(manager, max_streams, max_streams_per_owner, metrics)
-    pb_grpc.add_JobServiceServicer_to_server(service, server)
+    add_job_service(service, server)
     health = HealthService()
     health.add_to(server)
     if reflection:

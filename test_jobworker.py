@@ -1905,6 +1905,25 @@ def test_status_maps_to_the_proto_field_by_field(rpc):
         {pb.OUTPUT_STREAM_STDOUT, pb.OUTPUT_STREAM_STDERR}
 
 
+@pytest.mark.parametrize("stream", [1, 2])
+def test_output_messages_sent_encoded_are_what_protobuf_encodes(rpc, stream):
+    from hypothesis import given, settings, strategies as st
+    u64 = st.integers(0, 2**64 - 1)
+
+    @settings(max_examples=300, deadline=None)
+    @given(offset=u64, data=st.binary(max_size=300), lengths=st.lists(u64, max_size=20))
+    def check(offset, data, lengths):
+        chunk = pb.StreamResponse(chunk=pb.OutputChunk(stream=stream, offset=offset, data=data))
+        assert jw.encode_output_chunk(stream, offset, data) == chunk.SerializeToString()
+        batch = pb.StreamResponse(batch=pb.OutputBatch(offset=offset, data=data,
+                                                       first_stream=stream, lengths=lengths))
+        assert jw.encode_output_batch(offset, data, stream, lengths) == \
+            batch.SerializeToString()
+    check()
+    big = b"x" * (1 << 20)   # a whole read: the length takes three bytes
+    assert pb.StreamResponse.FromString(jw.encode_output_chunk(stream, 7, big)).chunk.data == big
+
+
 def test_every_library_error_has_one_status_code():
     cases = [(jw.InvalidArgument("f", "v", "x"), "INVALID_ARGUMENT"),
              (jw.MalformedRequest("bad"), "INVALID_ARGUMENT"),
