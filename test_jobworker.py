@@ -4875,8 +4875,10 @@ def test_bench_fork_floor_times_each_round_and_leaves_no_job_cgroup():
             r = subprocess.run([sys.executable, os.path.join(HERE, "bench", "fork_floor.py"),
                                 parent, "3", mode], capture_output=True, text=True, timeout=120)
             assert r.returncode == 0, r.stderr
-            times = json.loads(r.stdout)
+            out = json.loads(r.stdout)
+            times, (began, ended) = out["times"], out["span"]
             assert len(times) == 3 and all(t > 0 for t in times), times
+            assert ended - began >= sum(times), out   # the span holds every round
             assert jw.detect_cgroups(parent).leftover_job_ids() == []
     finally:
         jw.detect_cgroups(parent).remove_parent()

@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """The spawn floor for bench/run.py: fork, join a job's cgroups, exec /bin/true and wait, with
-nothing of jobworker's around it. Prints the seconds of each round as a JSON list.
+nothing of jobworker's around it. Prints {"times": seconds of each round, "span": [first round's
+start, last round's end]} (perf_counter: one clock for every process, so runs side by side
+give their joint rate) as JSON.
 
     python3 bench/fork_floor.py CGROUP_PARENT ROUNDS joined|fresh
 
@@ -28,6 +30,7 @@ def main(parent, rounds, mode):
     cg.create()
     cg.set_limits(limits, disks)
     times = []
+    began = time.perf_counter()
     for _ in range(rounds):
         t = time.perf_counter()
         if fresh:
@@ -48,8 +51,9 @@ def main(parent, rounds, mode):
                 os._exit(127)   # the child never returns into the loop, even on error
         os.waitpid(pid, 0)
         times.append(time.perf_counter() - t)
+    ended = time.perf_counter()
     cg.remove()
-    print(json.dumps(times))
+    print(json.dumps({"times": times, "span": [began, ended]}))
 
 
 if __name__ == "__main__":

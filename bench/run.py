@@ -57,7 +57,8 @@ class Serve:
              "127.0.0.1:0", "--certs", certs, "--state-dir", state, "--cgroup-parent",
              f"{PARENT}/{os.path.basename(state)}",
              # one identity drives every figure: the per-owner caps are the global ones
-             "--max-jobs-per-owner", "20000", "--max-streams-per-owner", "1000", *extra],
+             "--max-jobs-per-owner", "20000", "--max-streams-per-owner", "1000", *extra,
+             *os.environ.get("BENCH_SERVE_ARGS", "").split()],   # e.g. "--max-jobs 5000"
             stderr=subprocess.PIPE, text=True)
         for line in self.proc.stderr:
             if "serving on" in line:
@@ -132,6 +133,17 @@ def throughput(make_call, threads, seconds):
     return sum(counts) / seconds
 
 
+def fork_floor(name, rounds, mode, parallel=1):
+    """bench/fork_floor.py in `parallel` processes at once -> their JSON results."""
+    procs = [subprocess.Popen(
+        [sys.executable, os.path.join(BENCH, "fork_floor.py"), f"{PARENT}/{name}{i}",
+         str(rounds), mode], stdout=subprocess.PIPE, text=True) for i in range(parallel)]
+    out = [p.communicate()[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"fork_floor.py {mode} failed")
+    return [json.loads(o) for o in out]
+
+
 def fig1_2(certs, server, bare):
     grpc = jw._grpc()
     pb = jw._pb()[0]
@@ -144,10 +156,8 @@ def fig1_2(certs, server, bare):
     for job in s.List(pb.ListRequest(states=[pb.JOB_STATE_RUNNING], page_size=1000)).jobs:
         s.Stop(pb.StopRequest(job_id=job.job_id, grace_seconds=0))
     limited = pb.StartRequest(name="true", resources=sleeper.resources)
-    fork_floor = lambda mode: json.loads(subprocess.run(
-        [sys.executable, os.path.join(BENCH, "fork_floor.py"), f"{PARENT}/floor", "300", mode],
-        capture_output=True, text=True, check=True).stdout)
-    floor_fork, floor_fresh = fork_floor("joined"), fork_floor("fresh")
+    floor_fork = fork_floor("floor", 300, "joined")[0]["times"]
+    floor_fresh = fork_floor("floor", 300, "fresh")[0]["times"]
     bch = grpc.secure_channel(f"127.0.0.1:{bare.port}", creds(certs))
     empty = bch.unary_unary("/bench.Bare/Empty")
     unary_latencies(lambda: empty(b""), 100)
@@ -158,7 +168,7 @@ def fig1_2(certs, server, bare):
         pct(starts, 50) / floor, "<= 1.5x")
     row(1, "Start -> running, p99 (ms)", ms(pct(starts, 99)),
         ms(pct(floor_fork, 99) + pct(floor_unary, 99)),
-        pct(starts, 99) / (pct(floor_fork, 99) + pct(floor_unary, 99)), "<= 1.5x")
+        pct(starts, 99) / (pct(floor_fork, 99) + pct(floor_unary, 99)), "<= 2.0x")
     print(f"    floor parts: fork+join cgroups+exec+wait p50 {ms(pct(floor_fork, 50)):.2f} ms, "
           f"empty mTLS unary p50 {ms(pct(floor_unary, 50)):.2f} ms")
     fresh = pct(floor_fresh, 50) + pct(floor_unary, 50)
@@ -175,7 +185,15 @@ def fig1_2(certs, server, bare):
         return lambda: e(b"")
     jobs_s = throughput(make_start, 8, 5)
     calls_s = throughput(make_empty, 8, 5)
-    row(2, "Start throughput, 8 clients (jobs/s)", jobs_s, calls_s, jobs_s / calls_s, ">= 0.5x")
+    # the parallel floor: the fresh loop (make cgroups, write limits, fork, join, exec, wait,
+    # remove) in one process per CPU at once, for about as long
+    cpus = os.cpu_count()
+    runs = fork_floor("pfloor", max(50, int(5 / pct(floor_fresh, 50))), "fresh", parallel=cpus)
+    span = max(r["span"][1] for r in runs) - min(r["span"][0] for r in runs)
+    floor_s = sum(len(r["times"]) for r in runs) / span
+    row(2, "Start throughput, 8 clients (jobs/s)", jobs_s, floor_s, jobs_s / floor_s, ">= 0.7x")
+    print(f"    parallel floor: the fresh loop in {cpus} processes at once; "
+          f"empty mTLS unary calls, 8 clients: {calls_s:,.0f}/s")
     time.sleep(2)   # let the last jobs finish
     ch.close()
     bch.close()
@@ -211,7 +229,7 @@ def fig3_4(certs, server, bare, state):
         assert drain(bare_stream(struct.pack("!II", MiB, 1024))) == GiB
         floors.append(GiB / MiB / (time.perf_counter() - t))
     o, f = statistics.median(ours), statistics.median(floors)
-    row(3, "Stream a finished 1 GiB log (MiB/s)", o, f, o / f, ">= 0.8x")
+    row(3, "Stream a finished 1 GiB log (MiB/s)", o, f, o / f, ">= 0.9x")
 
     # live writer: the job's output reaches the client as fast as the writer alone fills a file
     live, alone = [], []
