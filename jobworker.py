@@ -1426,7 +1426,12 @@ def _child_exec(req, out_w, err_w, err_pipe, libc):
         stage = "chdir"
         os.chdir(req["cwd"])
         stage = "exec"
-        _execvpe(req["argv"][0], req["argv"], req["env"])
+        if req.get("exe"):
+            try:
+                os.execve(req["exe"], req["argv"], req["env"])
+            except OSError:
+                pass   # the search below says why, as execvpe does
+        os.execvpe(req["argv"][0], req["argv"], req["env"])
     except BaseException as exc:  # anything at all: report it and leave without Python cleanup
         err = getattr(exc, "errno", None) or 0
         msg = getattr(exc, "strerror", None) or str(exc)
@@ -1436,30 +1441,19 @@ def _child_exec(req, out_w, err_w, err_pipe, libc):
             os._exit(127)
 
 
-def _execvpe(file, argv, env):
-    """os.execvpe without trying the PATH entries that hold no such file: each execve that
-    fails converts the whole environment again (a tenth of a millisecond for a usual PATH).
-    The same errors: ENOENT if no entry has it, else the first other failure."""
+def _first_on_path(file, env):
+    """Where execvpe would find `file` in the job's PATH, as far as this process can tell
+    (the job's user may still be refused it): the first executable regular file of that
+    name, or None. Found before fork: in the child, every line of Python costs page faults."""
     if os.sep in file:
-        os.execve(file, argv, env)
-    last = saved = None
+        return None
     for directory in os.get_exec_path(env):
+        if not os.path.isabs(directory):
+            return None   # relative to the job's workdir, not to ours: the child searches
         path = os.path.join(directory, file)
-        try:
-            os.stat(path)
-        except (FileNotFoundError, NotADirectoryError) as e:
-            last = e
-            continue
-        except OSError:
-            pass   # execve says what is wrong (EACCES, ELOOP, ...)
-        try:
-            os.execve(path, argv, env)
-        except (FileNotFoundError, NotADirectoryError) as e:
-            last = e
-        except OSError as e:
-            last = e
-            saved = saved or e
-    raise saved or last or FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), file)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
 
 
 def _ignored_mask(status="/proc/self/status"):
@@ -1687,6 +1681,7 @@ class _Shim:
         try:
             report_r, report_w = os.pipe2(os.O_CLOEXEC)
             req["ignored"] = self.ignored
+            req["exe"] = _first_on_path(req["argv"][0], req["env"])
             pid = os.fork()
         except OSError as e:
             for fd in (*fds, report_r, report_w):

@@ -624,6 +624,13 @@ def test_program_is_searched_in_the_job_s_path_as_execvp_does(manager, tmp_path)
     path = ":".join(map(str, dirs))
     job = manager.start("prog", env={"PATH": path})
     assert output(manager, job.id)[0] == b"found\n"
+    # a relative entry is relative to the job's workdir
+    (tmp_path / "rel").mkdir()
+    (tmp_path / "rel" / "prog").write_text("#!/bin/sh\necho relative\n")
+    (tmp_path / "rel" / "prog").chmod(0o755)
+    rel = manager.start("prog", env={"PATH": f"rel:{path}"}, workdir=str(tmp_path))
+    assert output(manager, rel.id)[0] == b"relative\n"
+    wait_final(manager, rel.id)
     # no entry runs it: the first error other than "not there" is the one reported
     with pytest.raises(jw.SpawnError, match="permission denied: prog"):
         manager.start("prog", env={"PATH": ":".join(map(str, dirs[:3]))})
