@@ -1382,18 +1382,14 @@ def _hide_paths(libc, paths, empty_file):
                   f"hide {path}")
 
 
-def _child_exec(req, out_w, err_w, err_pipe, libc):
-    """In the forked child: join the cgroups, hide the server's files, set up fds and session,
-    drop privileges, exec. Never returns."""
+def _child_exec(req, procs, out_w, err_w, err_pipe, libc):
+    """In the forked child: join the cgroups (their cgroup.procs files open as `procs`), hide
+    the server's files, set up fds and session, drop privileges, exec. Never returns."""
     stage = "cgroup"
     try:
         pid = str(os.getpid()).encode()
-        for path in req["procs"]:
-            fd = os.open(path, os.O_WRONLY)
-            try:
-                os.write(fd, pid)
-            finally:
-                os.close(fd)
+        for fd in procs:
+            os.write(fd, pid)
         if req.get("hide"):
             stage = "namespace"
             _hide_paths(libc, req["hide"], req["empty_file"])
@@ -1677,22 +1673,27 @@ class _Shim:
                 _close_quietly(fd)
             self._send(dict(reply, error="output", errno=e.errno, detail=e.strerror))
             return
+        # What can be done before fork is: in the child every line of Python costs page faults.
         report_r = report_w = None
+        procs, stage = [], "cgroup"
         try:
+            for path in req["procs"]:   # the child writes its pid into each
+                procs.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+            stage = "fork"
             report_r, report_w = os.pipe2(os.O_CLOEXEC)
             req["ignored"] = self.ignored
             req["exe"] = _first_on_path(req["argv"][0], req["env"])
             pid = os.fork()
         except OSError as e:
-            for fd in (*fds, report_r, report_w):
+            for fd in (*fds, *procs, report_r, report_w):
                 if fd is not None:
                     _close_quietly(fd)
             writer.close()
-            self._send(dict(reply, error="fork", errno=e.errno, detail=e.strerror))
+            self._send(dict(reply, error=stage, errno=e.errno, detail=e.strerror))
             return
         if pid == 0:
-            _child_exec(req, out_w, err_w, report_w, self.libc)
-        for fd in (out_w, err_w, report_w):
+            _child_exec(req, procs, out_w, err_w, report_w, self.libc)
+        for fd in (out_w, err_w, report_w, *procs):
             os.close(fd)
         pidfd = os.pidfd_open(pid)   # before any reaping: the pid cannot be reused yet
         pending = {"reply": reply, "job": req["job"], "pid": pid, "pidfd": pidfd,

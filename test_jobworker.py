@@ -12,6 +12,7 @@ afterwards, also on failure.
 
 import contextlib
 import dataclasses
+import errno
 import datetime
 import glob
 import hashlib
@@ -870,6 +871,22 @@ def test_log_files_are_private(manager):
 # ================================================================================================
 
 # -- the manager's logic on FakeCgroups (no root, no cgroup kernel code) -----------------------
+
+def test_a_cgroup_that_cannot_be_joined_fails_start_leaving_nothing(fake_manager, monkeypatch):
+    m = fake_manager()
+    record = FakeCgroup.set_limits
+
+    def vanish(self, limits, devices):   # the cgroup goes before the launcher opens it
+        record(self, limits, devices)
+        os.unlink(self.procs_files[0])
+    monkeypatch.setattr(FakeCgroup, "set_limits", vanish)
+    with pytest.raises(jw.SpawnError) as e:
+        m.start("true")
+    assert (e.value.stage, e.value.errno) == ("cgroup", errno.ENOENT)
+    assert m.list() == [] and os.listdir(m.jobs_dir) == []
+    monkeypatch.setattr(FakeCgroup, "set_limits", record)
+    assert wait_final(m, m.start("true").id).exit_code == 0   # the launcher is fine
+
 
 def test_states_and_exit_status_without_the_kernel(fake_manager):
     m = fake_manager()
