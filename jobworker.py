@@ -1438,16 +1438,24 @@ def _child_exec(req, procs, out_w, err_w, err_pipe, libc):
 
 
 def _first_on_path(file, env):
-    """Where execvpe would find `file` in the job's PATH, as far as this process can tell
-    (the job's user may still be refused it): the first executable regular file of that
-    name, or None. Found before fork: in the child, every line of Python costs page faults."""
-    if os.sep in file:
+    """Where execvpe would find `file` on the default PATH, found before fork (in the child,
+    every line of Python costs page faults): the first regular file with an x bit, or None
+    to leave the search to the child. Only the default PATH's system directories are
+    searched here: a PATH the caller gave may be long, or hold entries that mean something
+    else to the job (relative ones, /proc/self/cwd), and a directory this process cannot
+    read (NFS root_squash) may hold the file for the job's user."""
+    import stat
+    if os.sep in file or env.get("PATH") != JOB_PATH:
         return None
-    for directory in os.get_exec_path(env):
-        if not os.path.isabs(directory):
-            return None   # relative to the job's workdir, not to ours: the child searches
+    for directory in JOB_PATH.split(":"):
         path = os.path.join(directory, file)
-        if os.path.isfile(path) and os.access(path, os.X_OK):
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError:
+            return None
+        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
             return path
     return None
 
@@ -1678,7 +1686,12 @@ class _Shim:
         procs, stage = [], "cgroup"
         try:
             for path in req["procs"]:   # the child writes its pid into each
-                procs.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+                try:
+                    procs.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+                except OSError as e:
+                    if e.errno in (errno.EMFILE, errno.ENFILE):
+                        stage = "fds"   # as when the kernel drops fds sent to us
+                    raise
             stage = "fork"
             report_r, report_w = os.pipe2(os.O_CLOEXEC)
             req["ignored"] = self.ignored
@@ -3793,6 +3806,8 @@ def _translating(fn):
 # Byte for byte what protobuf's SerializeToString gives: fields in order, zeros left out.
 
 def _varint(n):
+    if not 0 <= n < 1 << 64:   # as protobuf refuses it
+        raise ValueError(f"{n} is not a uint64")
     out = bytearray()
     while n > 0x7F:
         out.append(n & 0x7F | 0x80)
@@ -3841,6 +3856,8 @@ def add_job_service(service, server):
     pb = _pb()[0]
     handlers = {}
     for m in pb.DESCRIPTOR.services_by_name["JobService"].methods:
+        if m.client_streaming:   # none is: a handler kind would have to be added here
+            raise NotImplementedError(f"client-streaming method {m.name}")
         serialize = getattr(pb, m.output_type.name).SerializeToString
         make = (grpc.unary_stream_rpc_method_handler if m.server_streaming
                 else grpc.unary_unary_rpc_method_handler)
@@ -4135,7 +4152,6 @@ def serve_grpc(manager, listen="127.0.0.1:0", *, ca, cert, key, max_streams=DEFA
                                  ((ca, "CA certificate"), (cert, "server certificate"),
                                   (key, "server key")))
     grpc = _grpc()
-    _, pb_grpc = _pb()
     workers = max_streams + UNARY_WORKERS
     pool = concurrent.futures.ThreadPoolExecutor(workers, "jobworker-rpc")
     calls = Quota("calls in flight", workers, max_streams_per_owner + UNARY_CALLS_PER_OWNER)

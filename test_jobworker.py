@@ -613,6 +613,44 @@ def test_non_executable_program_reports_permission_denied(manager, tmp_path):
     assert manager.cgroups.leftover_job_ids() == []
 
 
+def test_the_launcher_looks_up_only_the_default_path_and_as_execvp_would(tmp_path, monkeypatch):
+    env = {"PATH": jw.JOB_PATH}
+    assert jw._first_on_path("sh", env) == shutil.which("sh", path=jw.JOB_PATH)
+    assert jw._first_on_path("no-such-program-here", env) is None
+    assert jw._first_on_path("./sh", env) is None and jw._first_on_path("/bin/sh", env) is None
+    assert jw._first_on_path("sh", {"PATH": "/usr/bin"}) is None   # a PATH the caller gave
+    assert jw._first_on_path("sh", {}) is None
+    dirs = [tmp_path / n for n in ("missing", "file", "dir", "plain", "exe", "later")]
+    dirs[1].write_text("")                                    # not a directory
+    for d in dirs[2:]:
+        d.mkdir()
+    (dirs[2] / "prog").mkdir()                                # a directory of that name
+    (dirs[3] / "prog").write_text("#!/bin/sh\n")              # no x bit
+    for d in dirs[4:]:
+        (d / "prog").write_text("#!/bin/sh\n")
+        (d / "prog").chmod(0o755)
+    monkeypatch.setattr(jw, "JOB_PATH", ":".join(map(str, dirs)))
+    env = {"PATH": jw.JOB_PATH}
+    assert jw._first_on_path("prog", env) == str(dirs[4] / "prog")
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)   # an entry that cannot be looked at: the child searches itself
+    monkeypatch.setattr(jw, "JOB_PATH", ":".join(map(str, [loop, *dirs])))
+    assert jw._first_on_path("prog", {"PATH": jw.JOB_PATH}) is None
+
+
+@root
+def test_path_entries_that_depend_on_the_process_mean_the_job_s(manager, tmp_path):
+    (tmp_path / "prog").write_text("#!/bin/sh\necho workdir\n")
+    (tmp_path / "prog").chmod(0o755)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "prog").write_text("#!/bin/sh\necho other\n")
+    (other / "prog").chmod(0o755)
+    job = manager.start("prog", env={"PATH": f"/proc/self/cwd:{other}"}, workdir=str(tmp_path))
+    assert output(manager, job.id)[0] == b"workdir\n"
+    wait_final(manager, job.id)
+
+
 @root
 def test_program_is_searched_in_the_job_s_path_as_execvp_does(manager, tmp_path):
     dirs = [tmp_path / n for n in ("missing", "plain", "notdir", "script")]
@@ -876,14 +914,18 @@ def test_a_cgroup_that_cannot_be_joined_fails_start_leaving_nothing(fake_manager
     m = fake_manager()
     record = FakeCgroup.set_limits
 
-    def vanish(self, limits, devices):   # the cgroup goes before the launcher opens it
+    def vanish(self, limits, devices):   # one of its cgroups goes before the launcher opens it
         record(self, limits, devices)
-        os.unlink(self.procs_files[0])
+        self.procs_files = (self.procs_files[0], f"{self.procs_files[0]}.gone")
     monkeypatch.setattr(FakeCgroup, "set_limits", vanish)
-    with pytest.raises(jw.SpawnError) as e:
-        m.start("true")
-    assert (e.value.stage, e.value.errno) == ("cgroup", errno.ENOENT)
+    launcher_fds = lambda: len(os.listdir(f"/proc/{m._launcher.pid}/fd"))
+    before = launcher_fds()
+    for _ in range(3):
+        with pytest.raises(jw.SpawnError) as e:
+            m.start("true")
+        assert (e.value.stage, e.value.errno) == ("cgroup", errno.ENOENT)
     assert m.list() == [] and os.listdir(m.jobs_dir) == []
+    assert launcher_fds() == before   # what it opened for those spawns it closed
     monkeypatch.setattr(FakeCgroup, "set_limits", record)
     assert wait_final(m, m.start("true").id).exit_code == 0   # the launcher is fine
 
@@ -1078,6 +1120,32 @@ def test_sub_cgroups_made_by_the_job_are_removed(manager):
     assert s.state == jw.EXITED and path.endswith(job.id)
     assert not os.path.exists(path)
     assert manager.cgroups.leftover_job_ids() == []
+
+
+def test_populated_is_what_cgroup_events_says(tmp_path):
+    v2 = jw.CgroupV2(str(tmp_path / "job"))
+    assert not v2.populated()   # no such cgroup (any more): nothing in it
+    os.mkdir(v2.path)
+    for text, expected in [("populated 1\nfrozen 0\n", True), ("populated 0\nfrozen 0\n", False)]:
+        (tmp_path / "job" / "cgroup.events").write_text(text)
+        assert v2.populated() is expected
+        hybrid = jw.CgroupV1({"pids": str(tmp_path / "nowhere")}, unified=v2.path)
+        assert hybrid.populated() is expected   # the unified dir says it, not cgroup.procs
+
+
+@root
+def test_populated_counts_a_process_moved_into_a_sub_cgroup(manager):
+    job = manager.start("sleep", ["600"])
+    cg = manager.cgroups.job(job.id)
+    d = getattr(cg, "unified", None) or cg.path   # where cgroup.events is
+    os.mkdir(f"{d}/sub")
+    with open(f"{d}/sub/cgroup.procs", "w") as f:
+        f.write(str(job.pid))
+    with open(f"{d}/cgroup.procs") as f:
+        assert f.read() == ""   # nothing in the job's own cgroup, yet
+    assert cg.populated()
+    assert manager.stop(job.id, grace=0).state == jw.STOPPED
+    assert not pid_alive(job.pid) and manager.cgroups.leftover_job_ids() == []
 
 
 @root
@@ -1944,6 +2012,20 @@ def test_output_messages_sent_encoded_are_what_protobuf_encodes(rpc, stream):
         assert jw.encode_output_batch(offset, data, stream, lengths) == \
             batch.SerializeToString()
     check()
+    # the encoders know these fields and no others: a field added to the proto must be added
+    # to them too
+    fields = lambda m: [(f.name, f.number, f.type) for f in m.DESCRIPTOR.fields]
+    T = jw._pb()[0].DESCRIPTOR.message_types_by_name["OutputChunk"].fields[0]
+    assert fields(pb.OutputChunk) == [("stream", 1, T.TYPE_ENUM), ("offset", 2, T.TYPE_UINT64),
+                                      ("data", 3, T.TYPE_BYTES)]
+    assert fields(pb.OutputBatch) == [("offset", 1, T.TYPE_UINT64), ("data", 2, T.TYPE_BYTES),
+                                      ("first_stream", 3, T.TYPE_ENUM),
+                                      ("lengths", 4, T.TYPE_UINT64)]
+    assert [(n, f.number) for n, f in pb.StreamResponse.DESCRIPTOR.fields_by_name.items()
+            if f.containing_oneof] == [("chunk", 1), ("final_status", 2), ("batch", 3)]
+    for bad in (-1, 1 << 64):
+        with pytest.raises(ValueError):
+            jw.encode_output_chunk(stream, bad, b"x")
     big = b"x" * (1 << 20)   # a whole read: the length takes three bytes
     assert pb.StreamResponse.FromString(jw.encode_output_chunk(stream, 7, big)).chunk.data == big
 
