@@ -688,14 +688,14 @@ class Cgroup:
     def create(self): raise NotImplementedError
     def set_limits(self, limits, devices): raise NotImplementedError
     def pids(self): raise NotImplementedError
-
-    def populated(self):
-        """Whether any process is in it or below it."""
-        return bool(self.pids())
     def wait_empty(self, timeout): raise NotImplementedError
     def oom_kills(self): raise NotImplementedError
     def usage(self): raise NotImplementedError
     def remove(self): raise NotImplementedError
+
+    def populated(self):
+        """Whether any process is in it or below it."""
+        return bool(self.pids())
 
     def signal_all(self, sig):
         """Send sig to every process of the job, sub-cgroups included."""
