@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The spawn floor for bench/run.py: fork, join a job's cgroups, exec /bin/true and wait, with
 nothing of jobworker's around it. Prints {"times": seconds of each round, "span": [first round's
-start, last round's end]} (perf_counter: one clock for every process, so runs side by side
-give their joint rate) as JSON.
+start, last round's end] (perf_counter: one clock for every process, so runs side by side
+give their joint rate), "cpu": [CPU seconds of the loop itself, of its children]} as JSON.
 
     python3 bench/fork_floor.py CGROUP_PARENT ROUNDS joined|fresh
 
@@ -12,6 +12,7 @@ makes a new cgroup with limits, as Start does.
 
 import json
 import os
+import resource
 import sys
 import time
 import uuid
@@ -30,6 +31,8 @@ def main(parent, rounds, mode):
     cg.create()
     cg.set_limits(limits, disks)
     times = []
+    own, kids = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
+                                                      resource.RUSAGE_CHILDREN))
     began = time.perf_counter()
     for _ in range(rounds):
         t = time.perf_counter()
@@ -52,8 +55,11 @@ def main(parent, rounds, mode):
         os.waitpid(pid, 0)
         times.append(time.perf_counter() - t)
     ended = time.perf_counter()
+    cpu = [sum(getattr(after, f) - getattr(before, f) for f in ("ru_utime", "ru_stime"))
+           for before, after in ((own, resource.getrusage(resource.RUSAGE_SELF)),
+                                 (kids, resource.getrusage(resource.RUSAGE_CHILDREN)))]
     cg.remove()
-    print(json.dumps({"times": times, "span": [began, ended]}))
+    print(json.dumps({"times": times, "span": [began, ended], "cpu": cpu}))
 
 
 if __name__ == "__main__":

@@ -116,6 +116,37 @@ def unary_latencies(call, n):
     return out
 
 
+def cpu_now(pids=()):
+    """CPU seconds so far: the machine's busy time (all CPUs, /proc/stat: not idle, not
+    iowait), this process's own, and for each pid its own and what it reaped of its children."""
+    tick = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:9]]
+    out = {"machine": (sum(ticks) - ticks[3] - ticks[4]) / tick, "self": time.process_time()}
+    for name, pid in pids:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        out[name] = (int(fields[11]) + int(fields[12])) / tick
+        out[f"{name} children"] = (int(fields[13]) + int(fields[14])) / tick
+    return out
+
+
+def cpu_spent(before, pids=()):
+    """{name: CPU seconds since `before` (a cpu_now())}."""
+    after = cpu_now(pids)
+    return {k: after[k] - before[k] for k in before}
+
+
+def launcher_of(pid):
+    """The launcher process a server started (its child running launcher_main)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        kids = f.read().split()
+    for k in kids:
+        with open(f"/proc/{k}/cmdline", "rb") as f:
+            if b"launcher_main" in f.read():
+                return int(k)
+    raise RuntimeError(f"server {pid} has no launcher")
+
+
 def throughput(make_call, threads, seconds):
     counts = [0] * threads
     stop = time.monotonic() + seconds
@@ -183,18 +214,42 @@ def fig1_2(certs, server, bare):
         c = grpc.secure_channel(f"127.0.0.1:{bare.port}", creds(certs))
         e = c.unary_unary("/bench.Bare/Empty")
         return lambda: e(b"")
+    # CPU per job, by process: the machine is the limit here, so where its time goes is the
+    # figure's explanation (jobs: what the launcher reaped of its children, the jobs)
+    pids = (("server", server.proc.pid), ("launcher", launcher_of(server.proc.pid)))
+    before = cpu_now(pids)
     jobs_s = throughput(make_start, 8, 5)
-    calls_s = throughput(make_empty, 8, 5)
     time.sleep(2)   # let the last jobs finish
+    start_cpu = {k: v / (jobs_s * 5) for k, v in cpu_spent(before, pids).items()}
+    before = cpu_now()
+    calls_s = throughput(make_empty, 8, 5)
+    call_cpu = cpu_spent(before)["machine"] / (calls_s * 5)
     # the parallel floor: the fresh loop (make cgroups, write limits, fork, join, exec, wait,
     # remove) in one process per CPU this process may use, at once, for about as long
     cpus = len(os.sched_getaffinity(0))
+    before = cpu_now()
     runs = fork_floor("pfloor", max(50, int(5 / pct(floor_fresh, 50))), "fresh", parallel=cpus)
+    floor_jobs = sum(len(r["times"]) for r in runs)
+    floor_cpu = cpu_spent(before)["machine"] / floor_jobs
+    floor_loop, floor_kids = (sum(r["cpu"][i] for r in runs) / floor_jobs for i in (0, 1))
     span = max(r["span"][1] for r in runs) - min(r["span"][0] for r in runs)
-    floor_s = sum(len(r["times"]) for r in runs) / span
+    floor_s = floor_jobs / span
     row(2, "Start throughput, 8 clients (jobs/s)", jobs_s, floor_s, jobs_s / floor_s, ">= 0.7x")
     print(f"    parallel floor: the fresh loop in {cpus} processes at once; "
           f"empty mTLS unary calls, 8 clients: {calls_s:,.0f}/s")
+    fmt = lambda v: f"{v * 1000:.2f}"
+    parts = ("server", "launcher", "launcher children", "self")
+    rest = start_cpu["machine"] - sum(start_cpu[k] for k in parts)
+    c = start_cpu
+    print(f"    CPU per job (ms): Start {fmt(c['machine'])} = server {fmt(c['server'])}, "
+          f"launcher {fmt(c['launcher'])}, jobs {fmt(c['launcher children'])}, "
+          f"benchmark's clients {fmt(c['self'])}, kernel and rest {fmt(rest)}")
+    print(f"    CPU per job (ms): floor {fmt(floor_cpu)} = its loop {fmt(floor_loop)}, "
+          f"its children {fmt(floor_kids)}, kernel and rest (its start-up too) "
+          f"{fmt(floor_cpu - floor_loop - floor_kids)}; an empty mTLS unary call (server and "
+          f"client) {fmt(call_cpu)}")
+    row(2, "  ceiling: floor's CPU + one unary call's, per job", floor_s * floor_cpu /
+        (floor_cpu + call_cpu), floor_s, floor_cpu / (floor_cpu + call_cpu), "(information)")
     ch.close()
     bch.close()
 
