@@ -4625,6 +4625,7 @@ def test_proto_works_unchanged_from_grpc_js(grpc_js, pki, api):
 # Bootstrap and build helpers (zipapp_main.py, v2_guest_checks.py)
 # ================================================================================================
 
+import fcntl
 import importlib.util
 import pathlib
 import stat
@@ -4795,6 +4796,110 @@ def test_bootstrap_refuses_a_symlink_or_a_file_on_the_way(tmp_path):
                            match=f": {tmp_path / component} {problem}; "):
             zipapp_main.make_private_dir(str(tmp_path / component / "cache"), os.geteuid())
     assert os.listdir(tmp_path / "real") == []
+
+
+def _dir_with(path, files=("f",), age=0):
+    path.mkdir()
+    for name in files:
+        (path / name).write_bytes(b"x" * 4096)
+    then = time.time() - age
+    os.utime(path, (then, then))
+    return path
+
+
+def _holding(*argv, env=None):
+    """A process that says "ok" once it holds what argv gives it (so /proc shows it)."""
+    p = subprocess.Popen([sys.executable, "-c", *argv], stdout=subprocess.PIPE, env=env)
+    assert p.stdout.readline() == b"ok\n"
+    return p
+
+
+def test_bootstrap_prune_removes_unused_builds_and_leftovers_and_keeps_the_rest(tmp_path):
+    root = tmp_path / "cache"
+    root.mkdir(mode=0o700)
+    day, old = zipapp_main.UNUSED_FOR, zipapp_main.UNUSED_FOR + 3600
+    keep = _dir_with(root / "0123456789abcdef-cp311-x86_64", age=old)   # this run's own
+    gone = [_dir_with(root / "1111111111111111-cp311-x86_64", age=old),
+            _dir_with(root / "2222222222222222-cp312-aarch64", age=old),
+            _dir_with(root / ".extract-k2j4", age=old),
+            _dir_with(root / ".prune-4444444444444444-cp311-x86_64", age=old)]
+    kept = [_dir_with(root / "3333333333333333-cp311-x86_64", age=day - 3600),   # used lately
+            _dir_with(root / ".extract-m3n8", age=0),                           # extracting
+            _dir_with(root / "notes", age=old),                         # not the cache's
+            _dir_with(root / "0123-cp311-x86_64", age=old)]
+    (root / "7777777777777777-cp311-x86_64").write_text("a file")
+    outside = _dir_with(tmp_path / "outside", age=old)
+    (root / "8888888888888888-cp311-x86_64").symlink_to(outside)
+    by_cmdline = _dir_with(root / "5555555555555555-cp311-x86_64", age=old)
+    by_map = _dir_with(root / "6666666666666666-cp311-x86_64", files=("lib.so",), age=old)
+    users = [
+        # a launcher names its build's dir on its command line
+        _holding(f"import sys; sys.path.insert(0, {str(by_cmdline)!r}); print('ok', "
+                 "flush=True); import time; time.sleep(60)"),
+        # a server maps its build's native packages (the path only in its maps, not its argv)
+        _holding("import mmap, os, time; f = open(os.environ['LIB'], 'rb'); "
+                 "m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ); f.close(); "
+                 "print('ok', flush=True); time.sleep(60)",
+                 env=dict(os.environ, LIB=str(by_map / "lib.so")))]
+    try:
+        removed = zipapp_main.prune(str(root), str(keep))
+    finally:
+        for p in users:
+            p.kill()
+            p.wait()
+    assert sorted(removed) == sorted(p.name for p in gone)
+    assert sorted(os.listdir(root)) == sorted(
+        [p.name for p in (keep, *kept, by_cmdline, by_map)] +
+        ["7777777777777777-cp311-x86_64", "8888888888888888-cp311-x86_64"])
+    assert os.listdir(outside) == ["f"]
+    # once nothing uses them they go too, as soon as a new build's first run prunes again
+    assert sorted(zipapp_main.prune(str(root), str(keep))) == [by_cmdline.name, by_map.name]
+
+
+def test_bootstrap_prune_removes_nothing_while_a_run_holds_the_cache(tmp_path):
+    root = tmp_path / "cache"
+    root.mkdir(mode=0o700)
+    old = _dir_with(root / "1111111111111111-cp311-x86_64", age=2 * zipapp_main.UNUSED_FOR)
+    with zipapp_main.locked(str(root), fcntl.LOCK_SH) as got:
+        assert got   # a run between finding its build and marking it
+        assert zipapp_main.prune(str(root), "") == []
+        assert old.exists()
+    assert zipapp_main.prune(str(root), "") == [old.name]
+
+
+def test_bootstrap_use_build_marks_its_build_used_and_says_whether_it_was_new(tmp_path):
+    archive = tmp_path / "fake.pyz"
+    config = _fake_pyz(archive, {"jobworker.py": "X = 1\n"})
+    target = config["targets"]["cp311-x86_64"]
+    root = tmp_path / "cache"
+    root.mkdir(mode=0o700)
+    use = lambda: zipapp_main.use_build(config, str(root), "cp311-x86_64", target,
+                                        str(archive), os.geteuid())
+    dest, new = use()
+    assert new and dest == str(root / "b1-cp311-x86_64")
+    os.utime(dest, (0, 0))
+    before = time.time()
+    assert use() == (dest, False)
+    assert os.stat(dest).st_mtime >= before - 1   # a run started from it just now
+
+
+@slow
+def test_pyz_first_run_of_a_new_build_removes_the_unused_ones(pyz, venvs, tmp_path):
+    python = venvs["3.11"] if "3.11" in venvs else next(iter(venvs.values()))
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    old = _dir_with(cache / "ffffffffffffffff-cp311-x86_64", age=2 * zipapp_main.UNUSED_FOR)
+    env = dict(os.environ, JOBWORKER_CACHE_DIR=str(cache))
+    run = lambda: subprocess.run([python, str(pyz), "--version"], env=env, capture_output=True,
+                                 timeout=120)
+    r = run()
+    assert (r.returncode, r.stderr) == (0, b"")
+    (ours,) = os.listdir(cache)
+    assert ours.startswith(f"{_pyz_config(pyz)['build_id']}-cp3")
+    # a later run of the same build leaves the cache alone: the next new build tidies it
+    old = _dir_with(cache / "ffffffffffffffff-cp311-x86_64", age=2 * zipapp_main.UNUSED_FOR)
+    r = run()
+    assert r.returncode == 0 and sorted(os.listdir(cache)) == sorted([ours, old.name])
 
 
 def test_bootstrap_says_which_cache_dirs_it_could_not_make():

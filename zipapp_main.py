@@ -11,15 +11,27 @@ XDG_CACHE_HOME or TMPDIR point at; for other users, $JOBWORKER_CACHE_DIR, else
 $XDG_CACHE_HOME/jobworker, else ~/.cache/jobworker, else $TMPDIR/jobworker-<uid>. Every directory
 from / down to it must be owned by root or the user, writable by no one else (a sticky one may
 be) and not a symlink; the cache dir itself must be the user's alone.
+
+Each build extracts into its own dir, so every upgrade would leave one behind (about 40 MB):
+the first run of a new build removes the builds no run has started from for a day that no
+process still uses (see prune).
 """
 
+import contextlib
 import errno
+import fcntl
 import os
+import re
 import stat
 import sys
+import time
 
 CONFIG = None  # filled in by build_zipapp.py
 ROOT_CACHE = "/var/cache/jobworker"
+UNUSED_FOR = 24 * 3600   # seconds since a run last started from a build before it may go
+# what the cache holds: builds (build id - tag) and the temp dirs of extraction and removal
+_BUILD = re.compile(r"[0-9a-f]{16}-cp3[0-9]+-[A-Za-z0-9_]+")
+_LEFTOVER = re.compile(r"\.(extract|prune)-.+")
 
 
 class BootstrapError(Exception):
@@ -179,6 +191,82 @@ def unpack(config, target, archive, tmp):
     compileall.compile_dir(tmp, quiet=2, force=True)
 
 
+@contextlib.contextmanager
+def locked(root, how):
+    """flock(2) on the cache dir itself: shared while a run finds, extracts and marks its
+    build, exclusive while builds are removed. Yields False if `how` has LOCK_NB and the lock
+    is taken."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, how)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)   # and the lock with it
+
+
+def use_build(config, root, tag, target, archive, euid):
+    """(dir, new): the dir of this build's packages (see extract), marked as used now, and
+    whether this run extracted it. Under the shared lock: no prune runs between the check,
+    the extraction and the mark, and a build marked now is kept for UNUSED_FOR seconds."""
+    with locked(root, fcntl.LOCK_SH):
+        new = not os.path.lexists(os.path.join(root, f"{config['build_id']}-{tag}"))
+        dest = extract(config, root, tag, target, archive, euid)
+        os.utime(dest)
+    return dest, new
+
+
+def in_use(paths, proc="/proc"):
+    """The subset of `paths` some process uses now: its command line or one of its mappings
+    (the native packages) names it or a file under it (a launcher runs jobworker from a
+    build's dir). Processes this user may not inspect are passed over: they cannot read a
+    private cache."""
+    keys = {p: os.fsencode(p) for p in paths}
+    used = set()
+    for pid in os.listdir(proc):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        for name in ("cmdline", "maps"):
+            try:
+                with open(f"{proc}/{pid}/{name}", "rb") as f:
+                    text = f.read()
+            except OSError:   # gone, or not ours to read
+                continue
+            used.update(p for p, key in keys.items() if key in text)
+    return used
+
+
+def prune(root, keep, now=None, unused_for=UNUSED_FOR, proc="/proc"):
+    """Remove from root the builds other than `keep` that no run has started from for
+    `unused_for` seconds (their dir's mtime, set by use_build) and that no process uses now,
+    and what failed extractions or removals left. Skipped if a run holds the lock (it is
+    between finding its build and marking it). Returns the names removed."""
+    import shutil
+    now = time.time() if now is None else now
+    with locked(root, fcntl.LOCK_EX | fcntl.LOCK_NB) as got:
+        if not got:
+            return []
+        stale = []
+        for name in os.listdir(root):
+            path = os.path.join(root, name)
+            st = os.lstat(path)
+            if (path == keep or not stat.S_ISDIR(st.st_mode) or now - st.st_mtime < unused_for
+                    or not (_BUILD.fullmatch(name) or _LEFTOVER.fullmatch(name))):
+                continue
+            stale.append(path)
+        removed = []
+        for path in sorted(set(stale) - in_use(stale, proc)):
+            name = os.path.basename(path)
+            doomed = path if name.startswith(".") else os.path.join(root, f".prune-{name}")
+            os.rename(path, doomed)   # gone for every run at once, however long rmtree takes
+            shutil.rmtree(doomed, ignore_errors=True)
+            removed.append(name)
+        return removed
+
+
 def extract(config, root, tag, target, archive, euid):
     """The dir under root holding target's packages and jobworker's modules, extracted from
     archive on first use, checked private to euid."""
@@ -206,11 +294,16 @@ def main():
     euid = os.geteuid()
     try:
         tag, target = find_target(CONFIG)
-        packages = extract(CONFIG, cache_root(os.environ, euid), tag, target, archive_path(),
-                           euid)
+        root = cache_root(os.environ, euid)
+        packages, new = use_build(CONFIG, root, tag, target, archive_path(), euid)
     except BootstrapError as e:
         sys.stderr.write(f"jobworker: {e}\n")
         sys.exit(1)
+    if new:   # the first run of this build: the ones it replaces may go
+        try:
+            prune(root, packages)
+        except OSError as e:   # a cache to tidy is no reason not to run
+            sys.stderr.write(f"jobworker: could not tidy the cache {root}: {e}\n")
     # Nothing can swap the packages between the checks above and the imports below: every
     # directory from / down to the cache was checked writable only by root and us (a sticky
     # one lets others add entries, not rename ours), and `packages` is ours, mode 0700. So the
