@@ -5056,7 +5056,17 @@ def test_each_guest_run_carries_the_pyz_and_the_checks_file():
         checks = f.read()
     assert v2_guest.run_files(b"PYZ") == [("jobworker.pyz", 0o100755, b"PYZ"),
                                           ("checks.py", 0o100644, checks)]
-    assert b"python3.11 /checks.py" in v2_guest.INIT.encode()
+    init = v2_guest.init_script()
+    assert "\npython3.11 /checks.py\n" in init
+    assert "for m in virtio_ring.ko virtio.ko " in init and "{" not in init
+
+
+def test_the_guest_init_script_is_valid_shell():
+    r = subprocess.run(["sh", "-n", v2_guest.INIT], capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stderr) == (0, "")
+    broken = subprocess.run(["sh", "-n"], input="for m in a; do\n", capture_output=True,
+                            text=True, timeout=60)
+    assert broken.returncode != 0   # sh -n does report a syntax error
 
 
 def test_bench_bare_server_answers_empty_and_streams_over_mutual_tls(pki):

@@ -33,21 +33,8 @@ MODULES = ["drivers/virtio/virtio_ring.ko", "drivers/virtio/virtio.ko",
            "drivers/virtio/virtio_pci.ko", "drivers/block/virtio_blk.ko"]
 BEGIN, END = "JWGUEST-RESULT-BEGIN", "JWGUEST-RESULT-END"
 
-INIT = """#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mkdir -p /proc /sys /dev /tmp /root
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-mount -t tmpfs tmp /tmp
-mount -t cgroup2 cgroup2 /sys/fs/cgroup
-echo "+cpu +memory +io +pids" > /sys/fs/cgroup/cgroup.subtree_control
-for m in {modules}; do insmod /modules/$m; done
-ip link set lo up
-export PATH=/usr/local/bin:/usr/bin:/bin:/sbin HOME=/root LANG=C.UTF-8
-python3.11 /checks.py
-poweroff -f
-"""
+# The guest's /init (busybox sh; {modules} is filled in), read at every run.
+INIT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "v2_guest_init.sh")
 
 # Runs inside the guest as /checks.py (CPython 3.11, busybox); read at every run.
 CHECKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "v2_guest_checks.py")
@@ -134,12 +121,19 @@ def tree_entries(root, prefix=""):
     return entries
 
 
+def init_script():
+    """The guest's /init, with the modules to load filled in."""
+    with open(INIT) as f:
+        return f.read().replace("{modules}", " ".join(os.path.basename(m) for m in MODULES))
+
+
 def build_base(cache):
     """(vmlinuz path, base initramfs path): kernel, busybox, glibc, Python 3.11, virtio modules."""
     kernel = kernel_package()
+    init_text = init_script()
     debs = fetch_debs(cache, [kernel] + PACKAGES)
     key = hashlib.sha256("\n".join(sorted(os.path.basename(p) for p in debs.values()))
-                         .encode() + INIT.encode()).hexdigest()[:16]
+                         .encode() + init_text.encode()).hexdigest()[:16]
     vmlinuz = os.path.join(cache, f"vmlinuz-{key}")
     base = os.path.join(cache, f"base-{key}.cpio")
     if os.path.exists(vmlinuz) and os.path.exists(base):
@@ -160,7 +154,7 @@ def build_base(cache):
             shutil.copy(os.path.join(kdir, "lib", "modules", kver, "kernel", m), modules_dir)
         init = os.path.join(root, "init")
         with open(init, "w") as f:
-            f.write(INIT.format(modules=" ".join(os.path.basename(m) for m in MODULES)))
+            f.write(init_text)
         os.chmod(init, 0o755)
         with open(base + ".tmp", "wb") as f:
             f.write(cpio_newc(tree_entries(root)))
