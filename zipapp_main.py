@@ -258,7 +258,7 @@ def prune(root, keep, now=None, unused_for=UNUSED_FOR, proc="/proc"):
                 continue
             stale.append(path)
         removed = []
-        for path in sorted(set(stale) - in_use(stale, proc)):
+        for path in sorted(set(stale) - (in_use(stale, proc) if stale else set())):
             name = os.path.basename(path)
             doomed = path if name.startswith(".") else os.path.join(root, f".prune-{name}")
             os.rename(path, doomed)   # gone for every run at once, however long rmtree takes
