@@ -1904,9 +1904,33 @@ class _Shim:
                        select.EPOLLIN | (select.EPOLLOUT if self.outbox else 0))
 
 
+# zipapp_main.IN_USE: in a pyz build's dir, the file every process running from it holds a
+# shared flock on, so the pyz's cache does not remove the build from under it
+PYZ_IN_USE = ".in-use"
+_held_build = []
+
+
+def _hold_own_build():
+    """Hold this module's pyz build (if it runs from one) for as long as this process runs:
+    the launcher outlives the server that started it, across an upgrade of the pyz."""
+    import fcntl
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), PYZ_IN_USE)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return   # run from a source tree: nothing to hold
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError:
+        os.close(fd)   # no locks on this filesystem: the cache keeps what it cannot lock
+        return
+    _held_build.append(fd)
+
+
 def launcher_main(state_dir, live_restore, ready_fd):
     """Entry point of the launcher process; never returns."""
     try:
+        _hold_own_build()
         _Shim(state_dir, live_restore).run(ready_fd)
     except BaseException as e:   # a failure to start is said to the server waiting for it
         with contextlib.suppress(OSError):

@@ -4694,7 +4694,7 @@ def test_bootstrap_extracts_its_target_once_into_a_private_dir(tmp_path):
     dest = zipapp_main.extract(config, str(root), "cp311-x86_64", target, str(archive),
                                os.geteuid())
     assert dest == str(root / "b1-cp311-x86_64") and os.listdir(root) == ["b1-cp311-x86_64"]
-    assert sorted(os.listdir(dest)) == ["__pycache__", "jobworker.py", "w"]
+    assert sorted(os.listdir(dest)) == [zipapp_main.IN_USE, "__pycache__", "jobworker.py", "w"]
     assert glob.glob(f"{dest}/w/__pycache__/__init__.*.pyc")   # bytecode made at extraction
     assert stat.S_IMODE(os.lstat(dest).st_mode) == 0o700
     archive.unlink()   # a second run finds the dir and reads nothing
@@ -4798,7 +4798,8 @@ def test_bootstrap_refuses_a_symlink_or_a_file_on_the_way(tmp_path):
     assert os.listdir(tmp_path / "real") == []
 
 
-def _dir_with(path, files=("f",), age=0):
+def _dir_with(path, files=("f", zipapp_main.IN_USE), age=0):
+    """A dir as the cache holds them (a build carries its in-use file), last used `age` ago."""
     path.mkdir()
     for name in files:
         (path / name).write_bytes(b"x" * 4096)
@@ -4808,10 +4809,14 @@ def _dir_with(path, files=("f",), age=0):
 
 
 def _holding(*argv, env=None):
-    """A process that says "ok" once it holds what argv gives it (so /proc shows it)."""
+    """A process that says "ok" once it holds what argv gives it."""
     p = subprocess.Popen([sys.executable, "-c", *argv], stdout=subprocess.PIPE, env=env)
     assert p.stdout.readline() == b"ok\n"
     return p
+
+
+HOLD_BUILD = ("import fcntl, os, time; fd = os.open(os.environ['F'], os.O_RDONLY); "
+              "fcntl.flock(fd, fcntl.LOCK_SH); print('ok', flush=True); time.sleep(60)")
 
 
 def test_bootstrap_prune_removes_unused_builds_and_leftovers_and_keeps_the_rest(tmp_path):
@@ -4821,39 +4826,35 @@ def test_bootstrap_prune_removes_unused_builds_and_leftovers_and_keeps_the_rest(
     keep = _dir_with(root / "0123456789abcdef-cp311-x86_64", age=old)   # this run's own
     gone = [_dir_with(root / "1111111111111111-cp311-x86_64", age=old),
             _dir_with(root / "2222222222222222-cp312-aarch64", age=old),
-            _dir_with(root / ".extract-k2j4", age=old),
-            _dir_with(root / ".prune-4444444444444444-cp311-x86_64", age=old)]
+            _dir_with(root / ".extract-k2j4abcd", age=old),                 # a failed extraction
+            _dir_with(root / ".prune-4444444444444444-cp311-x86_64")]       # an unfinished removal
     kept = [_dir_with(root / "3333333333333333-cp311-x86_64", age=day - 3600),   # used lately
-            _dir_with(root / ".extract-m3n8", age=0),                           # extracting
-            _dir_with(root / "notes", age=old),                         # not the cache's
-            _dir_with(root / "0123-cp311-x86_64", age=old)]
+            _dir_with(root / ".extract-m3n8abcd"),                          # extracting
+            # without an in-use file: an older bootstrap's build, or not the cache's at all
+            _dir_with(root / "5555555555555555-cp311-x86_64", files=("f",), age=old),
+            _dir_with(root / ".extract-zz99yy88", files=("f",), age=old),
+            _dir_with(root / "notes", age=old),                 # not the cache's, by their names
+            _dir_with(root / "0123-cp311-x86_64", age=old),
+            _dir_with(root / ".prune-old-photos", age=old),
+            _dir_with(root / ".extract-thesis", age=old)]
     (root / "7777777777777777-cp311-x86_64").write_text("a file")
     outside = _dir_with(tmp_path / "outside", age=old)
     (root / "8888888888888888-cp311-x86_64").symlink_to(outside)
-    by_cmdline = _dir_with(root / "5555555555555555-cp311-x86_64", age=old)
-    by_map = _dir_with(root / "6666666666666666-cp311-x86_64", files=("lib.so",), age=old)
-    users = [
-        # a launcher names its build's dir on its command line
-        _holding(f"import sys; sys.path.insert(0, {str(by_cmdline)!r}); print('ok', "
-                 "flush=True); import time; time.sleep(60)"),
-        # a server maps its build's native packages (the path only in its maps, not its argv)
-        _holding("import mmap, os, time; f = open(os.environ['LIB'], 'rb'); "
-                 "m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ); f.close(); "
-                 "print('ok', flush=True); time.sleep(60)",
-                 env=dict(os.environ, LIB=str(by_map / "lib.so")))]
+    held = _dir_with(root / "6666666666666666-cp311-x86_64", age=old)
+    # a process running from it (a server, a CLI, a launcher kept across an upgrade)
+    user = _holding(HOLD_BUILD, env=dict(os.environ, F=str(held / zipapp_main.IN_USE)))
     try:
         removed = zipapp_main.prune(str(root), str(keep))
     finally:
-        for p in users:
-            p.kill()
-            p.wait()
+        user.kill()
+        user.wait()
     assert sorted(removed) == sorted(p.name for p in gone)
     assert sorted(os.listdir(root)) == sorted(
-        [p.name for p in (keep, *kept, by_cmdline, by_map)] +
+        [p.name for p in (keep, *kept, held)] +
         ["7777777777777777-cp311-x86_64", "8888888888888888-cp311-x86_64"])
-    assert os.listdir(outside) == ["f"]
-    # once nothing uses them they go too, as soon as a new build's first run prunes again
-    assert sorted(zipapp_main.prune(str(root), str(keep))) == [by_cmdline.name, by_map.name]
+    assert sorted(os.listdir(outside)) == sorted(["f", zipapp_main.IN_USE])
+    # once no process holds it, it goes too: the next new build's first run prunes again
+    assert zipapp_main.prune(str(root), str(keep)) == [held.name]
 
 
 def test_bootstrap_prune_removes_nothing_while_a_run_holds_the_cache(tmp_path):
@@ -4861,13 +4862,13 @@ def test_bootstrap_prune_removes_nothing_while_a_run_holds_the_cache(tmp_path):
     root.mkdir(mode=0o700)
     old = _dir_with(root / "1111111111111111-cp311-x86_64", age=2 * zipapp_main.UNUSED_FOR)
     with zipapp_main.locked(str(root), fcntl.LOCK_SH) as got:
-        assert got   # a run between finding its build and marking it
+        assert got   # a run between finding its build and holding it
         assert zipapp_main.prune(str(root), "") == []
         assert old.exists()
     assert zipapp_main.prune(str(root), "") == [old.name]
 
 
-def test_bootstrap_use_build_marks_its_build_used_and_says_whether_it_was_new(tmp_path):
+def test_bootstrap_use_build_holds_its_build_and_says_whether_it_was_new(tmp_path, monkeypatch):
     archive = tmp_path / "fake.pyz"
     config = _fake_pyz(archive, {"jobworker.py": "X = 1\n"})
     target = config["targets"]["cp311-x86_64"]
@@ -4875,12 +4876,77 @@ def test_bootstrap_use_build_marks_its_build_used_and_says_whether_it_was_new(tm
     root.mkdir(mode=0o700)
     use = lambda: zipapp_main.use_build(config, str(root), "cp311-x86_64", target,
                                         str(archive), os.geteuid())
-    dest, new = use()
-    assert new and dest == str(root / "b1-cp311-x86_64")
-    os.utime(dest, (0, 0))
-    before = time.time()
-    assert use() == (dest, False)
-    assert os.stat(dest).st_mtime >= before - 1   # a run started from it just now
+    extract = zipapp_main.extract
+    locked_out = []
+    monkeypatch.setattr(zipapp_main, "extract", lambda *a: (locked_out.append(
+        zipapp_main._flock(str(root), fcntl.LOCK_EX | fcntl.LOCK_NB)), extract(*a))[1])
+    held = len(zipapp_main._held)
+    try:
+        dest, new = use()
+        assert new and dest == str(root / "b1-cp311-x86_64")
+        assert locked_out == [None]   # no prune while it looks for and extracts its build
+        in_use = os.path.join(dest, zipapp_main.IN_USE)
+        assert zipapp_main._flock(in_use, fcntl.LOCK_EX | fcntl.LOCK_NB) is None   # held
+        os.utime(dest, (0, 0))
+        before = time.time()
+        assert use() == (dest, False)
+        assert os.stat(dest).st_mtime >= before - 1   # a run started from it just now
+    finally:
+        for fd in zipapp_main._held[held:]:
+            os.close(fd)
+        del zipapp_main._held[held:]
+
+
+def test_the_launcher_holds_the_in_use_file_the_bootstrap_makes():
+    assert jw.PYZ_IN_USE == zipapp_main.IN_USE
+
+
+@slow
+@root
+def test_pyz_runs_from_a_read_only_cache(pyz, venvs, tmp_path):
+    python = venvs["3.11"] if "3.11" in venvs else next(iter(venvs.values()))
+    cache = tmp_path / "cache"
+    env = dict(os.environ, JOBWORKER_CACHE_DIR=str(cache))
+    assert subprocess.run([python, str(pyz), "--version"], env=env, capture_output=True,
+                          timeout=120).returncode == 0   # made beforehand, as in an image
+    # read-only in a mount namespace of this test's own
+    r = subprocess.run(["unshare", "-m", "sh", "-c", 'mount --bind "$1" "$1" && '
+                        'mount -o remount,bind,ro "$1" && exec "$2" "$3" --version', "-",
+                        str(cache), python, str(pyz)], env=env, capture_output=True, timeout=120)
+    assert (r.returncode, r.stderr) == (0, b"") and r.stdout.startswith(b"jobworker ")
+
+
+@slow
+@root
+def test_a_launcher_kept_across_an_upgrade_keeps_its_pyz_build(pyz, venvs, pki, tmp_path):
+    python = venvs["3.11"]
+    cache = tmp_path / "cache"
+    env = dict(os.environ, JOBWORKER_CACHE_DIR=str(cache))
+    state, parent = tmp_path / "state", f"{RUN_PARENT}/keepbuild"
+    serve = lambda: ServeProcess([python, str(pyz)], pki, state, parent, env=env)
+    server = serve()
+    job = cli([python, str(pyz)], "start", "sleep", "600", certs=pki, port=server.port,
+              env=env).stdout.decode().strip()
+    launcher = launcher_of(state)
+    server.proc.kill()   # as an upgrade under systemd: the launcher and the job go on
+    server.proc.wait(30)
+    (build,) = [d for d in os.listdir(cache) if not d.startswith(".")]
+    unused = lambda: os.utime(cache / build, (time.time() - 2 * zipapp_main.UNUSED_FOR,) * 2)
+    try:
+        unused()
+        assert zipapp_main.prune(str(cache), "") == [] and (cache / build).is_dir()
+        server = serve()   # adopts the job from the same launcher
+        try:
+            cli([python, str(pyz)], "stop", job, "--grace", "0", certs=pki, port=server.port,
+                env=env)
+        finally:
+            assert server.stop() == 0
+        wait_for(lambda: not pid_alive(launcher), what="the launcher's exit")
+    finally:
+        if pid_alive(launcher):   # (a failure above: the job goes with the test's cgroups)
+            os.kill(launcher, signal.SIGKILL)
+    unused()
+    assert zipapp_main.prune(str(cache), "") == [build] and os.listdir(cache) == []
 
 
 @slow

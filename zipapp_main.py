@@ -13,8 +13,9 @@ from / down to it must be owned by root or the user, writable by no one else (a 
 be) and not a symlink; the cache dir itself must be the user's alone.
 
 Each build extracts into its own dir, so every upgrade would leave one behind (about 40 MB):
-the first run of a new build removes the builds no run has started from for a day that no
-process still uses (see prune).
+every process running from a build holds a shared flock on the build's in-use file for as long
+as it runs (the launcher takes its own), and the first run of a new build removes the builds
+no run has started from for a day whose in-use file nobody holds (see prune).
 """
 
 import contextlib
@@ -29,9 +30,13 @@ import time
 CONFIG = None  # filled in by build_zipapp.py
 ROOT_CACHE = "/var/cache/jobworker"
 UNUSED_FOR = 24 * 3600   # seconds since a run last started from a build before it may go
-# what the cache holds: builds (build id - tag) and the temp dirs of extraction and removal
+IN_USE = ".in-use"       # in each build: every process running from it holds a shared flock
+# what the cache holds: builds (build id - tag), an extraction's temp dir (tempfile.mkdtemp),
+# a build being removed
 _BUILD = re.compile(r"[0-9a-f]{16}-cp3[0-9]+-[A-Za-z0-9_]+")
-_LEFTOVER = re.compile(r"\.(extract|prune)-.+")
+_EXTRACTING = re.compile(r"\.extract-[a-z0-9_]{8}")
+_REMOVING = re.compile(r"\.prune-[0-9a-f]{16}-cp3[0-9]+-[A-Za-z0-9_]+")
+_held = []   # the in-use file of this process's build, open (and locked) until it exits
 
 
 class BootstrapError(Exception):
@@ -170,6 +175,7 @@ def unpack(config, target, archive, tmp):
     """Write target's wheels' files and jobworker's modules from archive into tmp."""
     import shutil
     import zipfile
+    os.close(os.open(os.path.join(tmp, IN_USE), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     prefixes = tuple(f"{config['lib']}/{stem}/" for stem in target["wheels"])
     with zipfile.ZipFile(archive) as zf:
         for info in zf.infolist():
@@ -191,80 +197,106 @@ def unpack(config, target, archive, tmp):
     compileall.compile_dir(tmp, quiet=2, force=True)
 
 
+def _flock(path, how):
+    """An fd of `path` (open read-only) holding flock `how`, or None: the lock is taken by
+    another (LOCK_NB), or the file cannot be opened or locked (no locks on this filesystem)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, how)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
 @contextlib.contextmanager
 def locked(root, how):
     """flock(2) on the cache dir itself: shared while a run finds, extracts and marks its
-    build, exclusive while builds are removed. Yields False if `how` has LOCK_NB and the lock
-    is taken."""
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    build, exclusive while builds are chosen for removal. Yields whether it holds the lock
+    (not when another holds it and `how` has LOCK_NB, or locks do not work here)."""
+    fd = _flock(root, how)
     try:
-        try:
-            fcntl.flock(fd, how)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
+        yield fd is not None
     finally:
-        os.close(fd)   # and the lock with it
+        if fd is not None:
+            os.close(fd)   # and the lock with it
 
 
 def use_build(config, root, tag, target, archive, euid):
-    """(dir, new): the dir of this build's packages (see extract), marked as used now, and
-    whether this run extracted it. Under the shared lock: no prune runs between the check,
-    the extraction and the mark, and a build marked now is kept for UNUSED_FOR seconds."""
+    """(dir, new): the dir of this build's packages (see extract) and whether this run
+    extracted it. From then on this process holds the build's in-use file (a shared flock,
+    until it exits), and the build is marked used now (its mtime). Under the cache's shared
+    lock: no prune runs between the check and the hold. A cache that cannot be locked or
+    marked (a read-only one made beforehand) is used all the same."""
     with locked(root, fcntl.LOCK_SH):
         new = not os.path.lexists(os.path.join(root, f"{config['build_id']}-{tag}"))
         dest = extract(config, root, tag, target, archive, euid)
-        os.utime(dest)
+        fd = _flock(os.path.join(dest, IN_USE), fcntl.LOCK_SH)
+        if fd is not None:
+            _held.append(fd)
+        with contextlib.suppress(OSError):
+            os.utime(dest)
     return dest, new
 
 
-def in_use(paths, proc="/proc"):
-    """The subset of `paths` some process uses now: its command line or one of its mappings
-    (the native packages) names it or a file under it (a launcher runs jobworker from a
-    build's dir). Processes this user may not inspect are passed over: they cannot read a
-    private cache."""
-    keys = {p: os.fsencode(p) for p in paths}
-    used = set()
-    for pid in os.listdir(proc):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        for name in ("cmdline", "maps"):
-            try:
-                with open(f"{proc}/{pid}/{name}", "rb") as f:
-                    text = f.read()
-            except OSError:   # gone, or not ours to read
-                continue
-            used.update(p for p, key in keys.items() if key in text)
-    return used
-
-
-def prune(root, keep, now=None, unused_for=UNUSED_FOR, proc="/proc"):
+def prune(root, keep, now=None, unused_for=UNUSED_FOR):
     """Remove from root the builds other than `keep` that no run has started from for
-    `unused_for` seconds (their dir's mtime, set by use_build) and that no process uses now,
-    and what failed extractions or removals left. Skipped if a run holds the lock (it is
-    between finding its build and marking it). Returns the names removed."""
+    `unused_for` seconds (their mtime, set by use_build) and whose in-use file no process
+    holds, and the temp dirs of extractions that failed as long ago. Only what carries an
+    in-use file is touched: builds of older bootstraps, which hold no lock, and anything else
+    in the dir stay. Skipped if a run holds the cache's lock; an entry that cannot be removed
+    is left for next time. Returns the names removed."""
     import shutil
     now = time.time() if now is None else now
+    doomed = []
     with locked(root, fcntl.LOCK_EX | fcntl.LOCK_NB) as got:
         if not got:
             return []
-        stale = []
-        for name in os.listdir(root):
-            path = os.path.join(root, name)
-            st = os.lstat(path)
-            if (path == keep or not stat.S_ISDIR(st.st_mode) or now - st.st_mtime < unused_for
-                    or not (_BUILD.fullmatch(name) or _LEFTOVER.fullmatch(name))):
+        for name in sorted(os.listdir(root)):
+            try:
+                path = _removable(root, name, keep, now - unused_for)
+            except OSError:
                 continue
-            stale.append(path)
-        removed = []
-        for path in sorted(set(stale) - (in_use(stale, proc) if stale else set())):
-            name = os.path.basename(path)
-            doomed = path if name.startswith(".") else os.path.join(root, f".prune-{name}")
-            os.rename(path, doomed)   # gone for every run at once, however long rmtree takes
-            shutil.rmtree(doomed, ignore_errors=True)
-            removed.append(name)
-        return removed
+            if path is not None:
+                doomed.append((name, path))
+    # Renamed already (no run can find them), so removing them holds no lock.
+    for name, path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return [name for name, path in doomed if not os.path.lexists(path)]
+
+
+def _removable(root, name, keep, used_before):
+    """The path to remove for the entry `name` (a build renamed out of the way first), or
+    None to keep it. Called under the cache's exclusive lock."""
+    path = os.path.join(root, name)
+    st = os.lstat(path)
+    if path == keep or not stat.S_ISDIR(st.st_mode):
+        return None
+    if not stat.S_ISREG(os.lstat(os.path.join(path, IN_USE)).st_mode):
+        return None
+    if _REMOVING.fullmatch(name):
+        return path   # a removal that did not finish
+    if st.st_mtime >= used_before:
+        return None
+    if _EXTRACTING.fullmatch(name):
+        return path
+    if not _BUILD.fullmatch(name):
+        return None
+    fd = _flock(os.path.join(path, IN_USE), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    if fd is None:
+        return None   # a process runs from it
+    try:   # none can start from it now: a run takes the cache's lock before the build's
+        gone = os.path.join(root, f".prune-{name}")
+        if os.path.lexists(gone):
+            import shutil
+            shutil.rmtree(gone)
+        os.rename(path, gone)
+    finally:
+        os.close(fd)
+    return gone
 
 
 def extract(config, root, tag, target, archive, euid):
