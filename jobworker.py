@@ -1907,30 +1907,33 @@ class _Shim:
 # zipapp_main.IN_USE: in a pyz build's dir, the file every process running from it holds a
 # shared flock on, so the pyz's cache does not remove the build from under it
 PYZ_IN_USE = ".in-use"
-_held_build = []
+_held_build = []   # the launcher's fd of it, for as long as the launcher runs
 
 
-def _hold_own_build():
-    """Hold this module's pyz build (if it runs from one) for as long as this process runs:
-    the launcher outlives the server that started it, across an upgrade of the pyz."""
+def build_lock(directory):
+    """An fd holding a shared flock on the in-use file of `directory` if it is a pyz build,
+    else None. Taken by the server for the launcher it starts (given with pass_fds), which
+    outlives it across an upgrade: while the server holds its own, the build cannot go in
+    between."""
     import fcntl
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), PYZ_IN_USE)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(os.path.join(directory, PYZ_IN_USE), os.O_RDONLY)
     except OSError:
-        return   # run from a source tree: nothing to hold
+        return None   # a source tree: nothing to hold
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
     except OSError:
         os.close(fd)   # no locks on this filesystem: the cache keeps what it cannot lock
-        return
-    _held_build.append(fd)
+        return None
+    return fd
 
 
-def launcher_main(state_dir, live_restore, ready_fd):
-    """Entry point of the launcher process; never returns."""
+def launcher_main(state_dir, live_restore, ready_fd, build_fd=None):
+    """Entry point of the launcher process; never returns. `build_fd`: see build_lock (kept
+    open for as long as the launcher runs)."""
+    if build_fd is not None:
+        _held_build.append(build_fd)
     try:
-        _hold_own_build()
         _Shim(state_dir, live_restore).run(ready_fd)
     except BaseException as e:   # a failure to start is said to the server waiting for it
         with contextlib.suppress(OSError):
@@ -1995,17 +1998,21 @@ class LauncherClient:
     def _start(self):
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         root = os.path.dirname(os.path.abspath(__file__))   # a directory, or the .pyz itself
+        build = build_lock(root)
         code = (f"import sys; sys.path.insert(0, {root!r}); import jobworker; "
                 f"jobworker.launcher_main({self.state_dir!r}, {self.live_restore!r}, "
-                f"{ready_w})")
+                f"{ready_w}, {build})")
         try:
             # Its own session: a Ctrl-C or hangup meant for the server is not meant for it.
             self.process = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", code], pass_fds=[ready_w],
+                [sys.executable, "-I", "-S", "-c", code],
+                pass_fds=[ready_w] + ([build] if build is not None else []),
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, close_fds=True,
                 start_new_session=True)
         finally:
             os.close(ready_w)
+            if build is not None:
+                os.close(build)   # the launcher's now
         with os.fdopen(ready_r, "rb") as f:
             answer = f.readline().decode(errors="replace").strip()
         if answer != "ok":

@@ -4827,7 +4827,11 @@ def test_bootstrap_prune_removes_unused_builds_and_leftovers_and_keeps_the_rest(
     gone = [_dir_with(root / "1111111111111111-cp311-x86_64", age=old),
             _dir_with(root / "2222222222222222-cp312-aarch64", age=old),
             _dir_with(root / ".extract-k2j4abcd", age=old),                 # a failed extraction
-            _dir_with(root / ".prune-4444444444444444-cp311-x86_64")]       # an unfinished removal
+            _dir_with(root / ".prune-4444444444444444-cp311-x86_64"),       # unfinished removals,
+            _dir_with(root / ".prune-9999999999999999-cp311-x86_64", files=("f",)),  # in-use gone
+            _dir_with(root / ".prune-aaaaaaaaaaaaaaaa-cp311-x86_64")]       # (see below)
+    # its removal's name is taken: that one goes first, this build at the next prune
+    later = _dir_with(root / "aaaaaaaaaaaaaaaa-cp311-x86_64", age=old)
     kept = [_dir_with(root / "3333333333333333-cp311-x86_64", age=day - 3600),   # used lately
             _dir_with(root / ".extract-m3n8abcd"),                          # extracting
             # without an in-use file: an older bootstrap's build, or not the cache's at all
@@ -4850,11 +4854,11 @@ def test_bootstrap_prune_removes_unused_builds_and_leftovers_and_keeps_the_rest(
         user.wait()
     assert sorted(removed) == sorted(p.name for p in gone)
     assert sorted(os.listdir(root)) == sorted(
-        [p.name for p in (keep, *kept, held)] +
+        [p.name for p in (keep, *kept, held, later)] +
         ["7777777777777777-cp311-x86_64", "8888888888888888-cp311-x86_64"])
     assert sorted(os.listdir(outside)) == sorted(["f", zipapp_main.IN_USE])
     # once no process holds it, it goes too: the next new build's first run prunes again
-    assert zipapp_main.prune(str(root), str(keep)) == [held.name]
+    assert zipapp_main.prune(str(root), str(keep)) == sorted([held.name, later.name])
 
 
 def test_bootstrap_prune_removes_nothing_while_a_run_holds_the_cache(tmp_path):
@@ -4876,17 +4880,31 @@ def test_bootstrap_use_build_holds_its_build_and_says_whether_it_was_new(tmp_pat
     root.mkdir(mode=0o700)
     use = lambda: zipapp_main.use_build(config, str(root), "cp311-x86_64", target,
                                         str(archive), os.geteuid())
-    extract = zipapp_main.extract
-    locked_out = []
+    extract, locked = zipapp_main.extract, zipapp_main.locked
+    locked_out, held_first = [], []
+
+    def free(path, how):   # would `how` be granted now? (probed and given back at once)
+        fd = zipapp_main._flock(path, how | fcntl.LOCK_NB)
+        if fd is not None:
+            os.close(fd)
+        return fd is not None
     monkeypatch.setattr(zipapp_main, "extract", lambda *a: (locked_out.append(
-        zipapp_main._flock(str(root), fcntl.LOCK_EX | fcntl.LOCK_NB)), extract(*a))[1])
+        free(str(root), fcntl.LOCK_EX)), extract(*a))[1])
+
+    @contextlib.contextmanager
+    def probing(*a):   # as the cache's lock is given back, is the build's held already?
+        with locked(*a) as got:
+            yield got
+            held_first.append(not free(str(root / "b1-cp311-x86_64" / zipapp_main.IN_USE),
+                                       fcntl.LOCK_EX))
+    monkeypatch.setattr(zipapp_main, "locked", probing)
     held = len(zipapp_main._held)
     try:
         dest, new = use()
         assert new and dest == str(root / "b1-cp311-x86_64")
-        assert locked_out == [None]   # no prune while it looks for and extracts its build
-        in_use = os.path.join(dest, zipapp_main.IN_USE)
-        assert zipapp_main._flock(in_use, fcntl.LOCK_EX | fcntl.LOCK_NB) is None   # held
+        assert locked_out == [False]   # no prune while it looks for and extracts its build
+        assert held_first == [True]   # and none between that and holding the build
+        assert not free(os.path.join(dest, zipapp_main.IN_USE), fcntl.LOCK_EX)   # held
         os.utime(dest, (0, 0))
         before = time.time()
         assert use() == (dest, False)
@@ -4895,6 +4913,35 @@ def test_bootstrap_use_build_holds_its_build_and_says_whether_it_was_new(tmp_pat
         for fd in zipapp_main._held[held:]:
             os.close(fd)
         del zipapp_main._held[held:]
+
+
+def test_bootstrap_prune_removes_what_it_renamed_without_holding_the_cache(tmp_path,
+                                                                         monkeypatch):
+    import shutil
+    root = tmp_path / "cache"
+    root.mkdir(mode=0o700)
+    old = _dir_with(root / "1111111111111111-cp311-x86_64", age=2 * zipapp_main.UNUSED_FOR)
+    rmtree, free = shutil.rmtree, []
+
+    def probing(path, *a, **kw):   # may a starting run take the cache's lock meanwhile?
+        fd = zipapp_main._flock(str(root), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        free.append(fd is not None)
+        if fd is not None:
+            os.close(fd)
+        return rmtree(path, *a, **kw)
+    monkeypatch.setattr(shutil, "rmtree", probing)
+    assert zipapp_main.prune(str(root), "") == [old.name] and free == [True]
+
+
+def test_a_launcher_is_given_a_lock_on_its_pyz_build(tmp_path):
+    (tmp_path / jw.PYZ_IN_USE).write_text("")
+    fd = jw.build_lock(str(tmp_path))
+    try:
+        assert zipapp_main._flock(str(tmp_path / jw.PYZ_IN_USE),
+                                  fcntl.LOCK_EX | fcntl.LOCK_NB) is None
+    finally:
+        os.close(fd)
+    assert jw.build_lock(str(tmp_path / "nothing-here")) is None
 
 
 def test_the_launcher_holds_the_in_use_file_the_bootstrap_makes():

@@ -245,10 +245,11 @@ def use_build(config, root, tag, target, archive, euid):
 def prune(root, keep, now=None, unused_for=UNUSED_FOR):
     """Remove from root the builds other than `keep` that no run has started from for
     `unused_for` seconds (their mtime, set by use_build) and whose in-use file no process
-    holds, and the temp dirs of extractions that failed as long ago. Only what carries an
-    in-use file is touched: builds of older bootstraps, which hold no lock, and anything else
-    in the dir stay. Skipped if a run holds the cache's lock; an entry that cannot be removed
-    is left for next time. Returns the names removed."""
+    holds, the temp dirs of extractions that failed as long ago, and removals that did not
+    finish. Only builds and temp dirs that carry an in-use file are touched: builds of older
+    bootstraps, which hold no lock, and anything else in the dir stay. Skipped if a run
+    holds the cache's lock; an entry that cannot be removed is left for next time. Returns
+    the names removed."""
     import shutil
     now = time.time() if now is None else now
     doomed = []
@@ -275,10 +276,10 @@ def _removable(root, name, keep, used_before):
     st = os.lstat(path)
     if path == keep or not stat.S_ISDIR(st.st_mode):
         return None
+    if _REMOVING.fullmatch(name):
+        return path   # a removal that did not finish (only prune makes these names)
     if not stat.S_ISREG(os.lstat(os.path.join(path, IN_USE)).st_mode):
         return None
-    if _REMOVING.fullmatch(name):
-        return path   # a removal that did not finish
     if st.st_mtime >= used_before:
         return None
     if _EXTRACTING.fullmatch(name):
@@ -291,8 +292,7 @@ def _removable(root, name, keep, used_before):
     try:   # none can start from it now: a run takes the cache's lock before the build's
         gone = os.path.join(root, f".prune-{name}")
         if os.path.lexists(gone):
-            import shutil
-            shutil.rmtree(gone)
+            return None   # that one goes first (this round), this build the next
         os.rename(path, gone)
     finally:
         os.close(fd)
