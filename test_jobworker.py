@@ -5168,7 +5168,12 @@ def test_each_guest_run_carries_the_pyz_and_the_checks_file():
     with open(os.path.join(HERE, "v2_guest_checks.py"), "rb") as f:
         checks = f.read()
     assert v2_guest.run_files(b"PYZ") == [("jobworker.pyz", 0o100755, b"PYZ"),
-                                          ("checks.py", 0o100644, checks)]
+                                          ("checks.py", 0o100644, checks),
+                                          ("v2_guest_checks.py", 0o100644, checks)]
+    with open(os.path.join(HERE, "bench", "tenk_guest.py"), "rb") as f:
+        tenk = f.read()
+    assert v2_guest.run_files(b"PYZ", os.path.join(HERE, "bench", "tenk_guest.py"))[1:] == [
+        ("checks.py", 0o100644, tenk), ("v2_guest_checks.py", 0o100644, checks)]
     init = v2_guest.init_script()
     assert "\npython3.11 /checks.py\n" in init
     assert "for m in virtio_ring.ko virtio.ko " in init and "{" not in init

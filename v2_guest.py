@@ -2,6 +2,7 @@
 """Boot a pure cgroup v2 Linux guest under QEMU and check jobworker's limits there for real.
 
     python3 v2_guest.py --pyz jobworker.pyz [--cache DIR] [--timeout 400] [--json FILE]
+                        [--program FILE] [--memory MIB] [--env KEY=VALUE ...]
 
 The guest is Debian's cloud kernel plus an initramfs made of Debian packages (busybox-static,
 glibc, CPython 3.11, the virtio modules), all fetched with `apt-get download` and cached in
@@ -164,14 +165,24 @@ def build_base(cache):
     return vmlinuz, base
 
 
-def run_files(pyz_data):
-    """(path, mode, data) of what each run adds to the base image: the pyz and the checks."""
-    with open(CHECKS, "rb") as f:
-        checks = f.read()
-    return [("jobworker.pyz", 0o100755, pyz_data), ("checks.py", 0o100644, checks)]
+def run_files(pyz_data, program=CHECKS):
+    """(path, mode, data) of what each run adds to the base image: the pyz, the program the
+    guest runs as /checks.py, and the checks module beside it (another program may import its
+    helpers)."""
+    files = [("jobworker.pyz", 0o100755, pyz_data)]
+    for name, path in (("checks.py", program), ("v2_guest_checks.py", CHECKS)):
+        with open(path, "rb") as f:
+            files.append((name, 0o100644, f.read()))
+    return files
 
 
-def run_guest(pyz, cache, timeout):
+def run_guest(pyz, cache, timeout, program=CHECKS, memory_mb=1024, env=()):
+    """(console text, seconds): the guest booted with `pyz` and `program` as /checks.py.
+    `env`: KEY=VALUE words for the kernel command line, which passes them on to init (and so
+    to the program) as environment variables."""
+    for word in env:
+        if not re.fullmatch(r"[A-Z_][A-Z0-9_]*=[^\s]*", word):
+            raise ValueError(f"not KEY=VALUE for the guest's environment: {word!r}")
     qemu = shutil.which("qemu-system-x86_64")
     if not qemu:
         sys.exit("v2_guest: qemu-system-x86_64 is missing "
@@ -183,13 +194,13 @@ def run_guest(pyz, cache, timeout):
             pyz_data = f.read()
         with open(initrd, "wb") as out, open(base, "rb") as b:
             shutil.copyfileobj(b, out)   # concatenated cpio archives merge
-            out.write(cpio_newc(run_files(pyz_data)))
+            out.write(cpio_newc(run_files(pyz_data, program)))
         disk = os.path.join(tmp, "scratch.img")
         with open(disk, "wb") as f:
             f.truncate(64 << 20)
-        cmd = [qemu, "-accel", "tcg", "-m", "1024", "-smp", "2", "-kernel", vmlinuz,
+        cmd = [qemu, "-accel", "tcg", "-m", str(memory_mb), "-smp", "2", "-kernel", vmlinuz,
                "-initrd", initrd, "-append",
-               "console=ttyS0 cgroup_no_v1=all panic=-1 quiet loglevel=3",
+               " ".join(["console=ttyS0 cgroup_no_v1=all panic=-1 quiet loglevel=3", *env]),
                "-nographic", "-no-reboot", "-nic", "none",
                "-drive", f"file={disk},if=virtio,format=raw,cache=unsafe"]
         log("booting the guest (TCG)")
@@ -217,8 +228,14 @@ def main(argv=None):
     p.add_argument("--cache", default=default_cache(), help="downloads and built images")
     p.add_argument("--timeout", type=float, default=400, help="seconds for the whole guest run")
     p.add_argument("--json", help="write the results here too")
+    p.add_argument("--program", default=CHECKS,
+                   help="what the guest runs (default: the checks; bench/tenk_guest.py)")
+    p.add_argument("--memory", type=int, default=1024, help="the guest's memory (MiB)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="an environment variable for the program (repeatable)")
     args = p.parse_args(argv)
-    console, seconds = run_guest(args.pyz, args.cache, args.timeout)
+    console, seconds = run_guest(args.pyz, args.cache, args.timeout, args.program, args.memory,
+                                 args.env)
     result = parse(console)
     if result is None:
         print(console[-6000:])

@@ -71,15 +71,15 @@ def alive(pid):
         return False
 
 
-def start_server(log_path, cgroup=SERVICE):
+def start_server(log_path, cgroup=SERVICE, options=""):
     """`serve` inside the service's cgroup, as systemd with Delegate=yes would start it; None
     if it did not come up. Once the first server has handed controllers to its jobs, the
     service's cgroup can take no process: a restart goes into the leaf the first one made (as
-    systemd's DelegateSubgroup=server does)."""
+    systemd's DelegateSubgroup=server does). `options` are added to serve's."""
     log = open(log_path, "w")
     server = subprocess.Popen(
         ["sh", "-c", f"echo $$ > {cgroup}/cgroup.procs && exec python3.11 /jobworker.pyz "
-         "serve --listen 127.0.0.1:50051 --certs /tmp/certs --state-dir /tmp/state"],
+         f"serve --listen 127.0.0.1:50051 --certs /tmp/certs --state-dir /tmp/state {options}"],
         env=ENV, stderr=log)
     deadline = time.monotonic() + 300
     while "serving on" not in open(log_path).read():

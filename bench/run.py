@@ -478,6 +478,51 @@ def _is_launcher(pid):
         return False
 
 
+GUEST_MIB_PER_JOB = 1.2   # measured: 10,000 jobs took 8 GB of the guest's (0.8 MB each)
+
+
+def fig14(pyz, state_root):
+    """10,000 running jobs where they can be run: the cgroup v2 guest under QEMU
+    (bench/tenk_guest.py inside it), whose root may raise the open-files limit. About 15
+    minutes under emulation; BENCH_GUEST_JOBS picks another number of jobs."""
+    n = int(os.environ.get("BENCH_GUEST_JOBS", "10000"))
+    memory = 2048 + int(n * GUEST_MIB_PER_JOB)
+    with open("/proc/meminfo") as f:
+        avail = int(next(line for line in f if line.startswith("MemAvailable")).split()[1])
+    if avail < (memory + 1024) * 1024:
+        print(f"    figure 14 not run: {n:,} jobs need a guest of {memory:,} MiB, and this "
+              f"machine has {avail // 1024:,} MiB available (BENCH_GUEST_JOBS=N runs fewer)")
+        return
+    out = os.path.join(state_root, "tenk-guest.json")
+    r = subprocess.run(
+        [sys.executable, os.path.join(HERE, "v2_guest.py"), "--pyz", pyz, "--program",
+         os.path.join(BENCH, "tenk_guest.py"), "--memory", str(memory), "--timeout", "3600",
+         "--env", f"JOBWORKER_BENCH_JOBS={n}", "--json", out], capture_output=True, text=True)
+    if not os.path.exists(out):
+        print(f"    figure 14 not run: the guest gave no results ({r.stderr.strip()[-300:]})")
+        return
+    with open(out) as f:
+        result = json.load(f)
+    fig, checks = result["figures"], result["checks"]
+    if not fig:
+        print(f"    figure 14: the guest failed: {json.dumps(checks)[-600:]}")
+        return
+    what = f"{fig['running']} running jobs, v2 guest"
+    row(14, f"{what}: started (jobs/s)", (n - 100) / fig["start_seconds"], None, None, "-")
+    row(14, f"{what}: Query p50 (ms)", fig["query_busy_ms"], fig["query_idle_ms"],
+        fig["query_busy_ms"] / fig["query_idle_ms"], "<= 1.2x")
+    row(14, f"{what}: server RSS (MB)", fig["server_rss"] / 1e6, fig["server_rss_100"] / 1e6,
+        fig["server_rss"] / fig["server_rss_100"], "<= 300 MB")
+    row(14, f"{what}: server threads (floor: 100 jobs)", float(fig["server_threads"]),
+        float(fig["server_threads_100"]), fig["server_threads"] / fig["server_threads_100"],
+        "not growing")
+    row(14, f"{what}: server stop, all stopped (s)", fig["stop_seconds"], None, None, "-")
+    print(f"    open files: server {fig['server_fds']:,}, launcher {fig['launcher_fds']:,}; "
+          f"launcher RSS {fig['launcher_rss'] / 1e6:.0f} MB; guest under TCG emulation, "
+          f"{result['wall_seconds']:.0f} s; checks: "
+          + ", ".join(f"{k} {'ok' if c['ok'] else 'FAILED'}" for k, c in checks.items()))
+
+
 def fig7(certs, server, bare, pyz):
     pb = jw._pb()[0]
     ch, s = stub(certs, server.port)
@@ -749,6 +794,8 @@ def main():
         for fn in (fig6_8, fig9, fig11, fig12, fig13):
             if want(fn):
                 fn(certs, tmp)
+        if want(fig14):
+            fig14(pyz, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         jw.detect_cgroups(PARENT).remove_parent()
