@@ -14,8 +14,9 @@ be) and not a symlink; the cache dir itself must be the user's alone.
 
 Each build extracts into its own dir, so every upgrade would leave one behind (about 40 MB):
 every process running from a build holds a shared flock on the build's in-use file for as long
-as it runs (the launcher takes its own), and the first run of a new build removes the builds
-no run has started from for a day whose in-use file nobody holds (see prune).
+as it runs (the server hands the launcher one of its own), and the first run of a new build
+removes the builds no run has started from for a day whose in-use file nobody holds (see
+prune).
 """
 
 import contextlib

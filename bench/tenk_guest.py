@@ -5,8 +5,8 @@ where root may raise its open-files limit (the benchmark's host may not let it).
 Starts `jobworker.pyz serve` as the checks do, starts the jobs from 8 threads over mutual TLS
 (grpc and jobworker imported from the pyz's cache), and measures Query p50 with one job and
 with all of them, and the server's RSS, threads and open files at 100 jobs and with all of them
-(the launcher's too). Prints the
-figures as JSON between JWGUEST-RESULT-BEGIN and -END, as the checks do; asserts nothing.
+(the launcher's too). Prints the figures as JSON between JWGUEST-RESULT-BEGIN and -END, as the
+checks do; asserts nothing.
 """
 
 import concurrent.futures
