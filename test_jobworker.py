@@ -4811,7 +4811,10 @@ def _dir_with(path, files=("f", zipapp_main.IN_USE), age=0):
 def _holding(*argv, env=None):
     """A process that says "ok" once it holds what argv gives it."""
     p = subprocess.Popen([sys.executable, "-c", *argv], stdout=subprocess.PIPE, env=env)
-    assert p.stdout.readline() == b"ok\n"
+    if p.stdout.readline() != b"ok\n":
+        p.kill()
+        p.wait()
+        raise AssertionError(f"{argv} did not start")
     return p
 
 
