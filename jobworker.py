@@ -2774,6 +2774,12 @@ class JobManager:
         with job.cond:
             job.status.pid, job.pidfd = pid, pidfd
             job.pipes = {name: r for name, (r, _) in pipes.items()}
+        if not launcher.alive:
+            # It died after its reply: its end may have been handled before the pidfd was
+            # here to be watched (a job that kills its launcher at once does this).
+            engine = self._engine
+            if engine is not None:
+                engine.call_soon(lambda: self._watch_pidfd(job))
         with self._lock:
             self._jobs[job_id] = job
             bisect.insort(self._order, status.order_key)
@@ -3109,14 +3115,18 @@ class JobManager:
             live = list(self._live.values())
         for job in live:
             self._orphans |= self._cgroup_pids(job)
-            with job.cond:
-                watch = not job.main_exited and job.pidfd is not None
-            if watch and not self._engine.has_reader(job.pidfd):   # a second death
-                self._engine.add_reader(job.pidfd, self._pidfd_handler(job), close=False)
+            self._watch_pidfd(job)
         self._engine.call_later(0, self._reap_orphans)
         self._launcher_deaths.append(time.monotonic())
         threading.Thread(target=self._replace_launcher, name="jobworker-relaunch",
                          daemon=True).start()
+
+    def _watch_pidfd(self, job):
+        """Engine thread: learn the job's end from its pidfd (its launcher is gone), once."""
+        with job.cond:
+            watch = not job.main_exited and job.pidfd is not None
+        if watch and not self._engine.has_reader(job.pidfd):   # (a second death)
+            self._engine.add_reader(job.pidfd, self._pidfd_handler(job), close=False)
 
     @staticmethod
     def _cgroup_pids(job):

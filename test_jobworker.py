@@ -1236,6 +1236,27 @@ def test_a_killed_launcher_is_replaced_and_its_jobs_go_on(manager):
 
 
 @root
+def test_a_launcher_dying_right_after_its_spawn_reply_leaves_the_job_watched(manager,
+                                                                           monkeypatch):
+    # The interleaving a job that kills its launcher can cause: the spawn reply is read, then
+    # the launcher's end, before the Start thread has stored the job's pidfd.
+    spawn = jw.LauncherClient.spawn
+
+    def then_die(launcher, *a):
+        pid_and_pidfd = spawn(launcher, *a)
+        deaths = len(manager._launcher_deaths)
+        os.kill(launcher.pid, signal.SIGKILL)
+        wait_for(lambda: len(manager._launcher_deaths) > deaths, what="the launcher's end seen")
+        return pid_and_pidfd
+    monkeypatch.setattr(jw.LauncherClient, "spawn", then_die)
+    job = manager.start("sh", ["-c", "sleep 1; exit 3"])
+    monkeypatch.setattr(jw.LauncherClient, "spawn", spawn)
+    s = wait_final(manager, job.id)   # its end is still learned (from its pidfd)
+    assert (s.state, s.exit_code) == (jw.EXITED, 3)
+    wait_for(lambda: manager._launcher.alive, timeout=30, what="a new launcher")
+
+
+@root
 def test_list_filters_by_owner_and_status_hides_foreign_jobs(manager):
     a = manager.start("true", owner="alice")
     b = manager.start("true", owner="bob")
