@@ -245,6 +245,14 @@ class AccessDenied(JobworkerError):
     """The caller's certificate does not allow the call."""
 
 
+class RequestTimeout(JobworkerError):
+    """A call's request message did not arrive within the server's deadline for it."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        super().__init__(f"the request message did not arrive within {seconds:g}s")
+
+
 class MalformedRequest(JobworkerError):
     """A request message that could not be decoded at all."""
 
@@ -268,6 +276,7 @@ ERROR_CODES = (
     (SpawnError, "FAILED_PRECONDITION"),
     (CgroupError, "FAILED_PRECONDITION"),
     (LauncherError, "UNAVAILABLE"),
+    (RequestTimeout, "DEADLINE_EXCEEDED"),
     (Unauthenticated, "UNAUTHENTICATED"),
     (AccessDenied, "PERMISSION_DENIED"),
 )
@@ -3693,12 +3702,14 @@ def abort_with(context, exc):
 
 
 class CallContext:
-    """The grpc context of one call plus its Caller; remembers the status code it ended with."""
+    """The grpc context of one call plus its Caller; remembers the status code it ended with
+    and its request (for the audit line)."""
 
     def __init__(self, context, caller):
         self._context = context
         self.caller = caller
         self.code = None
+        self.request = None
         self.counted = False   # holds a slot of the interceptor's calls quota
         self.began = 0.0       # time.monotonic() when it arrived
 
@@ -3714,36 +3725,102 @@ class CallContext:
         return getattr(self._context, name)
 
 
-class AuthInterceptor:
-    """grpc server interceptor: authorizes every call of every kind and writes its audit line."""
+DEFAULT_REQUEST_TIMEOUT = 5.0   # seconds a call's request message may take to arrive
+REFUSED_WAITING = 64            # refused calls waiting briefly for their request (audit lines)
+REFUSED_WAIT = 0.5              # ... seconds each, at most
 
-    def __init__(self, policy=POLICY, calls=None, revoked=None, metrics=None):
+
+def _next_request(requests, timeout):
+    """The next message of a call's request stream, waiting at most `timeout` seconds
+    (RequestTimeout past it); StopIteration at its end. grpc's sync server has no read with
+    a deadline: its iterator (grpc/_server.py, _RequestIterator._next) waits forever. This
+    is that method with a bounded wait, on the same state; the pinned grpcio is checked to
+    have it when the server starts (check_grpc_internals)."""
+    state = requests._state
+    deadline = time.monotonic() + timeout
+    with state.condition:
+        requests._raise_or_start_receive_message()
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RequestTimeout(timeout)
+            state.condition.wait(remaining)
+            request = requests._look_for_request()
+            if request is not None:
+                return request
+
+
+def check_grpc_internals():
+    """JobworkerError unless this grpcio has what _next_request uses."""
+    from grpc import _server
+    iterator = getattr(_server, "_RequestIterator", None)
+    if not all(hasattr(iterator, n) for n in ("_raise_or_start_receive_message",
+                                             "_look_for_request")):
+        raise JobworkerError(f"grpcio {_grpc().__version__} lacks the request iterator this "
+                             "server bounds its reads with; use the pinned grpcio")
+
+
+class _BoundedRequests:
+    """A request stream whose every message must come within `timeout` seconds."""
+
+    def __init__(self, requests, timeout):
+        self._requests, self._timeout = requests, timeout
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return _next_request(self._requests, self._timeout)
+
+
+class AuthInterceptor:
+    """grpc server interceptor: authorizes every call of every kind and writes its audit line.
+
+    Every method is served as if its request were a stream (the same bytes on the wire): the
+    handler thread starts when the call arrives, not when its request message has come, so
+    the caller is authorized, counted against its identity's share of the calls in flight
+    and audited before anything waits, and a request that does not come within
+    `request_timeout` seconds ends the call (DEADLINE_EXCEEDED). grpc's own unary path waits
+    for the message in a pool thread, with no deadline, before any interceptor code runs."""
+
+    def __init__(self, policy=POLICY, calls=None, revoked=None, metrics=None,
+                 request_timeout=DEFAULT_REQUEST_TIMEOUT):
         self.policy = policy
         self.calls = calls   # a Quota of calls in flight, per identity and for admins
         self.revoked = revoked   # a RevocationList
         self.metrics = metrics   # a Metrics: every call is counted and timed
+        self.request_timeout = request_timeout
+        # Refused calls wait a moment for their request, so that the audit line names the
+        # job; only this many at once, so refused certificates cannot hold threads.
+        self._refused = Quota("refused calls waiting", REFUSED_WAITING, REFUSED_WAITING // 4)
+        self._handlers = {}   # method -> the wrapped handler (one per method, made once)
         self.grpc = _grpc()
 
     def intercept_service(self, continuation, details):
-        handler = continuation(details)
-        if handler is None:
-            return None   # unknown method: grpc answers UNIMPLEMENTED
-        grpc = self.grpc
         method = details.method
-        kinds = [("unary_unary", grpc.unary_unary_rpc_method_handler),
-                 ("unary_stream", grpc.unary_stream_rpc_method_handler),
-                 ("stream_unary", grpc.stream_unary_rpc_method_handler),
-                 ("stream_stream", grpc.stream_stream_rpc_method_handler)]
-        for kind, make in kinds:
-            behavior = getattr(handler, kind)
-            if behavior is not None:
-                wrap = self._wrap_stream if kind.endswith("_stream") else self._wrap_unary
-                decode = handler.request_deserializer
-                return make(wrap(behavior, method), decode and _tolerant(decode),
-                            handler.response_serializer)
-        return None
+        wrapped = self._handlers.get(method)
+        if wrapped is None:
+            handler = continuation(details)
+            if handler is None:
+                return None   # unknown method: grpc answers UNIMPLEMENTED
+            wrapped = self._handlers[method] = self._wrap(handler, method)
+        return wrapped
 
-    def _enter(self, method, request, context):
+    def _wrap(self, handler, method):
+        grpc = self.grpc
+        behavior = (handler.unary_unary or handler.unary_stream or handler.stream_unary
+                    or handler.stream_stream)
+        decode = handler.request_deserializer
+        if handler.response_streaming:
+            wrap, make = self._wrap_stream, grpc.stream_stream_rpc_method_handler
+        else:
+            wrap, make = self._wrap_unary, grpc.stream_unary_rpc_method_handler
+        return make(wrap(behavior, method, handler.request_streaming),
+                    decode and _tolerant(decode), handler.response_serializer)
+
+    def _enter(self, method, requests, context, request_streaming):
+        """The CallContext of an admitted call and its request (the message, or the bounded
+        stream of them); a refused call is audited and aborted here."""
         ctx = CallContext(context, None)
         ctx.began = time.monotonic()
         try:
@@ -3751,14 +3828,43 @@ class AuthInterceptor:
             if self.calls is not None:   # no identity may hold every handler thread
                 self.calls.take(ctx.caller.identity, ctx.caller.is_admin)
                 ctx.counted = True
-            if isinstance(request, _Undecodable):
-                raise MalformedRequest(request.reason)
+            if request_streaming:
+                return ctx, _BoundedRequests(requests, self.request_timeout)
+            ctx.request = self._request(requests, self.request_timeout)
+            return ctx, ctx.request
         except Exception as e:
             self._leave(ctx)
+            if ctx.request is None and not request_streaming and not isinstance(
+                    e, (RequestTimeout, MalformedRequest)):
+                self._peek_request(ctx, requests)
             code = getattr(self.grpc.StatusCode, status_code_for(e))
-            self._ended(ctx, method, request, None, code)
+            self._ended(ctx, method, ctx.request, None, code)
             abort_with(ctx, e)
-        return ctx
+
+    @staticmethod
+    def _request(requests, timeout):
+        """The one request message of a unary-request call."""
+        try:
+            request = _next_request(requests, timeout)
+        except StopIteration:
+            raise MalformedRequest("the call ended without its request message") from None
+        if isinstance(request, _Undecodable):
+            raise MalformedRequest(request.reason)
+        return request
+
+    def _peek_request(self, ctx, requests):
+        """A refused call's request, if it comes at once: its audit line then names the job."""
+        key = ctx.caller.identity if ctx.caller else ctx.peer()
+        try:
+            self._refused.take(key)
+        except CapReached:
+            return
+        try:
+            ctx.request = self._request(requests, REFUSED_WAIT)
+        except JobworkerError:
+            pass
+        finally:
+            self._refused.give(key)
 
     def _ended(self, ctx, method, request, response, code):
         self._audit(ctx, method, request, response, code)
@@ -3770,26 +3876,34 @@ class AuthInterceptor:
             ctx.counted = False
             self.calls.give(ctx.caller.identity)
 
-    def _wrap_unary(self, behavior, method):
-        def call(request, context):
-            ctx = self._enter(method, request, context)
+    def _wrap_unary(self, behavior, method, request_streaming):
+        def call(requests, context):
+            ctx, request = self._enter(method, requests, context, request_streaming)
             response = None
             try:
                 response = behavior(request, ctx)
                 return response
+            except Exception as e:
+                if ctx.code is not None:   # the behavior ended the call itself
+                    raise
+                abort_with(ctx, e)
             finally:
                 self._leave(ctx)
-                self._ended(ctx, method, request, response, self._code(ctx, sys.exc_info()))
+                self._ended(ctx, method, ctx.request, response, self._code(ctx, sys.exc_info()))
         return call
 
-    def _wrap_stream(self, behavior, method):
-        def call(request, context):
-            ctx = self._enter(method, request, context)
+    def _wrap_stream(self, behavior, method, request_streaming):
+        def call(requests, context):
+            ctx, request = self._enter(method, requests, context, request_streaming)
             try:
                 yield from behavior(request, ctx)
+            except Exception as e:
+                if ctx.code is not None:
+                    raise
+                abort_with(ctx, e)
             finally:
                 self._leave(ctx)
-                self._ended(ctx, method, request, None, self._code(ctx, sys.exc_info()))
+                self._ended(ctx, method, ctx.request, None, self._code(ctx, sys.exc_info()))
         return call
 
     def _code(self, ctx, exc_info):
@@ -3833,29 +3947,9 @@ DEFAULT_MAX_STREAMS_PER_OWNER = 256
 UNARY_CALLS_PER_OWNER = 16    # unary calls of one identity in flight at once (slow Stops)
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 UNARY_WORKERS = 64
+QUEUED_CALLS_PER_WORKER = 4
+MAX_STREAMS_PER_CONNECTION = 128   # HTTP/2 streams of one connection at once (calls)
 STREAM_CHUNK = 1 << 20
-
-def _translating(fn):
-    """Servicer method -> the same, with library errors turned into status codes."""
-    import functools
-    import inspect
-    if inspect.isgeneratorfunction(fn):
-        @functools.wraps(fn)
-        def stream(self, request, context):
-            try:
-                yield from fn(self, request, context)
-            except Exception as e:
-                abort_with(context, e)
-        return stream
-
-    @functools.wraps(fn)
-    def unary(self, request, context):
-        try:
-            return fn(self, request, context)
-        except Exception as e:
-            abort_with(context, e)
-    return unary
-
 
 # Output goes out already encoded (as StreamResponse bytes, the serializer passes them on): a
 # message object would copy the data in and again out, the largest cost of a stream after TLS.
@@ -4029,7 +4123,6 @@ class JobService:
         self._states_from_pb = {v: k for k, v in STATE_TO_PROTO.items()}
         self.streams = Quota("concurrent streams", max_streams, max_streams_per_owner)
 
-    @_translating
     def Start(self, request, context):
         r = request.resources
         try:
@@ -4048,7 +4141,6 @@ class JobService:
                                     name=request.job_name)
         return self.pb.StartResponse(job_id=status.id, status=status_to_proto(self.pb, status))
 
-    @_translating
     def Stop(self, request, context):
         grace = None
         if request.HasField("grace_seconds"):
@@ -4058,12 +4150,10 @@ class JobService:
         status = self.manager.stop(request.job_id, grace, owner=context.caller.owner_filter)
         return self.pb.StopResponse(status=status_to_proto(self.pb, status))
 
-    @_translating
     def Query(self, request, context):
         status = self.manager.status(request.job_id, owner=context.caller.owner_filter)
         return self.pb.QueryResponse(status=status_to_proto(self.pb, status))
 
-    @_translating
     def List(self, request, context):
         pb = self.pb
         owner = context.caller.owner_filter
@@ -4097,7 +4187,6 @@ class JobService:
         token = encode_page_token(last.order_key, request.newest_first) if more else ""
         return pb.ListResponse(jobs=jobs, next_page_token=token)
 
-    @_translating
     def Info(self, request, context):
         m = self.manager
         ncpu = os.cpu_count() or 1
@@ -4111,12 +4200,10 @@ class JobService:
             keep_for_seconds=m.keep_for or 0, log_cap_bytes=m.log_cap,
             live_restore=m.live_restore)
 
-    @_translating
     def Remove(self, request, context):
         self.manager.remove(request.job_id, owner=context.caller.owner_filter)
         return self.pb.RemoveResponse()
 
-    @_translating
     def Stream(self, request, context):
         caller = context.caller
         self.streams.take(caller.identity, caller.is_admin)
@@ -4194,7 +4281,7 @@ def serve_grpc(manager, listen="127.0.0.1:0", *, ca, cert, key, max_streams=DEFA
                max_streams_per_owner=DEFAULT_MAX_STREAMS_PER_OWNER,
                max_request_bytes=DEFAULT_MAX_REQUEST_BYTES, close_manager=False,
                open_manager=False, keep_jobs=lambda: False, revoked=None, reflection=True,
-               metrics=None):
+               metrics=None, request_timeout=DEFAULT_REQUEST_TIMEOUT):
     """Serve JobService, gRPC health and (unless not `reflection`) server reflection over
     mutual TLS 1.3; yields the bound port. With open_manager, the manager is opened
     (leftovers of earlier runs cleaned up) only once the port is bound; health says SERVING
@@ -4208,15 +4295,24 @@ def serve_grpc(manager, listen="127.0.0.1:0", *, ca, cert, key, max_streams=DEFA
                                  ((ca, "CA certificate"), (cert, "server certificate"),
                                   (key, "server key")))
     grpc = _grpc()
+    check_grpc_internals()
     workers = max_streams + UNARY_WORKERS
     pool = concurrent.futures.ThreadPoolExecutor(workers, "jobworker-rpc")
     calls = Quota("calls in flight", workers, max_streams_per_owner + UNARY_CALLS_PER_OWNER)
     server = grpc.server(
-        pool, interceptors=[AuthInterceptor(calls=calls, revoked=revoked, metrics=metrics)],
-        # A backstop: a call past the pool is refused at once instead of queueing forever.
-        maximum_concurrent_rpcs=workers,
+        pool, interceptors=[AuthInterceptor(calls=calls, revoked=revoked, metrics=metrics,
+                                            request_timeout=request_timeout)],
+        # A backstop on calls queued for a thread (their memory): each call takes its thread
+        # only to be admitted or refused by the interceptor, which holds at most `workers`.
+        maximum_concurrent_rpcs=QUEUED_CALLS_PER_WORKER * workers,
         options=[("grpc.max_receive_message_length", max_request_bytes),
                  ("grpc.so_reuseport", 0),
+                 # one connection's calls wait at the client beyond this: a flood of calls
+                 # from one connection queues there, not ahead of everyone's in the server
+                 ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+                 # ... counted as HTTP/2 does (open streams), which clients respect; grpc's
+                 # default also counts streams not yet freed, and refuses calls past them
+                 ("grpc.http.overload_protection", 0),
                  # clients re-handshake at least hourly (calls in flight go on): a certificate
                  # is checked by TLS again, not only by the per-call checks
                  ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
@@ -5926,7 +6022,8 @@ def cmd_serve(args):
                         max_streams_per_owner=args.max_streams_per_owner,
                         max_request_bytes=args.max_request_bytes,
                         close_manager=True, open_manager=True, keep_jobs=keep,
-                        revoked=revoked, reflection=args.reflection, metrics=metrics) as port:
+                        revoked=revoked, reflection=args.reflection, metrics=metrics,
+                        request_timeout=args.request_timeout) as port:
             log.info("serving on %s (port %d), cgroup v%d, state in %s, live restore %s",
                      args.listen, port, manager.cgroups.version, args.state_dir,
                      "on" if args.live_restore else "off")
@@ -6065,6 +6162,13 @@ def _seconds(text):
     return seconds
 
 
+def _request_timeout(text):
+    seconds = parse_duration(text)
+    if not 0.1 <= seconds <= 60:
+        raise ValueError(text)
+    return seconds
+
+
 def _count(text, digits=9):
     """A whole number of at most `digits` ASCII digits (no sign: 0 or more)."""
     if not re.fullmatch(rf"[0-9]{{1,{digits}}}", text.strip()):
@@ -6173,6 +6277,10 @@ def build_parser():
                         f"({DEFAULT_MAX_STREAMS_PER_OWNER})")
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                    help=f"largest request message ({DEFAULT_MAX_REQUEST_BYTES})")
+    p.add_argument("--request-timeout", type=_cli_type(_request_timeout, "0.1s to 60s"),
+                   default=DEFAULT_REQUEST_TIMEOUT, metavar="DURATION",
+                   help="a call whose request message has not arrived this long after the "
+                        f"call is ended (default {DEFAULT_REQUEST_TIMEOUT:g}s)")
     p.add_argument("--keep-finished", type=_cli_type(_count, "a number of jobs, 0 or more"),
                    default=DEFAULT_KEEP_FINISHED, metavar="N",
                    help=f"finished jobs kept; the oldest beyond are removed "

@@ -4371,6 +4371,100 @@ def test_job_directories_without_a_record_are_removed_at_start(make_manager, tmp
     assert m.list() == [] and os.listdir(jobs) == []
 
 
+class Attack:
+    """bench/attackers.py in a process of its own (as `user` if given, with the system's
+    python3 that every user may run): started, and waited for until its calls or connections
+    are open; result() is what it reports at its end."""
+
+    def __init__(self, *args, user=None):
+        python = "/usr/bin/python3" if user else sys.executable
+        argv = [python, os.path.join(HERE, "bench", "attackers.py"), *map(str, args)]
+        if user:
+            argv = ["runuser", "-u", user, "--", *argv]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        if self.proc.stdout.readline().strip() != "ready":
+            self.close()
+            raise AssertionError(f"the attack did not start: {self.proc.stderr.read()}")
+
+    def result(self, timeout=180):
+        out, err = self.proc.communicate(timeout=timeout)
+        assert self.proc.returncode == 0, err
+        return json.loads(out.splitlines()[-1])
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate()
+
+
+def _serial_of(pki, name):
+    from cryptography import x509
+    return f"{x509.load_pem_x509_certificate((pki / f'{name}.crt').read_bytes()).serial_number:x}"
+
+
+def _timed(took, what, call):
+    t0 = time.monotonic()
+    result = call()
+    took[what] = time.monotonic() - t0
+    return result
+
+
+@root
+@pytest.mark.parametrize("attacker", ["reader", "norole"])
+def test_calls_that_never_send_their_request_lock_no_one_out(attacker, pki, tmp_path):
+    # 2,000 calls whose request message never comes: grpc's unary handlers would each hold a
+    # thread waiting for it, before any of our code ran, until the pool was full for everyone.
+    server = ServeProcess(SRC, pki, tmp_path / "state", f"{RUN_PARENT}/nosend",
+                          extra=["--request-timeout", "1s"])
+    admin, bob = Peer(pki, server.port, "admin"), Peer(pki, server.port, "bob")
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    health = health_pb2_grpc.HealthStub(admin.channel)
+    attack = None
+    try:
+        job = bob.start("sleep", "600")
+        attack = Attack("never-send", server.port, pki, attacker, 2000, 120)
+        # rounds of everyone else's calls for as long as the attacker's calls may be held
+        rounds, until = [], time.monotonic() + 3
+        while time.monotonic() < until:
+            took = {}
+            _timed(took, "admin List", admin.list)
+            _timed(took, "admin Query", lambda: admin.stub.Query(pb.QueryRequest(job_id=job),
+                                                                 timeout=10))
+            _timed(took, "health", lambda: health.Check(health_pb2.HealthCheckRequest(),
+                                                        timeout=10))
+            _timed(took, "bob Start", lambda: bob.start("true"))
+            _timed(took, "bob Query", lambda: bob.stub.Query(pb.QueryRequest(job_id=job),
+                                                             timeout=10))
+            rounds.append(took)
+        _timed(took, "admin Stop", lambda: admin.stub.Stop(
+            pb.StopRequest(job_id=job, grace_seconds=0), timeout=10))
+        assert max(max(t.values()) for t in rounds) < 1.0, rounds
+        result = attack.result()
+        codes = result["codes"]
+        assert sum(codes.values()) == 2000, codes
+        # Calls past the connection's stream limit wait at the client; each that reaches the
+        # server ends by the server's deadline (or is refused at once), never the attacker's.
+        ours = {"PERMISSION_DENIED"} if attacker == "norole" else {"DEADLINE_EXCEEDED",
+                                                                    "RESOURCE_EXHAUSTED"}
+        assert set(codes) <= ours, codes
+        assert result["last_ended"] < 2000 / jw.MAX_STREAMS_PER_CONNECTION * 1 + 30, result
+        serial = _serial_of(pki, attacker)
+        audited = lambda: [line for line in list(server.lines)
+                           if f"serial={serial} " in line and "method=Query" in line]
+        wait_for(lambda: len(audited()) >= 2000, what="an audit line for each call")
+        assert len(audited()) == 2000
+        if attacker == "reader":
+            assert any('identity="reader"' in a and "code=DEADLINE_EXCEEDED" in a
+                       for a in audited())
+    finally:
+        if attack:
+            attack.close()
+        for p in (admin, bob):
+            p.close()
+        assert server.stop() == 0
+
+
 @root
 @slow
 def test_1000_concurrent_starts_succeed_or_hit_the_cap(pki, tmp_path):
