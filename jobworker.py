@@ -3790,6 +3790,7 @@ class AuthInterceptor:
         self.revoked = revoked   # a RevocationList
         self.metrics = metrics   # a Metrics: every call is counted and timed
         self.request_timeout = request_timeout
+        self.connections = None   # a ConnectionGuard, told of each authorized call's peer
         # Refused calls wait a moment for their request, so that the audit line names the
         # job; only this many at once, so refused certificates cannot hold threads.
         self._refused = Quota("refused calls waiting", REFUSED_WAITING, REFUSED_WAITING // 4)
@@ -3825,6 +3826,8 @@ class AuthInterceptor:
         ctx.began = time.monotonic()
         try:
             ctx.caller = authorize(method, context.auth_context(), self.policy, self.revoked)
+            if self.connections is not None:
+                self.connections.authenticated(context.peer())
             if self.calls is not None:   # no identity may hold every handler thread
                 self.calls.take(ctx.caller.identity, ctx.caller.is_admin)
                 ctx.counted = True
@@ -4270,6 +4273,252 @@ def check_server_key(path):
                              "cipher suite can be agreed (make one with `certs init`)")
 
 
+DEFAULT_HANDSHAKE_TIMEOUT = 5.0           # seconds from TCP connect to a finished TLS handshake
+DEFAULT_MAX_CONNECTIONS = 4096            # connections of the gRPC port at once
+DEFAULT_MAX_UNAUTHENTICATED = 512         # ... that have made no authorized call yet
+DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE = 64   # ... from one address
+FDS_SERVER_PER_JOB = 3                    # a running job's fds in the server: pidfd, 2 pipes
+FDS_PER_STREAM = 2                        # a Stream call's open output files
+GUARD_INTERVAL = 0.25                     # seconds between looks at the port's connections
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerLimits:
+    """What one gRPC server admits: calls, messages, connections and how long each may take."""
+    max_streams: int = DEFAULT_MAX_STREAMS
+    max_streams_per_owner: int = DEFAULT_MAX_STREAMS_PER_OWNER
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_unauthenticated: int = DEFAULT_MAX_UNAUTHENTICATED
+    max_unauthenticated_per_source: int = DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE
+
+    def connection_budget(self, open_files, max_jobs):
+        """max_connections, lowered so that the connections leave the fds the jobs, their
+        streams and the server's own files need (FD_RESERVE)."""
+        spare = (open_files - FD_RESERVE - FDS_SERVER_PER_JOB * max_jobs
+                 - FDS_PER_STREAM * self.max_streams)
+        return max(16, min(self.max_connections, spare))
+
+
+# sock_diag (linux/inet_diag.h, linux/netlink.h): the kernel's table of the port's TCP
+# connections, with each one's counters (struct tcp_info).
+_NLMSG = struct.Struct("=IHHII")
+_DIAG_REQ = struct.Struct("=BBBxI")
+_DIAG_SOCKID = struct.Struct("!HH16s16sI8s")
+_DIAG_MSG = struct.Struct("=BBBB")
+_DIAG_TAIL = struct.Struct("=IIIII")     # expires, rqueue, wqueue, uid, inode
+NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, NLM_F_DUMP = 4, 20, 1, 0x300
+NLMSG_ERROR, NLMSG_DONE, INET_DIAG_REQ_BYTECODE, INET_DIAG_INFO = 2, 3, 1, 2
+INET_DIAG_BC_S_GE, INET_DIAG_BC_S_LE = 2, 3
+TCPF_ESTABLISHED = 1 << 1
+_TCPI_LAST_DATA_RECV, _TCPI_BYTES_RECEIVED = 52, 128   # offsets in struct tcp_info
+
+
+class TcpConnection(typing.NamedTuple):
+    address: str       # the peer's, IPv4-mapped IPv6 addresses as plain IPv4
+    port: int
+    inode: int
+    idle_ms: int       # since the peer last sent data (since the connection began, if never)
+    received: int      # bytes the peer has sent
+
+
+def _address(family, raw):
+    text = socket.inet_ntop(family, raw[:4] if family == socket.AF_INET else raw)
+    return text.removeprefix("::ffff:") if "." in text else text
+
+
+def tcp_connections(port):
+    """Established TCP connections whose local port is `port` (IPv4 and IPv6), from the
+    kernel (sock_diag, filtered by port in the kernel)."""
+    # two port tests (>= and <=: both kernels old and new have them); reaching the end is a
+    # match, a jump past it (len + 4) is none
+    bytecode = (struct.pack("=BBH", INET_DIAG_BC_S_GE, 8, 20) + struct.pack("=BBH", 0, 0, port)
+                + struct.pack("=BBH", INET_DIAG_BC_S_LE, 8, 12) + struct.pack("=BBH", 0, 0, port))
+    attr = struct.pack("=HH", 4 + len(bytecode), INET_DIAG_REQ_BYTECODE) + bytecode
+    out = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC,
+                       NETLINK_SOCK_DIAG) as nl:
+        for family in (socket.AF_INET, socket.AF_INET6):
+            body = (_DIAG_REQ.pack(family, socket.IPPROTO_TCP, 1 << (INET_DIAG_INFO - 1),
+                                   TCPF_ESTABLISHED)
+                    + _DIAG_SOCKID.pack(0, 0, b"", b"", 0, b"\xff" * 8) + attr)
+            nl.send(_NLMSG.pack(_NLMSG.size + len(body), SOCK_DIAG_BY_FAMILY,
+                                NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + body)
+            while _read_diag(nl.recv(1 << 20), out):
+                pass
+    return out
+
+
+def _read_diag(data, out):
+    """Parse one netlink read of a dump into `out`; False once the dump is done."""
+    at = 0
+    while at + _NLMSG.size <= len(data):
+        length, kind = _NLMSG.unpack_from(data, at)[:2]
+        if kind == NLMSG_DONE:
+            return False
+        if kind == NLMSG_ERROR:
+            err = -struct.unpack_from("=i", data, at + _NLMSG.size)[0]
+            raise OSError(err, f"sock_diag: {os.strerror(err)}")
+        msg = at + _NLMSG.size
+        family = data[msg]
+        _, dport, _, dst, _, _ = _DIAG_SOCKID.unpack_from(data, msg + 4)
+        inode = _DIAG_TAIL.unpack_from(data, msg + 4 + _DIAG_SOCKID.size)[4]
+        idle, received, a = 0, 0, msg + 4 + _DIAG_SOCKID.size + _DIAG_TAIL.size
+        while a + 4 <= at + length:
+            alen, atype = struct.unpack_from("=HH", data, a)
+            if atype == INET_DIAG_INFO and alen >= 4 + _TCPI_BYTES_RECEIVED + 8:
+                idle = struct.unpack_from("=I", data, a + 4 + _TCPI_LAST_DATA_RECV)[0]
+                received = struct.unpack_from("=Q", data, a + 4 + _TCPI_BYTES_RECEIVED)[0]
+            a += (alen + 3) & ~3
+        out.append(TcpConnection(_address(family, dst), dport, inode, idle, received))
+        at += (length + 3) & ~3
+    return True
+
+
+def peer_address(peer):
+    """(address, port) of a grpc peer string ("ipv4:127.0.0.1:5", "ipv6:%5B::1%5D:5"), in
+    tcp_connections' form; None for other kinds of peer."""
+    import urllib.parse
+    kind, _, rest = peer.partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return None
+    host, _, port = urllib.parse.unquote(rest).rpartition(":")
+    host = host.strip("[]")
+    return (host.removeprefix("::ffff:") if "." in host else host), int(port)
+
+
+class ConnectionGuard:
+    """Bounds the connections of the gRPC port that have not yet made an authorized call:
+    `total` of them at once, `per_source` from one address. grpc accepts connections itself
+    (and bounds them only all together, with grpc.max_allowed_incoming_connections), so a
+    thread looks at the port's connections in the kernel every GUARD_INTERVAL and shuts down
+    the ones past the bounds: first those that never sent a byte, then the idlest, so that a
+    client in the middle of its handshake stays. The interceptor reports
+    authorized calls (authenticated(peer)); their connections are never touched. After a
+    flood, memory freed by the connections is handed back to the system (malloc_trim)."""
+
+    def __init__(self, port, total, per_source, metrics=None):
+        self.port, self.total, self.per_source = port, total, per_source
+        self.metrics = metrics
+        self._known = set()   # (address, port) of connections that made an authorized call
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = None
+        self._peak = 0        # most connections seen since memory was last handed back
+        self._said = {}       # source -> monotonic time it was last named in the log
+        self.closed = 0
+
+    def authenticated(self, peer):
+        key = peer_address(peer)
+        if key is not None:
+            with self._lock:
+                self._known.add(key)
+
+    def start(self):
+        """Start watching; None (and a warning) where the kernel will not tell (no sock_diag)."""
+        try:
+            tcp_connections(self.port)
+        except OSError as e:
+            log.warning("connections that have not authenticated are bounded only in all "
+                        "(--max-connections): this kernel does not list them (%s)", e)
+            return None
+        self._thread = threading.Thread(target=self._run, name="jobworker-guard", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+
+    def _run(self):
+        while not self._stop.wait(GUARD_INTERVAL):
+            try:
+                self.sweep()
+            except Exception:
+                log.exception("connection guard")
+
+    def sweep(self):
+        """One look at the port's connections: shut down what is past the bounds."""
+        connections = tcp_connections(self.port)
+        here = {(c.address, c.port) for c in connections}
+        with self._lock:
+            self._known &= here
+            known = set(self._known)
+        # kept first: those whose peer has said something (a TLS client does at once), the
+        # most recently active first; those that never sent a byte go first
+        waiting = sorted((c for c in connections if (c.address, c.port) not in known),
+                         key=lambda c: (c.received == 0, c.idle_ms))
+        kept, by_source, excess = 0, {}, []
+        for c in waiting:
+            n = by_source.get(c.address, 0)
+            if n >= self.per_source or kept >= self.total:
+                excess.append(c)
+                continue
+            by_source[c.address] = n + 1
+            kept += 1
+        if excess:
+            self._shut_down(excess)
+        self._peak = max(self._peak, len(connections))
+        if self._peak >= 2 * self.per_source and len(connections) <= self._peak // 10:
+            _hand_back_memory(self._peak)
+            self._peak = len(connections)
+
+    def _shut_down(self, excess):
+        """Shut down these connections through this process's own fds of them (grpc then
+        closes them; the fd is never closed under it). An fd reused meanwhile is left."""
+        inodes = {c.inode: c for c in excess}
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{name}")
+            except OSError:
+                continue
+            if not target.startswith("socket:["):
+                continue
+            c = inodes.pop(int(target[8:-1]), None)
+            if c is None:
+                continue
+            try:
+                fd = os.dup(int(name))
+            except OSError:
+                continue
+            try:
+                same = os.fstat(fd).st_ino == c.inode
+                sock = socket.socket(fileno=fd)   # our copy of the fd, closed with it
+            except OSError:
+                os.close(fd)
+                continue
+            with sock:
+                if same:
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+                        self.closed += 1
+            if not inodes:
+                break
+        now = time.monotonic()
+        for source in {c.address for c in excess}:
+            if now - self._said.get(source, 0) >= 60:
+                self._said[source] = now
+                log.warning("closing connections from %s that have not authenticated: past "
+                            "the bound of %d from one address or %d in all", source,
+                            self.per_source, self.total)
+        if self.metrics:
+            self.metrics.connections_closed(len(excess))
+
+
+def _hand_back_memory(peak):
+    """After a flood: glibc keeps freed memory in its arenas; give it back to the system."""
+    import ctypes
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except AttributeError:   # not glibc
+        return
+    trim(0)
+    log.info("memory handed back after a peak of %d connections", peak)
+
+
 def server_credentials(ca_pem, cert_pem, key_pem):
     """Mutual TLS with client certificates REQUIRED (grpc's default only requests them)."""
     return _grpc().ssl_server_credentials([(key_pem, cert_pem)], root_certificates=ca_pem,
@@ -4277,36 +4526,44 @@ def server_credentials(ca_pem, cert_pem, key_pem):
 
 
 @contextlib.contextmanager
-def serve_grpc(manager, listen="127.0.0.1:0", *, ca, cert, key, max_streams=DEFAULT_MAX_STREAMS,
-               max_streams_per_owner=DEFAULT_MAX_STREAMS_PER_OWNER,
-               max_request_bytes=DEFAULT_MAX_REQUEST_BYTES, close_manager=False,
-               open_manager=False, keep_jobs=lambda: False, revoked=None, reflection=True,
-               metrics=None, request_timeout=DEFAULT_REQUEST_TIMEOUT):
+def serve_grpc(manager, listen="127.0.0.1:0", *, ca, cert, key, limits=ServerLimits(),
+               close_manager=False, open_manager=False, keep_jobs=lambda: False, revoked=None,
+               reflection=True, metrics=None):
     """Serve JobService, gRPC health and (unless not `reflection`) server reflection over
-    mutual TLS 1.3; yields the bound port. With open_manager, the manager is opened
-    (leftovers of earlier runs cleaned up) only once the port is bound; health says SERVING
-    once the server has started. On exit: health says NOT_SERVING, stop accepting, close the
-    manager if asked (running jobs are stopped, streams end with their final status), then
-    wait for calls in flight. AddressInUse if the port is taken. keep_jobs() says, when
-    closing, whether jobs are left running (live restore). revoked: a RevocationList checked
-    on every call. metrics: a Metrics that counts every call."""
+    mutual TLS 1.3 within `limits`; yields the bound port. With open_manager, the manager is
+    opened (leftovers of earlier runs cleaned up) only once the port is bound; health says
+    SERVING once the server has started. On exit: health says NOT_SERVING, stop accepting,
+    close the manager if asked (running jobs are stopped, streams end with their final
+    status), then wait for calls in flight. AddressInUse if the port is taken. keep_jobs()
+    says, when closing, whether jobs are left running (live restore). revoked: a
+    RevocationList checked on every call. metrics: a Metrics that counts every call."""
     check_server_key(key)
     ca_pem, cert_pem, key_pem = (_read_file(p, w) for p, w in
                                  ((ca, "CA certificate"), (cert, "server certificate"),
                                   (key, "server key")))
     grpc = _grpc()
     check_grpc_internals()
+    max_streams = limits.max_streams
     workers = max_streams + UNARY_WORKERS
     pool = concurrent.futures.ThreadPoolExecutor(workers, "jobworker-rpc")
-    calls = Quota("calls in flight", workers, max_streams_per_owner + UNARY_CALLS_PER_OWNER)
+    calls = Quota("calls in flight", workers, limits.max_streams_per_owner + UNARY_CALLS_PER_OWNER)
+    connections = limits.connection_budget(raise_fd_limit(), manager.max_jobs)
+    if connections < limits.max_connections:
+        log.warning("the open-files limit leaves room for %d connections, fewer than "
+                    "--max-connections %d", connections, limits.max_connections)
+    interceptor = AuthInterceptor(calls=calls, revoked=revoked, metrics=metrics,
+                                  request_timeout=limits.request_timeout)
     server = grpc.server(
-        pool, interceptors=[AuthInterceptor(calls=calls, revoked=revoked, metrics=metrics,
-                                            request_timeout=request_timeout)],
+        pool, interceptors=[interceptor],
         # A backstop on calls queued for a thread (their memory): each call takes its thread
         # only to be admitted or refused by the interceptor, which holds at most `workers`.
         maximum_concurrent_rpcs=QUEUED_CALLS_PER_WORKER * workers,
-        options=[("grpc.max_receive_message_length", max_request_bytes),
+        options=[("grpc.max_receive_message_length", limits.max_request_bytes),
                  ("grpc.so_reuseport", 0),
+                 # refused before the handshake past this; fds stay for jobs and records
+                 ("grpc.max_allowed_incoming_connections", connections),
+                 # a connection that has not finished its TLS handshake by then is closed
+                 ("grpc.server_handshake_timeout_ms", int(limits.handshake_timeout * 1000)),
                  # one connection's calls wait at the client beyond this: a flood of calls
                  # from one connection queues there, not ahead of everyone's in the server
                  ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
@@ -4321,7 +4578,7 @@ def serve_grpc(manager, listen="127.0.0.1:0", *, ca, cert, key, max_streams=DEFA
                  ("grpc.keepalive_time_ms", KEEPALIVE_MS),
                  ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
                  ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2)])
-    service = JobService(manager, max_streams, max_streams_per_owner, metrics)
+    service = JobService(manager, max_streams, limits.max_streams_per_owner, metrics)
     add_job_service(service, server)
     health = HealthService()
     health.add_to(server)
@@ -4342,17 +4599,22 @@ def serve_grpc(manager, listen="127.0.0.1:0", *, ca, cert, key, max_streams=DEFA
             raise AddressInUse(f"cannot listen on {listen}: the address is in use by another "
                                "process")
         raise JobworkerError(f"cannot listen on {listen} (a HOST:PORT this host has?)")
-    started = False
+    started, guard = False, None
     try:
         if open_manager:
             manager.open()
         _preload(cert_pem)
+        guard = interceptor.connections = ConnectionGuard(
+            port, limits.max_unauthenticated, limits.max_unauthenticated_per_source,
+            metrics).start()
         server.start()
         started = True
         health.serving()
         yield port
     finally:
         health.shut_down()   # watchers hear NOT_SERVING first; their streams end
+        if guard:
+            guard.stop()
         stopped = server.stop(SHUTDOWN_GRACE if started else 0)
         if close_manager:
             manager.close(keep_jobs=keep_jobs())
@@ -4420,7 +4682,8 @@ class HealthService:
 # -- metrics (Prometheus) ------------------------------------------------------------------
 
 METRICS_MAX_OWNERS = 1000   # distinct owner label values; later owners are counted as "other"
-METRICS_CONNECTIONS, METRICS_TIMEOUT = 16, 10.0   # scrapers at once; seconds each may take
+METRICS_CONNECTIONS, METRICS_PER_SOURCE = 256, 32  # connections at once; from one address
+METRICS_TIMEOUT = 10.0   # seconds a connection may take for its whole request and answer
 RPC_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
 
 
@@ -4457,6 +4720,9 @@ class Metrics:
                                  "written to disk", registry=r)
         self.sent = pc.Counter("jobworker_output_streamed_bytes", "Bytes of job output sent "
                                "to Stream clients", registry=r)
+        self.unauthenticated = pc.Counter(
+            "jobworker_connections_shut_down", "Connections of the gRPC port shut down "
+            "before they authenticated, past --max-unauthenticated[-per-source]", registry=r)
         pc.Info("jobworker", "The server", registry=r).info(
             {"version": __version__, "cgroup_version": str(cgroup_version)})
         self._manager = self._streams = None
@@ -4522,87 +4788,169 @@ class Metrics:
     def streamed(self, nbytes):
         self.sent.inc(nbytes)
 
+    def connections_closed(self, n):
+        self.unauthenticated.inc(n)
+
 
 class MetricsServer:
     """Plain HTTP on its own port: GET /metrics in the Prometheus text format, and nothing
-    else (404 for other paths, 405 for other methods). AddressInUse if the port is taken."""
+    else (404 for other paths, 405 for other methods). AddressInUse if the port is taken.
+
+    One thread serves every connection (a selector): a connection holds only its socket and
+    what it has sent, and each is given METRICS_TIMEOUT seconds for its whole request and
+    answer. At most METRICS_CONNECTIONS are open, METRICS_PER_SOURCE from one address; past
+    either, the oldest connection still sending its request is closed for the new one, so a
+    scraper, which sends its request at once, is answered however many slow clients hold on."""
 
     def __init__(self, listen, registry):
-        import http.server
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        self._render = lambda: generate_latest(registry)
+        self._content_type = CONTENT_TYPE_LATEST
         host, _, port = listen.rpartition(":")
         host = host.strip("[]")
         try:
             port = int(port)
         except ValueError:
             raise InvalidArgument("metrics listen address", listen, "HOST:PORT") from None
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            server_version = "jobworker"
-            sys_version = ""
-            timeout = METRICS_TIMEOUT
-
-            def do_GET(self):
-                if self.path.split("?", 1)[0] != "/metrics":
-                    self.send_error(404, "only /metrics is served here")
-                    return
-                body = generate_latest(registry)
-                self.send_response(200)
-                self.send_header("Content-Type", CONTENT_TYPE_LATEST)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def refuse(self):
-                self.send_response(405)
-                self.send_header("Allow", "GET")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = refuse
-
-            def log_message(self, *args):
-                pass
-
-        class Server(http.server.ThreadingHTTPServer):
-            """At most METRICS_CONNECTIONS at once (more are closed at once), each given
-            METRICS_TIMEOUT seconds: a flood of idle connections holds no threads."""
-            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            daemon_threads = True
-            slots = threading.BoundedSemaphore(METRICS_CONNECTIONS)
-
-            def process_request(self, request, client_address):
-                if not self.slots.acquire(blocking=False):
-                    self.shutdown_request(request)
-                    return
-                try:
-                    super().process_request(request, client_address)
-                except BaseException:
-                    self.slots.release()
-                    raise
-
-            def process_request_thread(self, request, client_address):
-                try:
-                    super().process_request_thread(request, client_address)
-                finally:
-                    self.slots.release()
-
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            self.httpd = Server((host, port), Handler)
+            self._listener.bind((host, port))
+            self._listener.listen(128)
         except OSError as e:
+            self._listener.close()
             if e.errno == errno.EADDRINUSE:
                 raise AddressInUse(f"cannot listen on {listen} for metrics: the address is in "
                                    "use by another process") from None
             raise JobworkerError(f"cannot listen on {listen} for metrics: {e.strerror}") \
                 from None
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="jobworker-metrics",
+        self._listener.setblocking(False)
+        self.port = self._listener.getsockname()[1]
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._conns = {}   # socket -> _HttpConnection, oldest first
+        self._stopping = False
+        self.thread = threading.Thread(target=self._serve, name="jobworker-metrics",
                                        daemon=True)
         self.thread.start()
 
     def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._stopping = True
+        os.write(self._wake_w, b"x")
+        self.thread.join()
+        for conn in list(self._conns):
+            conn.close()
+        self._listener.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _serve(self):
+        import selectors
+        sel = selectors.DefaultSelector()
+        sel.register(self._listener, selectors.EVENT_READ)
+        sel.register(self._wake_r, selectors.EVENT_READ)
+        while not self._stopping:
+            now = time.monotonic()
+            deadline = min((c.deadline for c in self._conns.values()), default=now + 60)
+            for key, events in sel.select(max(0.0, deadline - now)):
+                if key.fileobj is self._listener:
+                    self._accept(sel)
+                elif key.fileobj in self._conns:   # (not closed earlier in this round)
+                    self._conns[key.fileobj].ready(sel, self, events)
+            now = time.monotonic()
+            for sock, conn in list(self._conns.items()):
+                if conn.deadline <= now:
+                    self._drop(sel, sock)
+        sel.close()
+
+    def _accept(self, sel):
+        import selectors
+        for _ in range(64):
+            try:
+                sock, addr = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:   # out of fds: the oldest waiting connections make room
+                self._evict(sel, None)
+                return
+            sock.setblocking(False)
+            source = addr[0]
+            if sum(1 for c in self._conns.values() if c.source == source) >= METRICS_PER_SOURCE:
+                self._evict(sel, source)
+            if len(self._conns) >= METRICS_CONNECTIONS:
+                self._evict(sel, None)
+            self._conns[sock] = _HttpConnection(sock, source)
+            sel.register(sock, selectors.EVENT_READ)
+
+    def _evict(self, sel, source):
+        """Close the oldest connection still sending its request (of `source`, if given)."""
+        for sock, conn in self._conns.items():
+            if conn.reply is None and (source is None or conn.source == source):
+                self._drop(sel, sock)
+                return
+
+    def _drop(self, sel, sock):
+        sel.unregister(sock)
+        self._conns.pop(sock).close()
+
+    def answer(self, head):
+        """The whole HTTP response to a request head (bytes up to the blank line)."""
+        try:
+            method, target, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
+        except ValueError:
+            return self._response(400, b"bad request\n")
+        if method != "GET":
+            return self._response(405, b"", (("Allow", "GET"),))
+        if target.split("?", 1)[0] != "/metrics":
+            return self._response(404, b"only /metrics is served here\n")
+        return self._response(200, self._render(), (("Content-Type", self._content_type),))
+
+    @staticmethod
+    def _response(status, body, headers=()):
+        import http
+        lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}", "Server: jobworker",
+                 f"Content-Length: {len(body)}", "Connection: close",
+                 *(f"{k}: {v}" for k, v in headers)]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+class _HttpConnection:
+    """One connection of MetricsServer: its request so far, then the answer being sent."""
+
+    MAX_HEAD = 8192
+
+    def __init__(self, sock, source):
+        self.sock, self.source = sock, source
+        self.deadline = time.monotonic() + METRICS_TIMEOUT
+        self.received = b""
+        self.reply = None   # bytes still to send, once the request is whole
+
+    def ready(self, sel, server, events):
+        import selectors
+        try:
+            if self.reply is None:
+                data = self.sock.recv(4096)
+                if not data:
+                    server._drop(sel, self.sock)
+                    return
+                self.received += data
+                end = self.received.find(b"\r\n\r\n")
+                if end < 0 and len(self.received) < self.MAX_HEAD:
+                    return
+                self.reply = (server.answer(self.received[:end]) if end >= 0
+                              else MetricsServer._response(431, b""))
+                sel.modify(self.sock, selectors.EVENT_WRITE)
+            sent = self.sock.send(self.reply)
+            self.reply = self.reply[sent:]
+            if not self.reply:
+                server._drop(sel, self.sock)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            server._drop(sel, self.sock)
+
+    def close(self):
+        self.sock.close()
 
 
 def _preload(cert_pem):
@@ -6016,14 +6364,16 @@ def cmd_serve(args):
                          live_restore=args.live_restore, uid_range=args.job_uid_range,
                          hide_paths=hide, observer=metrics)
     keep = lambda: args.keep_jobs and stop.is_set()   # a failed start never keeps anything
+    limits = ServerLimits(
+        max_streams=args.max_streams, max_streams_per_owner=args.max_streams_per_owner,
+        max_request_bytes=args.max_request_bytes, request_timeout=args.request_timeout,
+        handshake_timeout=args.handshake_timeout, max_connections=args.max_connections,
+        max_unauthenticated=args.max_unauthenticated,
+        max_unauthenticated_per_source=args.max_unauthenticated_per_source)
     try:
-        with serve_grpc(manager, args.listen, ca=ca, cert=cert, key=key,
-                        max_streams=args.max_streams,
-                        max_streams_per_owner=args.max_streams_per_owner,
-                        max_request_bytes=args.max_request_bytes,
+        with serve_grpc(manager, args.listen, ca=ca, cert=cert, key=key, limits=limits,
                         close_manager=True, open_manager=True, keep_jobs=keep,
-                        revoked=revoked, reflection=args.reflection, metrics=metrics,
-                        request_timeout=args.request_timeout) as port:
+                        revoked=revoked, reflection=args.reflection, metrics=metrics) as port:
             log.info("serving on %s (port %d), cgroup v%d, state in %s, live restore %s",
                      args.listen, port, manager.cgroups.version, args.state_dir,
                      "on" if args.live_restore else "off")
@@ -6277,6 +6627,24 @@ def build_parser():
                         f"({DEFAULT_MAX_STREAMS_PER_OWNER})")
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                    help=f"largest request message ({DEFAULT_MAX_REQUEST_BYTES})")
+    p.add_argument("--handshake-timeout", type=_cli_type(_request_timeout, "0.1s to 60s"),
+                   default=DEFAULT_HANDSHAKE_TIMEOUT, metavar="DURATION",
+                   help="a connection that has not finished its TLS handshake this long after "
+                        f"it was opened is closed (default {DEFAULT_HANDSHAKE_TIMEOUT:g}s)")
+    p.add_argument("--max-connections", type=_cli_type(_positive, "a number, 1 or more"),
+                   default=DEFAULT_MAX_CONNECTIONS, metavar="N",
+                   help="connections at once; more are refused before their handshake "
+                        f"(default {DEFAULT_MAX_CONNECTIONS}, fewer if the open-files limit "
+                        "leaves no room for them beside the jobs)")
+    p.add_argument("--max-unauthenticated", type=_cli_type(_positive, "a number, 1 or more"),
+                   default=DEFAULT_MAX_UNAUTHENTICATED, metavar="N",
+                   help="connections that have not yet made an authorized call; past it the "
+                        f"idlest are closed (default {DEFAULT_MAX_UNAUTHENTICATED})")
+    p.add_argument("--max-unauthenticated-per-source",
+                   type=_cli_type(_positive, "a number, 1 or more"),
+                   default=DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE, metavar="N",
+                   help="... of those, from one address "
+                        f"(default {DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE})")
     p.add_argument("--request-timeout", type=_cli_type(_request_timeout, "0.1s to 60s"),
                    default=DEFAULT_REQUEST_TIMEOUT, metavar="DURATION",
                    help="a call whose request message has not arrived this long after the "

@@ -1519,6 +1519,9 @@ def pki(rpc, tmp_path_factory):
 @contextlib.contextmanager
 def running_server(pki, tmp_path, **kw):
     manager_kw = {k: kw.pop(k) for k in ("max_jobs", "max_jobs_per_owner") if k in kw}
+    kw["limits"] = jw.ServerLimits(**{f.name: kw.pop(f.name)
+                                      for f in dataclasses.fields(jw.ServerLimits)
+                                      if f.name in kw})
     driver = jw.detect_cgroups(f"{RUN_PARENT}/t{next(_counter)}")
     m = jw.JobManager(str(tmp_path / "state"), driver, **manager_kw).open()
     try:
@@ -3926,27 +3929,33 @@ def test_health_watch_of_unknown_names_ends_and_keeps_nothing(pki, tmp_path):
         assert server.stop() == 0
 
 
-def test_metrics_port_holds_no_thread_for_idle_connections(monkeypatch):
-    import socket
+@pytest.mark.parametrize("slow", [16, 100])
+def test_metrics_port_answers_scrapes_while_slow_clients_hold_on(slow, monkeypatch):
+    # "GET /metrics HTTP/1.1" and then one byte at a time, each within the time a read may
+    # take (5 s against 10 s by default; 1 s against 3 s here): a limit per read keeps such a
+    # client for ever, 16 of them took every slot, and any local user or job can open them.
     import urllib.request
-    monkeypatch.setattr(jw, "METRICS_TIMEOUT", 1.0)
+    monkeypatch.setattr(jw, "METRICS_TIMEOUT", 3.0)
     http = jw.MetricsServer("127.0.0.1:0", jw.Metrics(2).registry)
-    idle = []
+    attack = None
     try:
-        before = threading.active_count()
-        for _ in range(60):   # each sends half a request and waits
-            s = socket.create_connection(("127.0.0.1", http.port))
-            s.sendall(b"GET /metr")
-            idle.append(s)
-        time.sleep(0.5)
-        assert threading.active_count() <= before + jw.METRICS_CONNECTIONS
-        wait_for(lambda: threading.active_count() <= before, timeout=15,
-                 what="idle connections timed out")
-        with urllib.request.urlopen(f"http://127.0.0.1:{http.port}/metrics", timeout=30) as r:
-            assert r.status == 200
+        threads = threading.active_count()
+        attack = Attack("slow-http", http.port, slow, 6, 1)
+        took, until = [], time.monotonic() + 3
+        while time.monotonic() < until:   # scrapes for as long as the slow clients hold on
+            t0 = time.monotonic()
+            with urllib.request.urlopen(f"http://127.0.0.1:{http.port}/metrics",
+                                        timeout=30) as r:
+                assert r.status == 200 and b"jobworker_info" in r.read()
+            took.append(time.monotonic() - t0)
+        assert max(took) < 1.0, took
+        assert threading.active_count() == threads   # one thread serves them all
+        result = attack.result()
+        # each closed by the server: for a newer one, or at its deadline for the request
+        assert result["closed"] == slow and result["open_for_max"] < 3.0 + 1.5, result
     finally:
-        for s in idle:
-            s.close()
+        if attack:
+            attack.close()
         http.close()
 
 
@@ -4462,6 +4471,50 @@ def test_calls_that_never_send_their_request_lock_no_one_out(attacker, pki, tmp_
             attack.close()
         for p in (admin, bob):
             p.close()
+        assert server.stop() == 0
+
+
+@root
+@pytest.mark.parametrize("source", ["127.0.0.1", "127.0.0.2"], ids=["admins-address", "other"])
+def test_a_flood_of_connections_that_never_start_tls_locks_no_one_out(source, pki, tmp_path):
+    # Any local user, no certificate: bare connect()s that send nothing. grpc held each for
+    # its 120 s handshake timeout, to the open-files limit, and kept their memory.
+    server = ServeProcess(SRC, pki, tmp_path / "state", f"{RUN_PARENT}/flood", extra=[
+        "--handshake-timeout", "3s", "--max-unauthenticated", "256",
+        "--max-unauthenticated-per-source", "64"])
+    pid = server.proc.pid
+    attack = None
+    try:
+        admin = Peer(pki, server.port, "admin")
+        admin.list()
+        _, _, rss_before = proc_stats(pid)
+        attack = Attack("connect", server.port, 5000, 20, source, user="nobody")
+        took, peaks = [], []
+        until = time.monotonic() + 5
+        while time.monotonic() < until:   # fresh connections, from the admin's address
+            fresh = Peer(pki, server.port, "admin")
+            try:
+                t0 = time.monotonic()
+                fresh.list()
+                took.append(time.monotonic() - t0)
+            finally:
+                fresh.close()
+            peaks.append(sum(1 for c in jw.tcp_connections(server.port) if c.address == source))
+        assert max(took) < 2.0, took
+        result = attack.result()
+        assert result["opened"] == 5000 and result["closed"] == 5000, result
+        # shut down before grpc's own handshake deadline (3 s here): they were past the bound
+        assert result["open_for_median"] < 3.0, result
+        assert min(peaks) < 5000, peaks
+        wait_for(lambda: any("memory handed back" in line for line in server.lines),
+                 timeout=30, what="the server to hand back the flood's memory")
+        fds, _, rss_after = proc_stats(pid)
+        assert rss_after < rss_before + (100 << 20), (rss_before, rss_after)   # a wide band
+        assert fds < 200, fds
+        admin.list()
+    finally:
+        if attack:
+            attack.close()
         assert server.stop() == 0
 
 

@@ -8,9 +8,9 @@ can do to every other user of the same jobworker server.
     python3 bench/attackers.py connect PORT COUNT HOLD [SOURCE]
         COUNT TCP connections from SOURCE (default 127.0.0.1) that send no byte, held for
         HOLD seconds unless the server closes them first.
-    python3 bench/attackers.py slow-http PORT COUNT HOLD
+    python3 bench/attackers.py slow-http PORT COUNT HOLD [EVERY]
         COUNT connections to an HTTP port that send "GET /metrics HTTP/1.1" and then one byte
-        of a header every 5 seconds, for HOLD seconds.
+        of a header every EVERY seconds (default 5), for HOLD seconds.
 
 Each prints "ready" once its connections or calls are open, then, when it is done, one JSON
 object: what the server did to them (how many it ended or closed, and when).
@@ -127,33 +127,39 @@ def connect(port, count, hold, source="127.0.0.1"):
             "opening_took": time.monotonic() - began - hold}
 
 
-def slow_http(port, count, hold):
-    """How many of the slow connections the server closed, and after how long at most."""
+def slow_http(port, count, hold, every=5.0):
+    """How many of the slow connections the server closed, and after how long at most (a
+    close is looked for twice a second)."""
     socks = []
     for _ in range(count):
         s = socket.create_connection(("127.0.0.1", port))
         s.sendall(b"GET /metrics HTTP/1.1\r\n")
+        s.setblocking(False)
         socks.append([s, time.monotonic(), None])
     print("ready", flush=True)
-    deadline = time.monotonic() + hold
-    while time.monotonic() < deadline and any(e[2] is None for e in socks):
+    began = last_byte = time.monotonic()
+    while time.monotonic() - began < hold and any(e[2] is None for e in socks):
+        time.sleep(min(0.5, every))
+        send = time.monotonic() - last_byte >= every
         for entry in socks:
-            if entry[2] is None:
+            if entry[2] is not None:
+                continue
+            try:
+                gone = entry[0].recv(1) == b""
+            except BlockingIOError:
+                gone = False
+            except OSError:
+                gone = True
+            if not gone and send:
                 try:
                     entry[0].send(b"X")
                 except OSError:
-                    entry[2] = time.monotonic() - entry[1]
-        time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
-    for entry in socks:
-        if entry[2] is None:   # a close is seen by the next read
-            entry[0].setblocking(False)
-            try:
-                if entry[0].recv(1) == b"":
-                    entry[2] = time.monotonic() - entry[1]
-            except BlockingIOError:
-                pass
-            except OSError:
+                    gone = True
+            if gone:
                 entry[2] = time.monotonic() - entry[1]
+        if send:
+            last_byte = time.monotonic()
+    for entry in socks:
         entry[0].close()
     ended = [e[2] for e in socks if e[2] is not None]
     return {"closed": len(ended), "open_for_max": max(ended) if ended else None}
@@ -167,7 +173,7 @@ def main(argv):
     elif kind == "connect":
         result = connect(int(args[0]), int(args[1]), float(args[2]), *args[3:4])
     elif kind == "slow-http":
-        result = slow_http(int(args[0]), int(args[1]), float(args[2]))
+        result = slow_http(int(args[0]), int(args[1]), float(args[2]), *map(float, args[3:4]))
     else:
         raise SystemExit(f"unknown attack {kind!r}: never-send, connect or slow-http")
     print(json.dumps(result), flush=True)
