@@ -3342,7 +3342,9 @@ def parse_uid_range(text):
 class DynamicUsers:
     """A uid and gid of its own for each job owner (serve --job-user dynamic), from a range,
     never one that /etc/passwd or /etc/group knows, and the same for an owner across restarts
-    (kept in <state_dir>/uids.json)."""
+    (kept in <state_dir>/uids.json). A uid is handed out only once it is on disk: a table
+    that could not be written leaves the owner without one (and the next owner cannot be
+    given the same uid after a restart)."""
 
     def __init__(self, path, uid_range=DEFAULT_UID_RANGE):
         self.path = path
@@ -3351,49 +3353,91 @@ class DynamicUsers:
         self._uids = {}
 
     def load(self):
+        """Read the table; LocalFileError naming the file and the entry if it is not one this
+        range could have made (no uid 0, none twice, none an account or group has)."""
         try:
             with open(self.path) as f:
-                self._uids = {str(k): int(v) for k, v in json.load(f).items()}
+                table = json.load(f)
         except FileNotFoundError:
-            self._uids = {}
+            table = {}
+        except (OSError, ValueError) as e:
+            raise LocalFileError(f"cannot read the job uid table {self.path}: {e}") from None
+        self._uids = self._checked(table)
+
+    def _checked(self, table):
+        def bad(why):
+            return LocalFileError(f"the job uid table {self.path} {why}; correct or remove the "
+                                  "entry (its owner is given a new uid), or the whole file "
+                                  "when no job runs")
+        if not isinstance(table, dict):
+            raise bad(f"is not an object of owner names and uids (it is {type(table).__name__})")
+        seen = {}
+        for owner, uid in table.items():
+            if not owner or not owner.isprintable():
+                raise bad(f"has an entry of no valid owner name: {owner!r}")
+            if type(uid) is not int or not self.first <= uid <= self.last:
+                raise bad(f"gives {owner!r} the uid {uid!r}, outside --job-uid-range "
+                          f"{self.first}-{self.last}")
+            if uid in seen:
+                raise bad(f"gives {owner!r} and {seen[uid]!r} the same uid {uid}")
+            if self._taken_by_system(uid):
+                raise bad(f"gives {owner!r} the uid {uid}, which /etc/passwd or /etc/group has")
+            seen[uid] = owner
+        return dict(table)
+
+    @staticmethod
+    def _taken_by_system(uid):
+        import grp
+        import pwd
+        for lookup in (pwd.getpwuid, grp.getgrgid):
+            try:
+                lookup(uid)
+                return True
+            except KeyError:
+                pass
+        return False
 
     def uid_of(self, owner):
         """The owner's uid (= gid), allocated and saved at its first job. CapReached if the
-        range is used up."""
-        import grp
-        import pwd
+        range is used up; DiskFull if the table cannot be written (no uid is handed out)."""
         with self._lock:
             uid = self._uids.get(owner)
             if uid is not None:
                 return uid
             taken = set(self._uids.values())
             for uid in range(self.first, self.last + 1):
-                if uid in taken:
+                if uid in taken or self._taken_by_system(uid):
                     continue
                 try:
-                    pwd.getpwuid(uid)
-                    continue
-                except KeyError:
-                    pass
-                try:
-                    grp.getgrgid(uid)
-                    continue
-                except KeyError:
-                    pass
+                    _write_json_durably(self.path, {**self._uids, owner: uid})
+                except OSError as e:
+                    raise DiskFull(self.path, e.errno) from None
                 self._uids[owner] = uid
-                _write_json_atomic(self.path, self._uids)
                 return uid
         raise CapReached("dynamic job users", f"{self.first}-{self.last}")
 
 
-def _write_json_atomic(path, obj):
+def _write_json_durably(path, obj):
+    """Replace the file at `path` with obj as JSON, on disk before it returns (file and
+    directory synced); a failure leaves the old file and no temp file."""
     tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        _write_all(fd, json.dumps(obj, sort_keys=True).encode())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            _write_all(fd, json.dumps(obj, sort_keys=True).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
     finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        os.close(dir_fd)
 
 
 def _set_pipe_size(fd, size=1 << 20):

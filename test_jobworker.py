@@ -741,6 +741,51 @@ def shared_dir():
     shutil.rmtree(d)
 
 
+@pytest.mark.parametrize("table,problem", [
+    ('{"alice": 0}', "gives 'alice' the uid 0, outside --job-uid-range 65000-65534"),
+    ('{"alice": 65001, "bob": 65001}', "gives 'bob' and 'alice' the same uid 65001"),
+    ('{"alice": 65534}', "gives 'alice' the uid 65534, which /etc/passwd or /etc/group has"),
+    ('{"alice": "65001"}', "gives 'alice' the uid '65001', outside"),
+    ('{"alice": true}', "gives 'alice' the uid True, outside"),
+    ('{"": 65001}', "has an entry of no valid owner name: ''"),
+    ('[]', "is not an object of owner names and uids (it is list)"),
+    ('{"alice": 650', "cannot read the job uid table")])
+def test_a_bad_uid_table_stops_the_server_naming_the_file_and_the_entry(table, problem,
+                                                                       tmp_path):
+    path = tmp_path / "uids.json"
+    path.write_text(table)
+    users = jw.DynamicUsers(str(path), (65000, 65534))
+    with pytest.raises(jw.LocalFileError) as e:
+        users.load()
+    assert problem in str(e.value) and str(path) in str(e.value)
+
+
+@root
+def test_a_uid_is_handed_out_only_once_it_is_on_disk(tmp_path):
+    # a full disk once left bob's uid in memory only: after a restart carol was given it too
+    with small_tmpfs(tmp_path, size="64k") as mnt:
+        users = jw.DynamicUsers(str(mnt / "uids.json"))
+        alice = users.uid_of("alice")
+        filler = mnt / "filler"
+        with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"x" * 4096)
+        for _ in range(2):   # and not a second time either
+            with pytest.raises(jw.DiskFull) as e:
+                users.uid_of("bob")
+            assert jw.status_code_for(e.value) == "RESOURCE_EXHAUSTED"
+            assert "uids.json" in str(e.value)
+        assert sorted(os.listdir(mnt)) == ["filler", "uids.json"]   # no temp file left
+        assert json.loads((mnt / "uids.json").read_text()) == {"alice": alice}
+        filler.unlink()
+        again = jw.DynamicUsers(str(mnt / "uids.json"))   # a restart
+        again.load()
+        carol, bob = again.uid_of("carol"), again.uid_of("bob")
+        assert len({alice, bob, carol}) == 3
+        assert json.loads((mnt / "uids.json").read_text()) == {"alice": alice, "bob": bob,
+                                                               "carol": carol}
+
+
 @root
 def test_dynamic_users_keep_owners_apart(make_manager, shared_dir):
     import pwd
