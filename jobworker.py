@@ -707,8 +707,15 @@ class Cgroup:
         return bool(self.pids())
 
     def signal_all(self, sig):
-        """Send sig to every process of the job, sub-cgroups included."""
-        _signal_pids(self.pids(), sig)
+        """Send sig to every process of the job, sub-cgroups included; returns how many."""
+        pids = self.pids()
+        _signal_pids(pids, sig)
+        return len(pids)
+
+    def to_record(self):
+        """Where it is, for the job's record: a server started later with another cgroup
+        parent still finds it (CgroupDriver.from_record)."""
+        raise NotImplementedError
 
     def kill_all(self, timeout=10.0):
         """SIGKILL every process of the job, forks in flight included; returns once none is
@@ -852,6 +859,9 @@ class CgroupV1(Cgroup):
         for d in self._unique:
             _rmdir_tree(d)
 
+    def to_record(self):
+        return {"v1": dict(self.dirs), "unified": self.unified}
+
 
 class CgroupV2(Cgroup):
     """A job cgroup on the unified hierarchy: one directory."""
@@ -927,6 +937,9 @@ class CgroupV2(Cgroup):
     def remove(self):
         _rmdir_tree(self.path)
 
+    def to_record(self):
+        return {"v2": self.path}
+
 
 class CgroupDriver:
     """Makes job cgroups under one parent per hierarchy. The only place that knows the version."""
@@ -937,6 +950,19 @@ class CgroupDriver:
     def job(self, job_id): raise NotImplementedError
     def parent_dirs(self): raise NotImplementedError
     def _as_cgroup(self): raise NotImplementedError   # the parent itself, as one cgroup
+
+    def from_record(self, job_id, record):
+        """The job's cgroup where its record says it is (Cgroup.to_record), or where this
+        driver would make it if the record says nothing this cgroup version can use."""
+        validate_job_id(job_id)
+        dirs = (record or {}).get("v2" if self.version == 2 else "v1")
+        if not dirs or not all(_is_job_dir(d, job_id) for d in
+                               (dirs.values() if isinstance(dirs, dict) else [dirs])):
+            return self.job(job_id)
+        if self.version == 2:
+            return CgroupV2(dirs)
+        unified = record.get("unified")
+        return CgroupV1(dict(dirs), unified if _is_job_dir(unified, job_id) else None)
 
     def leftover_job_ids(self):
         """Ids of job cgroups found under the parent (jobs of an earlier server run)."""
@@ -985,6 +1011,14 @@ class CgroupDriver:
         return out
 
     def _check_controllers(self): raise NotImplementedError
+
+
+def _is_job_dir(path, job_id):
+    """Whether a recorded path is one job's cgroup directory below the cgroup mounts (a record
+    is data from disk: it names no other directory to remove or signal)."""
+    return (isinstance(path, str) and os.path.basename(path) == job_id
+            and os.path.normpath(path) == path
+            and path.startswith(CGROUP_ROOT + "/"))
 
 
 class CgroupV1Driver(CgroupDriver):
@@ -2188,6 +2222,7 @@ class JobStatus:
     workdir: str = JOB_CWD
     timeout: float = None         # seconds it may run; None: no limit
     timed_out: bool = False       # stopped because it ran past its timeout
+    cgroup: dict = None           # where its cgroups are while it runs (Cgroup.to_record)
 
     @property
     def order_key(self):
@@ -2200,6 +2235,8 @@ class JobStatus:
         d["limits"] = self.limits.to_dict()
         d["command"], d["usage"] = list(self.command), dict(self.usage)
         d["env_keys"] = list(self.env_keys)
+        if d["cgroup"] is None:
+            del d["cgroup"]   # (a finished job's: not kept)
         return d
 
     @classmethod
@@ -2269,10 +2306,11 @@ class Job:
             self.cond.wait_for(lambda: self.final or cancelled())
 
     def close_fds(self):
-        for fd in [self.pidfd, *self.pipes.values()]:
+        with self.cond:   # (not while _signal_main uses the pidfd)
+            fds, self.pidfd, self.pipes = [self.pidfd, *self.pipes.values()], None, {}
+        for fd in fds:
             if fd is not None:
                 _close_quietly(fd)
-        self.pidfd, self.pipes = None, {}
 
 
 class FinishedJob:
@@ -2747,6 +2785,7 @@ class JobManager:
             cgroup.set_limits(status.limits, self.devices)
             job_dir = self.store.create(job_id)
             status.started_at = self._clock()
+            status.cgroup = cgroup.to_record()
             self.store.reserve(status)   # before the process exists: a crash finds its record
             job = Job(status, cgroup)
             pipes = {}
@@ -2821,8 +2860,8 @@ class JobManager:
                 return False
             first = not job.stop_requested
             job.stop_requested = True
-        if first:
-            job.cgroup.signal_all(signal.SIGTERM)
+        if first and not job.cgroup.signal_all(signal.SIGTERM):
+            self._signal_main(job, signal.SIGTERM)   # not in its cgroup: the main process
 
         def escalate():
             if not job.main_exited:
@@ -2836,6 +2875,16 @@ class JobManager:
             job.cgroup.kill_all()
         except CgroupError as e:
             log.error("killing job %s: %s", job.id, e)
+        self._signal_main(job, signal.SIGKILL)   # whether or not its cgroup held it
+
+    @staticmethod
+    def _signal_main(job, sig):
+        """Signal the job's main process through its pidfd (never a reused pid)."""
+        with job.cond:
+            pidfd = None if job.main_exited else job.pidfd
+            if pidfd is not None:
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(pidfd, sig)
 
     def _arm_timeout(self, job, seconds):
         """Stop the job, as Stop would, once it has run `seconds` (from its start)."""
@@ -3233,6 +3282,7 @@ class JobManager:
             s.lost_reason = job.launcher_lost
             s.oom_killed = oom
             s.usage = usage
+            s.cgroup = None   # removed
             if s.ended_at is None:
                 s.ended_at = self._clock()
         final = job.snapshot()
@@ -3268,7 +3318,8 @@ class JobManager:
                 status.lost_reason = "the server and its launcher stopped while it ran"
                 status.ended_at = self._clock()
                 status.output_bytes = output_size(self.store.job_dir(status.id))
-                self._discard_cgroup(self.cgroups.job(status.id))
+                self._discard_cgroup(self.cgroups.from_record(status.id, status.cgroup))
+                status.cgroup = None
                 self.store.save(status)
             self._jobs[status.id] = FinishedJob(status,
                                                 index_records(self.store.job_dir(status.id)))
@@ -3286,7 +3337,12 @@ class JobManager:
 
     def _adopt(self, status, state, fds):
         """A job the launcher kept running while no server was there."""
-        job = Job(status, self.cgroups.job(status.id))
+        job = Job(status, self.cgroups.from_record(status.id, status.cgroup))
+        if job.cgroup.to_record() != self.cgroups.job(status.id).to_record():
+            log.warning("job %s runs in the cgroups it was started in, outside this "
+                        "server's --cgroup-parent: %s", status.id,
+                        " ".join(job.cgroup.to_record()["v2"] if "v2" in status.cgroup else
+                                 sorted(set(job.cgroup.to_record()["v1"].values()))))
         status.pid = state["pid"] if state["pid"] is not None else status.pid
         status.output_bytes, job.records = state["size"], state["records"]
         status.log_truncated, status.log_error = state["truncated"], state["error"]

@@ -195,6 +195,9 @@ class FakeCgroup(jw.Cgroup):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.procs_files[0])
 
+    def to_record(self):
+        return {}
+
 
 class FakeCgroupDriver(jw.CgroupDriver):
     """Makes FakeCgroups in a directory; remembers them so a test can reach one by id."""
@@ -4198,6 +4201,41 @@ def test_live_restore_a_killed_server_s_jobs_run_on_and_are_adopted(pki, tmp_pat
         assert server.stop() == 0
     assert driver.leftover_job_ids() == []
     assert not pid_alive(launcher)               # a plain SIGTERM ends it with its jobs
+
+
+@root
+def test_a_restart_with_another_cgroup_parent_stops_adopted_jobs_where_they_run(pki, tmp_path):
+    # The adopted job was once looked for under the new parent: Stop signalled nothing and
+    # waited for ever, and SIGTERM to the server never finished.
+    state = tmp_path / "state"
+    first, second = f"{RUN_PARENT}/parent-a", f"{RUN_PARENT}/parent-b"
+    server = ServeProcess(SRC, pki, state, first)
+    run = lambda *a: cli(SRC, *a, certs=pki, port=server.port)
+    try:
+        job = run("start", "sh", "-c", "trap '' TERM; echo ready; while :; do sleep 1; done")
+        job = job.stdout.decode().strip()
+        wait_for(lambda: run("stream", job, "--no-follow").stdout == b"ready\n",
+                 what="the job's trap")
+        server.proc.kill()
+        server.proc.wait(30)
+    finally:
+        server.stop()
+    assert jw.detect_cgroups(first).leftover_job_ids() == [job]
+    server = ServeProcess(SRC, pki, state, second, extra=["--grace", "1"])
+    try:
+        assert json.loads(run("query", job, "--json").stdout)["state"] == "running"
+        stop = run("stop", job)
+        assert stop.returncode == 0, stop.stderr
+        assert json.loads(run("query", job, "--json").stdout)["state"] == "stopped"
+        assert any("outside this server's --cgroup-parent" in line for line in server.lines)
+        assert jw.detect_cgroups(first).leftover_job_ids() == []
+        again = run("start", "sh", "-c", "trap '' TERM; while :; do sleep 1; done")
+        assert again.returncode == 0, again.stderr
+    finally:
+        assert server.stop(timeout=30) == 0   # stops the new job too: SIGTERM ends
+    for parent in (first, second):
+        assert jw.detect_cgroups(parent).leftover_job_ids() == []
+        jw.detect_cgroups(parent).remove_parent()
 
 
 @root
