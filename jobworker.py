@@ -1447,6 +1447,10 @@ def _child_exec(req, procs, out_w, err_w, err_pipe, libc):
         # Only 0-2 survive; the error pipe is close-on-exec.
         os.closerange(3, err_pipe)
         os.closerange(err_pipe + 1, os.sysconf("SC_OPEN_MAX"))
+        if req.get("nofile"):   # the server's own limit was raised; the job's is not
+            stage = "rlimit"
+            import resource
+            resource.setrlimit(resource.RLIMIT_NOFILE, tuple(req["nofile"]))
         stage = "signals"
         # Ignored signals survive exec (handlers do not): Python ignores SIGPIPE and SIGXFSZ,
         # the launcher SIGINT. The launcher found the full set once at its start.
@@ -1550,11 +1554,22 @@ FDS_PER_JOB = 6     # the launcher's per running job: two pipes, the log and ind
 FD_RESERVE = 512    # for everything else: connections, the state dir, spawns in flight
 
 
+def _initial_nofile():
+    """RLIMIT_NOFILE as this process had it before it raised its own (raise_fd_limit)."""
+    import resource
+    return _INITIAL_NOFILE or resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+_INITIAL_NOFILE = []
+
+
 def raise_fd_limit():
     """Lift RLIMIT_NOFILE to what the kernel allows (root may raise the hard limit too): each
     running job holds a few fds in the server and in the launcher."""
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if not _INITIAL_NOFILE:
+        _INITIAL_NOFILE.extend((soft, hard))
     try:
         with open("/proc/sys/fs/nr_open") as f:
             ceiling = int(f.read())
@@ -2653,7 +2668,7 @@ class JobManager:
                  max_jobs_per_owner=DEFAULT_MAX_JOBS_PER_OWNER, job_user=None,
                  grace=DEFAULT_GRACE_SECONDS, devices=None, keep_finished=DEFAULT_KEEP_FINISHED,
                  keep_for=DEFAULT_KEEP_FOR, clock=time.time, live_restore=True,
-                 uid_range=DEFAULT_UID_RANGE, hide_paths=(), observer=None):
+                 uid_range=DEFAULT_UID_RANGE, hide_paths=(), observer=None, job_nofile=None):
         self.store = JobStore(state_dir)
         # Told of what happens, for metrics: job_started(status), job_ended(status),
         # start_failed(exc), output_stored(nbytes). Called from the manager's threads; quick.
@@ -2667,6 +2682,8 @@ class JobManager:
         self._running = Quota("running jobs", max_jobs, max_jobs_per_owner)
         self.grace = grace
         self.devices = block_devices() if devices is None else devices
+        # the open-files limit jobs get: as this process had it before raising its own
+        self.job_nofile = tuple(job_nofile or _initial_nofile())
         self.keep_finished = keep_finished
         self.keep_for = keep_for            # None: forever
         self.live_restore = live_restore
@@ -2752,13 +2769,16 @@ class JobManager:
         if any(workdir == h or workdir.startswith(h.rstrip("/") + "/") for h in self._hide):
             # what the job cannot see does not exist for it: nothing here says otherwise
             raise InvalidArgument("workdir", workdir, os.strerror(errno.ENOENT))
-        try:   # checked here, before anything is made (the job's user is checked at chdir)
-            is_dir = os.path.isdir(workdir)
-            os.stat(workdir)
-        except OSError as e:
-            raise InvalidArgument("workdir", workdir, e.strerror) from None
-        if not is_dir:
-            raise InvalidArgument("workdir", workdir, os.strerror(errno.ENOTDIR))
+        if not (self._user or self._dynamic):
+            # root's jobs: checked here, before anything is made. An unprivileged job's is
+            # checked by its chdir, as its user: what root sees here is not its to learn.
+            try:
+                is_dir = os.path.isdir(workdir)
+                os.stat(workdir)
+            except OSError as e:
+                raise InvalidArgument("workdir", workdir, e.strerror) from None
+            if not is_dir:
+                raise InvalidArgument("workdir", workdir, os.strerror(errno.ENOTDIR))
         limits = limits or Limits()
         if limits.pids is None and self.default_pids:
             limits = dataclasses.replace(limits, pids=self.default_pids)
@@ -3075,7 +3095,7 @@ class JobManager:
         env = {"PATH": JOB_PATH, "LANG": JOB_LANG, "HOME": "/root"}
         req = {"argv": job.status.command, "env": env, "cwd": job.status.workdir,
                "procs": list(job.cgroup.procs_files), "hide": self._hide,
-               "empty_file": self._empty_file}
+               "empty_file": self._empty_file, "nofile": self.job_nofile}
         if self._user:
             req.update(uid=self._user["uid"], gid=self._user["gid"])
             env["HOME"] = self._user["home"]
@@ -6434,6 +6454,10 @@ def cmd_serve(args):
         raise CliError("--keep-jobs needs live restore (drop --no-live-restore)", EXIT_USAGE)
     check_server_key(key)    # before anything is created
     stop = threading.Event()
+    # What a wrapper may have left blocked or ignored: SIGTERM blocked made the server
+    # unstoppable; SIGCHLD ignored would have the kernel reap the jobs' processes itself.
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     revoked = RevocationList(args.revoked or os.path.join(
@@ -6462,7 +6486,8 @@ def cmd_serve(args):
                          job_user=args.job_user, grace=args.grace,
                          keep_finished=args.keep_finished, keep_for=args.keep_for,
                          live_restore=args.live_restore, uid_range=args.job_uid_range,
-                         hide_paths=hide, observer=metrics)
+                         hide_paths=hide, observer=metrics,
+                         job_nofile=(args.job_nofile,) * 2 if args.job_nofile else None)
     keep = lambda: args.keep_jobs and stop.is_set()   # a failed start never keeps anything
     limits = ServerLimits(
         max_streams=args.max_streams, max_streams_per_owner=args.max_streams_per_owner,
@@ -6702,6 +6727,9 @@ def build_parser():
     p.add_argument("--job-user", metavar="USER|dynamic",
                    help="run jobs as this user instead of root; dynamic: each job owner gets "
                         "a uid and gid of its own (from --job-uid-range)")
+    p.add_argument("--job-nofile", type=_cli_type(_positive, "a number of open files"),
+                   metavar="N", help="the open-files limit (soft and hard) of jobs (default: "
+                                     "the limits serve started with, not those it raised)")
     p.add_argument("--job-uid-range", type=_cli_type(parse_uid_range, "FIRST-LAST, such as "
                                                      "61184-65519"),
                    default=DEFAULT_UID_RANGE, metavar="FIRST-LAST",

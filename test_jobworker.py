@@ -830,6 +830,49 @@ def test_job_runs_as_configured_unprivileged_user(make_manager):
 
 
 @root
+def test_an_unprivileged_job_s_workdir_is_checked_as_its_user(make_manager, tmp_path):
+    # checked by root, "Not a directory" against "No such file" told a job owner what exists
+    # in directories its jobs cannot read
+    secret = tmp_path / "secret"
+    secret.mkdir(mode=0o700)
+    (secret / "file").write_text("x")
+    m = make_manager(job_user="nobody")
+    said = []
+    for path in (secret / "file", secret / "missing", secret):
+        with pytest.raises(jw.InvalidArgument) as e:
+            m.start("true", workdir=str(path))
+        said.append(str(e.value).replace(str(path), "PATH"))
+    assert len(set(said)) == 1 and "Permission denied (as the job's user)" in said[0], said
+    assert m.list() == [] and m.cgroups.leftover_job_ids() == []
+
+
+def _low_nofile_and_blocked_term():
+    import resource
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(
+        resource.RLIMIT_NOFILE)[1]))
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+
+
+@root
+def test_serve_starts_clean_of_its_parent_s_signals_and_jobs_get_its_first_limits(pki,
+                                                                                  tmp_path):
+    # A wrapper that blocked SIGTERM made the server unstoppable; jobs were given the
+    # open-files limit the server had raised for itself (to fs.nr_open where it could).
+    import resource
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    for extra, expected in [((), f"1024 {hard}"), (("--job-nofile", "512"), "512 512")]:
+        server = ServeProcess(SRC, pki, tmp_path / "state", f"{RUN_PARENT}/nofile",
+                              extra=extra, preexec=_low_nofile_and_blocked_term)
+        try:
+            r = cli(SRC, "run", "--", "sh", "-c", "echo $(ulimit -Sn) $(ulimit -Hn); exit 3",
+                    certs=pki, port=server.port)
+            assert r.returncode == 3 and r.stdout.decode().strip() == expected, r
+        finally:
+            assert server.stop(timeout=30) == 0
+
+
+@root
 def test_signals_ignored_by_the_server_are_default_in_the_job(tmp_path):
     # Python ignores SIGPIPE, and GNU make runs its recipes with signal 32 ignored (glibc
     # reserves it, so Python cannot reset it); a job must inherit neither.
@@ -2539,11 +2582,13 @@ def venvs(tmp_path_factory):
 class ServeProcess:
     """`jobworker serve` in a subprocess on a free port; stop() sends SIGTERM."""
 
-    def __init__(self, argv, certs, state, parent, listen="127.0.0.1:0", env=None, extra=()):
+    def __init__(self, argv, certs, state, parent, listen="127.0.0.1:0", env=None, extra=(),
+                 preexec=None):
         self.state = state
         self.proc = subprocess.Popen(
             [*argv, "serve", "--listen", listen, "--certs", str(certs), "--state-dir", str(state),
-             "--cgroup-parent", parent, *extra], stderr=subprocess.PIPE, text=True, env=env)
+             "--cgroup-parent", parent, *extra], stderr=subprocess.PIPE, text=True, env=env,
+            preexec_fn=preexec)
         self.lines = []
         ready = threading.Event()
 
