@@ -73,7 +73,8 @@ RUNNING = "running"
 EXITED = "exited"       # the main process ended by itself (exit code or signal)
 STOPPED = "stopped"     # ended by a Stop request
 LOST = "lost"           # the server (or its launcher) died while the job ran
-FINAL_STATES = frozenset({EXITED, STOPPED, LOST})
+FAILED = "failed"       # it never ran: its start failed after it was accepted
+FINAL_STATES = frozenset({EXITED, STOPPED, LOST, FAILED})
 STATES = frozenset({RUNNING}) | FINAL_STATES
 
 _JOB_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
@@ -105,12 +106,19 @@ def _close_quietly(fd):
         pass
 
 
-def _remove_tree(path):
-    """Remove a job directory (flat: files only) and the directory itself; gone is done."""
+def _remove_tree(path, first=None):
+    """Remove a job directory (flat: files only) and the directory itself; gone is done.
+    `first` goes before the others (a job's record: a directory cut short by a crash is then
+    one without a record, which start-up finishes off, never a record without its files)."""
     if not os.path.isdir(path):
         return
-    for name in os.listdir(path):
-        os.unlink(os.path.join(path, name))
+    names = os.listdir(path)
+    if first in names:
+        names.remove(first)
+        names.insert(0, first)
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(path, name))
     os.rmdir(path)
 
 
@@ -2011,6 +2019,7 @@ class LauncherClient:
         self.events = events
         self.live_restore = live_restore
         self.process = None       # the launcher we started, if we did (we reap it)
+        self.started = False      # connect() started it: none ran for this state dir
         self.pid = None
         self.sock = None
         self._lock = threading.Lock()
@@ -2029,6 +2038,7 @@ class LauncherClient:
         except (FileNotFoundError, ConnectionRefusedError):
             sock.close()
             self._start()
+            self.started = True
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             sock.connect(path)
         try:
@@ -2237,6 +2247,7 @@ class JobStatus:
     workdir: str = JOB_CWD
     timeout: float = None         # seconds it may run; None: no limit
     timed_out: bool = False       # stopped because it ran past its timeout
+    failure: str = ""             # state failed: why it never ran
     cgroup: dict = None           # where its cgroups are while it runs (Cgroup.to_record)
 
     @property
@@ -2266,6 +2277,62 @@ class JobStatus:
         d["owner"] = sys.intern(str(d.get("owner", "")))
         d["env_keys"] = tuple(d.get("env_keys") or ())
         return cls(**d)
+
+
+def _is_int(v):
+    return type(v) is int
+
+
+def _is_number(v):
+    return type(v) in (int, float)
+
+
+def _optional(check):
+    return lambda v: v is None or check(v)
+
+
+def _strings(v):
+    return isinstance(v, list) and all(type(x) is str for x in v)
+
+
+_LIMITS_SCHEMA = {"cpu_percent": _optional(_is_number), "memory_bytes": _optional(_is_int),
+                  "io_bps": _optional(_is_int), "pids": _optional(_is_int)}
+# What each field of a record read back from disk must be (a field may be missing: records
+# of older builds lack newer fields).
+RECORD_SCHEMA = {
+    "id": lambda v: type(v) is str, "owner": lambda v: type(v) is str,
+    "command": lambda v: _strings(v) and bool(v), "state": lambda v: v in STATES,
+    "limits": lambda v: isinstance(v, dict) and all(_LIMITS_SCHEMA.get(k, bool)(x)
+                                                    for k, x in v.items()),
+    "exit_code": _optional(_is_int), "signal": _optional(_is_int),
+    "oom_killed": lambda v: type(v) is bool, "started_at": _is_number,
+    "ended_at": _optional(_is_number),
+    "usage": lambda v: isinstance(v, dict) and all(_is_number(x) for x in v.values()),
+    "output_bytes": lambda v: _is_int(v) and v >= 0, "log_truncated": lambda v: type(v) is bool,
+    "log_error": lambda v: type(v) is str, "pid": _optional(_is_int),
+    "lost_reason": lambda v: type(v) is str, "name": lambda v: type(v) is str,
+    "env_keys": _strings, "workdir": lambda v: type(v) is str,
+    "timeout": _optional(_is_number), "timed_out": lambda v: type(v) is bool,
+    "failure": lambda v: type(v) is str, "cgroup": _optional(lambda v: isinstance(v, dict)),
+}
+
+
+def check_record(data, job_id):
+    """ValueError saying what is wrong unless `data` (a record read back) is one this server
+    wrote for the job `job_id`."""
+    if not isinstance(data, dict):
+        raise ValueError(f"not an object but {type(data).__name__}")
+    for key in ("id", "owner", "command", "state", "started_at"):
+        if key not in data:
+            raise ValueError(f"no {key!r}")
+    for key, value in data.items():
+        check = RECORD_SCHEMA.get(key)
+        if check is not None and not check(value):
+            raise ValueError(f"{key!r} is {value!r:.80}")
+    if data["id"] != job_id:
+        raise ValueError(f"the id {data['id']!r:.80} is not its directory's")
+    if data["state"] != RUNNING and not _is_number(data.get("ended_at")):
+        raise ValueError(f"a {data['state']} job without the time it ended")
 
 
 class Job:
@@ -2458,9 +2525,10 @@ class JobStore:
             raise
 
     def load(self):
-        """Every readable record; unreadable ones are logged and skipped. A job directory
-        without a record (a crash before the record was written: no process was ever started
-        for it) is removed."""
+        """Every record that passes check_record. A record that does not is moved aside to
+        <state_dir>/quarantine/ (and named in the log once); a job directory without a record
+        (a crash before the record was written, or during a removal) is removed, and so is a
+        finished job's that lacks its output files (a removal cut short by an older build)."""
         out = []
         for name in os.listdir(self.jobs_dir):
             if not _JOB_ID_RE.fullmatch(name):
@@ -2471,15 +2539,35 @@ class JobStore:
                 self.discard(name)
                 continue
             try:
-                with open(path) as f:
-                    status = JobStatus.from_dict(json.load(f))
-                if status.state not in STATES or status.id != name:
-                    raise ValueError(f"state {status.state!r}, id {status.id!r}")
-            except (OSError, ValueError, TypeError) as e:
-                log.error("skipping unreadable job record %s: %s", path, e)
+                with open(path, "rb") as f:
+                    data = json.loads(f.read())
+                check_record(data, name)
+                status = JobStatus.from_dict(data)
+            except (OSError, ValueError, TypeError, UnicodeDecodeError) as e:
+                self._quarantine(name, str(e))
+                continue
+            if status.state != RUNNING and not self.has_output(name):
+                log.warning("removing job %s: its output files are gone (a removal was cut "
+                            "short)", name)
+                self.discard(name)
                 continue
             out.append(status)
         return out
+
+    def has_output(self, job_id):
+        """Whether both output files of the job exist (the launcher makes them at its spawn)."""
+        d = self.job_dir(job_id)
+        return all(os.path.exists(f"{d}/{n}") for n in (LOG_FILE, INDEX_FILE))
+
+    def _quarantine(self, job_id, why):
+        aside = os.path.join(self.state_dir, "quarantine")
+        os.makedirs(aside, mode=0o700, exist_ok=True)
+        target = os.path.join(aside, job_id)
+        if os.path.exists(target):
+            target += f".{int(time.time())}"
+        os.rename(self.job_dir(job_id), target)
+        log.error("job %s has a record this server cannot read (%s): moved to %s", job_id,
+                  why, target)
 
     def open_output(self, job_id):
         """(data fd, index fd) of a job's output files, for reading."""
@@ -2492,8 +2580,8 @@ class JobStore:
         return data_fd, idx_fd
 
     def discard(self, job_id):
-        """Remove a job's directory and everything in it."""
-        _remove_tree(self.job_dir(job_id))
+        """Remove a job's directory and everything in it, the record first."""
+        _remove_tree(self.job_dir(job_id), first=RECORD_FILE)
 
 
 class _Engine(threading.Thread):
@@ -3292,10 +3380,6 @@ class JobManager:
         except Exception:
             log.exception("finishing job %s", job.id)
             oom, usage = False, {}
-        with self._lock:
-            launcher = self._launcher
-        if launcher is not None:
-            launcher.forget(job.id)   # it closes the job's files and pipes
         with job.cond:
             s = job.status
             s.state = LOST if job.launcher_lost else STOPPED if job.stop_requested else EXITED
@@ -3307,6 +3391,10 @@ class JobManager:
                 s.ended_at = self._clock()
         final = job.snapshot()
         self.store.save(final)
+        with self._lock:
+            launcher = self._launcher
+        if launcher is not None:   # (after the save: a held job's record is never final)
+            launcher.forget(job.id)   # it closes the job's files and pipes
         with self._lock:
             self._running.give(job.status.owner)
             self._live.pop(job.id, None)
@@ -3325,8 +3413,10 @@ class JobManager:
 
     def _recover(self, held):
         """Load earlier jobs. Those the launcher still holds are adopted, running (live
-        restore); the other jobs that were running when the server stopped become `lost`:
-        whatever is left of them is killed and their cgroups removed."""
+        restore); the other jobs that were running when the server stopped become `lost` or
+        `failed` (see _not_held): whatever is left of them is killed and their cgroups
+        removed."""
+        launcher_lived = not self._launcher.started
         held = {state["job"]: (state, fds) for state, fds in held}
         statuses = self.store.load()
         for status in statuses:
@@ -3334,13 +3424,7 @@ class JobManager:
                 self._adopt(status, *held.pop(status.id))
                 continue
             if status.state == RUNNING:   # its record was last written when it started
-                status.state = LOST
-                status.lost_reason = "the server and its launcher stopped while it ran"
-                status.ended_at = self._clock()
-                status.output_bytes = output_size(self.store.job_dir(status.id))
-                self._discard_cgroup(self.cgroups.from_record(status.id, status.cgroup))
-                status.cgroup = None
-                self.store.save(status)
+                self._not_held(status, launcher_lived)
             self._jobs[status.id] = FinishedJob(status,
                                                 index_records(self.store.job_dir(status.id)))
         for job_id, (state, fds) in held.items():   # held, but no running record: not ours
@@ -3354,6 +3438,26 @@ class JobManager:
         for name in self.cgroups.leftover_job_ids():
             if name not in self._jobs:
                 self._discard_cgroup(self.cgroups.job(name))
+
+    def _not_held(self, status, launcher_lived):
+        """A job recorded running that the launcher does not hold. Its output files are made
+        by the launcher's spawn, before the fork, and a launcher forgets a job only once its
+        final record is saved: so a job without them never ran, and a launcher that lived on
+        (live restore) would hold it if it had. Only a job that may have run, when its
+        launcher died too, is `lost`."""
+        spawned = self.store.has_output(status.id)
+        if spawned and not launcher_lived:
+            status.state = LOST
+            status.lost_reason = "the server and its launcher stopped while it ran"
+        else:
+            status.state = FAILED
+            status.failure = ("its start failed while the server stopped" if spawned else
+                              "the server stopped before the job was started")
+        status.ended_at = self._clock()
+        status.output_bytes = output_size(self.store.job_dir(status.id))
+        self._discard_cgroup(self.cgroups.from_record(status.id, status.cgroup))
+        status.cgroup = None
+        self.store.save(status)
 
     def _adopt(self, status, state, fds):
         """A job the launcher kept running while no server was there."""
@@ -4152,7 +4256,8 @@ def _timestamp(pb_ts, seconds):
 # without a proto field is an error, not dropped.
 STREAM_TO_PROTO = {STDOUT: "OUTPUT_STREAM_STDOUT", STDERR: "OUTPUT_STREAM_STDERR"}
 STATE_TO_PROTO = {RUNNING: "JOB_STATE_RUNNING", EXITED: "JOB_STATE_EXITED",
-                  STOPPED: "JOB_STATE_STOPPED", LOST: "JOB_STATE_LOST"}
+                  STOPPED: "JOB_STATE_STOPPED", LOST: "JOB_STATE_LOST",
+                  FAILED: "JOB_STATE_FAILED"}
 USAGE_TO_PROTO = {"cpu_seconds": "cpu_seconds", "memory_bytes": "memory_bytes",
                   "memory_peak_bytes": "memory_peak_bytes", "io_read_bytes": "io_read_bytes",
                   "io_write_bytes": "io_write_bytes", "tasks": "tasks"}
@@ -4196,7 +4301,8 @@ def status_to_proto(pb, s):
         usage=usage_to_proto(pb, s.usage),
         log_truncated=s.log_truncated, log_error=s.log_error, output_bytes=s.output_bytes,
         pid=s.pid or 0, lost_reason=s.lost_reason, name=s.name, env_keys=s.env_keys,
-        workdir=s.workdir, timeout_seconds=s.timeout or 0, timed_out=s.timed_out)
+        workdir=s.workdir, timeout_seconds=s.timeout or 0, timed_out=s.timed_out,
+        failure=s.failure)
     if s.exit_code is not None:
         msg.exit_code = s.exit_code
     if s.signal is not None:
@@ -4288,7 +4394,7 @@ class JobService:
             name = pb.JobState.Name(value) if value in pb.JobState.values() else None
             state = self._states_from_pb.get(name)
             if state is None:
-                raise InvalidArgument("states", value, "running, exited, stopped or lost")
+                raise InvalidArgument("states", value, "running, exited, stopped, lost or failed")
             states.add(state)
         size = min(request.page_size or LIST_PAGE_DEFAULT, LIST_PAGE_MAX)
         after = (decode_page_token(request.page_token, request.newest_first)
@@ -5681,6 +5787,7 @@ def status_to_dict(pb, msg):
         "log_error": msg.log_error or None, "lost_reason": msg.lost_reason or None,
         "name": msg.name, "env_keys": list(msg.env_keys), "workdir": msg.workdir or JOB_CWD,
         "timeout_seconds": msg.timeout_seconds or None, "timed_out": msg.timed_out,
+        "failure": msg.failure or None,
     }
 
 
@@ -5723,8 +5830,8 @@ def format_status(pb, msg):
         oom = ", OOM-killed" if d["oom_killed"] else ""
         if d["timed_out"]:
             how += f", timed out after {_duration(d['timeout_seconds'])}"
-        if d["lost_reason"]:
-            how = d["lost_reason"]
+        if d["lost_reason"] or d["failure"]:
+            how = d["lost_reason"] or f"never ran: {d['failure']}"
         state = f"{d['state']} ({how}{oom}) at {_local(end)}; ran {_duration(end - start)}"
     lim = d["limits"]
     limits = ", ".join(x for x in [
@@ -5879,7 +5986,8 @@ def cmd_start(args):
 
 # `run` and `wait` exit as the job did, as a shell says it, and with these where it did not
 # end by itself: timeout(1)'s 124 for a timeout, 125 (docker's "the daemon failed") for a job
-# whose end is unknown (lost with a crashed server), 128+N for run's own signal N.
+# whose end is unknown (lost with a crashed server) or that never ran (failed), 128+N for
+# run's own signal N.
 EXIT_TIMED_OUT, EXIT_LOST = 124, 125
 RECONNECT_PATIENCE = 60.0   # how long `run` and `wait` try again to reach a restarting server
 
@@ -5888,7 +5996,7 @@ def job_exit_code(pb, msg):
     """The exit code `run` and `wait` give a job's final status."""
     if msg.timed_out:
         return EXIT_TIMED_OUT
-    if msg.state == pb.JOB_STATE_LOST:
+    if msg.state in (pb.JOB_STATE_LOST, pb.JOB_STATE_FAILED):
         return EXIT_LOST
     if msg.HasField("exit_code"):
         return msg.exit_code
@@ -5906,6 +6014,8 @@ def job_end_notes(pb, msg):
                      f" and was stopped")
     if d["state"] == "lost":
         notes.append(f"job {d['id']} was lost: {d['lost_reason'] or 'its end is not known'}")
+    if d["state"] == "failed":
+        notes.append(f"job {d['id']} never ran: {d['failure'] or 'its start failed'}")
     if d["oom_killed"]:
         limit = d["limits"]["memory_bytes"]
         notes.append(f"job {d['id']} was killed by the OOM killer: "
@@ -6048,7 +6158,7 @@ def _stop_quietly(client, job_id):
 def _how_it_ended(pb, msg):
     d = status_to_dict(pb, msg)
     how = (f"exit code {d['exit_code']}" if d["exit_code"] is not None
-           else d["signal"] or d["lost_reason"] or "")
+           else d["signal"] or d["lost_reason"] or d["failure"] or "")
     return f"{d['state']} ({how})" if how else d["state"]
 
 
@@ -6874,7 +6984,7 @@ def build_parser():
                        epilog="example: jobworker list --state running --last 20")
     p.add_argument("--json", action="store_true", help="machine-readable output (one array)")
     p.add_argument("--state", type=_cli_type(_state_list, "states separated by commas: "
-                                             "running, exited, stopped, lost"),
+                                             "running, exited, stopped, lost, failed"),
                    metavar="STATE[,STATE...]", help="only jobs in these states")
     p.add_argument("--owner", default="", metavar="NAME",
                    help="only jobs of this identity (readers and admins)")

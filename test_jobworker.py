@@ -19,6 +19,7 @@ import hashlib
 import itertools
 import json
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -1069,6 +1070,111 @@ def test_restart_keeps_records_and_marks_running_jobs_lost_without_the_kernel(fa
         m2.status(done.id, owner="bob")
 
 
+def crash_leaving_the_launcher(m):
+    """As if the server process were killed while its launcher lives on (live restore)."""
+    m._engine.stop()
+    m._finisher.shutdown()
+    m._launcher.detach()
+    m._closed = True
+
+
+def test_a_start_that_never_reached_the_launcher_ends_failed_not_lost(fake_manager,
+                                                                      monkeypatch):
+    # a server killed during a burst of Starts: jobs that never ran were listed `lost`,
+    # "the server and its launcher stopped while it ran", though the launcher never stopped
+    m = fake_manager()
+    ran = m.start("sleep", ["600"])
+    gate = threading.Event()
+
+    def never_sent(req, fds):
+        gate.wait()
+        raise jw.LauncherError("the test let it go")
+    monkeypatch.setattr(m._launcher, "spawn", never_sent)
+    def start():
+        with contextlib.suppress(jw.JobworkerError):
+            m.start("true")
+    starting = threading.Thread(target=start, daemon=True)
+    starting.start()
+    jobs_dir = m.store.jobs_dir
+    wait_for(lambda: len(os.listdir(jobs_dir)) == 2, what="the second job's record")
+    crash_leaving_the_launcher(m)   # (its Start stays where it was: nothing of it runs on)
+    m2 = fake_manager()
+    never = next(s for s in m2.list() if s.id != ran.id)
+    assert (never.state, never.failure) == (jw.FAILED, "the server stopped before the job was "
+                                                       "started")
+    assert never.lost_reason == "" and never.pid is None and never.ended_at >= never.started_at
+    assert m2.status(ran.id).state == jw.RUNNING   # adopted: it runs on
+    m2.stop(ran.id, grace=0)
+    gate.set()
+    starting.join()
+
+
+def test_records_of_the_wrong_shape_are_quarantined_once_and_the_rest_serves(fake_manager,
+                                                                             caplog):
+    m = fake_manager()
+    good = m.start("sh", ["-c", "echo hi"])
+    final = wait_final(m, good.id)
+    m.close()
+    record = json.loads((pathlib.Path(m.store.job_dir(good.id)) / "job.json").read_text())
+    bad = {"[]": [], "null": None, "a string": "x", "limits": dict(record, limits="x"),
+           "ended_at": dict(record, ended_at=None), "started_at": dict(record, started_at="now"),
+           "command": dict(record, command=5), "exit_code": dict(record, exit_code="0"),
+           "pid": dict(record, state="running", pid="1", ended_at=None)}
+    ids = {}
+    for what, data in bad.items():
+        job_id = str(uuid.uuid4())
+        d = pathlib.Path(m.store.job_dir(job_id))
+        d.mkdir()
+        if isinstance(data, dict):
+            data = dict(data, id=job_id)
+        (d / "job.json").write_text(json.dumps(data))
+        (d / "output.log").write_text("")
+        (d / "output.idx").write_text("")
+        ids[what] = job_id
+    half = str(uuid.uuid4())   # a removal cut short: the record stayed, the output went
+    (pathlib.Path(m.store.job_dir(half))).mkdir()
+    (pathlib.Path(m.store.job_dir(half)) / "job.json").write_text(
+        json.dumps(dict(record, id=half, output_bytes=3)))
+    caplog.set_level("WARNING", logger="jobworker")
+    m2 = fake_manager()
+    assert [s.id for s in m2.list()] == [good.id] and m2.status(good.id) == final
+    assert b"".join(c.data for c in m2.follow(good.id)) == b"hi\n"
+    named = [r.getMessage() for r in caplog.records if "cannot read" in r.getMessage()]
+    assert len(named) == len(bad) and all(any(i in n for n in named) for i in ids.values())
+    quarantine = pathlib.Path(m2.state_dir) / "quarantine"
+    assert sorted(os.listdir(quarantine)) == sorted(ids.values())
+    with pytest.raises(jw.JobNotFound):
+        m2.status(half)
+    assert not os.path.exists(m2.store.job_dir(half))
+    m2.close()
+    caplog.clear()
+    m3 = fake_manager()   # named once: nothing of them is read again
+    assert not [r for r in caplog.records if "cannot read" in r.getMessage()]
+    assert [s.id for s in m3.list()] == [good.id]
+
+
+def test_a_removal_cut_short_never_leaves_a_record_without_its_files(tmp_path, monkeypatch):
+    store = jw.JobStore(str(tmp_path))
+    store.open()
+    job_id = str(uuid.uuid4())
+    d = pathlib.Path(store.create(job_id))
+    for name in ("output.log", "output.idx", "job.json"):
+        (d / name).write_text("x")
+    unlink, calls = os.unlink, []
+
+    def dies_after_one(path):
+        if calls:
+            raise KeyboardInterrupt   # as a kill -9 between the two
+        calls.append(path)
+        unlink(path)
+    monkeypatch.setattr(os, "unlink", dies_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        store.discard(job_id)
+    monkeypatch.setattr(os, "unlink", unlink)
+    assert calls == [str(d / "job.json")]
+    assert store.load() == [] and not d.exists()   # finished off at start
+
+
 @root
 def test_exit_code_and_signal_are_reported_without_guessing(manager):
     a = manager.start("sh", ["-c", "exit 3"])
@@ -1372,7 +1478,8 @@ def finished_records(state, n, start=1_000_000.0, owners=("alice", "bob"), argv_
     for i in range(n):
         job_id = str(__import__("uuid").uuid4())
         store.create(job_id)
-        open(f"{store.job_dir(job_id)}/output.log", "wb").close()
+        for name in ("output.log", "output.idx"):   # as the launcher makes them
+            open(f"{store.job_dir(job_id)}/{name}", "wb").close()
         store.save(jw.JobStatus(id=job_id, owner=owners[i % len(owners)],
                                 command=["true", "x" * argv_bytes] if argv_bytes else ["true"],
                                 limits=jw.Limits(), state=[jw.EXITED, jw.STOPPED, jw.LOST][i % 3],
@@ -4923,7 +5030,6 @@ def test_proto_works_unchanged_from_grpc_js(grpc_js, pki, api):
 
 import fcntl
 import importlib.util
-import pathlib
 import stat
 import struct
 import tempfile
