@@ -3820,6 +3820,24 @@ class RevocationList:
         self._lock = threading.Lock()
         self.reload()
 
+    def watch(self, on_change):
+        """Call on_change(serials) whenever the revoked serials change (looked at once a
+        second, and at reload()), until stop_watching()."""
+        self._on_change = on_change
+        self._watching = threading.Event()
+        threading.Thread(target=self._watch, name="jobworker-revocation", daemon=True).start()
+
+    def stop_watching(self):
+        if getattr(self, "_watching", None):
+            self._watching.set()
+
+    def _watch(self):
+        while not self._watching.wait(1.0):
+            try:
+                self.is_revoked(None)   # rereads the file if it changed
+            except Exception:
+                log.exception("revocation list")
+
     def reload(self):
         try:
             st = os.stat(self.path)
@@ -3833,9 +3851,13 @@ class RevocationList:
             log.error("revocation list %s: %s", self.path, e)
             return
         with self._lock:
-            if serials != self.serials:
+            changed = serials != self.serials
+            if changed:
                 log.info("revocation list %s: %d revoked", self.path, len(serials))
             self.serials, self._stamp = serials, stamp
+        on_change = getattr(self, "_on_change", None)
+        if changed and on_change:
+            on_change(serials)
 
     def is_revoked(self, serial):
         now = time.monotonic()
@@ -3936,6 +3958,29 @@ class CallContext:
         self.request = None
         self.counted = False   # holds a slot of the interceptor's calls quota
         self.began = 0.0       # time.monotonic() when it arrived
+        self.ending = None     # the error that ends it before its end (a revocation)
+        self._on_end = []
+        self._lock = threading.Lock()
+
+    def add_callback(self, fn):
+        """Run fn when the call ends, and also when end() cuts it short (fn may run twice)."""
+        with self._lock:
+            ended = self.ending is not None
+            if not ended:
+                self._on_end.append(fn)
+        if ended:
+            fn()
+            return True
+        return self._context.add_callback(fn)
+
+    def end(self, exc):
+        """Cut the call short with `exc` (from any thread): what waits in it is woken, and it
+        ends with exc's status code."""
+        with self._lock:
+            self.ending = exc
+            waiting, self._on_end = self._on_end, []
+        for fn in waiting:
+            fn()
 
     def abort(self, code, details):
         self.code = code
@@ -4015,6 +4060,8 @@ class AuthInterceptor:
         self.metrics = metrics   # a Metrics: every call is counted and timed
         self.request_timeout = request_timeout
         self.connections = None   # a ConnectionGuard, told of each authorized call's peer
+        self._open = {}           # certificate serial -> CallContexts of its calls in flight
+        self._open_lock = threading.Lock()
         # Refused calls wait a moment for their request, so that the audit line names the
         # job; only this many at once, so refused certificates cannot hold threads.
         self._refused = Quota("refused calls waiting", REFUSED_WAITING, REFUSED_WAITING // 4)
@@ -4055,6 +4102,8 @@ class AuthInterceptor:
             if self.calls is not None:   # no identity may hold every handler thread
                 self.calls.take(ctx.caller.identity, ctx.caller.is_admin)
                 ctx.counted = True
+            with self._open_lock:
+                self._open.setdefault(ctx.caller.serial, set()).add(ctx)
             if request_streaming:
                 return ctx, _BoundedRequests(requests, self.request_timeout)
             ctx.request = self._request(requests, self.request_timeout)
@@ -4099,9 +4148,24 @@ class AuthInterceptor:
             self.metrics.rpc(method, code.name, time.monotonic() - ctx.began)
 
     def _leave(self, ctx):
+        if ctx.caller is not None:
+            with self._open_lock:
+                mine = self._open.get(ctx.caller.serial)
+                if mine is not None:
+                    mine.discard(ctx)
+                    if not mine:
+                        del self._open[ctx.caller.serial]
         if ctx.counted:
             ctx.counted = False
             self.calls.give(ctx.caller.identity)
+
+    def revoked_now(self, serials):
+        """End the calls in flight of certificates just revoked (UNAUTHENTICATED)."""
+        with self._open_lock:
+            ending = [c for serial in serials for c in self._open.get(serial, ())]
+        for ctx in ending:
+            ctx.end(Unauthenticated(f"client certificate (serial {ctx.caller.serial:x}) "
+                                    "was revoked"))
 
     def _wrap_unary(self, behavior, method, request_streaming):
         def call(requests, context):
@@ -4109,11 +4173,13 @@ class AuthInterceptor:
             response = None
             try:
                 response = behavior(request, ctx)
+                if ctx.ending is not None:
+                    raise ctx.ending
                 return response
             except Exception as e:
                 if ctx.code is not None:   # the behavior ended the call itself
                     raise
-                abort_with(ctx, e)
+                abort_with(ctx, ctx.ending or e)
             finally:
                 self._leave(ctx)
                 self._ended(ctx, method, ctx.request, response, self._code(ctx, sys.exc_info()))
@@ -4123,11 +4189,16 @@ class AuthInterceptor:
         def call(requests, context):
             ctx, request = self._enter(method, requests, context, request_streaming)
             try:
-                yield from behavior(request, ctx)
+                for response in behavior(request, ctx):
+                    if ctx.ending is not None:
+                        break
+                    yield response
+                if ctx.ending is not None:
+                    raise ctx.ending
             except Exception as e:
                 if ctx.code is not None:
                     raise
-                abort_with(ctx, e)
+                abort_with(ctx, ctx.ending or e)
             finally:
                 self._leave(ctx)
                 self._ended(ctx, method, ctx.request, None, self._code(ctx, sys.exc_info()))
@@ -4779,6 +4850,8 @@ def serve_grpc(manager, listen="127.0.0.1:0", *, ca, cert, key, limits=ServerLim
                     "--max-connections %d", connections, limits.max_connections)
     interceptor = AuthInterceptor(calls=calls, revoked=revoked, metrics=metrics,
                                   request_timeout=limits.request_timeout)
+    if revoked is not None:
+        revoked.watch(interceptor.revoked_now)
     server = grpc.server(
         pool, interceptors=[interceptor],
         # A backstop on calls queued for a thread (their memory): each call takes its thread
@@ -4841,6 +4914,8 @@ def serve_grpc(manager, listen="127.0.0.1:0", *, ca, cert, key, limits=ServerLim
         health.shut_down()   # watchers hear NOT_SERVING first; their streams end
         if guard:
             guard.stop()
+        if revoked is not None:
+            revoked.stop_watching()
         stopped = server.stop(SHUTDOWN_GRACE if started else 0)
         if close_manager:
             manager.close(keep_jobs=keep_jobs())
@@ -4876,6 +4951,7 @@ class HealthService:
                 q = queue.SimpleQueue()
                 with outer._lock:
                     outer._queues.add(q)
+                context.add_callback(lambda: q.put(None))   # it ends: so does the wait
                 try:
                     super().Watch(request, context, send_response_callback=q.put)
                     if outer._ended:

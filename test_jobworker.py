@@ -2063,6 +2063,39 @@ def test_a_revoked_or_expired_certificate_is_refused_on_an_open_connection(pki, 
 
 
 @root
+def test_a_revocation_ends_the_certificate_s_calls_in_flight(pki, tmp_path):
+    # revoked, the certificate's open Stream went on for as long as the job ran
+    revoked = tmp_path / "revoked.txt"
+    server = ServeProcess(SRC, pki, tmp_path / "state", f"{RUN_PARENT}/revoke-live",
+                          extra=["--revoked", str(revoked)])
+    bob, alice = Peer(pki, server.port, "bob"), Peer(pki, server.port, "alice")
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    try:
+        job = bob.start("sleep", "600")
+        stream = bob.stub.Stream(pb.StreamRequest(job_id=job), timeout=20)
+        stream.initial_metadata()                                 # admitted, and waiting
+        watch = health_pb2_grpc.HealthStub(bob.channel).Watch(health_pb2.HealthCheckRequest(),
+                                                              timeout=20)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        theirs = alice.stub.Stream(pb.StreamRequest(job_id=alice.start("sleep", "600")))
+        theirs.initial_metadata()
+        revoked.write_text(_serial_of(pki, "bob") + "\n")
+        t0 = time.monotonic()
+        for call in (stream, watch):
+            with pytest.raises(grpc.RpcError) as e:
+                list(call)
+            assert e.value.code() == SC.UNAUTHENTICATED and "revoked" in e.value.details()
+        assert time.monotonic() - t0 < 10, "ended within a few seconds of the revocation"
+        assert theirs.running()                                   # others' calls go on
+        assert bob.call("List") == SC.UNAUTHENTICATED
+        theirs.cancel()
+    finally:
+        for p in (bob, alice):
+            p.close()
+        assert server.stop() == 0
+
+
+@root
 @pytest.mark.parametrize("name", ["expired", "notyet", "foreign"])
 def test_invalid_certificates_fail_the_handshake(name, peers):
     assert peers(name).call("List") == SC.UNAVAILABLE
