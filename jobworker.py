@@ -1367,7 +1367,9 @@ class Chunk:
 
 _FRAME = struct.Struct("!I")
 PR_SET_CHILD_SUBREAPER = 36
-LAUNCHER_PROTOCOL = 1          # bump on any change an older launcher or server cannot read
+LAUNCHER_PROTOCOL = 2          # bump on any change an older launcher or server cannot read
+LAUNCHER_TIMEOUT = 5.0         # seconds the launcher may take to answer; then it is replaced
+LAUNCHER_PING_INTERVAL = 2.0   # seconds between the server's checks that it answers
 LAUNCHER_SOCKET, LAUNCHER_LOCK = "launcher.sock", "launcher.lock"
 _READ_SIZE = 1 << 20
 
@@ -1720,6 +1722,8 @@ class _Shim:
                 fds = []
             elif op == "forget":
                 self._forget(msg["job"])
+            elif op == "ping":
+                self._send({"op": "pong"})
             elif op == "bye":
                 self._stop_all_and_exit()
         finally:
@@ -2027,12 +2031,15 @@ class LauncherClient:
         self._seq = 0
         self._pending = {}        # seq -> waiter of a spawn request not yet answered
         self._gone = True
+        self._pidfd = None
+        self._ping_sent = None    # monotonic time of the ping not answered yet
 
     def connect(self):
         """Connect to the state dir's launcher, starting one if none runs; returns the jobs
         it holds: [(state dict, {fd name: fd})]. LauncherError if it cannot be had."""
         path = os.path.join(self.state_dir, LAUNCHER_SOCKET)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(LAUNCHER_TIMEOUT)
         try:
             sock.connect(path)
         except (FileNotFoundError, ConnectionRefusedError):
@@ -2040,6 +2047,7 @@ class LauncherClient:
             self._start()
             self.started = True
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.settimeout(LAUNCHER_TIMEOUT)
             sock.connect(path)
         try:
             _send_msg(sock, {"op": "hello", "version": LAUNCHER_PROTOCOL, "build": __version__,
@@ -2060,7 +2068,13 @@ class LauncherClient:
         except BaseException:
             sock.close()
             raise
-        self.sock, self.pid, self._gone = sock, hello["pid"], False
+        # its pid as the kernel says it, held as a pidfd: the launcher is signalled, never a
+        # process that took its pid
+        pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                  12))[0]
+        self.sock, self.pid, self._gone = sock, pid, False
+        self._pidfd = os.pidfd_open(pid)
+        sock.settimeout(LAUNCHER_TIMEOUT)   # a stopped launcher fails a call, never hangs it
         return jobs
 
     def _start(self):
@@ -2098,6 +2112,8 @@ class LauncherClient:
     def _request(self, obj, fds=()):
         try:
             with self._send_lock:
+                if self.sock is None:
+                    raise OSError(errno.EPIPE, "closed")
                 _send_msg(self.sock, obj, fds)
         except OSError:
             raise LauncherError("the job launcher process has exited") from None
@@ -2119,7 +2135,12 @@ class LauncherClient:
             with self._lock:
                 self._pending.pop(seq, None)
             raise
-        waiter[0].wait()
+        if not waiter[0].wait(LAUNCHER_TIMEOUT):
+            with self._lock:
+                self._pending.pop(seq, None)
+            self.unresponsive(f"it did not answer a spawn request within {LAUNCHER_TIMEOUT:g}s")
+            raise LauncherError(f"the job launcher did not answer within {LAUNCHER_TIMEOUT:g}s;"
+                                " it is being replaced: try again")
         reply, got = waiter[1], waiter[2]
         if reply.get("error") == "launcher":
             raise LauncherError("the job launcher exited while starting the job; what it "
@@ -2158,10 +2179,38 @@ class LauncherClient:
             self.events.on_exit(msg["job"], msg["status"], msg["at"])
         elif op == "spawned":
             with self._lock:
-                waiter = self._pending.pop(msg["seq"])
+                waiter = self._pending.pop(msg["seq"], None)
+            if waiter is None:   # its Start gave up waiting (and the launcher is being ended)
+                for fd in fds:
+                    _close_quietly(fd)
+                return True
             waiter[1], waiter[2] = msg, fds
             waiter[0].set()
+        elif op == "pong":
+            self._ping_sent = None
         return True
+
+    def ping(self):
+        """Engine thread: ask the launcher whether it answers; one that left the last ping
+        unanswered for LAUNCHER_TIMEOUT is ended (and replaced, as a dead one is)."""
+        if self._gone:
+            return
+        if self._ping_sent is not None:
+            if time.monotonic() - self._ping_sent > LAUNCHER_TIMEOUT:
+                self.unresponsive(f"it did not answer for {LAUNCHER_TIMEOUT:g}s")
+            return
+        self._ping_sent = time.monotonic()
+        with contextlib.suppress(LauncherError):
+            self._request({"op": "ping"})
+
+    def unresponsive(self, why):
+        """The launcher is alive but does not answer (stopped, or stuck): end it. Its jobs go
+        on (the server holds their pipes and pidfds); its end is handled as a death."""
+        if self._gone:
+            return
+        log.error("the job launcher (pid %s) is being ended: %s", self.pid, why)
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
 
     def _lost(self):
         with self._lock:
@@ -2184,12 +2233,16 @@ class LauncherClient:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        elif self.pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
+        elif self._pidfd is not None:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
 
     def detach(self):
         """Leave the launcher running with its jobs (live restore)."""
+        self._close_socket()
+
+    def close(self):
+        """After the launcher is gone: what this side held of it."""
         self._close_socket()
 
     def bye(self):
@@ -2205,6 +2258,9 @@ class LauncherClient:
                 self.process.wait()
 
     def _close_socket(self):
+        if self._pidfd is not None:
+            _close_quietly(self._pidfd)
+            self._pidfd = None
         if self.sock is not None:
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
@@ -2821,6 +2877,8 @@ class JobManager:
                                     self._launcher_reader(self._launcher),
                                     close=False)
             self._engine.start()
+            self._engine.call_soon(lambda: self._engine.call_later(LAUNCHER_PING_INTERVAL,
+                                                                   self._ping_launcher))
             self.apply_retention()
             self._sweeper = threading.Thread(target=self._sweep, name="jobworker-retention",
                                              daemon=True)
@@ -3230,7 +3288,18 @@ class JobManager:
         def readable(fd):
             if not launcher.on_readable():
                 self._engine.remove_reader(fd)
+                launcher.close()
         return readable
+
+    def _ping_launcher(self):
+        """Engine thread, every LAUNCHER_PING_INTERVAL: a launcher that stopped answering
+        (kill -STOP, or stuck) is ended and replaced, as a dead one is."""
+        if self._closing.is_set():
+            return
+        launcher = self._launcher
+        if launcher is not None:
+            launcher.ping()
+        self._engine.call_later(LAUNCHER_PING_INTERVAL, self._ping_launcher)
 
     def on_output(self, job_id, state, eof):
         """Launcher event: the job's output on disk now stands at `state`."""

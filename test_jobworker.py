@@ -1109,6 +1109,42 @@ def test_a_start_that_never_reached_the_launcher_ends_failed_not_lost(fake_manag
     starting.join()
 
 
+def test_a_stopped_launcher_fails_start_in_time_and_is_replaced(fake_manager, monkeypatch):
+    # kill -STOP of the launcher hung Start and Stop for ever (20 Starts with 1 s client
+    # deadlines left 20 server threads blocked)
+    monkeypatch.setattr(jw, "LAUNCHER_TIMEOUT", 1.0)
+    monkeypatch.setattr(jw, "LAUNCHER_PING_INTERVAL", 0.2)
+    m = fake_manager()
+    job = m.start("sleep", ["600"])
+    stopped = m._launcher.pid
+    os.kill(stopped, signal.SIGSTOP)
+    t0 = time.monotonic()
+    with pytest.raises(jw.LauncherError) as e:
+        m.start("true")
+    assert jw.status_code_for(e.value) == "UNAVAILABLE" and "did not answer" in str(e.value)
+    assert time.monotonic() - t0 < 10
+    assert len(m.list()) == 1   # the Start that was not confirmed left nothing
+    wait_for(lambda: m._launcher.pid != stopped and m._launcher.alive, timeout=20,
+             what="a new launcher")
+    assert not pid_alive(stopped)
+    assert m.stop(job.id, grace=0).state == jw.STOPPED   # its exit is still learned
+    assert m.start("true").state == jw.RUNNING
+
+
+def test_a_launcher_that_stops_answering_while_idle_is_replaced(fake_manager, monkeypatch):
+    monkeypatch.setattr(jw, "LAUNCHER_TIMEOUT", 1.0)
+    monkeypatch.setattr(jw, "LAUNCHER_PING_INTERVAL", 0.2)
+    m = fake_manager()
+    job = m.start("sleep", ["600"])
+    stopped = m._launcher.pid
+    os.kill(stopped, signal.SIGSTOP)
+    stop = threading.Thread(target=m.stop, args=(job.id, 0), daemon=True)
+    stop.start()   # a Stop, waiting for an exit the stopped launcher does not report
+    stop.join(30)
+    assert not stop.is_alive() and m.status(job.id).state == jw.STOPPED
+    assert not pid_alive(stopped)
+
+
 def test_records_of_the_wrong_shape_are_quarantined_once_and_the_rest_serves(fake_manager,
                                                                              caplog):
     m = fake_manager()
@@ -3221,7 +3257,9 @@ def test_an_upgrade_adopts_the_jobs_and_an_incompatible_build_touches_nothing(py
         ('__version__ = "', '__version__ = "9.9-'),
         ('"live_restore": self.live_restore})', '"live_restore": self.live_restore, '
                                                 '"feature": "newer"})')])
-    other = patched_pyz(tmp_path, "other", [("LAUNCHER_PROTOCOL = 1 ", "LAUNCHER_PROTOCOL = 2 ")])
+    version = jw.LAUNCHER_PROTOCOL
+    other = patched_pyz(tmp_path, "other", [(f"LAUNCHER_PROTOCOL = {version} ",
+                                             f"LAUNCHER_PROTOCOL = {version + 1} ")])
     state, parent = tmp_path / "state", f"{RUN_PARENT}/upgrade"
     serve = lambda p, **kw: ServeProcess([python, str(p)], pki, state, parent, env=env, **kw)
     server = serve(pyz)
@@ -3235,7 +3273,8 @@ def test_an_upgrade_adopts_the_jobs_and_an_incompatible_build_touches_nothing(py
                         str(pki), "--state-dir", str(state), "--cgroup-parent", parent],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 11, r.stderr
-    assert f"pid {launcher}, holding 1 running job" in r.stderr and "protocol 1" in r.stderr
+    assert f"pid {launcher}, holding 1 running job" in r.stderr
+    assert f"protocol {version};" in r.stderr
     assert launcher_of(state) == launcher and pid_alive(launcher)
     assert jw.detect_cgroups(parent).leftover_job_ids() == [job]   # untouched
     server = serve(newer)
