@@ -4640,7 +4640,7 @@ def check_server_key(path):
 
 
 DEFAULT_HANDSHAKE_TIMEOUT = 5.0           # seconds from TCP connect to a finished TLS handshake
-DEFAULT_MAX_CONNECTIONS = 4096            # connections of the gRPC port at once
+DEFAULT_MAX_CONNECTIONS = 8192            # connections of the gRPC port at once
 DEFAULT_MAX_UNAUTHENTICATED = 512         # ... that have made no authorized call yet
 DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE = 64   # ... from one address
 FDS_SERVER_PER_JOB = 3                    # a running job's fds in the server: pidfd, 2 pipes
@@ -4800,14 +4800,17 @@ class ConnectionGuard:
             self._thread.join()
 
     def _run(self):
-        while not self._stop.wait(GUARD_INTERVAL):
-            try:
-                self.sweep()
+        busy = False
+        while not self._stop.wait(0 if busy else GUARD_INTERVAL):
+            try:   # while connections come faster than they are shut down: at once again
+                busy = self.sweep() > 0
             except Exception:
                 log.exception("connection guard")
+                busy = False
 
     def sweep(self):
-        """One look at the port's connections: shut down what is past the bounds."""
+        """One look at the port's connections: shut down what is past the bounds; returns
+        how many."""
         connections = tcp_connections(self.port)
         here = {(c.address, c.port) for c in connections}
         with self._lock:
@@ -4831,6 +4834,7 @@ class ConnectionGuard:
         if self._peak >= 2 * self.per_source and len(connections) <= self._peak // 10:
             _hand_back_memory(self._peak)
             self._peak = len(connections)
+        return len(excess)
 
     def _shut_down(self, excess):
         """Shut down these connections through this process's own fds of them (grpc then

@@ -470,6 +470,70 @@ def fig13(certs, state_root):
         None, "-")
 
 
+def _attack(*args):
+    """bench/attackers.py running: (process, its report as a thunk), once it is ready."""
+    proc = subprocess.Popen([sys.executable, os.path.join(BENCH, "attackers.py"),
+                             *map(str, args)], stdout=subprocess.PIPE, text=True)
+    if proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        raise RuntimeError(f"attackers.py {args[0]} did not start")
+    return proc, lambda: json.loads(proc.communicate(timeout=600)[0].splitlines()[-1])
+
+
+def fig15(certs, state_root):
+    """Hostile clients: 20,000 connections that never start TLS (memory while and after, a
+    fresh admin connection's List while they come), and 2,000 calls that never send their
+    request (an admin's Query on an open channel while they are held)."""
+    import resource
+    pb, _ = jw._pb()
+    server = Serve(certs, os.path.join(state_root, "flood"))
+    try:
+        ch, s = stub(certs, server.port)
+        lst = lambda: s.List(pb.ListRequest())
+        unary_latencies(lst, 50)
+        idle = pct(unary_latencies(lst, 300), 50)
+
+        def fresh_list():
+            fch, fs = stub(certs, server.port)
+            try:
+                t = time.perf_counter()
+                fs.List(pb.ListRequest(), timeout=30)
+                return time.perf_counter() - t
+            finally:
+                fch.close()
+        fresh_idle = pct([fresh_list() for _ in range(30)], 50)
+        time.sleep(2)
+        _, rss0, _ = server.stats()
+        n = min(20000, resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 200)
+        proc, report = _attack("connect", server.port, n, 60, "127.0.0.2")
+        during, peak = [], rss0
+        while proc.poll() is None:
+            during.append(fresh_list())
+            peak = max(peak, server.stats()[1])
+        flood = report()
+        time.sleep(30)
+        _, rss1, _ = server.stats()
+        row(15, f"{flood['opened']:,} bare connections: fresh admin List p50 (ms)",
+            pct(during, 50) * 1000, fresh_idle * 1000, pct(during, 50) / fresh_idle, "-")
+        row(15, "... fresh admin List, slowest (s)", max(during), None, None, "<= 2 s")
+        row(15, "... median time a bare connection was held (s)", flood["open_for_median"],
+            None, None, "-")
+        row(15, "... server RSS at the peak (MB)", peak / 1e6, rss0 / 1e6, peak / rss0, "-")
+        row(15, "... server RSS 30 s after they closed (MB)", rss1 / 1e6, rss0 / 1e6,
+            rss1 / rss0, "<= +50 MB")
+        proc, report = _attack("never-send", server.port, certs, "bench", 2000, 120)
+        held = unary_latencies(lst, 100)
+        calls = report()
+        row(15, "2,000 calls that never send: admin List p50 (ms)", pct(held, 50) * 1000,
+            idle * 1000, pct(held, 50) / idle, "-")
+        row(15, "... admin List, slowest (s)", max(held), None, None, "<= 1 s")
+        print(f"    the never-sending calls ended: {calls['codes']}, the last after "
+              f"{calls['last_ended']:.1f} s")
+        ch.close()
+    finally:
+        server.stop()
+
+
 def _is_launcher(pid):
     try:
         return b"launcher_main" in open(f"/proc/{pid}/cmdline", "rb").read() and \
@@ -791,7 +855,7 @@ def main():
         finally:
             server.stop()
             bare.stop()
-        for fn in (fig6_8, fig9, fig11, fig12, fig13):
+        for fn in (fig6_8, fig9, fig11, fig12, fig13, fig15):
             if want(fn):
                 fn(certs, tmp)
         if want(fig14):
