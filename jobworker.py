@@ -178,13 +178,6 @@ class SpawnError(JobworkerError):
         self.program, self.errno, self.stage = program, err, stage
         super().__init__(f"{stage} failed: {detail or os.strerror(err)}: {program}")
 
-    @staticmethod
-    def from_report(program, err, stage, detail=""):
-        """The error for a launcher's report: ProgramNotRunnable when exec itself failed."""
-        if stage == "exec":
-            return ProgramNotRunnable(program, err)
-        return SpawnError(program, err, stage, detail)
-
 
 class ProgramNotRunnable(SpawnError):
     """exec failed: the program named in the request cannot be run."""
@@ -1365,13 +1358,94 @@ class Chunk:
 # failures come back from the child over a close-on-exec pipe as "stage:errno:message", as
 # CPython's subprocess does it.
 
-_FRAME = struct.Struct("!I")
 PR_SET_CHILD_SUBREAPER = 36
-LAUNCHER_PROTOCOL = 2          # bump on any change an older launcher or server cannot read
 LAUNCHER_TIMEOUT = 5.0         # seconds the launcher may take to answer; then it is replaced
 LAUNCHER_PING_INTERVAL = 2.0   # seconds between the server's checks that it answers
 LAUNCHER_SOCKET, LAUNCHER_LOCK = "launcher.sock", "launcher.lock"
 _READ_SIZE = 1 << 20
+
+# -- the launcher protocol ----------------------------------------------------------------------
+# Every message is a JSON object with an "op". A field a peer may ignore can be added freely;
+# a new op, or a field a peer must understand, bumps LAUNCHER_PROTOCOL (and the fingerprint
+# test_jobworker.py keeps of the ops and of SpawnRequest's fields): a server refuses a
+# launcher of another version, touching nothing (exit 11).
+LAUNCHER_PROTOCOL = 2
+
+# the server's requests                  # what goes with them
+OP_HELLO = "hello"                       # version, build, live_restore; first, once
+OP_SPAWN = "spawn"                       # a SpawnRequest; fds: stdout and stderr write ends,
+                                         # then the server's copies of their read ends
+OP_TAKE_OVER = "take_over"               # job, dir, cap, fds (names): the pipes of a job of a
+                                         # dead launcher, to drain from where its log ends
+OP_FORGET = "forget"                     # job: its final record is saved; close its files
+OP_PING = "ping"                         # answered by OP_PONG
+OP_BYE = "bye"                           # stop every job and exit
+# the launcher's messages
+OP_JOB = "job"                           # after OP_HELLO, one per job held (launcher_job_state
+                                         # fields; fds: "pid", "out", "err" as named in fds)
+OP_READY = "ready"                       # after the OP_JOBs
+OP_SPAWNED = "spawned"                   # seq, pid (fds: its pidfd), or seq, error (a SPAWN_*
+                                         # kind), errno, detail
+OP_OUTPUT = "out"                        # a job's output on disk now (launcher_job_state)
+OP_EOF = "eof"                           # ... and both its pipes are at their end
+OP_EXIT = "exit"                         # job, status (raw wait status), at
+OP_PONG = "pong"
+SERVER_OPS = (OP_HELLO, OP_SPAWN, OP_TAKE_OVER, OP_FORGET, OP_PING, OP_BYE)
+LAUNCHER_OPS = (OP_JOB, OP_READY, OP_SPAWNED, OP_OUTPUT, OP_EOF, OP_EXIT, OP_PONG)
+
+# Where a spawn failed (OP_SPAWNED's "error"): the child's steps before exec, in order, and
+# the launcher's own. spawn_error() turns each into the library's error, in one table.
+SPAWN_CGROUP, SPAWN_NAMESPACE, SPAWN_SETSID, SPAWN_STDIO = "cgroup", "namespace", "setsid", "stdio"
+SPAWN_RLIMIT, SPAWN_SIGNALS, SPAWN_SETUID, SPAWN_CHDIR = "rlimit", "signals", "setuid", "chdir"
+SPAWN_EXEC = "exec"
+SPAWN_FDS = "fds"            # the launcher is at its open-files limit
+SPAWN_OUTPUT = "output"      # the job's log files could not be made
+SPAWN_FORK = "fork"
+SPAWN_LAUNCHER = "launcher"  # (the server's) the launcher went away before it answered
+
+
+@dataclasses.dataclass
+class SpawnRequest:
+    """OP_SPAWN: what the launcher needs to make one job's process."""
+    job: str                 # the job's id
+    dir: str                 # its directory: the log files go there
+    cap: int                 # bytes of output kept
+    argv: list
+    env: dict
+    cwd: str
+    procs: list              # cgroup.procs files the child writes its pid into
+    hide: list = dataclasses.field(default_factory=list)   # paths covered in its mount ns
+    empty_file: str = ""     # what covers a hidden file
+    nofile: list = None      # its RLIMIT_NOFILE (soft, hard); None: the launcher's
+    uid: int = None          # None: root
+    gid: int = None
+    seq: int = 0             # the server's number for the reply
+
+    def encode(self):
+        return dict(dataclasses.asdict(self), op=OP_SPAWN)
+
+    @classmethod
+    def decode(cls, msg):
+        return cls(**{f.name: msg[f.name] for f in dataclasses.fields(cls) if f.name in msg})
+
+
+def spawn_error(request, reply):
+    """The error for a spawn the launcher reported as failed (OP_SPAWNED with "error")."""
+    kind, err, detail = reply.get("error"), reply.get("errno") or 0, reply.get("detail", "")
+    program = request.argv[0]
+    if kind == SPAWN_EXEC:
+        return ProgramNotRunnable(program, err)
+    if kind == SPAWN_CHDIR:
+        return InvalidArgument("workdir", request.cwd, f"{os.strerror(err)} (as the job's user)")
+    if kind == SPAWN_FDS:
+        return CapReached("open files of the job launcher", "RLIMIT_NOFILE")
+    if kind == SPAWN_LAUNCHER:
+        return LauncherError("the job launcher exited while starting the job; what it had "
+                             "started was ended")
+    return SpawnError(program, err, kind or "spawn", detail)
+
+
+_FRAME = struct.Struct("!I")
 
 
 def _frame(obj):
@@ -1435,20 +1509,22 @@ def _hide_paths(libc, paths, empty_file):
                   f"hide {path}")
 
 
-def _child_exec(req, procs, out_w, err_w, err_pipe, libc):
+def _child_exec(req, exe, ignored, procs, out_w, err_w, err_pipe, libc):
     """In the forked child: join the cgroups (their cgroup.procs files open as `procs`), hide
-    the server's files, set up fds and session, drop privileges, exec. Never returns."""
-    stage = "cgroup"
+    the server's files, set up fds and session, drop privileges, exec (`exe` if found before
+    the fork, else a search as execvpe's). Never returns; a failure is reported on err_pipe as
+    "SPAWN_kind:errno:message"."""
+    stage = SPAWN_CGROUP
     try:
         pid = str(os.getpid()).encode()
         for fd in procs:
             os.write(fd, pid)
-        if req.get("hide"):
-            stage = "namespace"
-            _hide_paths(libc, req["hide"], req["empty_file"])
-        stage = "setsid"
+        if req.hide:
+            stage = SPAWN_NAMESPACE
+            _hide_paths(libc, req.hide, req.empty_file)
+        stage = SPAWN_SETSID
         os.setsid()
-        stage = "stdio"
+        stage = SPAWN_STDIO
         signal.set_wakeup_fd(-1)
         null = os.open("/dev/null", os.O_RDONLY)
         os.dup2(null, 0)
@@ -1457,34 +1533,34 @@ def _child_exec(req, procs, out_w, err_w, err_pipe, libc):
         # Only 0-2 survive; the error pipe is close-on-exec.
         os.closerange(3, err_pipe)
         os.closerange(err_pipe + 1, os.sysconf("SC_OPEN_MAX"))
-        if req.get("nofile"):   # the server's own limit was raised; the job's is not
-            stage = "rlimit"
+        if req.nofile:   # the server's own limit was raised; the job's is not
+            stage = SPAWN_RLIMIT
             import resource
-            resource.setrlimit(resource.RLIMIT_NOFILE, tuple(req["nofile"]))
-        stage = "signals"
+            resource.setrlimit(resource.RLIMIT_NOFILE, tuple(req.nofile))
+        stage = SPAWN_SIGNALS
         # Ignored signals survive exec (handlers do not): Python ignores SIGPIPE and SIGXFSZ,
         # the launcher SIGINT. The launcher found the full set once at its start.
-        for sig in req["ignored"]:
+        for sig in ignored:
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        if req.get("uid") is not None:
+        if req.uid is not None:
             # An unprivileged job: no supplementary groups, no capabilities (setuid away from
             # root clears them), and no way back up through setuid binaries.
-            stage = "setuid"
+            stage = SPAWN_SETUID
             if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
                 raise OSError(errno.EPERM, "PR_SET_NO_NEW_PRIVS")
             os.setgroups([])
-            os.setgid(req["gid"])
-            os.setuid(req["uid"])
-        stage = "chdir"
-        os.chdir(req["cwd"])
-        stage = "exec"
-        if req.get("exe"):
+            os.setgid(req.gid)
+            os.setuid(req.uid)
+        stage = SPAWN_CHDIR
+        os.chdir(req.cwd)
+        stage = SPAWN_EXEC
+        if exe:
             try:
-                os.execve(req["exe"], req["argv"], req["env"])
+                os.execve(exe, req.argv, req.env)
             except OSError:
                 pass   # the search below says why, as execvpe does
-        os.execvpe(req["argv"][0], req["argv"], req["env"])
+        os.execvpe(req.argv[0], req.argv, req.env)
     except BaseException as exc:  # anything at all: report it and leave without Python cleanup
         err = getattr(exc, "errno", None) or 0
         msg = getattr(exc, "strerror", None) or str(exc)
@@ -1594,8 +1670,16 @@ def raise_fd_limit():
     return soft
 
 
-class _ShimJob:
-    """A job as the launcher holds it."""
+def launcher_job_state(job_id, pid, status, at, pipes_open, writer):
+    """Where one job stands, as the launcher tells the server (OP_JOB, OP_OUTPUT, OP_EOF)."""
+    return {"job": job_id, "pid": pid, "status": status, "at": at, "eof": not pipes_open,
+            "size": writer.size, "records": writer.records, "truncated": writer.truncated,
+            "error": writer.error}
+
+
+class LauncherJob:
+    """A job as the launcher holds it: its log writer, the read ends of its pipes until their
+    end, and how its main process ended once it is reaped."""
 
     __slots__ = ("id", "pid", "pidfd", "writer", "pipes", "status", "ended_at")
 
@@ -1606,28 +1690,51 @@ class _ShimJob:
         self.ended_at = None
 
     def state(self):
-        w = self.writer
-        return {"job": self.id, "pid": self.pid, "status": self.status, "at": self.ended_at,
-                "eof": not self.pipes, "size": w.size, "records": w.records,
-                "truncated": w.truncated, "error": w.error}
+        return launcher_job_state(self.id, self.pid, self.status, self.ended_at,
+                                  bool(self.pipes), self.writer)
+
+    def reaped(self, launcher, status, at):
+        del launcher.children[self.pid]
+        launcher.ended(self, status, at)
 
 
-class _Shim:
+@dataclasses.dataclass
+class PendingSpawn:
+    """A forked child whose exec report (on its close-on-exec pipe) is not read yet."""
+    request: SpawnRequest
+    pid: int
+    pidfd: int
+    writer: LogWriter
+    pipes: dict               # read fd -> stream
+    report: bytes = b""
+    status: int = None        # reaped before its report was read
+    at: float = None
+
+    def reaped(self, launcher, status, at):
+        self.status, self.at = status, at
+
+
+class LauncherProcess:
     """The launcher process's main loop (single-threaded, epoll)."""
 
     def __init__(self, state_dir, live_restore):
         self.state_dir = state_dir
         self.live_restore = live_restore
-        self.jobs = {}            # job id -> _ShimJob
-        self.children = {}        # pid -> _ShimJob or a spawn still waiting for its exec report
-        self.fd_owner = {}        # pipe read fd -> _ShimJob
-        self.spawning = {}        # exec report fd -> pending spawn (dict)
+        self.jobs = {}            # job id -> LauncherJob
+        self.children = {}        # pid -> LauncherJob or PendingSpawn (each knows its reaping)
+        self.fd_owner = {}        # pipe read fd -> LauncherJob
+        self.spawning = {}        # exec report fd -> PendingSpawn
         self.conn = None          # the server's connection
         self.outbox = []          # frames (bytes, fds) for the server, in order
-        self.progress = {}        # job id -> _ShimJob with output not yet reported
+        self.progress = {}        # job id -> LauncherJob with output not yet reported
         self.served = False       # a server has connected at least once
         self.greeted = False      # the connected server has said hello: frames may go to it
         self.ep = select.epoll()
+        # what the server may ask, and whether the handler keeps the fds that came with it
+        self.ops = {OP_HELLO: (self._hello, False), OP_SPAWN: (self._spawn, True),
+                    OP_TAKE_OVER: (self._take_over, True), OP_FORGET: (self._forget, False),
+                    OP_PING: (self._ping, False), OP_BYE: (self._bye, False)}
+        assert set(self.ops) == set(SERVER_OPS)
 
     # -- setup and loop -----------------------------------------------------------------------
 
@@ -1710,30 +1817,19 @@ class _Shim:
         except (EOFError, OSError):
             self._server_gone()
             return
-        op = msg.get("op")
+        handler, keeps_fds = self.ops.get(msg.get("op"), (None, False))
         try:
-            if op == "hello":
-                self._hello(msg)
-            elif op == "spawn":
-                self._spawn(msg, fds)
-                fds = []
-            elif op == "adopt":
-                self._adopt(msg, fds)
-                fds = []
-            elif op == "forget":
-                self._forget(msg["job"])
-            elif op == "ping":
-                self._send({"op": "pong"})
-            elif op == "bye":
-                self._stop_all_and_exit()
+            if handler is not None:
+                handler(msg, fds)
         finally:
-            for fd in fds:
-                _close_quietly(fd)
+            if not keeps_fds:
+                for fd in fds:
+                    _close_quietly(fd)
 
-    def _hello(self, msg):
+    def _hello(self, msg, fds):
         self._clear_outbox()
         self.greeted = True
-        self._send({"op": "hello", "version": LAUNCHER_PROTOCOL, "pid": os.getpid(),
+        self._send({"op": OP_HELLO, "version": LAUNCHER_PROTOCOL, "pid": os.getpid(),
                     "build": __version__, "jobs": len(self.jobs)})
         if msg.get("version") != LAUNCHER_PROTOCOL:
             return   # the server refuses to go on; nothing of the jobs is handed out
@@ -1746,41 +1842,41 @@ class _Shim:
             for fd, stream in job.pipes.items():
                 names.append("out" if stream == STDOUT else "err")
                 fds.append(fd)
-            self._send(dict(job.state(), op="job", fds=names), fds)
-        self._send({"op": "ready"})
+            self._send(dict(job.state(), op=OP_JOB, fds=names), fds)
+        self._send({"op": OP_READY})
 
-    def _spawn(self, req, fds):
+    def _spawn(self, msg, fds):
         """Fork the job; its exec report is read by the loop (another spawn need not wait)."""
-        reply = {"op": "spawned", "seq": req["seq"]}
+        req = SpawnRequest.decode(msg)
+        reply = {"op": OP_SPAWNED, "seq": req.seq}
         if len(fds) != 4:   # the kernel dropped some: this process is at its open-files limit
             for fd in fds:
                 _close_quietly(fd)
-            self._send(dict(reply, error="fds", errno=errno.EMFILE,
+            self._send(dict(reply, error=SPAWN_FDS, errno=errno.EMFILE,
                             detail="the launcher is at its open-files limit"))
             return
         out_w, err_w, out_r, err_r = fds
         try:
-            writer = LogWriter(req["dir"], req["cap"])
+            writer = LogWriter(req.dir, req.cap)
         except OSError as e:
             for fd in fds:
                 _close_quietly(fd)
-            self._send(dict(reply, error="output", errno=e.errno, detail=e.strerror))
+            self._send(dict(reply, error=SPAWN_OUTPUT, errno=e.errno, detail=e.strerror))
             return
         # What can be done before fork is: in the child every line of Python costs page faults.
         report_r = report_w = None
-        procs, stage = [], "cgroup"
+        procs, stage = [], SPAWN_CGROUP
         try:
-            for path in req["procs"]:   # the child writes its pid into each
+            for path in req.procs:   # the child writes its pid into each
                 try:
                     procs.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
                 except OSError as e:
                     if e.errno in (errno.EMFILE, errno.ENFILE):
-                        stage = "fds"   # as when the kernel drops fds sent to us
+                        stage = SPAWN_FDS   # as when the kernel drops fds sent to us
                     raise
-            stage = "fork"
+            stage = SPAWN_FORK
             report_r, report_w = os.pipe2(os.O_CLOEXEC)
-            req["ignored"] = self.ignored
-            req["exe"] = _first_on_path(req["argv"][0], req["env"])
+            exe = _first_on_path(req.argv[0], req.env)
             pid = _fork(self.libc)
         except OSError as e:
             for fd in (*fds, *procs, report_r, report_w):
@@ -1790,13 +1886,11 @@ class _Shim:
             self._send(dict(reply, error=stage, errno=e.errno, detail=e.strerror))
             return
         if pid == 0:
-            _child_exec(req, procs, out_w, err_w, report_w, self.libc)
+            _child_exec(req, exe, self.ignored, procs, out_w, err_w, report_w, self.libc)
         for fd in (out_w, err_w, report_w, *procs):
             os.close(fd)
         pidfd = os.pidfd_open(pid)   # before any reaping: the pid cannot be reused yet
-        pending = {"reply": reply, "job": req["job"], "pid": pid, "pidfd": pidfd,
-                   "writer": writer, "pipes": {out_r: STDOUT, err_r: STDERR}, "report": b"",
-                   "status": None, "at": None}
+        pending = PendingSpawn(req, pid, pidfd, writer, {out_r: STDOUT, err_r: STDERR})
         self.spawning[report_r] = pending
         self.children[pid] = pending
         self.ep.register(report_r, select.EPOLLIN)
@@ -1805,45 +1899,46 @@ class _Shim:
         pending = self.spawning[fd]
         chunk = os.read(fd, 4096)
         if chunk:
-            pending["report"] += chunk
+            pending.report += chunk
             return
         # EOF: exec succeeded (close-on-exec) or the child reported why it could not
         self.ep.unregister(fd)
         os.close(fd)
         del self.spawning[fd]
-        if pending["report"]:
-            stage, err, detail = pending["report"].decode("utf-8", "replace").split(":", 2)
-            if pending["status"] is None:
-                os.waitpid(pending["pid"], 0)   # it is exiting with 127
-            self.children.pop(pending["pid"], None)
-            os.close(pending["pidfd"])
-            for r in pending["pipes"]:
+        reply = {"op": OP_SPAWNED, "seq": pending.request.seq}
+        if pending.report:
+            stage, err, detail = pending.report.decode("utf-8", "replace").split(":", 2)
+            if pending.status is None:
+                os.waitpid(pending.pid, 0)   # it is exiting with 127
+            self.children.pop(pending.pid, None)
+            os.close(pending.pidfd)
+            for r in pending.pipes:
                 os.close(r)
-            pending["writer"].close()
-            self._send(dict(pending["reply"], error=stage, errno=int(err), detail=detail))
+            pending.writer.close()
+            self._send(dict(reply, error=stage, errno=int(err), detail=detail))
             return
-        job = _ShimJob(pending["job"], pending["pid"], pending["pidfd"], pending["writer"], {})
+        job = LauncherJob(pending.request.job, pending.pid, pending.pidfd, pending.writer, {})
         self.jobs[job.id] = job
         self.children[job.pid] = job
-        self._watch(job, pending["pipes"])
-        self._send(dict(pending["reply"], pid=job.pid), [job.pidfd])
-        if pending["status"] is not None:   # it ended before its report was read
-            self._ended(job, pending["status"], pending["at"])
+        self._watch(job, pending.pipes)
+        self._send(dict(reply, pid=job.pid), [job.pidfd])
+        if pending.status is not None:   # it ended before its report was read
+            self.ended(job, pending.status, pending.at)
 
-    def _adopt(self, msg, fds):
-        """Take over the pipes of a job a dead launcher spawned (not our child: the server,
-        a child subreaper, learns its exit). Its log is continued where the files end."""
+    def _take_over(self, msg, fds):
+        """Drain the pipes of a job a dead launcher spawned (not our child: the server, a
+        child subreaper, learns its exit). Its log is continued where the files end."""
         names = msg.get("fds", [])
         writer = LogWriter(msg["dir"], msg["cap"], resume=True)
-        job = _ShimJob(msg["job"], None, None, writer, {})
+        job = LauncherJob(msg["job"], None, None, writer, {})
         self.jobs[job.id] = job
         self._watch(job, {fd: STDOUT if name == "out" else STDERR
                           for fd, name in zip(fds, names)})
         if not job.pipes:
             self._eof(job)
 
-    def _forget(self, job_id):
-        job = self.jobs.pop(job_id, None)
+    def _forget(self, msg, fds):
+        job = self.jobs.pop(msg["job"], None)
         if job is None:
             return
         for fd in list(job.pipes):
@@ -1853,7 +1948,13 @@ class _Shim:
             os.close(job.pidfd)
         if job.pid is not None and self.children.get(job.pid) is job:
             del self.children[job.pid]
-        self.progress.pop(job_id, None)
+        self.progress.pop(job.id, None)
+
+    def _ping(self, msg, fds):
+        self._send({"op": OP_PONG})
+
+    def _bye(self, msg, fds):
+        self._stop_all_and_exit()
 
     def _stop_all_and_exit(self):
         for job in self.jobs.values():
@@ -1903,7 +2004,7 @@ class _Shim:
     def _eof(self, job):
         job.writer.close()
         self.progress.pop(job.id, None)
-        self._send(dict(job.state(), op="eof"))
+        self._send(dict(job.state(), op=OP_EOF))
 
     def _reap(self):
         while True:
@@ -1914,19 +2015,16 @@ class _Shim:
             if pid == 0:
                 return
             entry = self.children.get(pid)
-            if isinstance(entry, dict):          # a spawn whose exec report is not read yet
-                entry["status"], entry["at"] = status, time.time()
-            elif entry is not None:
-                del self.children[pid]
-                self._ended(entry, status, time.time())
+            if entry is not None:
+                entry.reaped(self, status, time.time())
             # others are orphans re-parented to us (we are a subreaper): reaped, nothing to say
 
-    def _ended(self, job, status, at):
+    def ended(self, job, status, at):
         job.status, job.ended_at = status, at
         if job.pidfd is not None:
             os.close(job.pidfd)
             job.pidfd = None
-        self._send({"op": "exit", "job": job.id, "status": status, "at": at})
+        self._send({"op": OP_EXIT, "job": job.id, "status": status, "at": at})
 
     # -- to the server ------------------------------------------------------------------------
 
@@ -1949,7 +2047,7 @@ class _Shim:
         if self.conn is None or not self.greeted:
             return
         for job in self.progress.values():
-            self.outbox.append([_frame(dict(job.state(), op="out")), []])
+            self.outbox.append([_frame(dict(job.state(), op=OP_OUTPUT)), []])
         self.progress.clear()
         try:
             while self.outbox:
@@ -2004,17 +2102,30 @@ def launcher_main(state_dir, live_restore, ready_fd, build_fd=None):
     if build_fd is not None:
         _held_build.append(build_fd)
     try:
-        _Shim(state_dir, live_restore).run(ready_fd)
+        LauncherProcess(state_dir, live_restore).run(ready_fd)
     except BaseException as e:   # a failure to start is said to the server waiting for it
         with contextlib.suppress(OSError):
             os.write(ready_fd, f"launcher failed: {type(e).__name__}: {e}\n".encode())
         raise
 
 
+class _SpawnWaiter:
+    """A Start waiting for the launcher's OP_SPAWNED: the reply and the pidfd it carries."""
+
+    __slots__ = ("done", "reply", "fds")
+
+    def __init__(self):
+        self.done, self.reply, self.fds = threading.Event(), None, []
+
+    def answer(self, reply, fds):
+        self.reply, self.fds = reply, fds
+        self.done.set()
+
+
 class LauncherClient:
     """The server's side of the launcher: connects to the one of this state dir (or starts
-    one), says hello, sends spawn/adopt/forget requests and matches replies to them; messages
-    the launcher sends on its own go to `events` (on_output(job_id, state, eof),
+    one), says hello, sends requests (spawn, take_over, forget, ping) and matches replies to
+    them; what the launcher says on its own goes to `events` (on_output(job_id, state, eof),
     on_exit(job_id, raw_status, at), on_gone()). spawn() may be called from any thread;
     on_readable() runs on the engine thread, which watches fileno()."""
 
@@ -2033,6 +2144,8 @@ class LauncherClient:
         self._gone = True
         self._pidfd = None
         self._ping_sent = None    # monotonic time of the ping not answered yet
+        self.ops = {OP_OUTPUT: self._output, OP_EOF: self._output, OP_EXIT: self._exit,
+                    OP_SPAWNED: self._spawned, OP_PONG: self._pong}
 
     def connect(self):
         """Connect to the state dir's launcher, starting one if none runs; returns the jobs
@@ -2050,7 +2163,7 @@ class LauncherClient:
             sock.settimeout(LAUNCHER_TIMEOUT)
             sock.connect(path)
         try:
-            _send_msg(sock, {"op": "hello", "version": LAUNCHER_PROTOCOL, "build": __version__,
+            _send_msg(sock, {"op": OP_HELLO, "version": LAUNCHER_PROTOCOL, "build": __version__,
                              "live_restore": self.live_restore})
             hello, _ = _recv_msg(sock)
             if hello.get("version") != LAUNCHER_PROTOCOL:
@@ -2059,7 +2172,7 @@ class LauncherClient:
             jobs = []
             while True:
                 msg, fds = _recv_msg(sock, maxfds=4)
-                if msg.get("op") == "ready":
+                if msg.get("op") == OP_READY:
                     break
                 jobs.append((msg, dict(zip(msg.pop("fds", []), fds))))
         except (EOFError, OSError) as e:
@@ -2119,48 +2232,41 @@ class LauncherClient:
             raise LauncherError("the job launcher process has exited") from None
 
     def spawn(self, req, fds):
-        """Fork and exec a job as `req` says; fds: its stdout and stderr write ends and the
-        launcher's copies of their read ends. Returns (pid, pidfd) once the program runs.
-        Raises SpawnError (as the launcher reported it) or LauncherError."""
-        waiter = [threading.Event(), None, None]
+        """Fork and exec a job as the SpawnRequest says; fds: its stdout and stderr write ends
+        and the launcher's copies of their read ends. Returns (pid, pidfd) once the program
+        runs. Raises what spawn_error() makes of the launcher's report, or LauncherError."""
+        waiter = _SpawnWaiter()
         with self._lock:
             if self._gone:
                 raise LauncherError("the job launcher process has exited")
             self._seq += 1
-            seq = self._seq
-            self._pending[seq] = waiter
+            req.seq = self._seq
+            self._pending[req.seq] = waiter
         try:
-            self._request(dict(req, op="spawn", seq=seq), fds)
+            self._request(req.encode(), fds)
         except LauncherError:
             with self._lock:
-                self._pending.pop(seq, None)
+                self._pending.pop(req.seq, None)
             raise
-        if not waiter[0].wait(LAUNCHER_TIMEOUT):
+        if not waiter.done.wait(LAUNCHER_TIMEOUT):
             with self._lock:
-                self._pending.pop(seq, None)
+                self._pending.pop(req.seq, None)
             self.unresponsive(f"it did not answer a spawn request within {LAUNCHER_TIMEOUT:g}s")
             raise LauncherError(f"the job launcher did not answer within {LAUNCHER_TIMEOUT:g}s;"
                                 " it is being replaced: try again")
-        reply, got = waiter[1], waiter[2]
-        if reply.get("error") == "launcher":
-            raise LauncherError("the job launcher exited while starting the job; what it "
-                                "had started was ended")
-        if reply.get("error") == "fds":
-            raise CapReached("open files of the job launcher", "RLIMIT_NOFILE")
-        if "pid" not in reply:
-            raise SpawnError.from_report(req["argv"][0], reply.get("errno") or 0,
-                                         reply.get("error", "spawn"), reply.get("detail", ""))
-        return reply["pid"], got[0]
+        if "pid" not in waiter.reply:
+            raise spawn_error(req, waiter.reply)
+        return waiter.reply["pid"], waiter.fds[0]
 
-    def adopt(self, job_id, directory, cap, pipes):
+    def take_over(self, job_id, directory, cap, pipes):
         """Give the launcher the pipes of a running job to drain ({"out": fd, "err": fd})."""
         names = list(pipes)
-        self._request({"op": "adopt", "job": job_id, "dir": directory, "cap": cap,
+        self._request({"op": OP_TAKE_OVER, "job": job_id, "dir": directory, "cap": cap,
                        "fds": names}, [pipes[n] for n in names])
 
     def forget(self, job_id):
         with contextlib.suppress(LauncherError):
-            self._request({"op": "forget", "job": job_id})
+            self._request({"op": OP_FORGET, "job": job_id})
 
     def on_readable(self):
         """Engine thread: handle one message. Returns False once the launcher has gone."""
@@ -2169,26 +2275,34 @@ class LauncherClient:
         except (EOFError, OSError):
             self._lost()
             return False
-        op = msg.get("op")
-        if op != "spawned":
-            for fd in fds:   # only a spawn reply carries an fd (the job's pidfd)
-                _close_quietly(fd)
-        if op == "out" or op == "eof":
-            self.events.on_output(msg["job"], msg, op == "eof")
-        elif op == "exit":
-            self.events.on_exit(msg["job"], msg["status"], msg["at"])
-        elif op == "spawned":
-            with self._lock:
-                waiter = self._pending.pop(msg["seq"], None)
-            if waiter is None:   # its Start gave up waiting (and the launcher is being ended)
-                for fd in fds:
-                    _close_quietly(fd)
-                return True
-            waiter[1], waiter[2] = msg, fds
-            waiter[0].set()
-        elif op == "pong":
-            self._ping_sent = None
+        handler = self.ops.get(msg.get("op"))
+        if handler is not None:
+            fds = handler(msg, fds)
+        for fd in fds or ():   # only a spawn reply carries an fd (the job's pidfd)
+            _close_quietly(fd)
         return True
+
+    # the launcher's messages: each handler returns the fds it did not keep
+
+    def _output(self, msg, fds):
+        self.events.on_output(msg["job"], msg, msg["op"] == OP_EOF)
+        return fds
+
+    def _exit(self, msg, fds):
+        self.events.on_exit(msg["job"], msg["status"], msg["at"])
+        return fds
+
+    def _spawned(self, msg, fds):
+        with self._lock:
+            waiter = self._pending.pop(msg["seq"], None)
+        if waiter is None:   # its Start gave up waiting (and the launcher is being ended)
+            return fds
+        waiter.answer(msg, fds)
+        return ()
+
+    def _pong(self, msg, fds):
+        self._ping_sent = None
+        return fds
 
     def ping(self):
         """Engine thread: ask the launcher whether it answers; one that left the last ping
@@ -2201,7 +2315,7 @@ class LauncherClient:
             return
         self._ping_sent = time.monotonic()
         with contextlib.suppress(LauncherError):
-            self._request({"op": "ping"})
+            self._request({"op": OP_PING})
 
     def unresponsive(self, why):
         """The launcher is alive but does not answer (stopped, or stuck): end it. Its jobs go
@@ -2219,8 +2333,7 @@ class LauncherClient:
             self._gone = True
             pending, self._pending = list(self._pending.values()), {}
         for waiter in pending:
-            waiter[1], waiter[2] = {"error": "launcher", "errno": errno.EPIPE}, []
-            waiter[0].set()
+            waiter.answer({"error": SPAWN_LAUNCHER, "errno": errno.EPIPE}, [])
         self._end_process()
         self.events.on_gone()
 
@@ -2248,7 +2361,7 @@ class LauncherClient:
     def bye(self):
         """The server stops: the launcher ends whatever still runs, and exits."""
         with contextlib.suppress(LauncherError):
-            self._request({"op": "bye"})
+            self._request({"op": OP_BYE})
         self._close_socket()
         if self.process is not None:
             try:
@@ -2963,16 +3076,9 @@ class JobManager:
             launcher = self._ready_launcher()
             with self._lock:
                 self._live[job_id] = job   # its launcher events may come before spawn returns
-            req = dict(self._spawn_request(job, env), job=job_id, dir=job_dir,
-                       cap=self.log_cap)
-            try:
-                pid, pidfd = launcher.spawn(req, [pipes["out"][1], pipes["err"][1],
-                                                  pipes["out"][0], pipes["err"][0]])
-            except SpawnError as e:
-                if e.stage != "chdir":
-                    raise
-                raise InvalidArgument("workdir", status.workdir,
-                                      f"{os.strerror(e.errno)} (as the job's user)") from None
+            pid, pidfd = launcher.spawn(self._spawn_request(job, env, job_dir),
+                                        [pipes["out"][1], pipes["err"][1],
+                                         pipes["out"][0], pipes["err"][0]])
         except BaseException:
             with self._lock:
                 self._live.pop(job_id, None)
@@ -3237,18 +3343,20 @@ class JobManager:
             except Exception:
                 log.exception("retention sweep")
 
-    def _spawn_request(self, job, given_env):
+    def _spawn_request(self, job, given_env, job_dir):
+        """The SpawnRequest of a job: its default environment (the caller's variables on
+        top), its user, what it may not see."""
         env = {"PATH": JOB_PATH, "LANG": JOB_LANG, "HOME": "/root"}
-        req = {"argv": job.status.command, "env": env, "cwd": job.status.workdir,
-               "procs": list(job.cgroup.procs_files), "hide": self._hide,
-               "empty_file": self._empty_file, "nofile": self.job_nofile}
+        req = SpawnRequest(job=job.id, dir=job_dir, cap=self.log_cap, argv=job.status.command,
+                           env=env, cwd=job.status.workdir, procs=list(job.cgroup.procs_files),
+                           hide=list(self._hide), empty_file=self._empty_file,
+                           nofile=list(self.job_nofile))
         if self._user:
-            req.update(uid=self._user["uid"], gid=self._user["gid"])
+            req.uid, req.gid = self._user["uid"], self._user["gid"]
             env["HOME"] = self._user["home"]
             env["USER"] = env["LOGNAME"] = self._user["name"]
         elif self._dynamic:
-            uid = self._dynamic.uid_of(job.status.owner)
-            req.update(uid=uid, gid=uid)
+            req.uid = req.gid = self._dynamic.uid_of(job.status.owner)
             env["HOME"] = "/"   # a uid no account has: no home (as systemd's DynamicUser=)
         env.update(given_env)   # what the caller gave overrides the defaults
         return req
@@ -3421,7 +3529,7 @@ class JobManager:
             with self._lock:
                 live = [j for j in self._live.values() if not j.output_done and j.pipes]
             for job in live:
-                launcher.adopt(job.id, self.store.job_dir(job.id), self.log_cap, job.pipes)
+                launcher.take_over(job.id, self.store.job_dir(job.id), self.log_cap, job.pipes)
             with self._lock:
                 self._launcher = launcher
                 self._launcher_ready.notify_all()

@@ -2322,10 +2322,16 @@ def test_output_messages_sent_encoded_are_what_protobuf_encodes(rpc, stream):
 
 
 def test_every_library_error_has_one_status_code():
+    req = jw.SpawnRequest(job="j", dir="/d", cap=1, argv=["p"], env={}, cwd="/w", procs=[])
+    failed = lambda kind: jw.spawn_error(req, {"error": kind, "errno": 2})
     cases = [(jw.InvalidArgument("f", "v", "x"), "INVALID_ARGUMENT"),
              (jw.MalformedRequest("bad"), "INVALID_ARGUMENT"),
-             (jw.SpawnError.from_report("p", 2, "exec"), "INVALID_ARGUMENT"),
-             (jw.SpawnError.from_report("p", 2, "setuid"), "FAILED_PRECONDITION"),
+             (failed(jw.SPAWN_EXEC), "INVALID_ARGUMENT"),
+             (failed(jw.SPAWN_CHDIR), "INVALID_ARGUMENT"),
+             (failed(jw.SPAWN_SETUID), "FAILED_PRECONDITION"),
+             (failed(jw.SPAWN_FDS), "RESOURCE_EXHAUSTED"),
+             (failed(jw.SPAWN_LAUNCHER), "UNAVAILABLE"),
+             (jw.RequestTimeout(5), "DEADLINE_EXCEEDED"),
              (jw.JobNotFound("x"), "NOT_FOUND"), (jw.JobNotRunning("x", "exited"),
                                                    "FAILED_PRECONDITION"),
              (jw.CapReached("jobs", 1), "RESOURCE_EXHAUSTED"),
@@ -2334,7 +2340,33 @@ def test_every_library_error_has_one_status_code():
              (jw.AccessDenied("role"), "PERMISSION_DENIED"), (KeyError("x"), "INTERNAL")]
     for exc, code in cases:
         assert jw.status_code_for(exc) == code, exc
-    assert str(jw.SpawnError.from_report("foo", 2, "exec")) == "no such file: foo"
+    assert str(failed(jw.SPAWN_EXEC)) == "no such file: p"
+    assert "invalid workdir '/w': No such file or directory (as the job's user)" == \
+        str(failed(jw.SPAWN_CHDIR))
+
+
+# The launcher protocol as this build speaks it. A change to its ops or to what a spawn
+# request carries must bump LAUNCHER_PROTOCOL (a server refuses a launcher of another
+# version, so jobs are never handed to a peer that misreads them): then record it here.
+LAUNCHER_PROTOCOLS = {
+    2: ("hello spawn take_over forget ping bye | job ready spawned out eof exit pong | "
+        "job dir cap argv env cwd procs hide empty_file nofile uid gid seq"),
+}
+
+
+def test_the_launcher_protocol_changes_only_with_its_version():
+    spoken = " | ".join([" ".join(jw.SERVER_OPS), " ".join(jw.LAUNCHER_OPS),
+                         " ".join(f.name for f in dataclasses.fields(jw.SpawnRequest))])
+    assert LAUNCHER_PROTOCOLS.get(jw.LAUNCHER_PROTOCOL) == spoken, \
+        "the launcher protocol changed: bump LAUNCHER_PROTOCOL and record it here"
+    req = jw.SpawnRequest(job="j", dir="/d", cap=1, argv=["p", "x"], env={"A": "b"}, cwd="/",
+                          procs=["/p"], nofile=[5, 6], uid=7, gid=8, seq=9)
+    message = json.loads(json.dumps(req.encode()))   # as it crosses the socket
+    assert message["op"] == jw.OP_SPAWN and jw.SpawnRequest.decode(message) == req
+    handled = jw.LauncherProcess("/nonexistent", False).ops
+    assert set(handled) == set(jw.SERVER_OPS)
+    assert set(jw.LauncherClient("/nonexistent", None).ops) | {jw.OP_JOB, jw.OP_READY} == \
+        set(jw.LAUNCHER_OPS)
 
 
 def test_sources_pass_pyflakes():
@@ -4155,9 +4187,9 @@ def test_a_spawn_whose_fds_did_not_all_arrive_is_refused_and_the_launcher_lives(
     before = launcher.pid
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
-        req = {"argv": ["true"], "env": {}, "cwd": "/", "procs": [], "hide": [],
-               "empty_file": "/dev/null", "job": str(uuid.uuid4()),
-               "dir": str(manager.store.jobs_dir), "cap": 1 << 20}
+        req = jw.SpawnRequest(job=str(uuid.uuid4()), dir=str(manager.store.jobs_dir),
+                              cap=1 << 20, argv=["true"], env={}, cwd="/", procs=[],
+                              empty_file="/dev/null")
         with pytest.raises(jw.CapReached) as e:
             launcher.spawn(req, [w, r])
         assert "open files of the job launcher" in str(e.value)
