@@ -21,6 +21,7 @@ import bisect
 import concurrent.futures
 import contextlib
 import dataclasses
+import enum
 import errno
 import heapq
 import itertools
@@ -444,6 +445,13 @@ class Quota:
 
     def held_by(self, owner):
         return self._by_owner.get(owner, 0)
+
+    def lower(self, cap):
+        """Lower the global cap (and the admins' share of it); False if it is not above."""
+        if cap >= self.cap:
+            return False
+        self.cap, self.reserve = cap, admin_reserve(cap)
+        return True
 
     def holders(self):
         """{owner: count} of every owner holding some now."""
@@ -2381,6 +2389,212 @@ class LauncherClient:
             self.sock = None
 
 
+class HeldJob(typing.NamedTuple):
+    """A running job as its launcher's supervisor needs it when that launcher dies."""
+    id: str
+    directory: str      # where its output files are
+    pid: int            # its main process
+    pidfd: int          # ... as a pidfd; None once that has ended
+    pipes: dict         # "out"/"err" -> the server's copy of the pipe's read end
+    draining: bool      # its output is not all read yet
+    pids: typing.Callable   # -> the pids in its cgroup now
+
+
+class LauncherEvents:
+    """What a LauncherSupervisor tells its owner, and what it asks of it (JobManager is one)."""
+
+    def on_output(self, job_id, state, eof):
+        """The job's output on disk now stands at `state` (launcher_job_state); `eof`: both
+        its pipes are at their end."""
+
+    def on_exit(self, job_id, raw_status, at, unknown=""):
+        """The job's main process ended (a wait status); `unknown`: why its status is not
+        known (it went with a dead launcher)."""
+
+    def held_jobs(self):
+        """[HeldJob] of every job whose process runs or ran."""
+        return []
+
+
+class LauncherSupervisor:
+    """Keeps a launcher for the state dir: connects to the one running (or starts one), reads
+    its messages on the engine thread, and checks every LAUNCHER_PING_INTERVAL that it
+    answers. When it dies (a root job may kill it) or stops answering, the jobs go on: their
+    exits are learned from their pidfds (this process is a child subreaper), their processes
+    re-parented here are reaped, and a new launcher (after 0.2 s, doubling to 30 s while they
+    keep dying) is given their pipes to drain from where their logs end."""
+
+    def __init__(self, state_dir, engine, events, live_restore=True, log_cap=DEFAULT_LOG_CAP):
+        self.state_dir, self.engine, self.events = state_dir, engine, events
+        self.live_restore, self.log_cap = live_restore, log_cap
+        self.launcher = None       # the LauncherClient in use (a dead one until replaced)
+        self.lived = False         # the first launcher was there before this server
+        self.deaths = []           # monotonic times of deaths, for the backoff
+        self._ready = threading.Condition()
+        self._closing = threading.Event()
+        self._orphans = set()      # pids this process may have to reap (a launcher died)
+
+    def connect(self):
+        """Connect to the launcher (starting one if none runs); returns the jobs it holds,
+        [(launcher_job_state, {fd name: fd})]. LauncherError, LauncherMismatch."""
+        self.launcher = LauncherClient(self.state_dir, self, self.live_restore)
+        held = self.launcher.connect()
+        self.lived = not self.launcher.started
+        return held
+
+    def start(self):
+        """Engine thread from now on: read the launcher, ping it."""
+        self._read(self.launcher)
+        self.engine.call_soon(lambda: self.engine.call_later(LAUNCHER_PING_INTERVAL,
+                                                             self._ping))
+
+    def ready(self, wait=5.0):
+        """The launcher, waiting up to `wait` seconds while a dead one is being replaced;
+        LauncherError if there is none."""
+        with self._ready:
+            self._ready.wait_for(lambda: self._closing.is_set() or self._alive(), wait)
+            if self._closing.is_set() or not self._alive():
+                raise LauncherError("the job launcher process has exited and is being "
+                                    "restarted; try again")
+            return self.launcher
+
+    def _alive(self):
+        return self.launcher is not None and self.launcher.alive
+
+    def forget(self, job_id):
+        """The job's final record is saved: its launcher closes what it held of it."""
+        if self.launcher is not None:
+            self.launcher.forget(job_id)
+
+    def close(self, keep_jobs):
+        """Leave the launcher with its jobs (keep_jobs: live restore), or tell it to end them
+        and exit. The engine must be stopped first."""
+        self._closing.set()
+        with self._ready:
+            self._ready.notify_all()
+        if self.launcher is not None:
+            if keep_jobs:
+                self.launcher.detach()
+            else:
+                self.launcher.bye()
+
+    def stopping(self):
+        """Closing begins: no launcher is replaced from now on."""
+        self._closing.set()
+        with self._ready:
+            self._ready.notify_all()
+
+    # -- the launcher's events (LauncherClient calls these) ------------------------------------
+
+    def on_output(self, job_id, state, eof):
+        self.events.on_output(job_id, state, eof)
+
+    def on_exit(self, job_id, raw_status, at):
+        self.events.on_exit(job_id, raw_status, at)
+
+    def on_gone(self):
+        """Engine thread: the launcher died."""
+        if self._closing.is_set():
+            return
+        log.error("the job launcher process died; starting a new one")
+        with self._ready:
+            self._ready.notify_all()
+        for job in self.events.held_jobs():
+            self._orphans |= _pids_or_none(job)
+            self.watch_exit(job)
+        self.engine.call_later(0, self._reap_orphans)
+        self.deaths.append(time.monotonic())
+        threading.Thread(target=self._replace, name="jobworker-relaunch", daemon=True).start()
+
+    # -- while a launcher is dead, and after ---------------------------------------------------
+
+    def watch_exit(self, job):
+        """Engine thread: learn a HeldJob's end from its pidfd (its launcher is gone), once."""
+        if job.pidfd is not None and not self.engine.has_reader(job.pidfd):
+            self.engine.add_reader(job.pidfd, self._exit_of(job.id), close=False)
+
+    def _exit_of(self, job_id):
+        def readable(fd):
+            self.engine.remove_reader(fd)
+            try:
+                result = os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
+            except ChildProcessError:   # not our child: someone else reaped it
+                self.events.on_exit(job_id, 0, time.time(), unknown="its launcher died and "
+                                    "its exit status went with it")
+                return
+            if result is not None:
+                raw = (result.si_status << 8 if result.si_code == os.CLD_EXITED
+                       else result.si_status)   # as waitpid would say it
+                self.events.on_exit(job_id, raw, time.time())
+        return readable
+
+    def _reap_orphans(self):
+        """Engine thread, while jobs of a dead launcher run: reap their processes re-parented
+        here when they end (only pids seen in job cgroups: other children are not ours)."""
+        held = self.events.held_jobs()
+        for job in held:
+            self._orphans |= _pids_or_none(job)
+        watched = {job.pid for job in held if job.pidfd is not None}   # reaped by waitid
+        for pid in list(self._orphans - watched):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid if not os.path.exists(f"/proc/{pid}") else 0
+            if done:
+                self._orphans.discard(pid)
+        if self._orphans and not self._closing.is_set():
+            self.engine.call_later(1.0, self._reap_orphans)
+
+    def _replace(self):
+        """Start a new launcher and give it the pipes of every job still writing."""
+        recent = [t for t in self.deaths if time.monotonic() - t < 60]
+        delay = min(0.2 * 2 ** (len(recent) - 1), 30.0)
+        while not self._closing.wait(delay):
+            launcher = LauncherClient(self.state_dir, self, self.live_restore)
+            try:
+                held = launcher.connect()
+            except (LauncherError, OSError) as e:
+                log.error("starting a new job launcher: %s", e)
+                delay = min(delay * 2, 30.0)
+                continue
+            for _, fds in held:   # it is new: nothing should be there
+                for fd in fds.values():
+                    _close_quietly(fd)
+            draining = [j for j in self.events.held_jobs() if j.draining and j.pipes]
+            for job in draining:
+                launcher.take_over(job.id, job.directory, self.log_cap, job.pipes)
+            with self._ready:
+                self.launcher = launcher
+                self._ready.notify_all()
+            self.engine.call_soon(lambda: self._read(launcher))
+            log.info("a new job launcher (pid %d) took over %d running job%s", launcher.pid,
+                     len(draining), "s" if len(draining) != 1 else "")
+            return
+
+    def _read(self, launcher):
+        """Engine thread: read this launcher's socket until it goes (bound to it: while a
+        successor is being installed, self.launcher may still name the dead one)."""
+        def readable(fd):
+            if not launcher.on_readable():
+                self.engine.remove_reader(fd)
+                launcher.close()
+        self.engine.add_reader(launcher.fileno(), readable, close=False)
+
+    def _ping(self):
+        if self._closing.is_set():
+            return
+        if self.launcher is not None:
+            self.launcher.ping()
+        self.engine.call_later(LAUNCHER_PING_INTERVAL, self._ping)
+
+
+def _pids_or_none(job):
+    try:
+        return job.pids()
+    except CgroupError:
+        return set()
+
+
 # ================================================================================================
 # Jobs
 # ================================================================================================
@@ -2423,6 +2637,12 @@ class JobStatus:
     def order_key(self):
         """Where the job stands in List's order: by start time, then id."""
         return (self.started_at, self.id)
+
+    def matches(self, owner=None, states=None, name=None, id_prefix=None):
+        """Whether it passes List's filters (None, or empty: any)."""
+        return ((owner is None or self.owner == owner) and (not states or self.state in states)
+                and (name is None or self.name == name)
+                and (id_prefix is None or self.id.startswith(id_prefix)))
 
     def to_dict(self):
         # by hand: dataclasses.asdict deep-copies and is the slowest part of saving a record
@@ -2504,37 +2724,141 @@ def check_record(data, job_id):
         raise ValueError(f"a {data['state']} job without the time it ended")
 
 
-class Job:
-    """A running job's live record. Fields change under `cond`; waiters are woken through it.
-    When it has ended, the manager keeps a FinishedJob in its place."""
+class Phase(enum.Enum):
+    """Where a job is in its life; every change goes through Job.change_phase."""
+    STARTING = "starting"   # accepted; its process is being made (not listed yet)
+    RUNNING = "running"     # its main process runs
+    STOPPING = "stopping"   # a Stop (or its timeout) sent SIGTERM; the main process runs on
+    ENDING = "ending"       # the main process has ended: what it left is killed, the rest of
+                            # its output read, its cgroup removed
+    ENDED = "ended"         # its final record is saved (a FinishedJob takes its place)
 
-    __slots__ = ("status", "cond", "cgroup", "records", "main_exited", "output_done", "final",
-                 "stop_requested", "launcher_lost", "pidfd", "pipes")
 
-    def __init__(self, status, cgroup):
-        self.status = status
-        self.cond = threading.Condition()
-        self.cgroup = cgroup
-        self.records = 0                # index records published to readers
-        self.main_exited = False        # the main process has ended (or is lost)
-        self.output_done = False        # the launcher has read both pipes to EOF
-        self.final = False              # the record is final and saved
-        self.stop_requested = False
-        self.launcher_lost = ""         # why the exit status is unknown, if it is
-        self.pidfd = None               # of the main process: its exit, if the launcher dies
-        self.pipes = {}                 # "out"/"err" -> our copy of the pipe's read end
+PHASE_CHANGES = {
+    # ENDING: it ended before its start was confirmed to the caller (the launcher says both
+    # at once); ENDED: its start failed
+    Phase.STARTING: {Phase.RUNNING, Phase.ENDING, Phase.ENDED},
+    Phase.RUNNING: {Phase.STOPPING, Phase.ENDING},
+    Phase.STOPPING: {Phase.ENDING},
+    Phase.ENDING: {Phase.ENDED},
+    Phase.ENDED: set(),
+}
+assert set(PHASE_CHANGES) == set(Phase)
+MAIN_ENDED = frozenset({Phase.ENDING, Phase.ENDED})
+
+
+class JobEntry:
+    """What the job table holds for a job, running (Job) or finished (FinishedJob): its
+    status, and waits on what it will write and on its end."""
+
+    __slots__ = ()   # each kind has its own: thousands of them are kept
+    final = True     # (status, and records: the index records of its output published)
 
     @property
     def id(self):
         return self.status.id
 
     def snapshot(self):
-        with self.cond:
-            return dataclasses.replace(self.status, usage=dict(self.status.usage))
+        """A JobStatus that no later change alters."""
+        return self.status
+
+    def status_now(self):
+        """snapshot(), with the usage of now while it runs."""
+        return self.snapshot()
 
     def wait_output(self, offset, cancelled):
         """Wait until output past `offset` is published, the job is final, or cancelled();
         returns (published size, index records, final)."""
+        return self.status.output_bytes, self.records, True
+
+    def wait_final(self, timeout=None):
+        """Wait until the job is final; False if `timeout` passed first."""
+        return True
+
+    def wait_final_or(self, cancelled):
+        """Wait until the job is final or cancelled()."""
+
+    def wake(self):
+        """Wake the waiters, to look at cancelled() again."""
+
+
+class Job(JobEntry):
+    """A live job: its status and phase change under `cond`, which wakes its waiters. When
+    it has ended, the table keeps a FinishedJob in its place."""
+
+    __slots__ = ("status", "cond", "cgroup", "records", "phase", "ends_as", "output_done",
+                 "lost", "pidfd", "pipes")
+
+    def __init__(self, status, cgroup, phase=Phase.STARTING):
+        self.status = status
+        self.cond = threading.Condition()
+        self.cgroup = cgroup
+        self.records = 0
+        self.phase = phase
+        self.ends_as = EXITED           # the state it takes when final (set as it ends)
+        self.output_done = False        # the launcher has read both pipes to their end
+        self.lost = ""                  # why its exit status is not known, if it is not
+        self.pidfd = None               # of the main process: its exit, if the launcher dies
+        self.pipes = {}                 # "out"/"err" -> our copy of the pipe's read end
+
+    @classmethod
+    def adopted(cls, status, cgroup, state, fds):
+        """The Job of one a launcher held while no server was there (its OP_JOB: state, and
+        fds by name)."""
+        job = cls(status, cgroup, Phase.RUNNING)
+        status.pid = state["pid"] if state["pid"] is not None else status.pid
+        job.output(state, state["eof"])
+        job.pidfd = fds.pop("pid", None)
+        job.pipes = fds
+        return job
+
+    def main_exit(self, raw_status, at, unknown=""):
+        """Its main process ended (raw_status: as waitpid says it) at `at`; unknown: why the
+        status is not known. False if its end was already known."""
+        with self.cond:
+            if self.main_ended:
+                return False
+            if unknown:
+                self.lost = unknown
+            elif os.WIFSIGNALED(raw_status):
+                self.status.signal = os.WTERMSIG(raw_status)
+            else:
+                self.status.exit_code = os.WEXITSTATUS(raw_status)
+            self.status.ended_at = at
+            self.ends_as = (LOST if unknown else STOPPED if self.phase is Phase.STOPPING
+                            else EXITED)
+            self.change_phase(Phase.ENDING)
+            return True
+
+    def change_phase(self, new):
+        """Move to phase `new` (with `cond` held); RuntimeError for a change the life of a
+        job does not have."""
+        if new not in PHASE_CHANGES[self.phase]:
+            raise RuntimeError(f"job {self.id}: no change from {self.phase.value} to "
+                               f"{new.value}")
+        self.phase = new
+        self.cond.notify_all()
+
+    @property
+    def final(self):
+        return self.phase is Phase.ENDED
+
+    @property
+    def main_ended(self):
+        return self.phase in MAIN_ENDED
+
+    def snapshot(self):
+        with self.cond:
+            return dataclasses.replace(self.status, usage=dict(self.status.usage))
+
+    def status_now(self):
+        snap = self.snapshot()
+        if snap.state == RUNNING:
+            with contextlib.suppress(CgroupError):   # (ended in between: the snapshot holds)
+                snap.usage = self.cgroup.usage()
+        return snap
+
+    def wait_output(self, offset, cancelled):
         with self.cond:
             self.cond.wait_for(lambda: cancelled() or self.status.output_bytes > offset
                                or self.final)
@@ -2548,13 +2872,68 @@ class Job:
         with self.cond:
             return self.cond.wait_for(lambda: self.final, timeout)
 
-    def wait_main_exited(self, timeout=None):
-        with self.cond:
-            return self.cond.wait_for(lambda: self.main_exited, timeout)
-
     def wait_final_or(self, cancelled):
         with self.cond:
             self.cond.wait_for(lambda: self.final or cancelled())
+
+    def signal_main(self, sig):
+        """Signal the job's main process through its pidfd (never a reused pid)."""
+        with self.cond:
+            pidfd = None if self.main_ended else self.pidfd
+            if pidfd is not None:
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(pidfd, sig)
+
+    def terminate(self):
+        """SIGTERM to every process of the job (its main process, if its cgroup holds none)."""
+        if not self.cgroup.signal_all(signal.SIGTERM):
+            self.signal_main(signal.SIGTERM)
+
+    def kill(self):
+        """SIGKILL to everything of the job, its main process too wherever it is."""
+        try:
+            self.cgroup.kill_all()
+        except CgroupError as e:
+            log.error("killing job %s: %s", self.id, e)
+        self.signal_main(signal.SIGKILL)
+
+    def output(self, state, eof):
+        """The launcher's word on its output (launcher_job_state); returns the bytes stored
+        since the last word."""
+        with self.cond:
+            s = self.status
+            stored = max(0, state["size"] - s.output_bytes)
+            s.output_bytes, self.records = state["size"], state["records"]
+            s.log_truncated, s.log_error = state["truncated"], state["error"]
+            if eof:
+                self.output_done = True
+            self.cond.notify_all()
+        return stored
+
+    def clean_up(self):
+        """After its main process ended: kill what it left (KillMode=control-group), give the
+        launcher 5 s to read the rest of its output, read the OOM counter and the usage, and
+        remove its cgroup; returns (oom_killed, usage)."""
+        try:
+            if self.cgroup.populated():
+                self.cgroup.kill_all()
+            with self.cond:
+                self.cond.wait_for(lambda: self.output_done, 5.0)
+            # (not done: a process outside the cgroup holds a pipe; the rest is not waited for)
+            oom = self.cgroup.oom_kills() > 0
+            usage = self.cgroup.usage()
+            self.cgroup.remove()
+            return oom, usage
+        except Exception:
+            log.exception("finishing job %s", self.id)
+            return False, {}
+
+    def held(self, directory):
+        """The HeldJob its launcher's supervisor is given."""
+        with self.cond:
+            pidfd = None if self.main_ended else self.pidfd
+            return HeldJob(self.id, directory, self.status.pid, pidfd, dict(self.pipes),
+                           not self.output_done, self.cgroup.pids)
 
     def close_fds(self):
         with self.cond:   # (not while _signal_main uses the pidfd)
@@ -2564,34 +2943,14 @@ class Job:
                 _close_quietly(fd)
 
 
-class FinishedJob:
+class FinishedJob(JobEntry):
     """An ended job, as kept for months: its final status (never changed again) and the number
     of index records of its output. Small, and without a lock: nothing in it moves."""
 
     __slots__ = ("status", "records")
-    final = True
 
     def __init__(self, status, records):
         self.status, self.records = status, records
-
-    @property
-    def id(self):
-        return self.status.id
-
-    def snapshot(self):
-        return self.status
-
-    def wait_output(self, offset, cancelled):
-        return self.status.output_bytes, self.records, True
-
-    def wake(self):
-        pass
-
-    def wait_final(self, timeout=None):
-        return True
-
-    def wait_final_or(self, cancelled):
-        pass
 
 
 RECORD_FILE = "job.json"
@@ -2913,10 +3272,270 @@ class _NoObserver:
     def output_stored(self, nbytes): pass
 
 
-class JobManager:
+class JobTable:
+    """The jobs a server lists, in List's order (by start time, then id), the finished ones
+    also in the order they ended (for the retention rules). add() is the one place a job
+    becomes visible. Thread-safe."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._jobs = {}        # id -> Job or FinishedJob
+        self._order = []       # sorted order_key of every job
+        self._finished = {}    # id -> None, in the order the jobs ended
+
+    def load(self, entries):
+        """At start: the jobs of earlier runs, beside those already added (adopted ones)."""
+        with self._lock:
+            for entry in entries:
+                self._jobs.setdefault(entry.id, entry)
+            self._order = sorted(e.status.order_key for e in self._jobs.values())
+            ended = sorted((e for e in self._jobs.values() if e.final),
+                           key=lambda e: e.status.ended_at or 0)
+            self._finished = dict.fromkeys(e.id for e in ended)
+
+    def add(self, job):
+        with self._lock:
+            if job.id not in self._jobs:   # (a job that ended at once may be here, finished)
+                self._jobs[job.id] = job
+                bisect.insort(self._order, job.status.order_key)
+
+    def get(self, job_id, owner=None, then=None):
+        """The job, if it exists and `owner` (None: anyone) may see it, else JobNotFound;
+        then(job), if given, runs while no removal can happen."""
+        validate_job_id(job_id)
+        with self._lock:
+            job = self._visible(job_id, owner)
+            if then is not None:
+                then(job)
+            return job
+
+    def finished(self, job, entry):
+        """The live `job` has ended: `entry` (a FinishedJob) takes its place (and becomes
+        visible, if its Start has not yet made it so)."""
+        with self._lock:
+            present = self._jobs.get(job.id)
+            if present is job or present is None:
+                if present is None:
+                    bisect.insort(self._order, job.status.order_key)
+                self._jobs[job.id] = entry
+                self._finished[job.id] = None
+
+    def remove(self, job_id, owner=None):
+        """Forget a finished job (its files are the caller's to remove): JobRunning if it
+        has not ended, JobNotFound if it is unknown or not `owner`'s."""
+        validate_job_id(job_id)
+        with self._lock:
+            self._visible(job_id, owner)
+            if job_id not in self._finished:
+                raise JobRunning(job_id)
+            self._detach(job_id)
+
+    def expired(self, keep, ended_before):
+        """Forget the finished jobs beyond the rules, oldest first: past the newest `keep`,
+        and those that ended before `ended_before` (None: no age limit); returns their ids."""
+        removed = []
+        with self._lock:
+            for job_id in list(self._finished):
+                too_many = len(self._finished) > keep
+                too_old = (ended_before is not None
+                           and self._jobs[job_id].status.ended_at < ended_before)
+                if not (too_many or too_old):
+                    break
+                self._detach(job_id)
+                removed.append(job_id)
+        return removed
+
+    def entries(self, after=None, newest_first=False):
+        """The jobs past position `after` (an order_key; None: from the start), in List's
+        order or its reverse, as they are now."""
+        with self._lock:
+            if newest_first:
+                i = bisect.bisect_left(self._order, after) if after else len(self._order)
+                keys = self._order[:i]
+                keys.reverse()
+            else:
+                i = bisect.bisect_right(self._order, after) if after else 0
+                keys = self._order[i:]
+            return [self._jobs[k[1]] for k in keys]
+
+    def has(self, job_id):
+        with self._lock:
+            return job_id in self._jobs
+
+    def live(self):
+        """The jobs that are not final."""
+        with self._lock:
+            return [j for j in self._jobs.values() if not j.final]
+
+    def _visible(self, job_id, owner):
+        job = self._jobs.get(job_id)
+        if job is None or (owner is not None and job.status.owner != owner):
+            raise JobNotFound(job_id)
+        return job
+
+    def _detach(self, job_id):
+        job = self._jobs.pop(job_id)
+        self._finished.pop(job_id, None)
+        del self._order[bisect.bisect_left(self._order, job.status.order_key)]
+
+
+class JobRecovery:
+    """At start: what became of the jobs of earlier runs that the launcher does not hold."""
+
+    def __init__(self, store, cgroups, clock, launcher_lived):
+        self.store, self.cgroups, self._clock = store, cgroups, clock
+        self.launcher_lived = launcher_lived   # the launcher was there before this server
+
+    def finished(self, status):
+        """The FinishedJob of a job of an earlier run; one recorded running that the launcher
+        does not hold is ended first (not_held)."""
+        if status.state == RUNNING:   # its record was last written when it started
+            self.not_held(status)
+        return FinishedJob(status, index_records(self.store.job_dir(status.id)))
+
+    def not_held(self, status):
+        """A job recorded running that the launcher does not hold. Its output files are made
+        by the launcher's spawn, before the fork, and a launcher forgets a job only once its
+        final record is saved: so a job without them never ran, and a launcher that lived on
+        (live restore) would hold it if it had. Only a job that may have run, when its
+        launcher died too, is `lost`. Whatever is left of it is killed, its cgroup removed."""
+        spawned = self.store.has_output(status.id)
+        if spawned and not self.launcher_lived:
+            status.state = LOST
+            status.lost_reason = "the server and its launcher stopped while it ran"
+        else:
+            status.state = FAILED
+            status.failure = ("its start failed while the server stopped" if spawned else
+                              "the server stopped before the job was started")
+        status.ended_at = self._clock()
+        status.output_bytes = output_size(self.store.job_dir(status.id))
+        self._discard(self.cgroups.from_record(status.id, status.cgroup))
+        status.cgroup = None
+        self.store.save(status)
+
+    def remove_leftovers(self, known):
+        """Job cgroups under the parent of no job known(id): killed and removed."""
+        for name in self.cgroups.leftover_job_ids():
+            if not known(name):
+                self._discard(self.cgroups.job(name))
+
+    @staticmethod
+    def _discard(cgroup):
+        try:
+            cgroup.kill_all()
+            cgroup.remove()
+        except CgroupError as e:
+            log.error("removing leftover cgroup: %s", e)
+
+
+class JobSpawner:
+    """Makes a job's process: its cgroup with its limits, its directory and first record,
+    its pipes, and the spawn by the launcher, as the user and in the view the server gives
+    jobs; on any failure nothing of it is left."""
+
+    def __init__(self, store, cgroups, devices, log_cap, clock, job_user, uid_range,
+                 hide_paths, job_nofile):
+        self.store, self.cgroups, self.devices = store, cgroups, devices
+        self.log_cap, self._clock = log_cap, clock
+        self.supervisor = None   # set when the manager opens
+        self._user = _job_user(job_user)
+        self._dynamic = (DynamicUsers(os.path.join(store.state_dir, "uids.json"), uid_range)
+                         if job_user == DYNAMIC_USER else None)
+        # What a job may not see: the state dir (every job's output and record, the launcher's
+        # socket) and the server's certificates. Hiding needs root (a mount namespace).
+        self._hide = ([store.state_dir, *hide_paths] if os.geteuid() == 0 else [])
+        self._empty_file = os.path.join(store.state_dir, ".empty")
+        # the open-files limit jobs get: as this process had it before raising its own
+        self.job_nofile = tuple(job_nofile or _initial_nofile())
+
+    def prepare(self):
+        """At open: what covers hidden files, and the dynamic users' table (checked)."""
+        if self._hide:
+            os.close(os.open(self._empty_file, os.O_CREAT | os.O_CLOEXEC, 0))
+        if self._dynamic:
+            self._dynamic.load()
+
+    def check_workdir(self, workdir):
+        """The workdir, if a job may be started there (InvalidArgument if not)."""
+        if any(workdir == h or workdir.startswith(h.rstrip("/") + "/") for h in self._hide):
+            # what the job cannot see does not exist for it: nothing here says otherwise
+            raise InvalidArgument("workdir", workdir, os.strerror(errno.ENOENT))
+        if not (self._user or self._dynamic):
+            # root's jobs: checked here, before anything is made. An unprivileged job's is
+            # checked by its chdir, as its user: what root sees here is not its to learn.
+            try:
+                is_dir = os.path.isdir(workdir)
+                os.stat(workdir)
+            except OSError as e:
+                raise InvalidArgument("workdir", workdir, e.strerror) from None
+            if not is_dir:
+                raise InvalidArgument("workdir", workdir, os.strerror(errno.ENOTDIR))
+        return workdir
+
+    def spawn(self, status, env, watched):
+        """(Job, the launcher that made it) of a job whose program now runs; watched(job)
+        is called before the spawn request (its events may come before the reply) and
+        watched(None) if it failed."""
+        job_id = status.id
+        cgroup = self.cgroups.job(job_id)
+        cgroup.create()
+        job, job_dir, pipes = Job(status, cgroup), None, {}
+        try:
+            cgroup.set_limits(status.limits, self.devices)
+            job_dir = self.store.create(job_id)
+            status.started_at = self._clock()
+            status.cgroup = cgroup.to_record()
+            self.store.reserve(status)   # before the process exists: a crash finds its record
+            for name in ("out", "err"):
+                pipes[name] = os.pipe2(os.O_CLOEXEC)
+                _set_pipe_size(pipes[name][0])
+            launcher = self.supervisor.ready()
+            watched(job)
+            pid, pidfd = launcher.spawn(self.request(job, env, job_dir),
+                                        [pipes["out"][1], pipes["err"][1],
+                                         pipes["out"][0], pipes["err"][0]])
+        except BaseException:
+            watched(None)
+            for r, w in pipes.values():
+                _close_quietly(r)
+                _close_quietly(w)
+            if job_dir is not None:
+                self.store.discard(job_id)
+            cgroup.kill_all()
+            cgroup.remove()
+            raise
+        for _, w in pipes.values():
+            os.close(w)   # the job holds the write ends now: EOF when it is done
+        with job.cond:
+            job.status.pid, job.pidfd = pid, pidfd
+            job.pipes = {name: r for name, (r, _) in pipes.items()}
+            if job.phase is Phase.STARTING:   # (not if it has ended already)
+                job.change_phase(Phase.RUNNING)
+        return job, launcher
+
+    def request(self, job, given_env, job_dir):
+        """The SpawnRequest of a job: its default environment (the caller's variables on
+        top), its user, what it may not see."""
+        env = {"PATH": JOB_PATH, "LANG": JOB_LANG, "HOME": "/root"}
+        req = SpawnRequest(job=job.id, dir=job_dir, cap=self.log_cap, argv=job.status.command,
+                           env=env, cwd=job.status.workdir, procs=list(job.cgroup.procs_files),
+                           hide=list(self._hide), empty_file=self._empty_file,
+                           nofile=list(self.job_nofile))
+        if self._user:
+            req.uid, req.gid = self._user["uid"], self._user["gid"]
+            env["HOME"] = self._user["home"]
+            env["USER"] = env["LOGNAME"] = self._user["name"]
+        elif self._dynamic:
+            req.uid = req.gid = self._dynamic.uid_of(job.status.owner)
+            env["HOME"] = "/"   # a uid no account has: no home (as systemd's DynamicUser=)
+        env.update(given_env)   # what the caller gave overrides the defaults
+        return req
+
+
+class JobManager(LauncherEvents):
     """Starts, stops and watches jobs on this host, and keeps finished ones within the retention
     rules. Thread-safe. Jobs are forked and their output written by the state dir's launcher
-    process (see LauncherClient), so a process that already runs gRPC may use it.
+    process (kept by a LauncherSupervisor), so a process that already runs gRPC may use it.
 
     Construction only records the settings; open() is the step that acts on the host."""
 
@@ -2927,6 +3546,7 @@ class JobManager:
                  keep_for=DEFAULT_KEEP_FOR, clock=time.time, live_restore=True,
                  uid_range=DEFAULT_UID_RANGE, hide_paths=(), observer=None, job_nofile=None):
         self.store = JobStore(state_dir)
+        self.table = JobTable()
         # Told of what happens, for metrics: job_started(status), job_ended(status),
         # start_failed(exc), output_stored(nbytes). Called from the manager's threads; quick.
         self.observer = observer or _NoObserver()
@@ -2939,32 +3559,19 @@ class JobManager:
         self._running = Quota("running jobs", max_jobs, max_jobs_per_owner)
         self.grace = grace
         self.devices = block_devices() if devices is None else devices
-        # the open-files limit jobs get: as this process had it before raising its own
-        self.job_nofile = tuple(job_nofile or _initial_nofile())
         self.keep_finished = keep_finished
         self.keep_for = keep_for            # None: forever
         self.live_restore = live_restore
         self._clock = clock
-        self._user = _job_user(job_user)
-        self._dynamic = (DynamicUsers(os.path.join(state_dir, "uids.json"), uid_range)
-                         if job_user == DYNAMIC_USER else None)
-        # What a job may not see: the state dir (every job's output and record, the launcher's
-        # socket) and the server's certificates. Hiding needs root (a mount namespace).
-        self._hide = ([state_dir, *hide_paths] if os.geteuid() == 0 else [])
-        self._empty_file = os.path.join(state_dir, ".empty")
+        self.spawner = JobSpawner(self.store, self.cgroups, self.devices, log_cap, clock,
+                                  job_user, uid_range, hide_paths, job_nofile)
         self._lock = threading.Lock()
-        self._jobs = {}                     # id -> Job (running) or FinishedJob
-        self._live = {}                     # id -> Job, from before its spawn until it is final
-        self._order = []                    # sorted order_key of every job: List's order
-        self._finished = {}                 # id -> None, in the order the jobs ended
-        self._opened = False
-        self._closed = False
+        self._live = {}     # id -> Job with a process (or about to have one): what the
+                            # launcher's events are about
+        self._opened = self._closed = False
         self._closing = threading.Event()
         self._leaving = threading.Event()   # closing with the jobs left running: followers end
-        self._launcher_ready = threading.Condition(self._lock)
-        self._launcher_deaths = []          # monotonic times, for the restart backoff
-        self._orphans = set()               # pids the server may have to reap (launcher gone)
-        self._finisher = self._engine = self._launcher = self._sweeper = None
+        self._finisher = self._engine = self.supervisor = self._sweeper = None
 
     def open(self):
         """Make the state dir, set up the cgroup parent (on cgroup v2 this moves the calling
@@ -2973,25 +3580,18 @@ class JobManager:
         load the records of earlier runs and apply the retention rules. Returns self."""
         try:
             self.store.open()
-            if self._hide:
-                os.close(os.open(self._empty_file, os.O_CREAT | os.O_CLOEXEC, 0))
-            if self._dynamic:
-                self._dynamic.load()
+            self.spawner.prepare()
             self.cgroups.setup()
             _set_child_subreaper()
             self._cap_by_fd_limit(raise_fd_limit())
             self._finisher = concurrent.futures.ThreadPoolExecutor(8, "jobworker-finish")
             self._engine = _Engine()
-            self._launcher = LauncherClient(self.state_dir, self, self.live_restore)
-            held = self._launcher.connect()
+            self.supervisor = self.spawner.supervisor = LauncherSupervisor(
+                self.state_dir, self._engine, self, self.live_restore, self.log_cap)
             # adopted jobs are registered before any of their events is read
-            self._recover(held)
-            self._engine.add_reader(self._launcher.fileno(),
-                                    self._launcher_reader(self._launcher),
-                                    close=False)
+            self._recover(self.supervisor.connect())
+            self.supervisor.start()
             self._engine.start()
-            self._engine.call_soon(lambda: self._engine.call_later(LAUNCHER_PING_INTERVAL,
-                                                                   self._ping_launcher))
             self.apply_retention()
             self._sweeper = threading.Thread(target=self._sweep, name="jobworker-retention",
                                              daemon=True)
@@ -3011,98 +3611,51 @@ class JobManager:
         stops it as Stop would, `name` labels it. Raises InvalidArgument (a workdir that is
         not a directory too), CapReached (globally, for `owner`, or past what is kept for
         admins unless `admin`), DiskFull, SpawnError (nothing left behind), CgroupError or
-        LauncherError."""
+        LauncherError. The observer hears of every failure."""
         try:
-            return self._checked_start(command, args, limits, owner, admin, env, workdir,
-                                       timeout, name)
+            status, env = self._accept(command, args, limits, owner, env, workdir, timeout,
+                                       name)
+            with self._lock:
+                if self._closed or not self._opened:
+                    raise LauncherError("the job manager is not open")
+            self._running.take(status.owner, admin)
+            try:
+                return self._start(status, env)
+            except BaseException:
+                self._running.give(status.owner)
+                raise
         except Exception as e:
             self.observer.start_failed(e)
             raise
 
-    def _checked_start(self, command, args, limits, owner, admin, env, workdir, timeout, name):
+    def _accept(self, command, args, limits, owner, env, workdir, timeout, name):
+        """The JobStatus of a job to start, and its environment: every field checked."""
         env = validate_env(env)
         argv = validate_command(command, list(args), env)
-        workdir = validate_workdir(workdir)
-        timeout = validate_timeout(timeout)
-        name = validate_name(name)
-        if any(workdir == h or workdir.startswith(h.rstrip("/") + "/") for h in self._hide):
-            # what the job cannot see does not exist for it: nothing here says otherwise
-            raise InvalidArgument("workdir", workdir, os.strerror(errno.ENOENT))
-        if not (self._user or self._dynamic):
-            # root's jobs: checked here, before anything is made. An unprivileged job's is
-            # checked by its chdir, as its user: what root sees here is not its to learn.
-            try:
-                is_dir = os.path.isdir(workdir)
-                os.stat(workdir)
-            except OSError as e:
-                raise InvalidArgument("workdir", workdir, e.strerror) from None
-            if not is_dir:
-                raise InvalidArgument("workdir", workdir, os.strerror(errno.ENOTDIR))
+        workdir = self.spawner.check_workdir(validate_workdir(workdir))
         limits = limits or Limits()
         if limits.pids is None and self.default_pids:
             limits = dataclasses.replace(limits, pids=self.default_pids)
-        owner = sys.intern(owner)
-        with self._lock:
-            if self._closed or not self._opened:
-                raise LauncherError("the job manager is not open")
-        self._running.take(owner, admin)
-        status = JobStatus(id=str(uuid.uuid4()), owner=owner, command=argv, limits=limits,
-                           state=RUNNING, name=name, env_keys=tuple(sorted(env)),
-                           workdir=workdir, timeout=timeout)
-        try:
-            return self._start(status, env)
-        except BaseException:
-            self._running.give(owner)
-            raise
+        status = JobStatus(id=str(uuid.uuid4()), owner=sys.intern(owner), command=argv,
+                           limits=limits, state=RUNNING, name=validate_name(name),
+                           env_keys=tuple(sorted(env)), workdir=workdir,
+                           timeout=validate_timeout(timeout))
+        return status, env
 
     def _start(self, status, env):
-        job_id = status.id
-        cgroup = self.cgroups.job(job_id)
-        cgroup.create()
-        job, job_dir, ours = None, None, []
-        try:
-            cgroup.set_limits(status.limits, self.devices)
-            job_dir = self.store.create(job_id)
-            status.started_at = self._clock()
-            status.cgroup = cgroup.to_record()
-            self.store.reserve(status)   # before the process exists: a crash finds its record
-            job = Job(status, cgroup)
-            pipes = {}
-            for name in ("out", "err"):
-                r, w = os.pipe2(os.O_CLOEXEC)
-                ours += [r, w]
-                _set_pipe_size(r)
-                pipes[name] = (r, w)
-            launcher = self._ready_launcher()
+        def watched(job):   # its launcher events may come before spawn returns
             with self._lock:
-                self._live[job_id] = job   # its launcher events may come before spawn returns
-            pid, pidfd = launcher.spawn(self._spawn_request(job, env, job_dir),
-                                        [pipes["out"][1], pipes["err"][1],
-                                         pipes["out"][0], pipes["err"][0]])
-        except BaseException:
-            with self._lock:
-                self._live.pop(job_id, None)
-            for fd in ours:
-                _close_quietly(fd)
-            if job_dir is not None:
-                self.store.discard(job_id)
-            cgroup.kill_all()
-            cgroup.remove()
-            raise
-        for name in ("out", "err"):
-            os.close(pipes[name][1])   # the job holds the write ends now: EOF when it is done
-        with job.cond:
-            job.status.pid, job.pidfd = pid, pidfd
-            job.pipes = {name: r for name, (r, _) in pipes.items()}
+                if job is None:
+                    self._live.pop(status.id, None)
+                else:
+                    self._live[status.id] = job
+        job, launcher = self.spawner.spawn(status, env, watched)
         if not launcher.alive:
             # It died after its reply: its end may have been handled before the pidfd was
             # here to be watched (a job that kills its launcher at once does this).
-            engine = self._engine
-            if engine is not None:
-                engine.call_soon(lambda: self._watch_pidfd(job))
-        with self._lock:
-            self._jobs[job_id] = job
-            bisect.insort(self._order, status.order_key)
+            held = job.held(self.store.job_dir(job.id))
+            self._engine.call_soon(lambda: self.supervisor.watch_exit(held))
+        self.table.add(job)
         if status.timeout:
             self._arm_timeout(job, status.timeout)
         snap = job.snapshot()
@@ -3113,7 +3666,7 @@ class JobManager:
         """SIGTERM every process of the job, SIGKILL after `grace` seconds; returns the final
         JobStatus once no process of the job remains. Raises JobNotRunning (after it is final)
         if the job's main process had already ended."""
-        job = self._get(job_id, owner)
+        job = self.table.get(job_id, owner)
         grace = self.grace if grace is None else grace
         if grace < 0:
             raise InvalidArgument("grace", grace, "seconds, 0 or more")
@@ -3128,41 +3681,26 @@ class JobManager:
         what is left `grace` seconds later; returns at once. False if it had already ended.
         Concurrent stops share the job's one end; the shortest grace decides."""
         with job.cond:
-            if job.main_exited:
+            if job.main_ended:
                 return False
-            first = not job.stop_requested
-            job.stop_requested = True
-        if first and not job.cgroup.signal_all(signal.SIGTERM):
-            self._signal_main(job, signal.SIGTERM)   # not in its cgroup: the main process
+            first = job.phase is Phase.RUNNING
+            if first:
+                job.change_phase(Phase.STOPPING)
+        if first:
+            job.terminate()
 
         def escalate():
-            if not job.main_exited:
+            if not job.main_ended:
                 with contextlib.suppress(RuntimeError):   # (shut down: close() kills it)
-                    self._finisher.submit(self._kill_quietly, job)
+                    self._finisher.submit(job.kill)
         self._engine.call_soon(lambda: self._engine.call_later(grace, escalate))
         return True
-
-    def _kill_quietly(self, job):
-        try:
-            job.cgroup.kill_all()
-        except CgroupError as e:
-            log.error("killing job %s: %s", job.id, e)
-        self._signal_main(job, signal.SIGKILL)   # whether or not its cgroup held it
-
-    @staticmethod
-    def _signal_main(job, sig):
-        """Signal the job's main process through its pidfd (never a reused pid)."""
-        with job.cond:
-            pidfd = None if job.main_exited else job.pidfd
-            if pidfd is not None:
-                with contextlib.suppress(OSError):
-                    signal.pidfd_send_signal(pidfd, sig)
 
     def _arm_timeout(self, job, seconds):
         """Stop the job, as Stop would, once it has run `seconds` (from its start)."""
         def expire():
             with job.cond:
-                if job.main_exited:
+                if job.main_ended:
                     return
                 job.status.timed_out = True
             log.info("job %s ran past its timeout of %gs: stopping it", job.id,
@@ -3173,14 +3711,7 @@ class JobManager:
 
     def status(self, job_id, owner=None):
         """JobStatus of one job; live usage while it runs."""
-        job = self._get(job_id, owner)
-        snap = job.snapshot()
-        if snap.state == RUNNING:
-            try:
-                snap.usage = job.cgroup.usage()
-            except CgroupError:
-                pass   # finished in between; the snapshot is still right
-        return snap
+        return self.table.get(job_id, owner).status_now()
 
     def walk(self, owner=None, states=None, after=None, newest_first=False, name=None,
              id_prefix=None, live_usage=False):
@@ -3188,25 +3719,9 @@ class JobManager:
         List's order (oldest first, or newest first), of `owner` only, in one of `states`, of
         that `name` and whose id starts with `id_prefix` if given; running jobs with their
         usage now if `live_usage`. Jobs added or removed meanwhile do not disturb the walk."""
-        with self._lock:
-            if newest_first:
-                i = bisect.bisect_left(self._order, after) if after else len(self._order)
-                keys = self._order[:i]
-                keys.reverse()
-            else:
-                i = bisect.bisect_right(self._order, after) if after else 0
-                keys = self._order[i:]
-            jobs = [self._jobs[k[1]] for k in keys]
-        for job in jobs:
-            s = job.status
-            if ((owner is None or s.owner == owner) and (not states or s.state in states)
-                    and (name is None or s.name == name)
-                    and (id_prefix is None or s.id.startswith(id_prefix))):
-                snap = job.snapshot()
-                if live_usage and snap.state == RUNNING:
-                    with contextlib.suppress(CgroupError):
-                        snap.usage = job.cgroup.usage()
-                yield snap
+        for job in self.table.entries(after, newest_first):
+            if job.status.matches(owner, states, name, id_prefix):
+                yield job.status_now() if live_usage else job.snapshot()
 
     def list(self, owner=None):
         """JobStatus of every job (of `owner` only, if given), oldest first."""
@@ -3217,48 +3732,44 @@ class JobManager:
         .final_status(). The output files are opened here: a later Remove does not cut it."""
         if not isinstance(offset, int) or offset < 0:
             raise InvalidArgument("offset", offset, "a byte offset, 0 or more")
-        validate_job_id(job_id)
-        with self._lock:   # not removed while its files are opened
-            job = self._visible(job_id, owner)
-            fds = self.store.open_output(job_id)
+        opened = []   # (not removed while its files are opened)
+        job = self.table.get(job_id, owner, then=lambda _: opened.extend(
+            self.store.open_output(job_id)))
         size = job.snapshot().output_bytes
         if offset > size:   # running or not: a later byte may never come
-            for fd in fds:
+            for fd in opened:
                 if fd is not None:
                     os.close(fd)
             raise InvalidArgument("offset", offset, f"at most the output size so far, {size}")
-        return _Follow(job, offset, max_chunk, fds, self._leaving)
+        return _Follow(job, offset, max_chunk, opened, self._leaving)
 
     def remove(self, job_id, owner=None):
         """Delete a finished job's record and output; its id is unknown from then on. Raises
         JobRunning if it has not ended, JobNotFound if unknown or not `owner`'s."""
-        validate_job_id(job_id)
-        with self._lock:
-            self._visible(job_id, owner)
-            if job_id not in self._finished:
-                raise JobRunning(job_id)
-            self._detach(job_id)
+        self.table.remove(job_id, owner)
         self.store.discard(job_id)
 
     def apply_retention(self):
         """Remove the finished jobs beyond the rules: the oldest past keep_finished, and those
         that ended more than keep_for seconds ago. Running jobs are never removed."""
         limit = None if self.keep_for is None else self._clock() - self.keep_for
-        removed = []
-        with self._lock:
-            for job_id in list(self._finished):
-                too_many = len(self._finished) > self.keep_finished
-                too_old = limit is not None and self._jobs[job_id].status.ended_at < limit
-                if not (too_many or too_old):
-                    break
-                self._detach(job_id)
-                removed.append(job_id)
+        removed = self.table.expired(self.keep_finished, limit)
         for job_id in removed:
             self.store.discard(job_id)
         if removed:
             log.info("retention: removed %d finished job%s", len(removed),
                      "s" if len(removed) != 1 else "")
         return removed
+
+    def caps(self):
+        """What Start admits now: max_jobs (lowered to what the open-files limit allows), of
+        which kept_for_admins only for admins, and max_jobs_per_owner."""
+        return {"max_jobs": self._running.cap, "kept_for_admins": self._running.reserve,
+                "max_jobs_per_owner": self._running.per_owner}
+
+    def running_by_owner(self):
+        """{owner: number of running jobs}."""
+        return self._running.holders()
 
     def close(self, grace=None, keep_jobs=False):
         """Stop every running job, finish their records, end the launcher. With keep_jobs
@@ -3268,11 +3779,12 @@ class JobManager:
             if self._closed:
                 return
             self._closed = True
-            running = [j for j in self._jobs.values() if not j.final]
-            self._launcher_ready.notify_all()
         self._closing.set()
+        if self.supervisor:
+            self.supervisor.stopping()
         if not self._opened:
             return
+        running = self.table.live()
         if not keep_jobs and running:
             with concurrent.futures.ThreadPoolExecutor(16) as pool:
                 list(pool.map(lambda j: self._stop_quietly(j, grace), running))
@@ -3299,11 +3811,8 @@ class JobManager:
         if self._engine:
             self._engine.stop()
             self._engine = None
-        if self._launcher:
-            if keep_jobs:
-                self._launcher.detach()
-            else:
-                self._launcher.bye()
+        if self.supervisor:
+            self.supervisor.close(keep_jobs)
         if self._sweeper:
             self._sweeper.join()
         for job in list(self._live.values()):
@@ -3317,25 +3826,6 @@ class JobManager:
         except (JobNotRunning, JobNotFound):
             pass
 
-    def _visible(self, job_id, owner):
-        """The job, if it exists and `owner` (None: anyone) may see it. Call with _lock held."""
-        job = self._jobs.get(job_id)
-        if job is None or (owner is not None and job.status.owner != owner):
-            raise JobNotFound(job_id)
-        return job
-
-    def _get(self, job_id, owner):
-        validate_job_id(job_id)
-        with self._lock:
-            return self._visible(job_id, owner)
-
-    def _detach(self, job_id):
-        """Forget a finished job (its files are removed after). Call with _lock held."""
-        job = self._jobs.pop(job_id)
-        self._finished.pop(job_id, None)
-        i = bisect.bisect_left(self._order, job.status.order_key)
-        del self._order[i]
-
     def _sweep(self):
         while not self._closing.wait(RETENTION_INTERVAL):
             try:
@@ -3343,245 +3833,63 @@ class JobManager:
             except Exception:
                 log.exception("retention sweep")
 
-    def _spawn_request(self, job, given_env, job_dir):
-        """The SpawnRequest of a job: its default environment (the caller's variables on
-        top), its user, what it may not see."""
-        env = {"PATH": JOB_PATH, "LANG": JOB_LANG, "HOME": "/root"}
-        req = SpawnRequest(job=job.id, dir=job_dir, cap=self.log_cap, argv=job.status.command,
-                           env=env, cwd=job.status.workdir, procs=list(job.cgroup.procs_files),
-                           hide=list(self._hide), empty_file=self._empty_file,
-                           nofile=list(self.job_nofile))
-        if self._user:
-            req.uid, req.gid = self._user["uid"], self._user["gid"]
-            env["HOME"] = self._user["home"]
-            env["USER"] = env["LOGNAME"] = self._user["name"]
-        elif self._dynamic:
-            req.uid = req.gid = self._dynamic.uid_of(job.status.owner)
-            env["HOME"] = "/"   # a uid no account has: no home (as systemd's DynamicUser=)
-        env.update(given_env)   # what the caller gave overrides the defaults
-        return req
-
-    # -- the launcher, its events, its death and its successor --------------------------------
-
-    def _ready_launcher(self, wait=5.0):
-        """The launcher, waiting up to `wait` seconds while a dead one is being replaced."""
-        with self._lock:
-            self._launcher_ready.wait_for(
-                lambda: self._closed or not self._launcher_gone(), wait)
-            if self._closed or self._launcher_gone():
-                raise LauncherError("the job launcher process has exited and is being "
-                                    "restarted; try again")
-            return self._launcher
-
     def _cap_by_fd_limit(self, limit):
         """Run no more jobs at once than the open-files limit allows (the launcher, which
         inherits it, holds FDS_PER_JOB per running job; the server fewer)."""
-        if not limit:
-            return
-        fits = max(1, (limit - FD_RESERVE) // FDS_PER_JOB)
-        if fits < self._running.cap:
+        fits = max(1, (limit - FD_RESERVE) // FDS_PER_JOB) if limit else self._running.cap
+        if self._running.lower(fits):
             log.warning("the open-files limit (RLIMIT_NOFILE %d) allows %d running jobs, fewer "
                         "than --max-jobs %d: at most %d run at once (raise the hard limit, "
-                        "systemd's LimitNOFILE=, for more)", limit, fits, self._running.cap,
-                        fits)
-            self._running.cap = fits
-            self._running.reserve = admin_reserve(fits)
+                        "systemd's LimitNOFILE=, for more)", limit, fits, self.max_jobs, fits)
 
-    def _launcher_gone(self):
-        return self._launcher is None or not self._launcher.alive
-
-    def _launcher_reader(self, launcher):
-        """The engine's handler for one launcher's socket (bound to it: while a successor is
-        being installed, `self._launcher` may still name the dead one)."""
-        def readable(fd):
-            if not launcher.on_readable():
-                self._engine.remove_reader(fd)
-                launcher.close()
-        return readable
-
-    def _ping_launcher(self):
-        """Engine thread, every LAUNCHER_PING_INTERVAL: a launcher that stopped answering
-        (kill -STOP, or stuck) is ended and replaced, as a dead one is."""
-        if self._closing.is_set():
-            return
-        launcher = self._launcher
-        if launcher is not None:
-            launcher.ping()
-        self._engine.call_later(LAUNCHER_PING_INTERVAL, self._ping_launcher)
+    # -- the launcher's events (LauncherEvents) -----------------------------------------------
 
     def on_output(self, job_id, state, eof):
-        """Launcher event: the job's output on disk now stands at `state`."""
-        job = self._live.get(job_id)
-        if job is None:
-            return
-        with job.cond:
-            s = job.status
-            if state["size"] > s.output_bytes:
-                self.observer.output_stored(state["size"] - s.output_bytes)
-            s.output_bytes, job.records = state["size"], state["records"]
-            s.log_truncated, s.log_error = state["truncated"], state["error"]
-            if eof:
-                job.output_done = True
-            job.cond.notify_all()
-
-    def on_exit(self, job_id, raw_status, at):
-        """Launcher event: the job's main process has ended (just now: it is said at once)."""
         job = self._live.get(job_id)
         if job is not None:
-            self._exited(job, raw_status, self._clock())
+            stored = job.output(state, eof)
+            if stored:
+                self.observer.output_stored(stored)
+
+    def on_exit(self, job_id, raw_status, at, unknown=""):
+        job = self._live.get(job_id)
+        if job is not None:   # (said at once: the time of the message is the time of its end)
+            self._exited(job, raw_status, self._clock(), unknown)
+
+    def held_jobs(self):
+        with self._lock:
+            live = [j for j in self._live.values() if j.phase is not Phase.STARTING]
+        return [j.held(self.store.job_dir(j.id)) for j in live]
 
     def _exited(self, job, raw_status, at, unknown=""):
-        with job.cond:
-            if job.main_exited:
-                return
-            if unknown:
-                job.launcher_lost = unknown
-            elif os.WIFSIGNALED(raw_status):
-                job.status.signal = os.WTERMSIG(raw_status)
-            else:
-                job.status.exit_code = os.WEXITSTATUS(raw_status)
-            job.status.ended_at = at
-            job.main_exited = True
-            job.cond.notify_all()
-        with contextlib.suppress(RuntimeError):   # none after shutdown: nothing to finish then
-            self._finisher.submit(self._finish, job)
-
-    def on_gone(self):
-        """Launcher event (engine thread): the launcher died. Its jobs go on: their pipes are
-        kept open by our copies and handed to a new launcher; their exits are learned from
-        their pidfds (this process is a child subreaper: they are its children now)."""
-        if self._closing.is_set():
-            return
-        log.error("the job launcher process died; starting a new one")
-        with self._lock:
-            self._launcher_ready.notify_all()
-            live = list(self._live.values())
-        for job in live:
-            self._orphans |= self._cgroup_pids(job)
-            self._watch_pidfd(job)
-        self._engine.call_later(0, self._reap_orphans)
-        self._launcher_deaths.append(time.monotonic())
-        threading.Thread(target=self._replace_launcher, name="jobworker-relaunch",
-                         daemon=True).start()
-
-    def _watch_pidfd(self, job):
-        """Engine thread: learn the job's end from its pidfd (its launcher is gone), once."""
-        with job.cond:
-            watch = not job.main_exited and job.pidfd is not None
-        if watch and not self._engine.has_reader(job.pidfd):   # (a second death)
-            self._engine.add_reader(job.pidfd, self._pidfd_handler(job), close=False)
-
-    @staticmethod
-    def _cgroup_pids(job):
-        try:
-            return job.cgroup.pids()
-        except CgroupError:
-            return set()
-
-    def _pidfd_handler(self, job):
-        def on_exit(fd):
-            self._engine.remove_reader(fd)
-            try:
-                result = os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
-            except ChildProcessError:   # not our child: someone else reaped it
-                self._exited(job, 0, self._clock(), unknown="its launcher died and its exit "
-                             "status went with it")
-                return
-            if result is None:
-                return
-            raw = (result.si_status << 8 if result.si_code == os.CLD_EXITED
-                   else result.si_status)   # as waitpid would say it
-            self._exited(job, raw, self._clock())
-        return on_exit
-
-    def _reap_orphans(self):
-        """While jobs of a dead launcher run: reap their processes re-parented to us when they
-        end (only pids seen in job cgroups: other children of this process are not ours)."""
-        for job in list(self._live.values()):
-            self._orphans |= self._cgroup_pids(job)
-        pidfd_pids = {j.status.pid for j in self._live.values() if j.pidfd is not None}
-        for pid in list(self._orphans - pidfd_pids):
-            try:
-                done, _ = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                done = pid if not os.path.exists(f"/proc/{pid}") else 0
-            if done:
-                self._orphans.discard(pid)
-        if self._orphans and not self._closing.is_set():
-            self._engine.call_later(1.0, self._reap_orphans)
-
-    def _replace_launcher(self):
-        """Start a new launcher and give it the pipes of every job still writing (backoff if
-        launchers keep dying)."""
-        recent = [t for t in self._launcher_deaths if time.monotonic() - t < 60]
-        delay = min(0.2 * 2 ** (len(recent) - 1), 30.0)
-        while not self._closing.wait(delay):
-            try:
-                launcher = LauncherClient(self.state_dir, self, self.live_restore)
-                held = launcher.connect()
-            except (LauncherError, OSError) as e:
-                log.error("starting a new job launcher: %s", e)
-                delay = min(delay * 2, 30.0)
-                continue
-            for state, fds in held:   # it is new: nothing should be there
-                for fd in fds.values():
-                    _close_quietly(fd)
-            with self._lock:
-                live = [j for j in self._live.values() if not j.output_done and j.pipes]
-            for job in live:
-                launcher.take_over(job.id, self.store.job_dir(job.id), self.log_cap, job.pipes)
-            with self._lock:
-                self._launcher = launcher
-                self._launcher_ready.notify_all()
-            self._engine.call_soon(lambda: self._engine.add_reader(
-                launcher.fileno(), self._launcher_reader(launcher), close=False))
-            log.info("a new job launcher (pid %d) took over %d running job%s", launcher.pid,
-                     len(live), "s" if len(live) != 1 else "")
-            return
+        """The job's main process has ended: its end is finished on another thread."""
+        if job.main_exit(raw_status, at, unknown):
+            with contextlib.suppress(RuntimeError):   # none after shutdown: nothing to finish
+                self._finisher.submit(self._finish, job)
 
     # -- the end of a job ---------------------------------------------------------------------
 
     def _finish(self, job):
-        """After the main process ended: kill what it left (KillMode=control-group), let the
-        launcher write the rest of the output, read the OOM counter and usage, remove the
-        cgroup; then save the final record and keep a FinishedJob in the job's place."""
-        try:
-            if job.cgroup.populated():
-                job.cgroup.kill_all()
-            with job.cond:
-                job.cond.wait_for(lambda: job.output_done, 5.0)
-            # (not done: a process outside the cgroup holds a pipe; the rest is not waited for)
-            oom = job.cgroup.oom_kills() > 0
-            usage = job.cgroup.usage()
-            job.cgroup.remove()
-        except Exception:
-            log.exception("finishing job %s", job.id)
-            oom, usage = False, {}
+        """After the main process ended: clean up its cgroup, save the final record and keep a
+        FinishedJob in the job's place."""
+        oom, usage = job.clean_up()
         with job.cond:
             s = job.status
-            s.state = LOST if job.launcher_lost else STOPPED if job.stop_requested else EXITED
-            s.lost_reason = job.launcher_lost
-            s.oom_killed = oom
-            s.usage = usage
+            s.state, s.lost_reason = job.ends_as, job.lost
+            s.oom_killed, s.usage = oom, usage
             s.cgroup = None   # removed
             if s.ended_at is None:
                 s.ended_at = self._clock()
         final = job.snapshot()
         self.store.save(final)
+        self.supervisor.forget(job.id)   # (after the save: a held job's record is never final)
+        self._running.give(job.status.owner)
         with self._lock:
-            launcher = self._launcher
-        if launcher is not None:   # (after the save: a held job's record is never final)
-            launcher.forget(job.id)   # it closes the job's files and pipes
-        with self._lock:
-            self._running.give(job.status.owner)
             self._live.pop(job.id, None)
-            if self._jobs.get(job.id) is job:
-                self._jobs[job.id] = FinishedJob(final, job.records)
-                self._finished[job.id] = None
+        self.table.finished(job, FinishedJob(final, job.records))
         job.close_fds()
         with job.cond:
-            job.final = True
-            job.cond.notify_all()
+            job.change_phase(Phase.ENDED)
         self.observer.job_ended(final)
         if not self._closed:
             self.apply_retention()
@@ -3590,67 +3898,33 @@ class JobManager:
 
     def _recover(self, held):
         """Load earlier jobs. Those the launcher still holds are adopted, running (live
-        restore); the other jobs that were running when the server stopped become `lost` or
-        `failed` (see _not_held): whatever is left of them is killed and their cgroups
-        removed."""
-        launcher_lived = not self._launcher.started
+        restore); the others that were running when the server stopped end `lost` or
+        `failed` (JobRecovery)."""
         held = {state["job"]: (state, fds) for state, fds in held}
-        statuses = self.store.load()
-        for status in statuses:
+        recovery = JobRecovery(self.store, self.cgroups, self._clock, self.supervisor.lived)
+        entries = []
+        for status in self.store.load():
             if status.state == RUNNING and status.id in held:
                 self._adopt(status, *held.pop(status.id))
-                continue
-            if status.state == RUNNING:   # its record was last written when it started
-                self._not_held(status, launcher_lived)
-            self._jobs[status.id] = FinishedJob(status,
-                                                index_records(self.store.job_dir(status.id)))
-        for job_id, (state, fds) in held.items():   # held, but no running record: not ours
+            else:
+                entries.append(recovery.finished(status))
+        for job_id, (_, fds) in held.items():   # held, but no running record: not ours
             for fd in fds.values():
                 _close_quietly(fd)
-            self._launcher.forget(job_id)
-        self._order = sorted(s.order_key for s in statuses)
-        self._finished = dict.fromkeys(s.id for s in sorted(statuses,
-                                                            key=lambda s: (s.ended_at or 0))
-                                       if s.state != RUNNING)
-        for name in self.cgroups.leftover_job_ids():
-            if name not in self._jobs:
-                self._discard_cgroup(self.cgroups.job(name))
-
-    def _not_held(self, status, launcher_lived):
-        """A job recorded running that the launcher does not hold. Its output files are made
-        by the launcher's spawn, before the fork, and a launcher forgets a job only once its
-        final record is saved: so a job without them never ran, and a launcher that lived on
-        (live restore) would hold it if it had. Only a job that may have run, when its
-        launcher died too, is `lost`."""
-        spawned = self.store.has_output(status.id)
-        if spawned and not launcher_lived:
-            status.state = LOST
-            status.lost_reason = "the server and its launcher stopped while it ran"
-        else:
-            status.state = FAILED
-            status.failure = ("its start failed while the server stopped" if spawned else
-                              "the server stopped before the job was started")
-        status.ended_at = self._clock()
-        status.output_bytes = output_size(self.store.job_dir(status.id))
-        self._discard_cgroup(self.cgroups.from_record(status.id, status.cgroup))
-        status.cgroup = None
-        self.store.save(status)
+            self.supervisor.forget(job_id)
+        self.table.load(entries)
+        recovery.remove_leftovers(self.table.has)
 
     def _adopt(self, status, state, fds):
         """A job the launcher kept running while no server was there."""
-        job = Job(status, self.cgroups.from_record(status.id, status.cgroup))
+        job = Job.adopted(status, self.cgroups.from_record(status.id, status.cgroup), state,
+                          fds)
         if job.cgroup.to_record() != self.cgroups.job(status.id).to_record():
             log.warning("job %s runs in the cgroups it was started in, outside this "
-                        "server's --cgroup-parent: %s", status.id,
-                        " ".join(job.cgroup.to_record()["v2"] if "v2" in status.cgroup else
-                                 sorted(set(job.cgroup.to_record()["v1"].values()))))
-        status.pid = state["pid"] if state["pid"] is not None else status.pid
-        status.output_bytes, job.records = state["size"], state["records"]
-        status.log_truncated, status.log_error = state["truncated"], state["error"]
-        job.output_done = state["eof"]
-        job.pidfd = fds.pop("pid", None)
-        job.pipes = fds
-        self._jobs[status.id] = self._live[status.id] = job
+                        "server's --cgroup-parent", status.id)
+        with self._lock:
+            self._live[status.id] = job
+        self.table.add(job)   # (before its end may be finished, just below)
         self._running.take(status.owner, force=True)   # adopted: it runs whatever the caps
         if state["status"] is not None:   # it ended while no server was there
             self._exited(job, state["status"], state["at"])
@@ -3658,13 +3932,6 @@ class JobManager:
             self._arm_timeout(job, status.timeout)   # what is left of it
         log.info("adopted running job %s (pid %s)", status.id, status.pid)
 
-    @staticmethod
-    def _discard_cgroup(cgroup):
-        try:
-            cgroup.kill_all()
-            cgroup.remove()
-        except CgroupError as e:
-            log.error("removing leftover cgroup: %s", e)
 
 
 def _set_child_subreaper():
@@ -4671,8 +4938,8 @@ class JobService:
             version=__version__, cgroup_version=m.cgroups.version, cpus=ncpu,
             cpu_percent_min=MIN_CPU_QUOTA_US * 100 / CPU_PERIOD_US, cpu_percent_max=ncpu * 100,
             disks=list(m.devices), default_pids=m.default_pids or 0,
-            default_grace_seconds=m.grace, max_jobs=m._running.cap,
-            max_jobs_per_owner=m._running.per_owner, max_streams=self.streams.cap,
+            default_grace_seconds=m.grace, max_jobs=m.caps()["max_jobs"],
+            max_jobs_per_owner=m.caps()["max_jobs_per_owner"], max_streams=self.streams.cap,
             max_streams_per_owner=self.streams.per_owner, keep_finished=m.keep_finished,
             keep_for_seconds=m.keep_for or 0, log_cap_bytes=m.log_cap,
             live_restore=m.live_restore)
@@ -5219,7 +5486,7 @@ class Metrics:
         running = self._gauge_family("jobworker_jobs_running", "Jobs running now",
                                      labels=["owner"])
         counts = {}
-        for owner, n in self._manager._running.holders().items():
+        for owner, n in self._manager.running_by_owner().items():
             label = self.owner(owner)
             counts[label] = counts.get(label, 0) + n
         for label, n in counts.items():

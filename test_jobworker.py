@@ -261,8 +261,8 @@ def crash(m):
     (the engine goes first, so nothing is left to notice the launcher's death)."""
     m._engine.stop()
     m._finisher.shutdown()
-    m._launcher.process.kill()
-    m._launcher.process.wait()
+    m.supervisor.launcher.process.kill()
+    m.supervisor.launcher.process.wait()
     m._closed = True   # a later close() has nothing to do
 
 
@@ -1010,7 +1010,7 @@ def test_a_cgroup_that_cannot_be_joined_fails_start_leaving_nothing(fake_manager
         record(self, limits, devices)
         self.procs_files = (self.procs_files[0], f"{self.procs_files[0]}.gone")
     monkeypatch.setattr(FakeCgroup, "set_limits", vanish)
-    launcher_fds = lambda: len(os.listdir(f"/proc/{m._launcher.pid}/fd"))
+    launcher_fds = lambda: len(os.listdir(f"/proc/{m.supervisor.launcher.pid}/fd"))
     before = launcher_fds()
     for _ in range(3):
         with pytest.raises(jw.SpawnError) as e:
@@ -1074,7 +1074,7 @@ def crash_leaving_the_launcher(m):
     """As if the server process were killed while its launcher lives on (live restore)."""
     m._engine.stop()
     m._finisher.shutdown()
-    m._launcher.detach()
+    m.supervisor.launcher.detach()
     m._closed = True
 
 
@@ -1089,7 +1089,7 @@ def test_a_start_that_never_reached_the_launcher_ends_failed_not_lost(fake_manag
     def never_sent(req, fds):
         gate.wait()
         raise jw.LauncherError("the test let it go")
-    monkeypatch.setattr(m._launcher, "spawn", never_sent)
+    monkeypatch.setattr(m.supervisor.launcher, "spawn", never_sent)
     def start():
         with contextlib.suppress(jw.JobworkerError):
             m.start("true")
@@ -1116,7 +1116,7 @@ def test_a_stopped_launcher_fails_start_in_time_and_is_replaced(fake_manager, mo
     monkeypatch.setattr(jw, "LAUNCHER_PING_INTERVAL", 0.2)
     m = fake_manager()
     job = m.start("sleep", ["600"])
-    stopped = m._launcher.pid
+    stopped = m.supervisor.launcher.pid
     os.kill(stopped, signal.SIGSTOP)
     t0 = time.monotonic()
     with pytest.raises(jw.LauncherError) as e:
@@ -1124,7 +1124,7 @@ def test_a_stopped_launcher_fails_start_in_time_and_is_replaced(fake_manager, mo
     assert jw.status_code_for(e.value) == "UNAVAILABLE" and "did not answer" in str(e.value)
     assert time.monotonic() - t0 < 10
     assert len(m.list()) == 1   # the Start that was not confirmed left nothing
-    wait_for(lambda: m._launcher.pid != stopped and m._launcher.alive, timeout=20,
+    wait_for(lambda: m.supervisor.launcher.pid != stopped and m.supervisor.launcher.alive, timeout=20,
              what="a new launcher")
     assert not pid_alive(stopped)
     assert m.stop(job.id, grace=0).state == jw.STOPPED   # its exit is still learned
@@ -1136,7 +1136,7 @@ def test_a_launcher_that_stops_answering_while_idle_is_replaced(fake_manager, mo
     monkeypatch.setattr(jw, "LAUNCHER_PING_INTERVAL", 0.2)
     m = fake_manager()
     job = m.start("sleep", ["600"])
-    stopped = m._launcher.pid
+    stopped = m.supervisor.launcher.pid
     os.kill(stopped, signal.SIGSTOP)
     stop = threading.Thread(target=m.stop, args=(job.id, 0), daemon=True)
     stop.start()   # a Stop, waiting for an exit the stopped launcher does not report
@@ -1441,10 +1441,10 @@ def test_a_killed_launcher_is_replaced_and_its_jobs_go_on(manager):
     daemon = manager.start("sh", ["-c", "setsid sleep 600 & echo $!; sleep 600"])
     wait_for(lambda: manager.status(writer.id).output_bytes > 20, what="the counter")
     wait_for(lambda: manager.status(daemon.id).output_bytes, what="the daemon's pid")
-    first = manager._launcher.process
+    first = manager.supervisor.launcher.process
     first.kill()
     t0 = time.monotonic()
-    wait_for(lambda: manager._launcher.process is not first and manager._launcher.alive,
+    wait_for(lambda: manager.supervisor.launcher.process is not first and manager.supervisor.launcher.alive,
              what="a new launcher")
     replaced = time.monotonic() - t0
     assert replaced < 5, replaced                       # wide band: "within a second" in README
@@ -1460,9 +1460,9 @@ def test_a_killed_launcher_is_replaced_and_its_jobs_go_on(manager):
     seen = numbers(output(manager, writer.id)[0])
     assert seen == sorted(set(seen)) and seen[-1] > 100   # in order, none twice
     for _ in range(2):                                  # it keeps dying: it keeps coming back
-        dying = manager._launcher
+        dying = manager.supervisor.launcher
         os.kill(dying.pid, signal.SIGKILL)
-        wait_for(lambda: manager._launcher is not dying and manager._launcher.alive,
+        wait_for(lambda: manager.supervisor.launcher is not dying and manager.supervisor.launcher.alive,
                  timeout=30, what="another launcher")
     assert manager.stop(daemon.id, grace=0).state == jw.STOPPED
     assert manager.cgroups.leftover_job_ids() == []
@@ -1477,16 +1477,16 @@ def test_a_launcher_dying_right_after_its_spawn_reply_leaves_the_job_watched(man
 
     def then_die(launcher, *a):
         pid_and_pidfd = spawn(launcher, *a)
-        deaths = len(manager._launcher_deaths)
+        deaths = len(manager.supervisor.deaths)
         os.kill(launcher.pid, signal.SIGKILL)
-        wait_for(lambda: len(manager._launcher_deaths) > deaths, what="the launcher's end seen")
+        wait_for(lambda: len(manager.supervisor.deaths) > deaths, what="the launcher's end seen")
         return pid_and_pidfd
     monkeypatch.setattr(jw.LauncherClient, "spawn", then_die)
     job = manager.start("sh", ["-c", "sleep 1; exit 3"])
     monkeypatch.setattr(jw.LauncherClient, "spawn", spawn)
     s = wait_final(manager, job.id)   # its end is still learned (from its pidfd)
     assert (s.state, s.exit_code) == (jw.EXITED, 3)
-    wait_for(lambda: manager._launcher.alive, timeout=30, what="a new launcher")
+    wait_for(lambda: manager.supervisor.launcher.alive, timeout=30, what="a new launcher")
 
 
 @root
@@ -1699,7 +1699,7 @@ def test_many_jobs_leak_nothing(manager):
     assert fds() <= base_fds + 2
     assert threading.active_count() <= base_threads + 2
     assert manager.cgroups.leftover_job_ids() == []
-    assert zombies_of(manager._launcher.process.pid) == []
+    assert zombies_of(manager.supervisor.launcher.process.pid) == []
     assert all(s.state in jw.FINAL_STATES for s in manager.list())
 
 
@@ -3290,8 +3290,8 @@ def test_an_upgrade_adopts_the_jobs_and_an_incompatible_build_touches_nothing(py
         ('"live_restore": self.live_restore})', '"live_restore": self.live_restore, '
                                                 '"feature": "newer"})')])
     version = jw.LAUNCHER_PROTOCOL
-    other = patched_pyz(tmp_path, "other", [(f"LAUNCHER_PROTOCOL = {version} ",
-                                             f"LAUNCHER_PROTOCOL = {version + 1} ")])
+    other = patched_pyz(tmp_path, "other", [(f"\nLAUNCHER_PROTOCOL = {version}\n",
+                                             f"\nLAUNCHER_PROTOCOL = {version + 1}\n")])
     state, parent = tmp_path / "state", f"{RUN_PARENT}/upgrade"
     serve = lambda p, **kw: ServeProcess([python, str(p)], pki, state, parent, env=env, **kw)
     server = serve(pyz)
@@ -4183,7 +4183,7 @@ def test_a_spawn_whose_fds_did_not_all_arrive_is_refused_and_the_launcher_lives(
     # A launcher at its open-files limit receives fewer fds than were sent (the kernel drops
     # the rest): it must refuse that one spawn, not die with every job's pipes.
     running = manager.start("sleep", ["600"])
-    launcher = manager._launcher
+    launcher = manager.supervisor.launcher
     before = launcher.pid
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
@@ -4197,7 +4197,7 @@ def test_a_spawn_whose_fds_did_not_all_arrive_is_refused_and_the_launcher_lives(
     finally:
         os.close(r)
         os.close(w)
-    assert launcher.alive and manager._launcher.pid == before
+    assert launcher.alive and manager.supervisor.launcher.pid == before
     assert manager.status(running.id).state == jw.RUNNING
     assert manager.start("true", []).state == jw.RUNNING
 
@@ -4205,12 +4205,12 @@ def test_a_spawn_whose_fds_did_not_all_arrive_is_refused_and_the_launcher_lives(
 def test_running_jobs_are_capped_by_the_open_files_limit(fake_manager, caplog):
     m = fake_manager(max_jobs=5000)
     m._cap_by_fd_limit(20000)
-    assert m._running.cap == (20000 - jw.FD_RESERVE) // jw.FDS_PER_JOB
+    assert m.caps()["max_jobs"] == (20000 - jw.FD_RESERVE) // jw.FDS_PER_JOB
     assert "allows 3248 running jobs, fewer than --max-jobs 5000" in caplog.text
-    assert m._running.reserve == jw.admin_reserve(m._running.cap)
+    assert m.caps()["kept_for_admins"] == jw.admin_reserve(m.caps()["max_jobs"])
     roomy = fake_manager(state=m.state_dir + "-2", max_jobs=100)
     roomy._cap_by_fd_limit(20000)
-    assert roomy._running.cap == 100
+    assert roomy.caps()["max_jobs"] == 100
 
 
 @root
