@@ -79,6 +79,7 @@ FINAL_STATES = frozenset({EXITED, STOPPED, LOST, FAILED})
 STATES = frozenset({RUNNING}) | FINAL_STATES
 
 _JOB_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+_JOB_ID_PREFIX_RE = re.compile(r"[0-9a-f-]{1,36}")   # the start of one (List's id_prefix)
 
 
 def check_private_dir(path, what):
@@ -296,20 +297,33 @@ def status_code_for(exc):
 # Limits
 # ================================================================================================
 
+# One limit, one name per layer; the mapping is said here only:
+#   request text (ResourceConfig, CLI)   Limits (library, JobStatus.limits)   record on disk
+#   cpu_quota "50%"   (--cpu)            cpu_percent 50.0                     cpu_percent
+#   memory_limit "256M" (--memory)       memory_bytes                         memory_bytes
+#   disk_io "10MB/s"  (--disk-io)        io_bytes_per_second                  io_bps
+#   pids "100"        (--pids)           pids                                 pids
+# and to the kernel: cpu_quota_us() of cpu.max / cpu.cfs_quota_us, memory.max /
+# memory.limit_in_bytes, rbps and wbps of io.max / blkio.throttle.*_bps_device, pids.max.
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Limits:
     """Resource limits of one job; None means "not limited" (pids gets the manager's default)."""
     cpu_percent: float = None    # 50.0 = half of one CPU, 150.0 = one and a half
     memory_bytes: int = None
-    io_bps: int = None           # read and write bandwidth, each, per whole disk
+    io_bytes_per_second: int = None   # read and write bandwidth, each, per whole disk
     pids: int = None
 
+    _RECORD_KEYS = {"io_bytes_per_second": "io_bps"}   # what records have always called it
+
     def to_dict(self):
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {self._RECORD_KEYS.get(f.name, f.name): getattr(self, f.name)
+                for f in dataclasses.fields(self)}
 
     @classmethod
     def from_dict(cls, d):
-        return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
+        return cls(**{f.name: d.get(cls._RECORD_KEYS.get(f.name, f.name))
+                      for f in dataclasses.fields(cls)})
 
 
 # ASCII digits only (\d and str.isdigit() take other scripts' digits), and few enough that the
@@ -489,6 +503,7 @@ def validate_command(command, args, env=None):
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MAX_NAME_CHARS = 100
 MAX_TIMEOUT = 10 * 365 * 86400.0
+MAX_GRACE = 3600.0
 
 
 def validate_env(env):
@@ -518,7 +533,15 @@ def validate_timeout(seconds):
     if seconds is None or seconds == 0:
         return None
     if not 0 < seconds <= MAX_TIMEOUT:   # also refuses NaN
-        raise InvalidArgument("timeout", seconds, "seconds, more than 0, at most ten years")
+        raise InvalidArgument("timeout_seconds", seconds, "seconds, 0 (none) or more, at most "
+                              "ten years")
+    return float(seconds)
+
+
+def validate_grace(seconds):
+    """Seconds between a Stop's SIGTERM and its SIGKILL: 0 to MAX_GRACE."""
+    if not 0 <= seconds <= MAX_GRACE:   # also refuses NaN
+        raise InvalidArgument("grace_seconds", seconds, f"seconds from 0 to {MAX_GRACE:g}")
     return float(seconds)
 
 
@@ -798,11 +821,11 @@ class CgroupV1(Cgroup):
             if os.path.exists(f"{d}/memory.memsw.limit_in_bytes"):
                 # memory+swap equal to memory: the job cannot escape its limit into swap
                 _write(f"{d}/memory.memsw.limit_in_bytes", str(limits.memory_bytes))
-        if limits.io_bps is not None:
+        if limits.io_bytes_per_second is not None:
             d = self._controller("blkio")
             for dev in devices:
-                _write(f"{d}/blkio.throttle.read_bps_device", f"{dev} {limits.io_bps}")
-                _write(f"{d}/blkio.throttle.write_bps_device", f"{dev} {limits.io_bps}")
+                _write(f"{d}/blkio.throttle.read_bps_device", f"{dev} {limits.io_bytes_per_second}")
+                _write(f"{d}/blkio.throttle.write_bps_device", f"{dev} {limits.io_bytes_per_second}")
         if limits.pids is not None:
             d = self._controller("pids")
             _write(f"{d}/pids.max", str(limits.pids))
@@ -899,10 +922,10 @@ class CgroupV2(Cgroup):
             _write(self._file("memory.max"), str(limits.memory_bytes))
             if os.path.exists(f"{self.path}/memory.swap.max"):
                 _write(f"{self.path}/memory.swap.max", "0")
-        if limits.io_bps is not None:
+        if limits.io_bytes_per_second is not None:
             path = self._file("io.max")
             for dev in devices:
-                _write(path, f"{dev} rbps={limits.io_bps} wbps={limits.io_bps}")
+                _write(path, f"{dev} rbps={limits.io_bytes_per_second} wbps={limits.io_bytes_per_second}")
         if limits.pids is not None:
             _write(self._file("pids.max"), str(limits.pids))
 
@@ -1678,9 +1701,10 @@ def raise_fd_limit():
     return soft
 
 
-def launcher_job_state(job_id, pid, status, at, pipes_open, writer):
+def launcher_job_state(job_id, pid, wait_status, at, pipes_open, writer):
     """Where one job stands, as the launcher tells the server (OP_JOB, OP_OUTPUT, OP_EOF)."""
-    return {"job": job_id, "pid": pid, "status": status, "at": at, "eof": not pipes_open,
+    return {"job": job_id, "pid": pid, "status": wait_status, "at": at,
+            "eof": not pipes_open,
             "size": writer.size, "records": writer.records, "truncated": writer.truncated,
             "error": writer.error}
 
@@ -1689,21 +1713,21 @@ class LauncherJob:
     """A job as the launcher holds it: its log writer, the read ends of its pipes until their
     end, and how its main process ended once it is reaped."""
 
-    __slots__ = ("id", "pid", "pidfd", "writer", "pipes", "status", "ended_at")
+    __slots__ = ("id", "pid", "pidfd", "writer", "pipes", "wait_status", "ended_at")
 
     def __init__(self, job_id, pid, pidfd, writer, pipes):
         self.id, self.pid, self.pidfd, self.writer = job_id, pid, pidfd, writer
         self.pipes = pipes            # read fd -> stream, until EOF
-        self.status = None            # raw wait status, once reaped (None: running, or not ours)
+        self.wait_status = None       # raw, once reaped (None: running, or not ours)
         self.ended_at = None
 
     def state(self):
-        return launcher_job_state(self.id, self.pid, self.status, self.ended_at,
+        return launcher_job_state(self.id, self.pid, self.wait_status, self.ended_at,
                                   bool(self.pipes), self.writer)
 
-    def reaped(self, launcher, status, at):
+    def reaped(self, launcher, wait_status, at):
         del launcher.children[self.pid]
-        launcher.ended(self, status, at)
+        launcher.ended(self, wait_status, at)
 
 
 @dataclasses.dataclass
@@ -1715,11 +1739,11 @@ class PendingSpawn:
     writer: LogWriter
     pipes: dict               # read fd -> stream
     report: bytes = b""
-    status: int = None        # reaped before its report was read
+    wait_status: int = None   # reaped before its report was read
     at: float = None
 
-    def reaped(self, launcher, status, at):
-        self.status, self.at = status, at
+    def reaped(self, launcher, wait_status, at):
+        self.wait_status, self.at = wait_status, at
 
 
 class LauncherProcess:
@@ -1844,7 +1868,7 @@ class LauncherProcess:
         self.live_restore = bool(msg.get("live_restore", self.live_restore))
         for job in self.jobs.values():
             names, fds = [], []
-            if job.status is None and job.pidfd is not None:
+            if job.wait_status is None and job.pidfd is not None:
                 names.append("pid")
                 fds.append(job.pidfd)
             for fd, stream in job.pipes.items():
@@ -1916,7 +1940,7 @@ class LauncherProcess:
         reply = {"op": OP_SPAWNED, "seq": pending.request.seq}
         if pending.report:
             stage, err, detail = pending.report.decode("utf-8", "replace").split(":", 2)
-            if pending.status is None:
+            if pending.wait_status is None:
                 os.waitpid(pending.pid, 0)   # it is exiting with 127
             self.children.pop(pending.pid, None)
             os.close(pending.pidfd)
@@ -1930,8 +1954,8 @@ class LauncherProcess:
         self.children[job.pid] = job
         self._watch(job, pending.pipes)
         self._send(dict(reply, pid=job.pid), [job.pidfd])
-        if pending.status is not None:   # it ended before its report was read
-            self.ended(job, pending.status, pending.at)
+        if pending.wait_status is not None:   # it ended before its report was read
+            self.ended(job, pending.wait_status, pending.at)
 
     def _take_over(self, msg, fds):
         """Drain the pipes of a job a dead launcher spawned (not our child: the server, a
@@ -1966,7 +1990,7 @@ class LauncherProcess:
 
     def _stop_all_and_exit(self):
         for job in self.jobs.values():
-            if job.pid is not None and job.status is None:
+            if job.pid is not None and job.wait_status is None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(job.pid, signal.SIGKILL)
         os._exit(0)
@@ -2017,22 +2041,22 @@ class LauncherProcess:
     def _reap(self):
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, wait_status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
             entry = self.children.get(pid)
             if entry is not None:
-                entry.reaped(self, status, time.time())
+                entry.reaped(self, wait_status, time.time())
             # others are orphans re-parented to us (we are a subreaper): reaped, nothing to say
 
-    def ended(self, job, status, at):
-        job.status, job.ended_at = status, at
+    def ended(self, job, wait_status, at):
+        job.wait_status, job.ended_at = wait_status, at
         if job.pidfd is not None:
             os.close(job.pidfd)
             job.pidfd = None
-        self._send({"op": OP_EXIT, "job": job.id, "status": status, "at": at})
+        self._send({"op": OP_EXIT, "job": job.id, "status": wait_status, "at": at})
 
     # -- to the server ------------------------------------------------------------------------
 
@@ -3557,7 +3581,7 @@ class JobManager(LauncherEvents):
         self.log_cap = log_cap
         self.max_jobs = max_jobs
         self._running = Quota("running jobs", max_jobs, max_jobs_per_owner)
-        self.grace = grace
+        self.grace = validate_grace(grace)
         self.devices = block_devices() if devices is None else devices
         self.keep_finished = keep_finished
         self.keep_for = keep_for            # None: forever
@@ -3606,7 +3630,8 @@ class JobManager(LauncherEvents):
 
     def start(self, command, args=(), limits=None, owner="", admin=False, *, env=None,
               workdir=None, timeout=None, name=""):
-        """Start a job; returns its JobStatus once the program has been exec'd. `env` is added
+        """Start a job; returns its JobStatus once the program has been exec'd. `limits`: a
+        Limits, or a dict of parse_limits' text forms. `env` is added
         to the default environment, `workdir` is its working directory, `timeout` (seconds)
         stops it as Stop would, `name` labels it. Raises InvalidArgument (a workdir that is
         not a directory too), CapReached (globally, for `owner`, or past what is kept for
@@ -3633,7 +3658,7 @@ class JobManager(LauncherEvents):
         env = validate_env(env)
         argv = validate_command(command, list(args), env)
         workdir = self.spawner.check_workdir(validate_workdir(workdir))
-        limits = limits or Limits()
+        limits = parse_limits(**limits) if isinstance(limits, dict) else limits or Limits()
         if limits.pids is None and self.default_pids:
             limits = dataclasses.replace(limits, pids=self.default_pids)
         status = JobStatus(id=str(uuid.uuid4()), owner=sys.intern(owner), command=argv,
@@ -3667,9 +3692,7 @@ class JobManager(LauncherEvents):
         JobStatus once no process of the job remains. Raises JobNotRunning (after it is final)
         if the job's main process had already ended."""
         job = self.table.get(job_id, owner)
-        grace = self.grace if grace is None else grace
-        if grace < 0:
-            raise InvalidArgument("grace", grace, "seconds, 0 or more")
+        grace = self.grace if grace is None else validate_grace(grace)
         if job.final or not self._begin_stop(job, grace):
             job.wait_final()   # it ended by itself: the stop comes too late
             raise JobNotRunning(job_id, job.status.state)
@@ -4195,6 +4218,18 @@ class Caller:
         """What JobManager calls take as `owner`: None for every job, else this identity."""
         return None if self.scope == ANY else self.identity
 
+    def listing_owner(self, requested=""):
+        """Whose jobs a List asking for `requested` ("": anyone's) shows: None for every
+        owner, an identity, or NOBODY (a writer asking for someone else's: nothing, and
+        nothing said of whether they exist)."""
+        mine = self.owner_filter
+        if requested and mine is not None and requested != mine:
+            return NOBODY
+        return requested or mine
+
+
+NOBODY = object()
+
 
 class ClientCert(typing.NamedTuple):
     """What jobworker reads from a client certificate."""
@@ -4326,7 +4361,8 @@ def parse_serial(text):
 
 
 def authorize(method, auth_context, policy=POLICY, revoked=None, now=None):
-    """The Caller of one call; Unauthenticated or AccessDenied. Every decision is made here."""
+    """The Caller of one call; Unauthenticated or AccessDenied. Every access decision is made
+    here and by the Caller it returns (which jobs a call may see: owner_filter, listing_owner)."""
     version = b"".join(auth_context.get("ssl_tls_version", []))
     if version != b"TLSv1.3":
         raise Unauthenticated(f"TLS 1.3 required (connection uses {version.decode() or 'unknown'})")
@@ -4811,7 +4847,7 @@ def status_to_proto(pb, s):
         job_id=s.id, owner=s.owner, command=s.command,
         limits=pb.Limits(cpu_percent=s.limits.cpu_percent or 0,
                          memory_bytes=s.limits.memory_bytes or 0,
-                         io_bytes_per_second=s.limits.io_bps or 0, pids=s.limits.pids or 0),
+                         io_bytes_per_second=s.limits.io_bytes_per_second or 0, pids=s.limits.pids or 0),
         state=pb.JobState.Value(STATE_TO_PROTO[s.state]), oom_killed=s.oom_killed,
         usage=usage_to_proto(pb, s.usage),
         log_truncated=s.log_truncated, log_error=s.log_error, output_bytes=s.output_bytes,
@@ -4869,28 +4905,17 @@ class JobService:
 
     def Start(self, request, context):
         r = request.resources
-        try:
-            limits = parse_limits(r.cpu_quota, r.memory_limit, r.disk_io, r.pids)
-            timeout = request.timeout_seconds
-            if not (timeout == 0 or 0 < timeout <= MAX_TIMEOUT):   # NaN, negative, huge
-                raise InvalidArgument("timeout_seconds", timeout, "seconds, 0 (none) or "
-                                      "more, at most ten years")
-        except InvalidArgument as e:
-            self.manager.observer.start_failed(e)
-            raise
-        status = self.manager.start(request.name, list(request.args), limits,
+        status = self.manager.start(request.name, list(request.args),
+                                    dict(cpu=r.cpu_quota, memory=r.memory_limit,
+                                         disk_io=r.disk_io, pids=r.pids),
                                     owner=context.caller.identity,
                                     admin=context.caller.is_admin, env=dict(request.env),
-                                    workdir=request.workdir, timeout=timeout,
+                                    workdir=request.workdir, timeout=request.timeout_seconds,
                                     name=request.job_name)
         return self.pb.StartResponse(job_id=status.id, status=status_to_proto(self.pb, status))
 
     def Stop(self, request, context):
-        grace = None
-        if request.HasField("grace_seconds"):
-            grace = request.grace_seconds
-            if not 0 <= grace <= 3600:   # also refuses NaN
-                raise InvalidArgument("grace_seconds", grace, "seconds from 0 to 3600")
+        grace = request.grace_seconds if request.HasField("grace_seconds") else None
         status = self.manager.stop(request.job_id, grace, owner=context.caller.owner_filter)
         return self.pb.StopResponse(status=status_to_proto(self.pb, status))
 
@@ -4900,10 +4925,9 @@ class JobService:
 
     def List(self, request, context):
         pb = self.pb
-        owner = context.caller.owner_filter
-        if request.owner and owner is not None and request.owner != owner:
-            return pb.ListResponse()   # a writer's list is its own: no job of anyone else
-        owner = request.owner or owner
+        owner = context.caller.listing_owner(request.owner)
+        if owner is NOBODY:
+            return pb.ListResponse()
         states = set()
         for value in request.states:
             name = pb.JobState.Name(value) if value in pb.JobState.values() else None
@@ -4916,7 +4940,7 @@ class JobService:
                  if request.page_token else None)
         jobs, total, last, more = [], 0, None, False
         prefix = request.id_prefix.lower() or None
-        if prefix is not None and not re.fullmatch(r"[0-9a-f-]{1,36}", prefix):
+        if prefix is not None and not _JOB_ID_PREFIX_RE.fullmatch(prefix):
             raise InvalidArgument("id_prefix", request.id_prefix, "the start of a job id")
         for status in self.manager.walk(owner, states, after, request.newest_first,
                                         request.name or None, prefix, live_usage=True):
@@ -6197,7 +6221,7 @@ class Client:
         text = text.strip().lower()
         if _JOB_ID_RE.fullmatch(text):
             return text
-        if len(text) < MIN_ID_PREFIX or not re.fullmatch(r"[0-9a-f-]+", text):
+        if len(text) < MIN_ID_PREFIX or not _JOB_ID_PREFIX_RE.fullmatch(text):
             raise CliError(f"invalid job_id {text!r}: a job id, or its first {MIN_ID_PREFIX} or "
                            "more characters", EXIT_REFUSED)
         found = self.call("List", self.pb.ListRequest(id_prefix=text, page_size=11)).jobs
@@ -6816,14 +6840,15 @@ def cmd_stop(args):
     client = Client(args)
     pb = client.pb
     first = EXIT_OK
+    # Stop answers once the job has ended: the deadline allows the server's own grace
+    grace = args.grace if args.grace is not None else _server_grace(client)
 
     def stop(text):
         job_id = client.job_id(text)
         req = pb.StopRequest(job_id=job_id)
-        timeout = RPC_TIMEOUT + DEFAULT_GRACE_SECONDS
         if args.grace is not None:
             req.grace_seconds = args.grace
-            timeout = RPC_TIMEOUT + args.grace
+        timeout = RPC_TIMEOUT + grace
         try:
             status = client.call("Stop", req, timeout=timeout).status
             return f"{job_id} {_how_it_ended(pb, status)}"
@@ -6844,6 +6869,16 @@ def cmd_stop(args):
             print(f"jobworker: {text}: {error}", file=sys.stderr)
             first = first or error.code
     return first
+
+
+def _server_grace(client):
+    """The server's default Stop grace (MAX_GRACE from a server that does not say)."""
+    try:
+        return client.call("Info", client.pb.InfoRequest()).default_grace_seconds
+    except CliError as e:
+        if e.unreachable or e.code != EXIT_ERROR:   # UNIMPLEMENTED: a server without Info
+            raise
+        return MAX_GRACE
 
 
 def _outcome(fn):
@@ -7271,6 +7306,10 @@ def _seconds(text):
     return seconds
 
 
+def _grace(text):
+    return validate_grace(parse_duration(text))
+
+
 def _request_timeout(text):
     seconds = parse_duration(text)
     if not 0.1 <= seconds <= 60:
@@ -7372,8 +7411,10 @@ def build_parser():
     p.add_argument("--cgroup-parent", default=DEFAULT_CGROUP_PARENT,
                    help="job cgroups' parent, relative to the server's own cgroup "
                         f"(default {DEFAULT_CGROUP_PARENT})")
-    p.add_argument("--grace", type=float, default=DEFAULT_GRACE_SECONDS,
-                   help=f"Stop's default SIGTERM-to-SIGKILL seconds ({DEFAULT_GRACE_SECONDS:g})")
+    p.add_argument("--grace", type=_cli_type(_grace, f"{DURATION_FORM}, at most "
+                                             f"{MAX_GRACE:g}s"),
+                   default=DEFAULT_GRACE_SECONDS, metavar="DURATION",
+                   help=f"Stop's default SIGTERM-to-SIGKILL time ({DEFAULT_GRACE_SECONDS:g}s)")
     p.add_argument("--default-pids", type=int, default=DEFAULT_PIDS_LIMIT,
                    help=f"pids limit of jobs that set none ({DEFAULT_PIDS_LIMIT})")
     p.add_argument("--log-cap", type=parse_memory, default=DEFAULT_LOG_CAP,

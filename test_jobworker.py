@@ -1752,7 +1752,7 @@ def pki(rpc, tmp_path_factory):
 
 @contextlib.contextmanager
 def running_server(pki, tmp_path, **kw):
-    manager_kw = {k: kw.pop(k) for k in ("max_jobs", "max_jobs_per_owner") if k in kw}
+    manager_kw = {k: kw.pop(k) for k in ("max_jobs", "max_jobs_per_owner", "grace") if k in kw}
     kw["limits"] = jw.ServerLimits(**{f.name: kw.pop(f.name)
                                       for f in dataclasses.fields(jw.ServerLimits)
                                       if f.name in kw})
@@ -2269,7 +2269,7 @@ def test_human_output_escapes_control_characters(rpc):
 # ================================================================================================
 
 def test_status_maps_to_the_proto_field_by_field(rpc):
-    limits = jw.Limits(cpu_percent=50.0, memory_bytes=64 << 20, io_bps=10_000_000, pids=50)
+    limits = jw.Limits(cpu_percent=50.0, memory_bytes=64 << 20, io_bytes_per_second=10_000_000, pids=50)
     usage = {"cpu_seconds": 1.5, "memory_bytes": 2, "memory_peak_bytes": 3, "io_read_bytes": 4,
              "io_write_bytes": 5, "tasks": 6}
     s = jw.JobStatus(id="6f9619ff-8b86-4011-b42d-00c04fc964ff", owner="alice",
@@ -3898,6 +3898,27 @@ def test_stop_takes_several_ids_and_an_ended_job_is_fine(pki, quick_server):
     missing = str(uuid.uuid4())
     r = run("stop", missing, ended)
     assert r.returncode == 4 and r.stderr.count(b"\n") == 2
+
+
+@root
+def test_stop_waits_for_the_servers_grace_not_the_clients_default(pki, tmp_path, monkeypatch,
+                                                                   capsys):
+    # The client once set Stop's deadline from its own default grace: with `serve --grace`
+    # longer than that, stopping a job that ignores SIGTERM was reported as "cannot reach
+    # server". Here the client's own figures are made small, the server's grace longer.
+    monkeypatch.setattr(jw, "RPC_TIMEOUT", 1.0)
+    monkeypatch.setattr(jw, "DEFAULT_GRACE_SECONDS", 0.5)
+    with running_server(pki, tmp_path, grace=3) as (m, port):
+        for var, value in cli_env(pki, port).items():
+            monkeypatch.setenv(var, value)
+        job = m.start("sh", ["-c", "trap '' TERM; echo ready; while :; do sleep 1; done"],
+                      owner="client")
+        wait_for(lambda: m.status(job.id).output_bytes > 0, what="the trap")
+        assert jw.main(["stop", job.id]) == 0, capsys.readouterr().err
+        assert f"{job.id} stopped (SIGKILL)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        jw.main(["serve", "--grace", "3601"])
+    assert e.value.code == 2 and "--grace" in capsys.readouterr().err
 
 
 @root
