@@ -7,9 +7,11 @@ Library (no gRPC inside):
     Limits, parse_cpu_quota, parse_memory, parse_disk_io, parse_pids
     detect_cgroups(parent)                      -> CgroupDriver (v1/hybrid or v2, decided once)
 Server:
-    serve_grpc(manager, listen, ca, cert, key)  context manager yielding the bound port
-Command line (``jobworker.py SUBCOMMAND --help``):
-    serve, start, stop, query, stream, list, rm, certs, doctor
+    RpcServer(manager, listen, ServerTLS.load(ca, cert, key), limits)   bind, start, stop
+    serve_grpc(manager, listen, ca=, cert=, key=)   the same as a context manager
+Command line (``jobworker.py SUBCOMMAND --help``; the table is SUBCOMMANDS):
+    serve, start, run, wait, stop, query, stream, list, rm, top, version, health, context,
+    completion, doctor, certs
 
 Only the standard library is imported at module level. grpc, protobuf and cryptography are
 imported inside the sections that need them: the CLI starts fast, and the job launcher process
@@ -5288,111 +5290,152 @@ def _hand_back_memory(peak):
     log.info("memory handed back after a peak of %d connections", peak)
 
 
-def server_credentials(ca_pem, cert_pem, key_pem):
-    """Mutual TLS with client certificates REQUIRED (grpc's default only requests them)."""
-    return _grpc().ssl_server_credentials([(key_pem, cert_pem)], root_certificates=ca_pem,
-                                          require_client_auth=True)
+class ServerTLS(typing.NamedTuple):
+    """The server's side of mutual TLS, read and checked once: the CA client certificates
+    must chain to, the server's certificate and its key (private, ECDSA)."""
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes
+
+    @classmethod
+    def load(cls, ca, cert, key):
+        """LocalFileError naming the file (and what to run) if one is missing or unsafe."""
+        check_server_key(key)
+        return cls(*(_read_file(p, w) for p, w in ((ca, "CA certificate"),
+                                                   (cert, "server certificate"))),
+                   _read_file(key, "server key"))
+
+    def credentials(self):
+        """Client certificates REQUIRED (grpc's default only requests them)."""
+        return _grpc().ssl_server_credentials([(self.key_pem, self.cert_pem)],
+                                              root_certificates=self.ca_pem,
+                                              require_client_auth=True)
+
+
+def _grpc_options(limits, connections):
+    return [("grpc.max_receive_message_length", limits.max_request_bytes),
+            ("grpc.so_reuseport", 0),
+            # refused before the handshake past this; fds stay for jobs and records
+            ("grpc.max_allowed_incoming_connections", connections),
+            # a connection that has not finished its TLS handshake by then is closed
+            ("grpc.server_handshake_timeout_ms", int(limits.handshake_timeout * 1000)),
+            # one connection's calls wait at the client beyond this: a flood of calls from
+            # one connection queues there, not ahead of everyone's in the server
+            ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+            # ... counted as HTTP/2 does (open streams), which clients respect; grpc's
+            # default also counts streams not yet freed, and refuses calls past them
+            ("grpc.http.overload_protection", 0),
+            # clients re-handshake at least hourly (calls in flight go on): a certificate is
+            # checked by TLS again, not only by the per-call checks
+            ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
+            # a client that vanished (its host died) is noticed, its stream slot freed;
+            # clients' own keepalive pings on quiet streams are welcome
+            ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2)]
+
+
+class RpcServer:
+    """JobService, gRPC health and (unless not `reflection`) server reflection over mutual
+    TLS 1.3 within `limits`, in steps: bind() -> port, start(), stop() -> an Event set once
+    the calls in flight have ended. It never opens or closes the manager: serve does, between
+    bind() and start() and between stop() and the wait. revoked: a RevocationList checked on
+    every call (a revocation also ends the certificate's calls in flight). metrics: a Metrics
+    that counts every call."""
+
+    def __init__(self, manager, listen, tls, limits=ServerLimits(), revoked=None,
+                 reflection=True, metrics=None):
+        grpc = _grpc()
+        check_grpc_internals()
+        self.manager, self.listen, self.tls, self.limits = manager, listen, tls, limits
+        self.revoked, self.metrics = revoked, metrics
+        workers = limits.max_streams + UNARY_WORKERS
+        self.pool = concurrent.futures.ThreadPoolExecutor(workers, "jobworker-rpc")
+        calls = Quota("calls in flight", workers,
+                      limits.max_streams_per_owner + UNARY_CALLS_PER_OWNER)
+        connections = limits.connection_budget(raise_fd_limit(), manager.max_jobs)
+        if connections < limits.max_connections:
+            log.warning("the open-files limit leaves room for %d connections, fewer than "
+                        "--max-connections %d", connections, limits.max_connections)
+        self.interceptor = AuthInterceptor(calls=calls, revoked=revoked, metrics=metrics,
+                                           request_timeout=limits.request_timeout)
+        self.server = grpc.server(
+            self.pool, interceptors=[self.interceptor],
+            # A backstop on calls queued for a thread (their memory): each call takes its
+            # thread only to be admitted or refused by the interceptor (at most `workers`).
+            maximum_concurrent_rpcs=QUEUED_CALLS_PER_WORKER * workers,
+            options=_grpc_options(limits, connections))
+        self.service = JobService(manager, limits.max_streams, limits.max_streams_per_owner,
+                                  metrics)
+        add_job_service(self.service, self.server)
+        self.health = HealthService()
+        self.health.add_to(self.server)
+        if reflection:
+            from grpc_reflection.v1alpha import reflection as grpc_reflection
+            grpc_reflection.enable_server_reflection(
+                (SERVICE_NAME, HealthService.NAME, grpc_reflection.SERVICE_NAME), self.server)
+        self.port, self.guard, self.started = None, None, False
+
+    def bind(self):
+        """The port bound (a free one for port 0); AddressInUse if it is taken."""
+        try:
+            self.port = self.server.add_secure_port(self.listen, self.tls.credentials())
+        except RuntimeError:
+            self.port = 0
+        if not self.port:
+            self.pool.shutdown(wait=False)
+            if _address_in_use(self.listen):
+                raise AddressInUse(f"cannot listen on {self.listen}: the address is in use by "
+                                   "another process")
+            raise JobworkerError(f"cannot listen on {self.listen} (a HOST:PORT this host has?)")
+        return self.port
+
+    def start(self):
+        """Take calls; health says SERVING."""
+        if self.metrics:
+            self.metrics.watch(self.manager, self.service.streams)
+        if self.revoked is not None:
+            self.revoked.watch(self.interceptor.revoked_now)
+        _preload(self.tls.cert_pem)
+        limits = self.limits
+        self.guard = self.interceptor.connections = ConnectionGuard(
+            self.port, limits.max_unauthenticated, limits.max_unauthenticated_per_source,
+            self.metrics).start()
+        self.server.start()
+        self.started = True
+        self.health.serving()
+
+    def stop(self):
+        """Health says NOT_SERVING (watchers hear it first; their streams end), new calls are
+        refused; returns an Event set once the calls in flight have ended (within
+        SHUTDOWN_GRACE). Once only."""
+        self.health.shut_down()
+        if self.guard:
+            self.guard.stop()
+        if self.revoked is not None:
+            self.revoked.stop_watching()
+        stopped = self.server.stop(SHUTDOWN_GRACE if self.started else 0)
+        done = threading.Event()
+
+        def finish():
+            stopped.wait()
+            self.pool.shutdown(wait=False)
+            done.set()
+        threading.Thread(target=finish, name="jobworker-rpc-stop", daemon=True).start()
+        return done
 
 
 @contextlib.contextmanager
-def serve_grpc(manager, listen="127.0.0.1:0", *, ca, cert, key, limits=ServerLimits(),
-               close_manager=False, open_manager=False, keep_jobs=lambda: False, revoked=None,
-               reflection=True, metrics=None):
-    """Serve JobService, gRPC health and (unless not `reflection`) server reflection over
-    mutual TLS 1.3 within `limits`; yields the bound port. With open_manager, the manager is
-    opened (leftovers of earlier runs cleaned up) only once the port is bound; health says
-    SERVING once the server has started. On exit: health says NOT_SERVING, stop accepting,
-    close the manager if asked (running jobs are stopped, streams end with their final
-    status), then wait for calls in flight. AddressInUse if the port is taken. keep_jobs()
-    says, when closing, whether jobs are left running (live restore). revoked: a
-    RevocationList checked on every call. metrics: a Metrics that counts every call."""
-    check_server_key(key)
-    ca_pem, cert_pem, key_pem = (_read_file(p, w) for p, w in
-                                 ((ca, "CA certificate"), (cert, "server certificate"),
-                                  (key, "server key")))
-    grpc = _grpc()
-    check_grpc_internals()
-    max_streams = limits.max_streams
-    workers = max_streams + UNARY_WORKERS
-    pool = concurrent.futures.ThreadPoolExecutor(workers, "jobworker-rpc")
-    calls = Quota("calls in flight", workers, limits.max_streams_per_owner + UNARY_CALLS_PER_OWNER)
-    connections = limits.connection_budget(raise_fd_limit(), manager.max_jobs)
-    if connections < limits.max_connections:
-        log.warning("the open-files limit leaves room for %d connections, fewer than "
-                    "--max-connections %d", connections, limits.max_connections)
-    interceptor = AuthInterceptor(calls=calls, revoked=revoked, metrics=metrics,
-                                  request_timeout=limits.request_timeout)
-    if revoked is not None:
-        revoked.watch(interceptor.revoked_now)
-    server = grpc.server(
-        pool, interceptors=[interceptor],
-        # A backstop on calls queued for a thread (their memory): each call takes its thread
-        # only to be admitted or refused by the interceptor, which holds at most `workers`.
-        maximum_concurrent_rpcs=QUEUED_CALLS_PER_WORKER * workers,
-        options=[("grpc.max_receive_message_length", limits.max_request_bytes),
-                 ("grpc.so_reuseport", 0),
-                 # refused before the handshake past this; fds stay for jobs and records
-                 ("grpc.max_allowed_incoming_connections", connections),
-                 # a connection that has not finished its TLS handshake by then is closed
-                 ("grpc.server_handshake_timeout_ms", int(limits.handshake_timeout * 1000)),
-                 # one connection's calls wait at the client beyond this: a flood of calls
-                 # from one connection queues there, not ahead of everyone's in the server
-                 ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
-                 # ... counted as HTTP/2 does (open streams), which clients respect; grpc's
-                 # default also counts streams not yet freed, and refuses calls past them
-                 ("grpc.http.overload_protection", 0),
-                 # clients re-handshake at least hourly (calls in flight go on): a certificate
-                 # is checked by TLS again, not only by the per-call checks
-                 ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
-                 # a client that vanished (its host died) is noticed, its stream slot freed;
-                 # clients' own keepalive pings on quiet streams are welcome
-                 ("grpc.keepalive_time_ms", KEEPALIVE_MS),
-                 ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-                 ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2)])
-    service = JobService(manager, max_streams, limits.max_streams_per_owner, metrics)
-    add_job_service(service, server)
-    health = HealthService()
-    health.add_to(server)
-    if reflection:
-        from grpc_reflection.v1alpha import reflection as grpc_reflection
-        grpc_reflection.enable_server_reflection(
-            (SERVICE_NAME, HealthService.NAME, grpc_reflection.SERVICE_NAME), server)
-    if metrics:
-        metrics.watch(manager, service.streams)
-    creds = server_credentials(ca_pem, cert_pem, key_pem)
+def serve_grpc(manager, listen="127.0.0.1:0", *, ca, cert, key, **kw):
+    """An RpcServer (kw: its limits, revoked, reflection, metrics) for an opened manager,
+    started; yields the bound port and stops it, waiting for the calls in flight, on exit."""
+    server = RpcServer(manager, listen, ServerTLS.load(ca, cert, key), **kw)
+    port = server.bind()
     try:
-        port = server.add_secure_port(listen, creds)
-    except RuntimeError:
-        port = 0
-    if not port:
-        pool.shutdown(wait=False)
-        if _address_in_use(listen):
-            raise AddressInUse(f"cannot listen on {listen}: the address is in use by another "
-                               "process")
-        raise JobworkerError(f"cannot listen on {listen} (a HOST:PORT this host has?)")
-    started, guard = False, None
-    try:
-        if open_manager:
-            manager.open()
-        _preload(cert_pem)
-        guard = interceptor.connections = ConnectionGuard(
-            port, limits.max_unauthenticated, limits.max_unauthenticated_per_source,
-            metrics).start()
         server.start()
-        started = True
-        health.serving()
         yield port
     finally:
-        health.shut_down()   # watchers hear NOT_SERVING first; their streams end
-        if guard:
-            guard.stop()
-        if revoked is not None:
-            revoked.stop_watching()
-        stopped = server.stop(SHUTDOWN_GRACE if started else 0)
-        if close_manager:
-            manager.close(keep_jobs=keep_jobs())
-        stopped.wait()
-        pool.shutdown(wait=False)
+        server.stop().wait()
 
 
 class HealthService:
@@ -7111,80 +7154,103 @@ def cmd_certs_revoke(args):
     return EXIT_OK
 
 
-def cmd_serve(args):
+def _serve_tls(args):
+    """(ServerTLS, the CA's path, paths a job must not see): the certificates serve was
+    given, checked before anything is created."""
     ca, cert, key = args.ca, args.cert, args.key
-    if args.certs or not (ca or cert or key):
-        d = args.certs or DEFAULT_CERTS_DIR
+    from_dir = args.certs or not (ca or cert or key)
+    d = args.certs or DEFAULT_CERTS_DIR
+    if from_dir:
         ca, cert, key = (ca or f"{d}/ca.crt", cert or f"{d}/server.crt", key or f"{d}/server.key")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_IsoFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
-    if args.keep_jobs and not args.live_restore:
-        raise CliError("--keep-jobs needs live restore (drop --no-live-restore)", EXIT_USAGE)
-    check_server_key(key)    # before anything is created
-    stop = threading.Event()
-    # What a wrapper may have left blocked or ignored: SIGTERM blocked made the server
-    # unstoppable; SIGCHLD ignored would have the kernel reap the jobs' processes itself.
+    for path in (ca, cert, key):
+        if not os.path.exists(path):
+            raise LocalFileError(f"{path}: no such file; make the certificates with `jobworker "
+                                 f"certs init {d}`, or pass --certs DIR (or --ca, --cert, --key)")
+    hide = [os.path.abspath(d)] if from_dir else []   # neither the directory nor the key
+    if not any(os.path.abspath(key).startswith(h + os.sep) for h in hide):
+        hide.append(os.path.abspath(key))
+    return ServerTLS.load(ca, cert, key), ca, hide
+
+
+def _serve_signals(stop, revoked):
+    """SIGTERM and SIGINT set `stop`, SIGHUP rereads the revocation list. What a wrapper may
+    have left blocked or ignored is reset: SIGTERM blocked made the server unstoppable;
+    SIGCHLD ignored would have the kernel reap the jobs' processes itself."""
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: revoked.reload())
+
+
+def _serve_manager(args, cgroups, hide, observer):
+    return JobManager(args.state_dir, cgroups, default_pids=args.default_pids,
+                      log_cap=args.log_cap, max_jobs=args.max_jobs,
+                      max_jobs_per_owner=args.max_jobs_per_owner, job_user=args.job_user,
+                      grace=args.grace, keep_finished=args.keep_finished,
+                      keep_for=args.keep_for, live_restore=args.live_restore,
+                      uid_range=args.job_uid_range, hide_paths=hide, observer=observer,
+                      job_nofile=(args.job_nofile,) * 2 if args.job_nofile else None)
+
+
+def _serve_limits(args):
+    return ServerLimits(**{f.name: getattr(args, f.name)
+                           for f in dataclasses.fields(ServerLimits)})
+
+
+def cmd_serve(args):
+    logging.basicConfig(level=logging.INFO, handlers=[_log_handler()])
+    if args.keep_jobs and not args.live_restore:
+        raise CliError("--keep-jobs needs live restore (drop --no-live-restore)", EXIT_USAGE)
+    tls, ca, hide = _serve_tls(args)
+    stop = threading.Event()
     revoked = RevocationList(args.revoked or os.path.join(
         os.path.dirname(os.path.abspath(ca)), REVOKED_FILE))
-    signal.signal(signal.SIGHUP, lambda *_: revoked.reload())
+    _serve_signals(stop, revoked)
     cgroups = detect_cgroups(args.cgroup_parent)
-    # Order: the locks, then the port, and only then the manager (which cleans up what earlier
-    # runs left): a second server started by mistake touches nothing of the first one.
-    lock = ServeLock(args.state_dir, cgroups.parent_dirs()).acquire()
-    metrics = metrics_server = None
-    if args.metrics_listen:
-        metrics = Metrics(cgroups.version)
+    # Order: the locks, then the ports, and only then the manager (which cleans up what
+    # earlier runs left): a second server started by mistake touches nothing of the first.
+    with contextlib.ExitStack() as undo:
+        lock = ServeLock(args.state_dir, cgroups.parent_dirs()).acquire()
+        undo.callback(lock.release)
+        metrics = metrics_port = None
+        if args.metrics_listen:
+            metrics = Metrics(cgroups.version)
+            metrics_port = undo.enter_context(contextlib.closing(
+                MetricsServer(args.metrics_listen, metrics.registry))).port
+        manager = _serve_manager(args, cgroups, hide, metrics)
+        server = RpcServer(manager, args.listen, tls, _serve_limits(args), revoked,
+                           args.reflection, metrics)
+        port = server.bind()
+        keep = lambda: args.keep_jobs and stop.is_set()   # a failed start keeps nothing
         try:
-            metrics_server = MetricsServer(args.metrics_listen, metrics.registry)
-        except BaseException:
-            lock.release()
-            raise
-    # a job sees neither the server's certificate directory nor its key
-    hide = [os.path.abspath(args.certs or DEFAULT_CERTS_DIR)] if args.certs or not (
-        args.ca or args.cert or args.key) else []
-    if not any(os.path.abspath(key).startswith(d + os.sep) for d in hide):
-        hide.append(os.path.abspath(key))
-    manager = JobManager(args.state_dir, cgroups,
-                         default_pids=args.default_pids, log_cap=args.log_cap,
-                         max_jobs=args.max_jobs, max_jobs_per_owner=args.max_jobs_per_owner,
-                         job_user=args.job_user, grace=args.grace,
-                         keep_finished=args.keep_finished, keep_for=args.keep_for,
-                         live_restore=args.live_restore, uid_range=args.job_uid_range,
-                         hide_paths=hide, observer=metrics,
-                         job_nofile=(args.job_nofile,) * 2 if args.job_nofile else None)
-    keep = lambda: args.keep_jobs and stop.is_set()   # a failed start never keeps anything
-    limits = ServerLimits(
-        max_streams=args.max_streams, max_streams_per_owner=args.max_streams_per_owner,
-        max_request_bytes=args.max_request_bytes, request_timeout=args.request_timeout,
-        handshake_timeout=args.handshake_timeout, max_connections=args.max_connections,
-        max_unauthenticated=args.max_unauthenticated,
-        max_unauthenticated_per_source=args.max_unauthenticated_per_source)
-    try:
-        with serve_grpc(manager, args.listen, ca=ca, cert=cert, key=key, limits=limits,
-                        close_manager=True, open_manager=True, keep_jobs=keep,
-                        revoked=revoked, reflection=args.reflection, metrics=metrics) as port:
-            log.info("serving on %s (port %d), cgroup v%d, state in %s, live restore %s",
-                     args.listen, port, manager.cgroups.version, args.state_dir,
-                     "on" if args.live_restore else "off")
-            if metrics_server:
-                log.info("metrics on http://%s/metrics (port %d)", args.metrics_listen,
-                         metrics_server.port)
+            manager.open()
+            server.start()
+            _said_serving(args, port, manager, metrics_port)
             while not stop.wait(3600):
                 pass
             log.info("shutting down: %s", "leaving the jobs running (--keep-jobs)" if keep()
                      else "stopping jobs")
-    finally:
-        manager.close(keep_jobs=keep())
-        if metrics_server:
-            metrics_server.close()
-        lock.release()
+        finally:
+            done = server.stop()
+            manager.close(keep_jobs=keep())   # running jobs stop; streams end with them
+            done.wait()
     log.info("stopped")
     return EXIT_OK
+
+
+def _log_handler():
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_IsoFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    return handler
+
+
+def _said_serving(args, port, manager, metrics_port):
+    log.info("serving on %s (port %d), cgroup v%d, state in %s, live restore %s",
+             args.listen, port, manager.cgroups.version, args.state_dir,
+             "on" if args.live_restore else "off")
+    if metrics_port:
+        log.info("metrics on http://%s/metrics (port %d)", args.metrics_listen, metrics_port)
 
 
 def doctor_checks(certs_dir, cgroup_parent):
@@ -7248,7 +7314,7 @@ def _probe_tls(paths):
     grpc = _grpc()
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(1))
     pems = [_read_file(paths[w], w) for w in ("ca.crt", "server.crt", "server.key")]
-    port = server.add_secure_port("127.0.0.1:0", server_credentials(*pems))
+    port = server.add_secure_port("127.0.0.1:0", ServerTLS(*pems).credentials())
     server.start()
     try:
         results = {}

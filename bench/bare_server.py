@@ -38,7 +38,7 @@ def main(certs):
         "Stream": grpc.unary_stream_rpc_method_handler(stream)})
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(300))
     server.add_generic_rpc_handlers((handler,))
-    port = server.add_secure_port("127.0.0.1:0", jw.server_credentials(*pems))
+    port = server.add_secure_port("127.0.0.1:0", jw.ServerTLS(*pems).credentials())
     server.start()
     print(port, flush=True)
     sys.stdin.read()
