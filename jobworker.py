@@ -6068,15 +6068,21 @@ def certs_issue(directory, name, roles, days=LEAF_DAYS, force=False):
 # ================================================================================================
 # CLI
 # ================================================================================================
-# Exit codes: 0 success; 1 other error; 2 usage; 3 cannot reach the server or TLS failed;
-# 4 job not found; 5 permission denied; 6 request refused (invalid, wrong state, cannot run);
-# 7 a server cap is reached; 8 server internal error; 9 serve: the listen address is in use;
-# 10 serve: another server owns the state dir or cgroup parent; 11 serve: the running
-# launcher speaks another protocol version (its jobs are left alone); 130 interrupted (Ctrl-C).
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONNECT, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
 EXIT_DENIED, EXIT_REFUSED, EXIT_EXHAUSTED, EXIT_INTERNAL, EXIT_INTERRUPTED = 5, 6, 7, 8, 130
 EXIT_ADDRESS_IN_USE, EXIT_ALREADY_SERVING, EXIT_LAUNCHER_MISMATCH = 9, 10, 11
+EXIT_CODES = {   # what each means; `jobworker --help` says it from here
+    EXIT_OK: "ok", EXIT_ERROR: "error", EXIT_USAGE: "usage",
+    EXIT_CONNECT: "cannot reach server (or TLS failed)", EXIT_NOT_FOUND: "job not found",
+    EXIT_DENIED: "permission denied",
+    EXIT_REFUSED: "refused (invalid request, wrong state, cannot run)",
+    EXIT_EXHAUSTED: "a server cap is reached", EXIT_INTERNAL: "server error",
+    EXIT_ADDRESS_IN_USE: "serve: address in use",
+    EXIT_ALREADY_SERVING: "serve: another server owns the state dir or cgroup parent",
+    EXIT_LAUNCHER_MISMATCH: "serve: the running launcher speaks another protocol (its jobs "
+                            "are left alone)",
+    EXIT_INTERRUPTED: "interrupted"}
 # Errors of `serve` itself (no RPC involved) that scripts and systemd tell apart.
 _EXIT_FOR_ERROR = ((AddressInUse, EXIT_ADDRESS_IN_USE), (AlreadyServing, EXIT_ALREADY_SERVING),
                    (LauncherMismatch, EXIT_LAUNCHER_MISMATCH), (LocalFileError, EXIT_ERROR))
@@ -6160,6 +6166,28 @@ def client_settings(args, env=os.environ):
     for flag, (var, default) in CLIENT_DEFAULTS.items():
         out[flag] = next((v for v in order(flag, var) if v), default)
     return out
+
+
+def _args_context(p):
+    p.epilog = ("example: jobworker context add build1 --server build1:50051 "
+                "--ca certs/ca.crt --cert certs/alice.crt --key certs/alice.key; "
+                "jobworker context use build1")
+    ctx = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    c = ctx.add_parser("add", help="save a connection (the first one saved becomes current)",
+                       epilog="example: jobworker context add build1 --server build1 --ca "
+                              "certs/ca.crt --cert certs/alice.crt --key certs/alice.key")
+    c.add_argument("name", help="a name for it")
+    c.add_argument("--server", required=True, help="HOST[:PORT] (port 50051 if none)")
+    for what in ("ca", "cert", "key"):
+        c.add_argument(f"--{what}", required=True, help=f"{what} file (saved as an absolute path)")
+    c.add_argument("--force", action="store_true", help="replace a context of that name")
+    c = ctx.add_parser("use", help="make a context the current one",
+                       epilog="example: jobworker context use build1")
+    c.add_argument("name", help="a context's name")
+    c = ctx.add_parser("rm", help="forget a context", epilog="example: jobworker context rm old")
+    c.add_argument("name", help="a context's name")
+    ctx.add_parser("ls", help="list the contexts; * marks the current one",
+                   epilog="example: jobworker context ls")
 
 
 def cmd_context(args):
@@ -6478,6 +6506,12 @@ def _option_at(tokens, i):
     return 1 if t in START_FLAG_OPTIONS else 0
 
 
+TAKES_COMMAND = ("start", "run")   # subcommands whose options are split from a command
+OPTION_RULE = ("Options of start and run go before the command; only a run of them at its very "
+               "end is read too (start bash -c '...' --cpu 50%); after `--` everything is the "
+               "command's (put it before a command that takes options of its own).")
+
+
 def split_start_args(tokens):
     """(jobworker options, command, trailing options) of `start` and `run`. Options come before
     the command (`--` ends them); after the command, only a run of jobworker options that goes
@@ -6568,6 +6602,14 @@ def start_job(args):
         if e.code == EXIT_REFUSED and trailing:
             raise CliError(_trailing_hint(str(e), trailing), e.code) from None
         raise
+
+
+def _args_start(p):
+    p.usage = "jobworker start [START OPTIONS] [--] CMD [ARG...]"
+    p.description = OPTION_RULE
+    p.epilog = ("example: jobworker start --memory 1G --name nightly -- make "
+                "-j8 test (prints only the id: ID=$(jobworker start ...))")
+    _add_start_options(p)
 
 
 def cmd_start(args):
@@ -6696,6 +6738,20 @@ def _raise_signalled(signum, frame):
 RUN_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+def _args_run(p):
+    p.usage = "jobworker run [START OPTIONS] [--detach] [--] CMD [ARG...]"
+    p.description = ("Starts a job as `start` does, writes its stdout to stdout and its stderr "
+                     "to stderr from the first byte, and exits as the job did: its exit code, "
+                     "128+N if signal N killed it (137: also the OOM killer, said on stderr), "
+                     f"{EXIT_TIMED_OUT} if it ran past --timeout, {EXIT_LOST} if its end is "
+                     "unknown (lost in a server crash). Ctrl-C or SIGTERM stops the job and "
+                     "exits 130 or 143; a second Ctrl-C leaves at once. A server restart is "
+                     f"waited for ({RECONNECT_PATIENCE:g}s) and the output resumed.")
+    _add_start_options(p)
+    p.add_argument("--detach", action="store_true", help="only start it, as `start` does")
+    p.epilog = "example: jobworker run --timeout 2h --memory 1G -- make test && echo passed"
+
+
 def cmd_run(args):
     if args.detach:
         return cmd_start(args)
@@ -6753,6 +6809,12 @@ def _how_it_ended(pb, msg):
     return f"{d['state']} ({how})" if how else d["state"]
 
 
+def _args_version(p):
+    p.epilog = "example: jobworker version --json"
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_client_options(p)
+
+
 def cmd_version(args):
     if not args.json:   # said first: the client's version is known if the server is not
         print(f"client: jobworker {__version__} (Python {sys.version.split()[0]})", flush=True)
@@ -6775,6 +6837,12 @@ def cmd_version(args):
           f"output {_human_bytes(info.log_cap_bytes)} per job; live restore "
           f"{'on' if info.live_restore else 'off'}")
     return EXIT_OK
+
+
+def _args_top(p):
+    p.epilog = "example: jobworker top --no-stream"
+    p.add_argument("--no-stream", action="store_true", help="print one sample and exit")
+    _add_client_options(p)
 
 
 def cmd_top(args):
@@ -6828,6 +6896,13 @@ def format_top(pb, before, now):
 COMPLETION_SHELLS = ("bash", "zsh")
 
 
+def _args_completion(p):
+    p.epilog = ("example: jobworker completion bash > "
+                "/etc/bash_completion.d/jobworker (zsh: jobworker completion zsh "
+                "> ~/.zfunc/_jobworker)")
+    p.add_argument("shell", choices=COMPLETION_SHELLS, help="bash or zsh")
+
+
 def cmd_completion(args):
     """The completion script made at build time (jobworker.pyz holds it); from the source tree
     it is made now, if shtab is installed."""
@@ -6843,6 +6918,14 @@ def cmd_completion(args):
         script = shtab.complete(build_parser(), shell=args.shell).encode()
     sys.stdout.buffer.write(script)
     return EXIT_OK
+
+
+def _args_health(p):
+    p.epilog = ("example: jobworker health "
+                "--server host:50051")
+    p.add_argument("--service", default="", metavar="NAME",
+                   help=f"a service's health instead of the server's: {SERVICE_NAME}")
+    _add_client_options(p)
 
 
 def cmd_health(args):
@@ -6862,6 +6945,18 @@ def cmd_health(args):
     return EXIT_OK if answer.status == health_pb2.HealthCheckResponse.SERVING else EXIT_ERROR
 
 
+def _args_wait(p):
+    p.description = ("Waits until every given job has ended (without fetching output) and "
+                     "exits as `run` would for the last one. Jobs that already ended return "
+                     f"at once; a server restart is waited for ({RECONNECT_PATIENCE:g}s).")
+    p.add_argument("job_ids", nargs="+", metavar="ID",
+                   help="a job id or its first 4 or more characters")
+    p.add_argument("--json", action="store_true",
+                   help="print each final status as it comes, one JSON object a line")
+    p.epilog = "example: jobworker wait $A $B || echo the last one failed"
+    _add_client_options(p)
+
+
 def cmd_wait(args):
     client = Client(args)
     pb = client.pb
@@ -6875,6 +6970,16 @@ def cmd_wait(args):
             print(json.dumps(status_to_dict(pb, final)), flush=True)
         code = job_exit_code(pb, final)
     return code
+
+
+def _args_stop(p):
+    p.epilog = "example: jobworker stop $(jobworker list -q --state running)"
+    p.add_argument("job_ids", nargs="+", metavar="ID",
+                   help="a job id or its first 4 or more characters; one that already ended "
+                        "is fine")
+    p.add_argument("--grace", type=_cli_type(_seconds, DURATION_FORM), metavar="DURATION",
+                   help="between SIGTERM and SIGKILL: 5, 5s, 2m (default: the server's --grace)")
+    _add_client_options(p)
 
 
 def cmd_stop(args):
@@ -6934,6 +7039,13 @@ def _outcome(fn):
     return call
 
 
+def _args_query(p):
+    p.epilog = "example: jobworker query 3f2a --json"
+    p.add_argument("job_id", metavar="ID", help="a job id or its first 4 or more characters")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_client_options(p)
+
+
 def cmd_query(args):
     client = Client(args)
     job_id = client.job_id(args.job_id)
@@ -6961,6 +7073,21 @@ def list_jobs(client, states=(), owner="", last=None, name=""):
             break
         req.page_token = page.next_page_token
     return jobs[::-1] if last is not None else jobs
+
+
+def _args_list(p):
+    p.epilog = "example: jobworker list --state running --last 20"
+    p.add_argument("--json", action="store_true", help="machine-readable output (one array)")
+    p.add_argument("--state", type=_cli_type(_state_list, "states separated by commas: "
+                                             "running, exited, stopped, lost, failed"),
+                   metavar="STATE[,STATE...]", help="only jobs in these states")
+    p.add_argument("--owner", default="", metavar="NAME",
+                   help="only jobs of this identity (readers and admins)")
+    p.add_argument("--last", type=_cli_type(_positive, "a number of jobs, 1 or more"),
+                   metavar="N", help="only the newest N jobs")
+    p.add_argument("--name", default="", metavar="NAME", help="only jobs of this --name")
+    p.add_argument("-q", "--quiet", action="store_true", help="print job ids only, one a line")
+    _add_client_options(p)
 
 
 def cmd_list(args):
@@ -7024,6 +7151,13 @@ def _ago(seconds):
         if seconds >= size:
             return f"{seconds // size}{unit} ago"
     return f"{seconds}s ago"
+
+
+def _args_rm(p):
+    p.epilog = "example: jobworker rm $(jobworker list -q --state exited)"
+    p.add_argument("job_ids", nargs="+", metavar="ID",
+                   help="a finished job's id or its first 4 or more characters")
+    _add_client_options(p)
 
 
 def cmd_rm(args):
@@ -7095,6 +7229,20 @@ def tail_offset(client, job_id, lines, size):
         window *= 4
 
 
+def _args_stream(p):
+    import argparse
+    p.epilog = "example: jobworker stream 3f2a --tail 20"
+    p.add_argument("job_id", metavar="ID", help="a job id or its first 4 or more characters")
+    p.add_argument("--offset", type=_cli_type(_offset, "a byte offset, 0 or more"), default=0,
+                   metavar="N", help="start at this byte of the output (as a cut stream says)")
+    p.add_argument("--tail", type=_cli_type(_count, "a number of lines, 0 or more"),
+                   metavar="N", help="start with the last N lines of the output so far")
+    p.add_argument("--follow", action=argparse.BooleanOptionalAction, default=True,
+                   help="go on with live output until the job ends (default); --no-follow: "
+                        "print what there is now and exit")
+    _add_client_options(p)
+
+
 def cmd_stream(args):
     client = Client(args)
     pb = client.pb
@@ -7125,6 +7273,42 @@ def _same_file(a, b):
     except (OSError, ValueError):
         return False
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def _args_certs(p):
+    p.epilog = ("example: jobworker certs init certs && jobworker certs issue "
+                "certs alice --role writer")
+    certs = p.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
+    c = certs.add_parser("init", help="write DIR/ca.{crt,key} and DIR/server.{crt,key}",
+                         epilog="example: jobworker certs init certs --host build1.example.com")
+    c.add_argument("dir", help="where to write them (made mode 0700)")
+    c.add_argument("--host", action="append", help="extra server name or IP (repeatable)")
+    c.add_argument("--force", action="store_true", help="replace an existing CA")
+    c.set_defaults(func=cmd_certs_init)
+    c = certs.add_parser("server", help="write a new DIR/server.{crt,key} from the CA in DIR "
+                                        "(other host names; client certificates stay valid)",
+                         epilog="example: jobworker certs server certs --host build1.example.com"
+                                " --host 192.0.2.10")
+    c.add_argument("dir", help="the directory of certs init")
+    c.add_argument("--host", action="append", help="a server name or IP (repeatable)")
+    c.set_defaults(func=cmd_certs_server)
+    c = certs.add_parser("issue", help="write DIR/NAME.{crt,key}, a client certificate",
+                         epilog="example: jobworker certs issue certs alice --role writer")
+    c.add_argument("dir", help="the directory of certs init (its CA signs)")
+    c.add_argument("name", help="the identity (certificate CN)")
+    c.add_argument("--role", action="append", choices=ROLES, required=True,
+                   help="reader, writer or admin (repeatable)")
+    c.add_argument("--days", type=int, default=LEAF_DAYS, help=f"validity ({LEAF_DAYS})")
+    c.add_argument("--force", action="store_true", help="replace an existing NAME.crt")
+    c.set_defaults(func=cmd_certs_issue)
+    c = certs.add_parser("revoke", help=f"append a client certificate's serial to "
+                                        f"DIR/{REVOKED_FILE}: every server reading it refuses "
+                                        "it from then on, on open connections too",
+                         epilog="example: jobworker certs revoke certs alice")
+    c.add_argument("dir", help="the directory of certs init")
+    c.add_argument("which", metavar="NAME|SERIAL",
+                   help="a certificate's name (DIR/NAME.crt) or its serial number in hex")
+    c.set_defaults(func=cmd_certs_revoke)
 
 
 def cmd_certs_init(args):
@@ -7196,6 +7380,120 @@ def _serve_manager(args, cgroups, hide, observer):
 def _serve_limits(args):
     return ServerLimits(**{f.name: getattr(args, f.name)
                            for f in dataclasses.fields(ServerLimits)})
+
+
+def _args_serve(p):
+    import argparse
+    p.epilog = ("example: jobworker serve --certs /etc/jobworker --metrics-listen "
+                "127.0.0.1:9105")
+    p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
+                   help=f"the address to serve on (default {DEFAULT_LISTEN})")
+    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR",
+                   help=f"job records and output (default {DEFAULT_STATE_DIR})")
+    p.add_argument("--live-restore", action=argparse.BooleanOptionalAction, default=True,
+                   help="jobs outlive the server: a server that dies (or stops with "
+                        "--keep-jobs) leaves them running, and the next one on this state "
+                        "dir adopts them (default: on)")
+    p.add_argument("--reflection", action=argparse.BooleanOptionalAction, default=True,
+                   help="gRPC server reflection, for grpcurl and the like (default: on; any "
+                        "valid client certificate may use it)")
+    p.add_argument("--metrics-listen", metavar="HOST:PORT",
+                   help="serve Prometheus metrics over plain HTTP at http://HOST:PORT/metrics "
+                        "(off unless given; 127.0.0.1:9105 keeps them on this host)")
+    p.add_argument("--keep-jobs", action="store_true",
+                   help="on SIGTERM or SIGINT, leave the jobs running for the next server "
+                        "(an upgrade) instead of stopping them; needs --live-restore")
+    _args_serve_certs(p.add_argument_group("certificates"))
+    _args_serve_jobs(p.add_argument_group("jobs"))
+    _args_serve_caps(p.add_argument_group("caps and timeouts (what one client may hold)"))
+
+
+def _args_serve_certs(g):
+    g.add_argument("--certs", metavar="DIR", help=f"the directory holding ca.crt, server.crt "
+                                                  f"and server.key (default ./{DEFAULT_CERTS_DIR})")
+    g.add_argument("--ca", metavar="FILE",
+                   help="CA certificate that client certificates must chain to")
+    g.add_argument("--cert", metavar="FILE", help="server certificate")
+    g.add_argument("--key", metavar="FILE", help="server private key (ECDSA, mode 0600)")
+    g.add_argument("--revoked", metavar="FILE",
+                   help=f"serials of revoked client certificates, one a line (default: "
+                        f"{REVOKED_FILE} beside the CA certificate); reread on SIGHUP and "
+                        "when it changes")
+
+
+def _args_serve_jobs(g):
+    g.add_argument("--job-user", metavar="USER|dynamic",
+                   help="run jobs as this user instead of root; dynamic: each job owner gets "
+                        "a uid and gid of its own (from --job-uid-range)")
+    g.add_argument("--job-nofile", type=_cli_type(_positive, "a number of open files"),
+                   metavar="N", help="the open-files limit (soft and hard) of jobs (default: "
+                                     "the limits serve started with, not those it raised)")
+    g.add_argument("--job-uid-range", type=_cli_type(parse_uid_range, "FIRST-LAST, such as "
+                                                     "61184-65519"),
+                   default=DEFAULT_UID_RANGE, metavar="FIRST-LAST",
+                   help="uids (and gids) of --job-user dynamic (default 61184-65519, "
+                        "systemd's DynamicUser range)")
+    g.add_argument("--cgroup-parent", default=DEFAULT_CGROUP_PARENT, metavar="PATH",
+                   help="job cgroups' parent, relative to the server's own cgroup "
+                        f"(default {DEFAULT_CGROUP_PARENT})")
+    g.add_argument("--grace", type=_cli_type(_grace, f"{DURATION_FORM}, at most "
+                                             f"{MAX_GRACE:g}s"),
+                   default=DEFAULT_GRACE_SECONDS, metavar="DURATION",
+                   help=f"Stop's SIGTERM-to-SIGKILL time when the call sets none "
+                        f"(default {DEFAULT_GRACE_SECONDS:g}s)")
+    g.add_argument("--default-pids", type=_cli_type(_count, "a number, 0 (none) or more"),
+                   default=DEFAULT_PIDS_LIMIT, metavar="N",
+                   help=f"pids limit of jobs that set none (default {DEFAULT_PIDS_LIMIT})")
+    g.add_argument("--log-cap", type=_cli_type(parse_memory, "a size: 512M, 2G"),
+                   default=DEFAULT_LOG_CAP, metavar="SIZE",
+                   help="output kept per job (default 2G)")
+    g.add_argument("--keep-finished", type=_cli_type(_count, "a number of jobs, 0 or more"),
+                   default=DEFAULT_KEEP_FINISHED, metavar="N",
+                   help=f"finished jobs kept; the oldest beyond are removed "
+                        f"(default {DEFAULT_KEEP_FINISHED})")
+    g.add_argument("--keep-for", type=_cli_type(_keep_for, DURATION_FORM + ", or forever"),
+                   default=DEFAULT_KEEP_FOR, metavar="DURATION",
+                   help="finished jobs are removed this long after they ended: 30s, 15m, "
+                        "12h, 7d, or forever (default 7d)")
+
+
+def _args_serve_caps(g):
+    number = _cli_type(_positive, "a number, 1 or more")
+    g.add_argument("--max-jobs", type=number, default=DEFAULT_MAX_JOBS, metavar="N",
+                   help=f"running jobs at once (default {DEFAULT_MAX_JOBS})")
+    g.add_argument("--max-jobs-per-owner", type=number, default=DEFAULT_MAX_JOBS_PER_OWNER,
+                   metavar="N",
+                   help=f"running jobs of one owner (default {DEFAULT_MAX_JOBS_PER_OWNER})")
+    g.add_argument("--max-streams", type=number, default=DEFAULT_MAX_STREAMS, metavar="N",
+                   help=f"concurrent Stream calls (default {DEFAULT_MAX_STREAMS})")
+    g.add_argument("--max-streams-per-owner", type=number,
+                   default=DEFAULT_MAX_STREAMS_PER_OWNER, metavar="N",
+                   help=f"concurrent Stream calls of one owner "
+                        f"(default {DEFAULT_MAX_STREAMS_PER_OWNER})")
+    g.add_argument("--max-request-bytes", type=number, default=DEFAULT_MAX_REQUEST_BYTES,
+                   metavar="N",
+                   help=f"largest request message (default {DEFAULT_MAX_REQUEST_BYTES})")
+    g.add_argument("--handshake-timeout", type=_cli_type(_request_timeout, "0.1s to 60s"),
+                   default=DEFAULT_HANDSHAKE_TIMEOUT, metavar="DURATION",
+                   help="a connection that has not finished its TLS handshake this long after "
+                        f"it was opened is closed (default {DEFAULT_HANDSHAKE_TIMEOUT:g}s)")
+    g.add_argument("--max-connections", type=number,
+                   default=DEFAULT_MAX_CONNECTIONS, metavar="N",
+                   help="connections at once; more are refused before their handshake "
+                        f"(default {DEFAULT_MAX_CONNECTIONS}, fewer if the open-files limit "
+                        "leaves no room for them beside the jobs)")
+    g.add_argument("--max-unauthenticated", type=number,
+                   default=DEFAULT_MAX_UNAUTHENTICATED, metavar="N",
+                   help="connections that have not yet made an authorized call; past it the "
+                        f"idlest are closed (default {DEFAULT_MAX_UNAUTHENTICATED})")
+    g.add_argument("--max-unauthenticated-per-source", type=number,
+                   default=DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE, metavar="N",
+                   help="... of those, from one address "
+                        f"(default {DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE})")
+    g.add_argument("--request-timeout", type=_cli_type(_request_timeout, "0.1s to 60s"),
+                   default=DEFAULT_REQUEST_TIMEOUT, metavar="DURATION",
+                   help="a call whose request message has not arrived this long after the "
+                        f"call is ended (default {DEFAULT_REQUEST_TIMEOUT:g}s)")
 
 
 def cmd_serve(args):
@@ -7337,6 +7635,14 @@ def _probe_tls(paths):
             "" if ok else "use an ECDSA server key (certs init) and do not set GRPC_SSL_CIPHER_SUITES")
 
 
+def _args_doctor(p):
+    p.epilog = "example: jobworker doctor --certs /etc/jobworker (as root)"
+    p.add_argument("--certs", default=DEFAULT_CERTS_DIR,
+                   help=f"DIR holding ca.crt, server.crt, server.key (default ./{DEFAULT_CERTS_DIR})")
+    p.add_argument("--cgroup-parent", default=DEFAULT_CGROUP_PARENT,
+                   help=f"as serve's (default {DEFAULT_CGROUP_PARENT})")
+
+
 def cmd_doctor(args):
     problems = 0
     for ok, what, advice in doctor_checks(args.certs, args.cgroup_parent):
@@ -7426,335 +7732,106 @@ def _add_start_options(p):
     _add_client_options(p)
 
 
+CLIENT_OPTIONS = {   # flag: (placeholder, what it is)
+    "server": ("HOST[:PORT]", "the server"), "ca": ("FILE", "the CA the server's certificate "
+                                                            "must chain to"),
+    "cert": ("FILE", "your client certificate"), "key": ("FILE", "its private key")}
+
+
 def _add_client_options(p):
+    g = p.add_argument_group("connection")
     for flag, (env, default) in CLIENT_DEFAULTS.items():
-        p.add_argument(f"--{flag}", help=f"(env {env}; else the context's; else {default})")
-    p.add_argument("--context", metavar="NAME",
-                   help="a saved connection (jobworker context add; env JOBWORKER_CONTEXT)")
+        metavar, what = CLIENT_OPTIONS[flag]
+        g.add_argument(f"--{flag}", metavar=metavar,
+                       help=f"{what} (env {env}; else the context's; else {default})")
+    g.add_argument("--context", metavar="NAME",
+                   help="a saved connection, from `jobworker context add` (env "
+                        "JOBWORKER_CONTEXT; else the current one)")
 
 
-def build_parser():
+SUBCOMMANDS = (   # name, what runs it, its options; its help (argparse %-formats it)
+    ("certs", None, _args_certs, "make a CA, server and client certificates"),
+    ("serve", cmd_serve, _args_serve, "run the server (as root)"),
+    ("run", cmd_run, _args_run,
+     "start a job, print its output as it comes, exit with its exit code"),
+    ("start", cmd_start, _args_start, "start a job; prints only its id"),
+    ("list", cmd_list, _args_list, "list the jobs you may see, oldest first"),
+    ("stream", cmd_stream, _args_stream,
+     "print a job's output from the start, live until it ends"),
+    ("query", cmd_query, _args_query, "show a job's status"),
+    ("wait", cmd_wait, _args_wait, "wait until jobs have ended; exit as the last one did"),
+    ("stop", cmd_stop, _args_stop, "stop jobs (SIGTERM, then SIGKILL after the grace period)"),
+    ("rm", cmd_rm, _args_rm, "remove finished jobs: their records and output"),
+    ("top", cmd_top, _args_top, "live CPU, memory, IO and tasks of the running jobs"),
+    ("context", cmd_context, _args_context, "saved connections to servers: add, ls, use, rm"),
+    ("health", cmd_health, _args_health,
+     "ask the server's gRPC health service; exit 0 only when it is SERVING"),
+    ("version", cmd_version, _args_version,
+     "print the client's version and the server's, with what it accepts"),
+    ("doctor", cmd_doctor, _args_doctor, "check this host and the server's certificates"),
+    ("completion", cmd_completion, _args_completion, "print a shell completion script"),
+)
+
+
+def _exit_codes_text():
+    return "Exit codes: " + ", ".join(f"{code} {what}" for code, what in EXIT_CODES.items())
+
+
+def build_parser(parsers=None):
+    """The command line: one parser per row of SUBCOMMANDS. `parsers`, if given, is filled
+    with {name: that subcommand's parser} (main reports usage errors on them)."""
     import argparse
     parser = argparse.ArgumentParser(
         prog="jobworker", description="Run and watch commands on Linux hosts, each in its "
         "own cgroup, over mutual-TLS gRPC.",
-        epilog="Exit codes: 0 ok, 1 error, 2 usage, 3 cannot reach server, 4 not found, "
-        "5 permission denied, 6 refused, 7 cap reached, 8 server error, 9 address in use, "
-        "10 another server owns the state dir, 11 launcher of another protocol, "
-        "130 interrupted. `run` and `wait` exit as the job did (see `run -h`). Options of "
-        "start and run go before the command; only a run of them at its very end is read too "
-        "(start bash -c '...' --cpu 50%%); put -- before the command to give it any option.")
+        epilog=f"{_exit_codes_text()}. `run` and `wait` exit as the job did (see `run -h`). "
+               f"{OPTION_RULE}")
     parser.add_argument("--version", action="version", version=f"jobworker {__version__}")
     sub = parser.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
-    parser.subcommands = sub.choices   # filled in below
-
-    p = sub.add_parser("serve", help="run the server (as root)",
-                       epilog="example: jobworker serve --certs /etc/jobworker --metrics-listen "
-                              "127.0.0.1:9105")
-    p.add_argument("--listen", default=DEFAULT_LISTEN, help=f"HOST:PORT (default {DEFAULT_LISTEN})")
-    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
-                   help=f"job records and output (default {DEFAULT_STATE_DIR})")
-    p.add_argument("--certs", help=f"DIR holding ca.crt, server.crt, server.key "
-                                   f"(default ./{DEFAULT_CERTS_DIR})")
-    p.add_argument("--ca", help="CA certificate that client certificates must chain to")
-    p.add_argument("--cert", help="server certificate")
-    p.add_argument("--key", help="server private key (ECDSA, mode 0600)")
-    p.add_argument("--revoked", metavar="FILE",
-                   help=f"serials of revoked client certificates, one a line (default: "
-                        f"{REVOKED_FILE} beside the CA certificate); reread on SIGHUP and "
-                        "when it changes")
-    p.add_argument("--job-user", metavar="USER|dynamic",
-                   help="run jobs as this user instead of root; dynamic: each job owner gets "
-                        "a uid and gid of its own (from --job-uid-range)")
-    p.add_argument("--job-nofile", type=_cli_type(_positive, "a number of open files"),
-                   metavar="N", help="the open-files limit (soft and hard) of jobs (default: "
-                                     "the limits serve started with, not those it raised)")
-    p.add_argument("--job-uid-range", type=_cli_type(parse_uid_range, "FIRST-LAST, such as "
-                                                     "61184-65519"),
-                   default=DEFAULT_UID_RANGE, metavar="FIRST-LAST",
-                   help="uids (and gids) of --job-user dynamic (default 61184-65519, "
-                        "systemd's DynamicUser range)")
-    p.add_argument("--cgroup-parent", default=DEFAULT_CGROUP_PARENT,
-                   help="job cgroups' parent, relative to the server's own cgroup "
-                        f"(default {DEFAULT_CGROUP_PARENT})")
-    p.add_argument("--grace", type=_cli_type(_grace, f"{DURATION_FORM}, at most "
-                                             f"{MAX_GRACE:g}s"),
-                   default=DEFAULT_GRACE_SECONDS, metavar="DURATION",
-                   help=f"Stop's default SIGTERM-to-SIGKILL time ({DEFAULT_GRACE_SECONDS:g}s)")
-    p.add_argument("--default-pids", type=int, default=DEFAULT_PIDS_LIMIT,
-                   help=f"pids limit of jobs that set none ({DEFAULT_PIDS_LIMIT})")
-    p.add_argument("--log-cap", type=parse_memory, default=DEFAULT_LOG_CAP,
-                   help="output kept per job (default 2G)")
-    p.add_argument("--max-jobs", type=int, default=DEFAULT_MAX_JOBS,
-                   help=f"running jobs at once ({DEFAULT_MAX_JOBS})")
-    p.add_argument("--max-jobs-per-owner", type=int, default=DEFAULT_MAX_JOBS_PER_OWNER,
-                   help=f"running jobs of one owner ({DEFAULT_MAX_JOBS_PER_OWNER})")
-    p.add_argument("--max-streams", type=int, default=DEFAULT_MAX_STREAMS,
-                   help=f"concurrent Stream calls ({DEFAULT_MAX_STREAMS})")
-    p.add_argument("--max-streams-per-owner", type=int, default=DEFAULT_MAX_STREAMS_PER_OWNER,
-                   help=f"concurrent Stream calls of one owner "
-                        f"({DEFAULT_MAX_STREAMS_PER_OWNER})")
-    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
-                   help=f"largest request message ({DEFAULT_MAX_REQUEST_BYTES})")
-    p.add_argument("--handshake-timeout", type=_cli_type(_request_timeout, "0.1s to 60s"),
-                   default=DEFAULT_HANDSHAKE_TIMEOUT, metavar="DURATION",
-                   help="a connection that has not finished its TLS handshake this long after "
-                        f"it was opened is closed (default {DEFAULT_HANDSHAKE_TIMEOUT:g}s)")
-    p.add_argument("--max-connections", type=_cli_type(_positive, "a number, 1 or more"),
-                   default=DEFAULT_MAX_CONNECTIONS, metavar="N",
-                   help="connections at once; more are refused before their handshake "
-                        f"(default {DEFAULT_MAX_CONNECTIONS}, fewer if the open-files limit "
-                        "leaves no room for them beside the jobs)")
-    p.add_argument("--max-unauthenticated", type=_cli_type(_positive, "a number, 1 or more"),
-                   default=DEFAULT_MAX_UNAUTHENTICATED, metavar="N",
-                   help="connections that have not yet made an authorized call; past it the "
-                        f"idlest are closed (default {DEFAULT_MAX_UNAUTHENTICATED})")
-    p.add_argument("--max-unauthenticated-per-source",
-                   type=_cli_type(_positive, "a number, 1 or more"),
-                   default=DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE, metavar="N",
-                   help="... of those, from one address "
-                        f"(default {DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE})")
-    p.add_argument("--request-timeout", type=_cli_type(_request_timeout, "0.1s to 60s"),
-                   default=DEFAULT_REQUEST_TIMEOUT, metavar="DURATION",
-                   help="a call whose request message has not arrived this long after the "
-                        f"call is ended (default {DEFAULT_REQUEST_TIMEOUT:g}s)")
-    p.add_argument("--keep-finished", type=_cli_type(_count, "a number of jobs, 0 or more"),
-                   default=DEFAULT_KEEP_FINISHED, metavar="N",
-                   help=f"finished jobs kept; the oldest beyond are removed "
-                        f"({DEFAULT_KEEP_FINISHED})")
-    p.add_argument("--keep-for", type=_cli_type(_keep_for, DURATION_FORM + ", or forever"),
-                   default=DEFAULT_KEEP_FOR, metavar="DURATION",
-                   help="finished jobs are removed this long after they ended: 30s, 15m, "
-                        "12h, 7d, or forever (7d)")
-    p.add_argument("--live-restore", action=argparse.BooleanOptionalAction, default=True,
-                   help="jobs outlive the server: a server that dies (or stops with "
-                        "--keep-jobs) leaves them running, and the next one on this state "
-                        "dir adopts them (default: on)")
-    p.add_argument("--reflection", action=argparse.BooleanOptionalAction, default=True,
-                   help="gRPC server reflection, for grpcurl and the like (default: on; any "
-                        "valid client certificate may use it)")
-    p.add_argument("--metrics-listen", metavar="HOST:PORT",
-                   help="serve Prometheus metrics over plain HTTP at http://HOST:PORT/metrics "
-                        "(off unless given; 127.0.0.1:9105 keeps them on this host)")
-    p.add_argument("--keep-jobs", action="store_true",
-                   help="on SIGTERM or SIGINT, leave the jobs running for the next server "
-                        "(an upgrade) instead of stopping them; needs --live-restore")
-    p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser("start", usage="jobworker start [START OPTIONS] [--] CMD [ARG...]",
-                       help="start a job; prints only its id",
-                       description="Options go before the command; only a run of them at its "
-                                   "very end is read too; after `--` everything is the "
-                                   "command's.",
-                       epilog="example: jobworker start --memory 1G --name nightly -- make "
-                              "-j8 test (prints only the id: ID=$(jobworker start ...))")
-    _add_start_options(p)
-    p.set_defaults(func=cmd_start)
-    parser.start_parsers = {"start": p}
-
-    p = sub.add_parser(
-        "run", usage="jobworker run [START OPTIONS] [--detach] [--] CMD [ARG...]",
-        help="start a job, print its output as it comes, exit with its exit code",
-        description="Starts a job as `start` does, writes its stdout to stdout and its stderr "
-                    "to stderr from the first byte, and exits as the job did: its exit code, "
-                    "128+N if signal N killed it (137: also the OOM killer, said on stderr), "
-                    f"{EXIT_TIMED_OUT} if it ran past --timeout, {EXIT_LOST} if its end is "
-                    "unknown (lost in a server crash). Ctrl-C or SIGTERM stops the job and "
-                    "exits 130 or 143; a second Ctrl-C leaves at once. A server restart is "
-                    f"waited for ({RECONNECT_PATIENCE:g}s) and the output resumed.")
-    _add_start_options(p)
-    p.add_argument("--detach", action="store_true", help="only start it, as `start` does")
-    p.epilog = "example: jobworker run --timeout 2h --memory 1G -- make test && echo passed"
-    p.set_defaults(func=cmd_run)
-    parser.start_parsers["run"] = p
-
-    p = sub.add_parser(
-        "wait", help="wait until jobs have ended; exit as the last one did",
-        description="Waits until every given job has ended (without fetching output) and "
-                    "exits as `run` would for the last one. Jobs that already ended return "
-                    f"at once; a server restart is waited for ({RECONNECT_PATIENCE:g}s).")
-    p.add_argument("job_ids", nargs="+", metavar="ID",
-                   help="a job id or its first 4 or more characters")
-    p.add_argument("--json", action="store_true",
-                   help="print each final status as it comes, one JSON object a line")
-    p.epilog = "example: jobworker wait $A $B || echo the last one failed"
-    _add_client_options(p)
-    p.set_defaults(func=cmd_wait)
-
-    p = sub.add_parser("stop", help="stop jobs (SIGTERM, then SIGKILL after the grace period)",
-                       epilog="example: jobworker stop $(jobworker list -q --state running)")
-    p.add_argument("job_ids", nargs="+", metavar="ID",
-                   help="a job id or its first 4 or more characters; one that already ended "
-                        "is fine")
-    p.add_argument("--grace", type=_cli_type(_seconds, DURATION_FORM), metavar="DURATION",
-                   help="between SIGTERM and SIGKILL: 5, 5s, 2m (the server's default: 10s)")
-    _add_client_options(p)
-    p.set_defaults(func=cmd_stop)
-
-    p = sub.add_parser("query", help="show a job's status",
-                       epilog="example: jobworker query 3f2a --json")
-    p.add_argument("job_id", metavar="ID", help="a job id or its first 4 or more characters")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    _add_client_options(p)
-    p.set_defaults(func=cmd_query)
-
-    p = sub.add_parser("stream", help="print a job's output from the start, live until it ends",
-                       epilog="example: jobworker stream 3f2a --tail 20")
-    p.add_argument("job_id", metavar="ID", help="a job id or its first 4 or more characters")
-    p.add_argument("--offset", type=_cli_type(_offset, "a byte offset, 0 or more"), default=0,
-                   metavar="N", help="start at this byte of the output (as a cut stream says)")
-    p.add_argument("--tail", type=_cli_type(_count, "a number of lines, 0 or more"),
-                   metavar="N", help="start with the last N lines of the output so far")
-    p.add_argument("--follow", action=argparse.BooleanOptionalAction, default=True,
-                   help="go on with live output until the job ends (default); --no-follow: "
-                        "print what there is now and exit")
-    _add_client_options(p)
-    p.set_defaults(func=cmd_stream)
-
-    p = sub.add_parser("list", help="list the jobs you may see, oldest first",
-                       epilog="example: jobworker list --state running --last 20")
-    p.add_argument("--json", action="store_true", help="machine-readable output (one array)")
-    p.add_argument("--state", type=_cli_type(_state_list, "states separated by commas: "
-                                             "running, exited, stopped, lost, failed"),
-                   metavar="STATE[,STATE...]", help="only jobs in these states")
-    p.add_argument("--owner", default="", metavar="NAME",
-                   help="only jobs of this identity (readers and admins)")
-    p.add_argument("--last", type=_cli_type(_positive, "a number of jobs, 1 or more"),
-                   metavar="N", help="only the newest N jobs")
-    p.add_argument("--name", default="", metavar="NAME", help="only jobs of this --name")
-    p.add_argument("-q", "--quiet", action="store_true", help="print job ids only, one a line")
-    _add_client_options(p)
-    p.set_defaults(func=cmd_list)
-
-    p = sub.add_parser("rm", help="remove finished jobs: their records and output",
-                       epilog="example: jobworker rm $(jobworker list -q --state exited)")
-    p.add_argument("job_ids", nargs="+", metavar="ID",
-                   help="a finished job's id or its first 4 or more characters")
-    _add_client_options(p)
-    p.set_defaults(func=cmd_rm)
-
-    p = sub.add_parser("completion", help="print a shell completion script",
-                       epilog="example: jobworker completion bash > "
-                              "/etc/bash_completion.d/jobworker (zsh: jobworker completion zsh "
-                              "> ~/.zfunc/_jobworker)")
-    p.add_argument("shell", choices=COMPLETION_SHELLS, help="bash or zsh")
-    p.set_defaults(func=cmd_completion)
-
-    p = sub.add_parser("top", help="live CPU, memory, IO and tasks of the running jobs",
-                       epilog="example: jobworker top --no-stream")
-    p.add_argument("--no-stream", action="store_true", help="print one sample and exit")
-    _add_client_options(p)
-    p.set_defaults(func=cmd_top)
-
-    p = sub.add_parser("version", help="print the client's version and the server's, with what "
-                                       "it accepts", epilog="example: jobworker version --json")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    _add_client_options(p)
-    p.set_defaults(func=cmd_version)
-
-    p = sub.add_parser("health", help="ask the server's gRPC health service; exit 0 only when "
-                                      "it is SERVING", epilog="example: jobworker health "
-                                                               "--server host:50051")
-    p.add_argument("--service", default="", metavar="NAME",
-                   help=f"a service's health instead of the server's: {SERVICE_NAME}")
-    _add_client_options(p)
-    p.set_defaults(func=cmd_health)
-
-    p = sub.add_parser("context", help="saved connections to servers: add, ls, use, rm",
-                       epilog="example: jobworker context add build1 --server build1:50051 "
-                              "--ca certs/ca.crt --cert certs/alice.crt --key certs/alice.key; "
-                              "jobworker context use build1")
-    ctx = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    c = ctx.add_parser("add", help="save a connection (the first one saved becomes current)",
-                       epilog="example: jobworker context add build1 --server build1 --ca "
-                              "certs/ca.crt --cert certs/alice.crt --key certs/alice.key")
-    c.add_argument("name", help="a name for it")
-    c.add_argument("--server", required=True, help="HOST[:PORT] (port 50051 if none)")
-    for what in ("ca", "cert", "key"):
-        c.add_argument(f"--{what}", required=True, help=f"{what} file (saved as an absolute path)")
-    c.add_argument("--force", action="store_true", help="replace a context of that name")
-    c = ctx.add_parser("use", help="make a context the current one",
-                       epilog="example: jobworker context use build1")
-    c.add_argument("name", help="a context's name")
-    c = ctx.add_parser("rm", help="forget a context", epilog="example: jobworker context rm old")
-    c.add_argument("name", help="a context's name")
-    ctx.add_parser("ls", help="list the contexts; * marks the current one",
-                   epilog="example: jobworker context ls")
-    p.set_defaults(func=cmd_context)
-
-    p = sub.add_parser("doctor", help="check this host and the server's certificates",
-                       epilog="example: jobworker doctor --certs /etc/jobworker (as root)")
-    p.add_argument("--certs", default=DEFAULT_CERTS_DIR,
-                   help=f"DIR holding ca.crt, server.crt, server.key (default ./{DEFAULT_CERTS_DIR})")
-    p.add_argument("--cgroup-parent", default=DEFAULT_CGROUP_PARENT,
-                   help=f"as serve's (default {DEFAULT_CGROUP_PARENT})")
-    p.set_defaults(func=cmd_doctor)
-
-    p = sub.add_parser("certs", help="make a CA, server and client certificates",
-                       epilog="example: jobworker certs init certs && jobworker certs issue "
-                              "certs alice --role writer")
-    certs = p.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
-    c = certs.add_parser("init", help="write DIR/ca.{crt,key} and DIR/server.{crt,key}",
-                         epilog="example: jobworker certs init certs --host build1.example.com")
-    c.add_argument("dir", help="where to write them (made mode 0700)")
-    c.add_argument("--host", action="append", help="extra server name or IP (repeatable)")
-    c.add_argument("--force", action="store_true", help="replace an existing CA")
-    c.set_defaults(func=cmd_certs_init)
-    c = certs.add_parser("server", help="write a new DIR/server.{crt,key} from the CA in DIR "
-                                        "(other host names; client certificates stay valid)",
-                         epilog="example: jobworker certs server certs --host build1.example.com"
-                                " --host 192.0.2.10")
-    c.add_argument("dir", help="the directory of certs init")
-    c.add_argument("--host", action="append", help="a server name or IP (repeatable)")
-    c.set_defaults(func=cmd_certs_server)
-    c = certs.add_parser("issue", help="write DIR/NAME.{crt,key}, a client certificate",
-                         epilog="example: jobworker certs issue certs alice --role writer")
-    c.add_argument("dir", help="the directory of certs init (its CA signs)")
-    c.add_argument("name", help="the identity (certificate CN)")
-    c.add_argument("--role", action="append", choices=ROLES, required=True,
-                   help="reader, writer or admin (repeatable)")
-    c.add_argument("--days", type=int, default=LEAF_DAYS, help=f"validity ({LEAF_DAYS})")
-    c.add_argument("--force", action="store_true", help="replace an existing NAME.crt")
-    c.set_defaults(func=cmd_certs_issue)
-    c = certs.add_parser("revoke", help=f"append a client certificate's serial to "
-                                        f"DIR/{REVOKED_FILE}: every server reading it refuses "
-                                        "it from then on, on open connections too",
-                         epilog="example: jobworker certs revoke certs alice")
-    c.add_argument("dir", help="the directory of certs init")
-    c.add_argument("which", metavar="NAME|SERIAL",
-                   help="a certificate's name (DIR/NAME.crt) or its serial number in hex")
-    c.set_defaults(func=cmd_certs_revoke)
+    for name, func, add_options, help_ in SUBCOMMANDS:
+        p = sub.add_parser(name, help=help_)
+        add_options(p)
+        if func:
+            p.set_defaults(func=func)
+        if parsers is not None:
+            parsers[name] = p
     return parser
+
+
+def _context_first(argv):
+    """`jobworker --context NAME SUBCOMMAND ...` (as docker's) as the subcommand's option."""
+    if argv[:1] == ["--context"] and len(argv) > 2 or argv[:1] and argv[0].startswith(
+            "--context="):
+        given = argv[0].split("=", 1)[1] if "=" in argv[0] else argv[1]
+        rest = argv[1:] if "=" in argv[0] else argv[2:]
+        return [rest[0], "--context", given, *rest[1:]] if rest else argv
+    return argv
 
 
 def main(argv=None):
     """Run one subcommand; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    command = None
+    parsers = {}
+    parser = build_parser(parsers)
     command, trailing = None, []
-    if argv[:1] == ["--context"] and len(argv) > 2 or argv[:1] and argv[0].startswith(
-            "--context="):   # as docker's: jobworker --context NAME SUBCOMMAND ...
-        given = argv[0].split("=", 1)[1] if "=" in argv[0] else argv[1]
-        rest = argv[1:] if "=" in argv[0] else argv[2:]
-        argv = [rest[0], "--context", given, *rest[1:]] if rest else argv
+    argv = _context_first(argv)
     if argv[:1] != ["serve"]:   # a client: its errors are its own lines, not the C core's
         os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-    if argv and argv[0] in parser.start_parsers:
+    if argv and argv[0] in TAKES_COMMAND:
         try:
             opts, command, trailing = split_start_args(argv[1:])
         except UsageError as e:
-            parser.start_parsers[argv[0]].error(str(e))
+            parsers[argv[0]].error(str(e))
         argv = [argv[0], *opts]
-    elif argv and not argv[0].startswith("-") and argv[0] not in parser.subcommands:
+    elif argv and not argv[0].startswith("-") and argv[0] not in parsers:
         import difflib
-        close = difflib.get_close_matches(argv[0], parser.subcommands, n=1)
+        close = difflib.get_close_matches(argv[0], parsers, n=1)
         parser.error(f"unknown command {argv[0]!r}" + (f"; did you mean {close[0]!r}?"
                                                          if close else ""))
     args = parser.parse_args(argv)   # -h and bad options end here
-    if args.subcommand in parser.start_parsers:
+    if args.subcommand in TAKES_COMMAND:
         if not command:
-            parser.start_parsers[args.subcommand].error(
+            parsers[args.subcommand].error(
                 f"a command to run is required: jobworker {args.subcommand} -- sleep 9")
         args.command, args.trailing = command, trailing
     try:
