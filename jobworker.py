@@ -731,7 +731,6 @@ class Cgroup:
     def create(self): raise NotImplementedError
     def set_limits(self, limits, devices): raise NotImplementedError
     def pids(self): raise NotImplementedError
-    def wait_empty(self, timeout): raise NotImplementedError
     def oom_kills(self): raise NotImplementedError
     def usage(self): raise NotImplementedError
     def remove(self): raise NotImplementedError
@@ -739,6 +738,17 @@ class Cgroup:
     def populated(self):
         """Whether any process is in it or below it."""
         return bool(self.pids())
+
+    def wait_empty(self, timeout):
+        """True once no process is left, False if some still are after `timeout` seconds.
+        Here by looking every 5 ms; a cgroup whose kernel says so (cgroup.events) waits for
+        that instead."""
+        deadline = time.monotonic() + timeout
+        while self.pids():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
 
     def signal_all(self, sig):
         """Send sig to every process of the job, sub-cgroups included; returns how many."""
@@ -860,12 +870,7 @@ class CgroupV1(Cgroup):
     def wait_empty(self, timeout):
         if self.unified:
             return _wait_populated_zero(f"{self.unified}/cgroup.events", timeout)
-        deadline = time.monotonic() + timeout
-        while self.pids():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.005)
-        return True
+        return super().wait_empty(timeout)
 
     def oom_kills(self):
         d = self.dirs.get("memory")

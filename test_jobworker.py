@@ -178,14 +178,6 @@ class FakeCgroup(jw.Cgroup):
                     found.add(int(name))
         return found
 
-    def wait_empty(self, timeout):
-        deadline = time.monotonic() + timeout
-        while self.pids():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.005)
-        return True
-
     def oom_kills(self):
         return self.oom
 
@@ -925,21 +917,33 @@ def test_relative_order_of_stdout_and_stderr_is_kept(manager):
 
 @root
 def test_followers_early_and_late_get_identical_output_live(manager):
-    job = manager.start("sh", ["-c", "for i in $(seq 1 30); do echo line $i; echo e$i >&2; "
+    # The job writes half its output, waits until the late follower has caught up with it,
+    # then writes the rest: the late one attaches to a running job and goes on live.
+    gate = f"/tmp/jobworker-gate-{uuid.uuid4()}"
+    job = manager.start("sh", ["-c", "for i in $(seq 1 15); do echo line $i; echo e$i >&2; "
+                                     f"done; while [ ! -e {gate} ]; do sleep 0.01; done; "
+                                     "for i in $(seq 16 30); do echo line $i; echo e$i >&2; "
                                      "sleep 0.02; done"])
-    results = {}
+    results = {"early": [], "late": []}
 
     def follow(name):
-        results[name] = [(c.stream, c.offset, c.data) for c in manager.follow(job.id)]
+        for c in manager.follow(job.id):
+            results[name].append((c.stream, c.offset, c.data))
 
+    joined = lambda name: b"".join(d for _, _, d in list(results[name]))
     early = threading.Thread(target=follow, args=("early",))
     early.start()
-    time.sleep(0.3)
+    wait_for(lambda: joined("early").count(b"line") == 15, what="the early follower")
     late = threading.Thread(target=follow, args=("late",))
     late.start()
+    try:
+        wait_for(lambda: joined("late").count(b"line") == 15, what="the late one's catch-up")
+        assert manager.status(job.id).state == jw.RUNNING
+    finally:
+        open(gate, "w").close()
     early.join(30)
     late.join(30)
-    joined = lambda name: b"".join(d for _, _, d in results[name])
+    os.unlink(gate)
     assert joined("early") == joined("late")
     assert joined("early").count(b"line") == 30
     assert manager.status(job.id).state == jw.EXITED
@@ -1026,12 +1030,11 @@ def test_states_and_exit_status_without_the_kernel(fake_manager):
     m = fake_manager()
     a = m.start("sh", ["-c", "echo out; exit 3"])
     b = m.start("sh", ["-c", "kill -9 $$"])
-    c = m.start("sh", ["-c", "trap 'exit 7' TERM; while :; do sleep 0.05; done"])
+    c = m.start("sh", ["-c", "trap 'exit 7' TERM; echo set; while :; do sleep 0.05; done"])
     sa, sb = wait_final(m, a.id), wait_final(m, b.id)
     assert (sa.state, sa.exit_code, sa.signal, sa.output_bytes) == (jw.EXITED, 3, None, 4)
     assert (sb.state, sb.exit_code, sb.signal) == (jw.EXITED, None, signal.SIGKILL)
-    wait_for(lambda: m.cgroups.job(c.id).pids(), what="the trap to be set")
-    time.sleep(0.2)
+    wait_for(lambda: m.status(c.id).output_bytes > 0, what="the trap to be set")
     sc = m.stop(c.id, grace=5)
     assert (sc.state, sc.exit_code, sc.signal) == (jw.STOPPED, 7, None)
     assert m.cgroups.job(a.id).limits.pids == jw.DEFAULT_PIDS_LIMIT
@@ -2486,16 +2489,41 @@ def test_interleaved_output_comes_back_whole_in_batches_or_one_chunk_a_message(p
 @root
 def test_two_clients_attached_early_and_late_get_identical_output(peers):
     alice = peers("alice")
-    job = alice.start("sh", "-c", "for i in $(seq 1 40); do echo line $i; echo e$i >&2; "
+    gate = f"/tmp/jobworker-gate-{uuid.uuid4()}"   # the job waits for it halfway
+    job = alice.start("sh", "-c", "for i in $(seq 1 20); do echo line $i; echo e$i >&2; "
+                                  f"done; while [ ! -e {gate} ]; do sleep 0.01; done; "
+                                  "for i in $(seq 21 40); do echo line $i; echo e$i >&2; "
                                   "sleep 0.02; done")
-    results = {}
+    results, late_seen = {}, []
     early = threading.Thread(target=lambda: results.update(early=alice.stream(job)))
     early.start()
-    time.sleep(0.4)
-    late = peers("admin").stream(job)
+    wait_for(lambda: alice.stub.Query(pb.QueryRequest(job_id=job)).status.output_bytes > 0,
+             what="the job's first half")
+
+    def late_stream():
+        out = err = b""
+        for msg in peers("admin").stub.Stream(pb.StreamRequest(job_id=job), timeout=60):
+            if msg.HasField("chunk"):
+                if msg.chunk.stream == pb.OUTPUT_STREAM_STDOUT:
+                    out += msg.chunk.data
+                    late_seen.append(msg.chunk.data)
+                else:
+                    err += msg.chunk.data
+        results["late"] = (out, err)
+    late = threading.Thread(target=late_stream)
+    late.start()
+    try:   # the late one attaches while the job waits, catches up, then goes on live
+        wait_for(lambda: b"".join(late_seen).count(b"line") == 20, what="the late catch-up")
+        assert alice.stub.Query(pb.QueryRequest(job_id=job)).status.state == \
+            pb.JOB_STATE_RUNNING
+    finally:
+        open(gate, "w").close()
     early.join(30)
-    assert results["early"][:2] == late[:2]
-    assert late[0].count(b"line") == 40 and late[1].count(b"e") == 40
+    late.join(30)
+    os.unlink(gate)
+    out, err, _ = results["early"]
+    assert (out, err) == results["late"]
+    assert out.count(b"line") == 40 and err.count(b"e") == 40
 
 
 @root
@@ -2640,30 +2668,31 @@ def _stream_opens(peer, job_id):
 @root
 def test_cancelled_stream_gives_its_thread_back(pki, api, peers):
     alice = peers("alice")
-    job = alice.start("sleep", "600")
-    base = threading.active_count()
+    job = alice.start("sleep", "600")   # no output: each stream waits in the server
+    before = _rpc_threads_in("Stream")
     calls = [alice.stub.Stream(pb.StreamRequest(job_id=job)) for _ in range(20)]
-    wait_for(lambda: threading.active_count() >= base + 20 or all(c.running() for c in calls),
-             what="streams to occupy server threads")
-    busy = sum(1 for t in threading.enumerate() if t.name.startswith("jobworker-rpc"))
+    for c in calls:
+        c.initial_metadata()   # sent once the call is admitted, in its handler's thread
+    assert _rpc_threads_in("Stream") == before + 20
     for c in calls:
         c.cancel()
-    wait_for(lambda: _idle_rpc_threads() >= busy, what="server threads to return to the pool")
+    wait_for(lambda: _rpc_threads_in("Stream") == before,
+             what="server threads to leave the cancelled streams")
     alice.stub.Stop(pb.StopRequest(job_id=job, grace_seconds=0))
 
 
-def _idle_rpc_threads():
-    """Pool threads waiting for work (their stack is in the executor's queue get)."""
-    idle = 0
+def _rpc_threads_in(function):
+    """Server pool threads (of this process) whose stack is in `function` now."""
+    busy = 0
     for tid, frame in sys._current_frames().items():
         t = threading._active.get(tid)
         if t and t.name.startswith("jobworker-rpc"):
-            names = []
+            names = set()
             while frame:
-                names.append(frame.f_code.co_name)
+                names.add(frame.f_code.co_name)
                 frame = frame.f_back
-            idle += "_worker" in names and "Stream" not in names and "__iter__" not in names
-    return idle
+            busy += function in names
+    return busy
 
 
 @root
@@ -2824,13 +2853,29 @@ class ServeProcess:
         return code
 
 
-def cli(argv, *args, certs, port=None, host="127.0.0.1", name="client", timeout=60, env=None):
-    env = dict(env or {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"},
-               JOBWORKER_CA=str(certs / "ca.crt"), JOBWORKER_CERT=str(certs / f"{name}.crt"),
-               JOBWORKER_KEY=str(certs / f"{name}.key"))
+def cli_env(pki, port=None, name="client", host="127.0.0.1", base=None):
+    """The environment of a CLI call as `name` (to host:port, if given). GRPC_VERBOSITY: this
+    process set it for its own servers; a CLI chooses its own."""
+    env = dict(base or {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"},
+               JOBWORKER_CA=str(pki / "ca.crt"), JOBWORKER_CERT=str(pki / f"{name}.crt"),
+               JOBWORKER_KEY=str(pki / f"{name}.key"))
     if port:
         env["JOBWORKER_SERVER"] = f"{host}:{port}"
-    return subprocess.run([*argv, *args], env=env, capture_output=True, timeout=timeout)
+    return env
+
+
+def as_from_a_terminal():
+    """preexec_fn of a CLI a test signals: the dispositions a shell on a terminal gives its
+    commands (a suite started in the background, or by a wrapper, may have SIGINT ignored or
+    blocked, and the CLI rightly keeps an inherited ignore)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
+
+
+def cli(argv, *args, certs, port=None, host="127.0.0.1", name="client", timeout=60, env=None):
+    return subprocess.run([*argv, *args], env=cli_env(certs, port, name, host, env),
+                          capture_output=True, timeout=timeout)
 
 
 SRC = [sys.executable, os.path.join(HERE, "jobworker.py")]
@@ -2890,14 +2935,12 @@ def test_cli_stream_is_byte_exact_on_both_streams(pki, src_server):
 
 @root
 def test_cli_ctrl_c_leaves_stream_quietly_with_130(pki, src_server):
-    job_id = cli(SRC, "start", "sleep", "600", certs=pki,
+    job_id = cli(SRC, "start", "sh", "-c", "echo up; sleep 600", certs=pki,
                  port=src_server.port).stdout.decode().strip()
-    env = dict(os.environ, JOBWORKER_CA=str(pki / "ca.crt"), JOBWORKER_CERT=str(pki / "client.crt"),
-               JOBWORKER_KEY=str(pki / "client.key"),
-               JOBWORKER_SERVER=f"127.0.0.1:{src_server.port}")
-    p = subprocess.Popen([*SRC, "stream", job_id], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
-    time.sleep(1.5)
+    p = subprocess.Popen([*SRC, "stream", job_id], env=cli_env(pki, src_server.port),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=as_from_a_terminal)
+    assert p.stdout.readline() == b"up\n"   # the stream is live
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=30)
     assert p.returncode == 130 and err == b""
@@ -3205,6 +3248,11 @@ def scrape(server, path="/metrics"):
         return r.read()
 
 
+def streams_open(server):
+    """Stream calls the ServeProcess (serving metrics) has open now."""
+    return float(re.search(rb"^jobworker_streams_open (\S+)$", scrape(server), re.M).group(1))
+
+
 def serve_once(pki, state, parent, listen="127.0.0.1:0", certs=None):
     """`serve` expected to refuse to start: (exit code, stderr)."""
     r = subprocess.run([*SRC, "serve", "--listen", listen, "--certs", str(certs or pki),
@@ -3348,14 +3396,6 @@ def test_serve_sigterm_ends_streams_stops_jobs_and_exits_0(pki, tmp_path):
 # run and wait: exit codes, signals, restarts; per-job env, workdir, timeout and name
 # ================================================================================================
 
-def cli_env(pki, port, name="client"):
-    # (GRPC_VERBOSITY: this process set it for its own servers; a CLI chooses its own)
-    return dict({k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"},
-                JOBWORKER_CA=str(pki / "ca.crt"),
-                JOBWORKER_CERT=str(pki / f"{name}.crt"), JOBWORKER_KEY=str(pki / f"{name}.key"),
-                JOBWORKER_SERVER=f"127.0.0.1:{port}")
-
-
 @pytest.fixture(scope="module")
 def quick_server(pki, tmp_path_factory):
     """A server whose Stop grace is 1 s (timeouts and Ctrl-C end in a second)."""
@@ -3423,7 +3463,7 @@ def test_a_timeout_stops_the_job_as_stop_does(make_manager):
 def test_run_stops_its_job_on_ctrl_c_or_sigterm(sig, code, pki, quick_server):
     p = subprocess.Popen([*SRC, "run", "sh", "-c", "echo started; sleep 600"],
                          env=cli_env(pki, quick_server.port), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
+                         stderr=subprocess.PIPE, preexec_fn=as_from_a_terminal)
     assert p.stdout.readline() == b"started\n"
     p.send_signal(sig)
     out, err = p.communicate(timeout=60)
@@ -3437,20 +3477,22 @@ def test_run_stops_its_job_on_ctrl_c_or_sigterm(sig, code, pki, quick_server):
 @root
 def test_a_second_ctrl_c_leaves_run_at_once_and_the_stop_goes_on(pki, src_server):
     # src_server's grace is the default 10 s: the job ignores SIGTERM and outlives `run`.
-    p = subprocess.Popen([*SRC, "run", "sh", "-c", "trap '' TERM; echo started; sleep 600"],
+    script = "trap 'echo term' TERM; echo started; while :; do sleep 0.1; done"
+    p = subprocess.Popen([*SRC, "run", "sh", "-c", script],
                          env=cli_env(pki, src_server.port), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
+                         stderr=subprocess.PIPE, preexec_fn=as_from_a_terminal)
     assert p.stdout.readline() == b"started\n"
+    run = lambda *a: cli(SRC, *a, certs=pki, port=src_server.port)
+    job = json.loads(run("list", "--last", "1", "--json").stdout)[0]
     p.send_signal(signal.SIGINT)
-    wait_for(lambda: b"" != p.stderr.peek(1), what="run's first words on stderr")
-    time.sleep(0.5)
+    wait_for(lambda: b"term" in run("stream", job["id"], "--no-follow").stdout,
+             what="run's Stop to reach the job")
     p.send_signal(signal.SIGINT)
     t0 = time.monotonic()
     out, err = p.communicate(timeout=30)
     assert p.returncode == 130 and time.monotonic() - t0 < jw.DEFAULT_GRACE_SECONDS / 2, err
     assert b"is being stopped" in err
-    job = json.loads(cli(SRC, "list", "--last", "1", "--json", certs=pki,
-                         port=src_server.port).stdout)[0]
+    job = json.loads(run("list", "--last", "1", "--json").stdout)[0]
     assert job["state"] == "running"           # still in its grace period
     w = cli(SRC, "wait", job["id"], certs=pki, port=src_server.port)
     assert w.returncode == 137                 # SIGKILL after the grace
@@ -3499,7 +3541,8 @@ def test_wait_for_running_ended_several_and_unknown_jobs(pki, quick_server):
 @root
 def test_run_and_wait_go_on_across_a_server_upgrade(pki, tmp_path):
     state, parent = tmp_path / "state", f"{RUN_PARENT}/runrestart"
-    server = ServeProcess(SRC, pki, state, parent, listen="127.0.0.1:0", extra=["--keep-jobs"])
+    server = ServeProcess(SRC, pki, state, parent, listen="127.0.0.1:0",
+                          extra=["--keep-jobs", "--metrics-listen", "127.0.0.1:0"])
     port = server.port
     env = cli_env(pki, port)
     script = "for i in $(seq 1 30); do echo line $i; sleep 0.1; done; echo done >&2; exit 5"
@@ -3509,7 +3552,7 @@ def test_run_and_wait_go_on_across_a_server_upgrade(pki, tmp_path):
     waiter = subprocess.Popen([*SRC, "wait", "--json", *json.loads(cli(
         SRC, "list", "--json", certs=pki, port=port).stdout)[0]["id"].split()], env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(0.5)
+    wait_for(lambda: streams_open(server) == 2, what="the runner's and the waiter's streams")
     assert server.stop() == 0   # --keep-jobs: the job goes on without a server
     server = ServeProcess(SRC, pki, state, parent, listen=f"127.0.0.1:{port}",
                           extra=["--keep-jobs"])
@@ -3529,12 +3572,18 @@ def test_run_and_wait_go_on_across_a_server_upgrade(pki, tmp_path):
 @root
 def test_wait_for_a_job_lost_in_a_crash_exits_125(pki, tmp_path):
     state, parent = tmp_path / "state", f"{RUN_PARENT}/waitlost"
-    server = ServeProcess(SRC, pki, state, parent, extra=["--no-live-restore"])
+    server = ServeProcess(SRC, pki, state, parent,
+                          extra=["--no-live-restore", "--metrics-listen", "127.0.0.1:0"])
     port = server.port
     job = cli(SRC, "start", "sleep", "600", certs=pki, port=port).stdout.decode().strip()
     waiter = subprocess.Popen([*SRC, "wait", job], env=cli_env(pki, port),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(0.5)
+    try:   # the waiter is waiting before the crash (one that came after it would pass too)
+        wait_for(lambda: streams_open(server) == 1, what="the waiter's stream")
+    except AssertionError:
+        waiter.kill()
+        server.stop()
+        raise
     server.proc.kill()           # a crash: without live restore its jobs end with it
     server.proc.wait(30)
     server = ServeProcess(SRC, pki, state, parent, listen=f"127.0.0.1:{port}",
