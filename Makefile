@@ -1,5 +1,8 @@
 # make run   - build jobworker.pyz, make dev certificates in ./certs, serve on localhost:50051
+#              (a second dev server beside it: make run PORT=50052 STATE=build/state2
+#              CGROUP_PARENT=jobworker-dev2)
 # make test  - every test, as root, in a local venv made from the pinned requirements
+# make fast  - the fast tier: no root, no QEMU, no namespaces (as any user, from a fresh clone)
 # make pyz   - build jobworker.pyz only
 # make stubs - the generated gRPC modules, for running jobworker.py from the source tree
 PYTHON ?= python3
@@ -18,10 +21,19 @@ PYZ_PYTHONS ?= 3.10,3.11,3.12,3.13
 TOOLS := openssl:openssl ip:iproute2 nsenter:util-linux node:nodejs npm:npm \
          $(if $(JOBWORKER_SKIP_V2_GUEST),,qemu-system-x86_64:qemu-system-x86)
 
-.PHONY: test venv stubs pyz run clean system-deps bench
+PORT          ?= 50051
+STATE         ?= build/state
+CGROUP_PARENT ?= jobworker
+# the slowest tests are named at the end, so that their cost is seen
+PYTEST := $(VPY) -m pytest -q -ra --durations=15
+
+.PHONY: test fast venv stubs pyz run clean system-deps bench
 
 test: system-deps $(STAMP) $(STUBS)
-	$(VPY) -m pytest -q -ra test_jobworker.py
+	$(PYTEST) test_jobworker.py
+
+fast: $(STAMP) $(STUBS)
+	$(PYTEST) -p no:cacheprovider -m "not slow and not root" test_jobworker.py
 
 system-deps:
 	@missing=""; for t in $(TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
@@ -59,12 +71,15 @@ certs/client.crt: certs/server.crt
 	./jobworker.pyz certs issue certs reader --role reader
 
 run: jobworker.pyz certs/client.crt
-	@echo "jobworker serves on localhost:50051. From another terminal in $(CURDIR):"
-	@echo "  ID=\$$(./jobworker.pyz start bash -c 'while true; do echo hello; sleep 1; done' --cpu 50% --memory 256M --disk-io 10MB/s)"
-	@echo "  ./jobworker.pyz stream \$$ID        # Ctrl-C leaves; the job goes on"
-	@echo "  ./jobworker.pyz query \$$ID && ./jobworker.pyz stop \$$ID"
-	@echo "  ./jobworker.pyz run --memory 64M -- sh -c 'echo hi; exit 3'; echo \$$?   # 3"
-	./jobworker.pyz serve --listen localhost:50051 --certs certs --state-dir build/state
+	@echo "jobworker serves on localhost:$(PORT). From another terminal in $(CURDIR):"
+	@$(if $(filter-out 50051,$(PORT)),echo "    export JOBWORKER_SERVER=localhost:$(PORT)",true)
+	@echo "    ID=\$$(./jobworker.pyz start bash -c 'while true; do echo hello; sleep 1; done' --cpu 50% --memory 256M --disk-io 10MB/s)"
+	@echo "    ./jobworker.pyz stream \$$ID        # output from byte 0, then live; Ctrl-C leaves, the job goes on"
+	@echo "    ./jobworker.pyz query \$$ID         # state, exit, limits, usage; --json for scripts"
+	@echo "    ./jobworker.pyz list"
+	@echo "    ./jobworker.pyz stop \$$ID          # SIGTERM, SIGKILL after 10 s (--grace)"
+	@echo "    ./jobworker.pyz run --memory 64M -- sh -c 'echo hi; exit 3'; echo \$$?   # 3"
+	./jobworker.pyz serve --listen localhost:$(PORT) --certs certs --state-dir $(STATE) --cgroup-parent $(CGROUP_PARENT)
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .hypothesis __pycache__ jobworker.pyz $(STUBS)

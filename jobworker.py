@@ -550,7 +550,7 @@ def validate_grace(seconds):
 def validate_name(name):
     """A job's name: up to 100 printable characters ("" for none)."""
     if not isinstance(name, str) or len(name) > MAX_NAME_CHARS or not name.isprintable():
-        raise InvalidArgument("name", name, f"up to {MAX_NAME_CHARS} printable characters")
+        raise InvalidArgument("job_name", name, f"up to {MAX_NAME_CHARS} printable characters")
     return name
 
 
@@ -5842,16 +5842,17 @@ class ServeLock:
 
     def acquire(self):
         import fcntl
+        new_state_dir = not os.path.isdir(self.state_dir)
         try:
             check_private_dir(self.state_dir, "state dir")
-            targets = [(os.path.join(self.state_dir, "server.lock"), "state dir",
-                        self.state_dir)]
+            lock_file = os.path.join(self.state_dir, "server.lock")
+            targets = [(lock_file, "state dir", self.state_dir, "--state-dir DIR")]
             for d in self.cgroup_dirs:
                 if not os.path.isdir(d):
                     os.makedirs(d)
                     self._made.append(d)
-                targets.append((d, "job cgroup parent", d))
-            for path, what, shown in targets:
+                targets.append((d, "job cgroup parent", d, "--cgroup-parent NAME"))
+            for path, what, shown, flag in targets:
                 flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECTORY if os.path.isdir(path)
                                                       else os.O_CREAT)
                 fd = os.open(path, flags, 0o600)
@@ -5863,8 +5864,13 @@ class ServeLock:
                     who = (f"another jobworker server (pid {pid}, listening on {listen})"
                            if pid else "another jobworker server")
                     raise AlreadyServing(f"{who} uses the {what} {shown}; this one touches "
-                                         "nothing and exits") from None
+                                         f"nothing and exits (give it its own with {flag})"
+                                         ) from None
         except BaseException:
+            if new_state_dir and len(self._fds) > 1:   # refused past the state dir's lock,
+                with contextlib.suppress(OSError):     # still held: no trace of this server
+                    os.unlink(lock_file)
+                    os.rmdir(self.state_dir)
             self.release()
             raise
         return self
@@ -6547,18 +6553,25 @@ def split_start_args(tokens):
     return opts, command, []
 
 
-# Which start option sets which request field: a value given after the command that the
-# server or the local check refuses was perhaps meant for the command.
+# Which start option sets which request field: errors about the field name the option (the
+# server's messages name the field, for every client), and a value given after the command
+# that is refused was perhaps meant for the command.
 FIELD_OPTIONS = {"cpu_quota": "--cpu", "memory_limit": "--memory", "disk_io": "--disk-io",
-                 "pids": "--pids", "name": "--name", "workdir": "--workdir"}
+                 "pids": "--pids", "job_name": "--name", "workdir": "--workdir",
+                 "timeout_seconds": "--timeout", "env": "--env"}
 
 
-def _trailing_hint(message, trailing):
-    given = {t.split("=", 1)[0] for t in trailing}
-    for field, option in FIELD_OPTIONS.items():
-        if option in given and f" {field} " in f" {message} ".replace("'", " "):
-            return (f"{message} (if {option} is the command's own option, put -- before the "
-                    f"command)")
+def _as_the_user_said_it(message, trailing=()):
+    """A message about a StartRequest field, naming the option instead (invalid memory_limit
+    '10X': ... -> invalid --memory '10X': ...), with a hint to put -- before the command if
+    that option came after it."""
+    m = re.match(r"invalid (\S+) ", message)
+    option = FIELD_OPTIONS.get(m.group(1)) if m else None
+    if option is None:
+        return message
+    message = f"invalid {option} {message[m.end():]}"
+    if option in {t.split("=", 1)[0] for t in trailing}:
+        message += f" (if {option} is the command's own option, put -- before the command)"
     return message
 
 
@@ -6594,7 +6607,7 @@ def start_job(args):
         validate_name(args.name or "")
     except InvalidArgument as e:
         if e.field != "cpu_quota":   # the server's CPU count decides the CPU range
-            raise CliError(_trailing_hint(str(e), trailing), EXIT_REFUSED) from None
+            raise CliError(_as_the_user_said_it(str(e), trailing), EXIT_USAGE) from None
     client = Client(args)
     pb = client.pb
     req = pb.StartRequest(name=args.command[0], args=args.command[1:],
@@ -6604,8 +6617,8 @@ def start_job(args):
     try:
         return client, client.call("Start", req).job_id
     except CliError as e:
-        if e.code == EXIT_REFUSED and trailing:
-            raise CliError(_trailing_hint(str(e), trailing), e.code) from None
+        if e.code == EXIT_REFUSED:
+            raise CliError(_as_the_user_said_it(str(e), trailing), e.code) from None
         raise
 
 
@@ -6881,7 +6894,8 @@ def format_top(pb, before, now):
     import shutil
     width = shutil.get_terminal_size((120, 24)).columns
     (t0, old), (t1, jobs) = before, now
-    head = ("ID", "NAME", "CPU %", "MEM", "LIMIT", "MEM %", "IO READ", "IO WRITE", "TASKS")
+    head = ("ID", "NAME", "CPU %", "MEM", "LIMIT", "MEM %", "IO READ", "IO WRITE", "TASKS",
+            "COMMAND")
     rows = []
     for job_id, j in jobs.items():
         prev = old.get(job_id)
@@ -6889,11 +6903,11 @@ def format_top(pb, before, now):
         if prev is not None and t1 > t0:
             cpu = f"{max(0.0, j.usage.cpu_seconds - prev.usage.cpu_seconds) / (t1 - t0) * 100:.1f}"
         mem, limit = j.usage.memory_bytes, j.limits.memory_bytes
-        rows.append((job_id[:8], printable(j.name)[:16] or _command_line(j.command)[:16], cpu,
+        rows.append((job_id[:8], printable(j.name)[:16] or "-", cpu,
                      _human_bytes(mem), _human_bytes(limit) if limit else "-",
                      f"{mem / limit * 100:.1f}" if limit else "-",
                      _human_bytes(j.usage.io_read_bytes), _human_bytes(j.usage.io_write_bytes),
-                     str(j.usage.tasks)))
+                     str(j.usage.tasks), _command_line(j.command)))
     sizes = [max([len(head[i])] + [len(r[i]) for r in rows]) for i in range(len(head))]
     return ["  ".join(f"{v:{sizes[i]}}" for i, v in enumerate(r))[:width] for r in [head, *rows]]
 
@@ -6973,6 +6987,8 @@ def cmd_wait(args):
         final = follow_to_end(client, job_id)
         if args.json:
             print(json.dumps(status_to_dict(pb, final)), flush=True)
+        elif sys.stdout.isatty():   # a person waits: say how each ended (scripts: exit code)
+            print(f"{job_id} {_how_it_ended(pb, final)}", file=sys.stderr, flush=True)
         code = job_exit_code(pb, final)
     return code
 
@@ -7016,8 +7032,8 @@ def cmd_stop(args):
     with concurrent.futures.ThreadPoolExecutor(min(16, len(args.job_ids))) as pool:
         for text, done in zip(args.job_ids, pool.map(_outcome(stop), args.job_ids)):
             said, error = done
-            if error is None:
-                print(said, file=sys.stderr)
+            if error is None:   # what happened is the result: stdout; errors: stderr
+                print(said, flush=True)
                 continue
             print(f"jobworker: {text}: {error}", file=sys.stderr)
             first = first or error.code
@@ -7778,6 +7794,9 @@ SUBCOMMANDS = (   # name, what runs it, its options; its help (argparse %-format
 )
 
 
+ALIASES = {"list": ("ps",), "stream": ("logs",)}   # docker's words for them
+
+
 def _exit_codes_text():
     return "Exit codes: " + ", ".join(f"{code} {what}" for code, what in EXIT_CODES.items())
 
@@ -7794,12 +7813,13 @@ def build_parser(parsers=None):
     parser.add_argument("--version", action="version", version=f"jobworker {__version__}")
     sub = parser.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
     for name, func, add_options, help_ in SUBCOMMANDS:
-        p = sub.add_parser(name, help=help_)
+        aliases = ALIASES.get(name, ())
+        p = sub.add_parser(name, help=help_, aliases=aliases)
         add_options(p)
         if func:
             p.set_defaults(func=func)
         if parsers is not None:
-            parsers[name] = p
+            parsers.update(dict.fromkeys((name, *aliases), p))
     return parser
 
 
@@ -7820,6 +7840,9 @@ def main(argv=None):
     parser = build_parser(parsers)
     command, trailing = None, []
     argv = _context_first(argv)
+    if not argv:   # as docker and kubectl: what there is to do
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
     if argv[:1] != ["serve"]:   # a client: its errors are its own lines, not the C core's
         os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     if argv and argv[0] in TAKES_COMMAND:
@@ -7853,10 +7876,10 @@ def main(argv=None):
         return e.code
     except JobworkerError as e:
         print(f"jobworker: {e}", file=sys.stderr)
-        for cls, code in _EXIT_FOR_ERROR:
-            if isinstance(e, cls):
+        for cls, code in _EXIT_FOR_ERROR:   # (the server's errors come as CliError: this
+            if isinstance(e, cls):           # one is this process's own, never "server error")
                 return code
-        return _EXIT_FOR_CODE.get(status_code_for(e), EXIT_ERROR)
+        return EXIT_USAGE if isinstance(e, InvalidArgument) else EXIT_ERROR
     except OSError as e:
         print(f"jobworker: {e.filename + ': ' if e.filename else ''}{e.strerror or e}",
               file=sys.stderr)
