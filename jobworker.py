@@ -7836,22 +7836,20 @@ def _context_first(argv):
 def main(argv=None):
     """Run one subcommand; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parsers = {}
-    parser = build_parser(parsers)
-    command, trailing = None, []
-    argv = _context_first(argv)
+    parser = build_parser(parsers := {})
+    command, trailing, argv = None, [], _context_first(argv)
     if not argv:   # as docker and kubectl: what there is to do
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     if argv[:1] != ["serve"]:   # a client: its errors are its own lines, not the C core's
         os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-    if argv and argv[0] in TAKES_COMMAND:
+    if argv[0] in TAKES_COMMAND:
         try:
             opts, command, trailing = split_start_args(argv[1:])
         except UsageError as e:
             parsers[argv[0]].error(str(e))
         argv = [argv[0], *opts]
-    elif argv and not argv[0].startswith("-") and argv[0] not in parsers:
+    elif not argv[0].startswith("-") and argv[0] not in parsers:
         import difflib
         close = difflib.get_close_matches(argv[0], parsers, n=1)
         parser.error(f"unknown command {argv[0]!r}" + (f"; did you mean {close[0]!r}?"
