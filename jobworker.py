@@ -836,8 +836,9 @@ class CgroupV1(Cgroup):
         if limits.io_bytes_per_second is not None:
             d = self._controller("blkio")
             for dev in devices:
-                _write(f"{d}/blkio.throttle.read_bps_device", f"{dev} {limits.io_bytes_per_second}")
-                _write(f"{d}/blkio.throttle.write_bps_device", f"{dev} {limits.io_bytes_per_second}")
+                bps = limits.io_bytes_per_second
+                _write(f"{d}/blkio.throttle.read_bps_device", f"{dev} {bps}")
+                _write(f"{d}/blkio.throttle.write_bps_device", f"{dev} {bps}")
         if limits.pids is not None:
             d = self._controller("pids")
             _write(f"{d}/pids.max", str(limits.pids))
@@ -932,7 +933,8 @@ class CgroupV2(Cgroup):
         if limits.io_bytes_per_second is not None:
             path = self._file("io.max")
             for dev in devices:
-                _write(path, f"{dev} rbps={limits.io_bytes_per_second} wbps={limits.io_bytes_per_second}")
+                bps = limits.io_bytes_per_second
+                _write(path, f"{dev} rbps={bps} wbps={bps}")
         if limits.pids is not None:
             _write(self._file("pids.max"), str(limits.pids))
 
@@ -4854,7 +4856,8 @@ def status_to_proto(pb, s):
         job_id=s.id, owner=s.owner, command=s.command,
         limits=pb.Limits(cpu_percent=s.limits.cpu_percent or 0,
                          memory_bytes=s.limits.memory_bytes or 0,
-                         io_bytes_per_second=s.limits.io_bytes_per_second or 0, pids=s.limits.pids or 0),
+                         io_bytes_per_second=s.limits.io_bytes_per_second or 0,
+                         pids=s.limits.pids or 0),
         state=pb.JobState.Value(STATE_TO_PROTO[s.state]), oom_killed=s.oom_killed,
         usage=usage_to_proto(pb, s.usage),
         log_truncated=s.log_truncated, log_error=s.log_error, output_bytes=s.output_bytes,
@@ -6909,7 +6912,8 @@ def format_top(pb, before, now):
                      _human_bytes(j.usage.io_read_bytes), _human_bytes(j.usage.io_write_bytes),
                      str(j.usage.tasks), _command_line(j.command)))
     sizes = [max([len(head[i])] + [len(r[i]) for r in rows]) for i in range(len(head))]
-    return ["  ".join(f"{v:{sizes[i]}}" for i, v in enumerate(r))[:width] for r in [head, *rows]]
+    return ["  ".join(f"{v:{sizes[i]}}" for i, v in enumerate(r))[:width].rstrip()
+            for r in [head, *rows]]
 
 
 COMPLETION_SHELLS = ("bash", "zsh")
@@ -7367,6 +7371,8 @@ def _serve_tls(args):
     d = args.certs or DEFAULT_CERTS_DIR
     if from_dir:
         ca, cert, key = (ca or f"{d}/ca.crt", cert or f"{d}/server.crt", key or f"{d}/server.key")
+    elif not (ca and cert and key):
+        raise CliError("give --ca, --cert and --key together, or --certs DIR", EXIT_USAGE)
     for path in (ca, cert, key):
         if not os.path.exists(path):
             raise LocalFileError(f"{path}: no such file; make the certificates with `jobworker "
@@ -7430,8 +7436,9 @@ def _args_serve(p):
 
 
 def _args_serve_certs(g):
-    g.add_argument("--certs", metavar="DIR", help=f"the directory holding ca.crt, server.crt "
-                                                  f"and server.key (default ./{DEFAULT_CERTS_DIR})")
+    g.add_argument("--certs", metavar="DIR",
+                   help=f"the directory holding ca.crt, server.crt and server.key (default "
+                        f"./{DEFAULT_CERTS_DIR})")
     g.add_argument("--ca", metavar="FILE",
                    help="CA certificate that client certificates must chain to")
     g.add_argument("--cert", metavar="FILE", help="server certificate")

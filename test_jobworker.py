@@ -3066,6 +3066,7 @@ def test_cli_errors_are_one_line_with_distinct_exit_codes(args, code, message, p
      "--key", "{d}/no.key"],
     ["completion", "fish"], ["doctor", "--certs", "{d}/nowhere"],
     ["serve", "--certs", "{d}/nowhere", "--state-dir", "{d}/state"],
+    ["serve", "--key", "{d}/pki/server.key", "--state-dir", "{d}/state"],   # --ca, --cert?
     ["start", "--memory", "10X", "true"], ["start", "--pids", "-3", "true"],
 ])
 def test_local_failures_never_say_server_error(argv, tmp_path):
