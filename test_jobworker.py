@@ -83,13 +83,23 @@ def _remove_stale_run_parents():
     for pid in _launchers_of_runs(keep=lambda run: os.path.exists(f"/proc/{run}")):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    names = {os.path.basename(p) for p in glob.glob(f"{jw.CGROUP_ROOT}/*/jobworker-test-*")}
-    for p in glob.glob(f"{jw.CGROUP_ROOT}/memory/**/jobworker-test-*", recursive=True):
-        names.add(os.path.basename(p))
-    for name in names:
-        pid = name.removeprefix("jobworker-test-").split("-")[0]
-        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-            jw.detect_cgroups(name).remove_parent()
+    dead = lambda name: (lambda pid: pid.isdigit() and not os.path.exists(f"/proc/{pid}"))(
+        name.removeprefix("jobworker-test-").split("-")[0])
+    found = glob.glob(f"{jw.CGROUP_ROOT}/*/jobworker-test-*")
+    found += glob.glob(f"{jw.CGROUP_ROOT}/memory/**/jobworker-test-*", recursive=True)
+    for name in {os.path.basename(p) for p in found if dead(os.path.basename(p))}:
+        jw.detect_cgroups(name).remove_parent()
+    # A run's memory cgroups sit below the memory cgroup of the process that ran it (this
+    # host's layout), which may not be this one's: those are removed where they are found.
+    for path in (p for p in found if dead(os.path.basename(p)) and os.path.isdir(p)):
+        for d, _, _ in os.walk(path, topdown=False):
+            with contextlib.suppress(OSError):
+                with open(f"{d}/cgroup.procs") as f:
+                    for pid in f.read().split():
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(int(pid), signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
 
 
 @pytest.fixture(scope="session")
