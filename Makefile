@@ -15,10 +15,11 @@ PYZ_PYTHONS ?= 3.10,3.11,3.12,3.13
 
 # System tools the tests use, each with the Debian package that provides it: node and npm run
 # grpc-js against the server (the proto from another gRPC stack); qemu boots the cgroup v2 guest
-# (v2_guest.py). Only the packages of missing tools are installed: a host whose node comes from
-# elsewhere (nodesource's nodejs conflicts with Debian's npm) keeps it.
+# (v2_guest.py); tmux is the real terminal of the interactive tests (run -it, attach). Only the
+# packages of missing tools are installed: a host whose node comes from elsewhere (nodesource's
+# nodejs conflicts with Debian's npm) keeps it.
 # JOBWORKER_SKIP_V2_GUEST=1 skips the guest and does not install qemu.
-TOOLS := openssl:openssl ip:iproute2 nsenter:util-linux node:nodejs npm:npm \
+TOOLS := openssl:openssl ip:iproute2 nsenter:util-linux node:nodejs npm:npm tmux:tmux \
          $(if $(JOBWORKER_SKIP_V2_GUEST),,qemu-system-x86_64:qemu-system-x86)
 
 PORT          ?= 50051

@@ -25,11 +25,13 @@ import contextlib
 import dataclasses
 import enum
 import errno
+import fcntl
 import heapq
 import itertools
 import json
 import logging
 import os
+import queue
 import re
 import select
 import signal
@@ -37,6 +39,7 @@ import socket
 import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 import typing
@@ -70,6 +73,14 @@ DEFAULT_UID_RANGE = (61184, 65519)    # systemd's DynamicUser= range
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 STDOUT, STDERR = 1, 2
+
+# A job's stdin: /dev/null, a pipe its attached clients write to, or a pseudo-terminal (its
+# stdout and stderr too: one output stream).
+STDIN_NULL, STDIN_PIPE, STDIN_TTY = "null", "pipe", "tty"
+STDIN_MODES = (STDIN_NULL, STDIN_PIPE, STDIN_TTY)
+MAX_WINDOW = 10_000                   # rows or columns of a job's terminal, at most
+DEFAULT_WINDOW = (24, 80)
+DEFAULT_TERM = "xterm"
 
 # Job states. A job is created running; every other state is final.
 RUNNING = "running"
@@ -165,6 +176,15 @@ class JobNotRunning(JobworkerError):
     def __init__(self, job_id, state):
         self.job_id, self.state = job_id, state
         super().__init__(f"job {job_id} is not running (state {state})")
+
+
+class InputUnavailable(JobworkerError):
+    """The job's stdin cannot take what was sent: it was started without one (-i, -t), it was
+    closed, or it is not a terminal (a window size)."""
+
+    def __init__(self, job_id, why):
+        self.job_id, self.why = job_id, why
+        super().__init__(f"job {job_id} {why}")
 
 
 class CapReached(JobworkerError):
@@ -276,6 +296,7 @@ ERROR_CODES = (
     (JobNotFound, "NOT_FOUND"),
     (JobNotRunning, "FAILED_PRECONDITION"),
     (JobRunning, "FAILED_PRECONDITION"),
+    (InputUnavailable, "FAILED_PRECONDITION"),
     (CapReached, "RESOURCE_EXHAUSTED"),
     (DiskFull, "RESOURCE_EXHAUSTED"),
     (SpawnError, "FAILED_PRECONDITION"),
@@ -545,6 +566,27 @@ def validate_grace(seconds):
     if not 0 <= seconds <= MAX_GRACE:   # also refuses NaN
         raise InvalidArgument("grace_seconds", seconds, f"seconds from 0 to {MAX_GRACE:g}")
     return float(seconds)
+
+
+def validate_stdin(mode):
+    if mode not in STDIN_MODES:
+        raise InvalidArgument("stdin", mode, " or ".join(STDIN_MODES))
+    return mode
+
+
+def validate_window(rows, columns, field="window size"):
+    """(rows, columns) of a terminal, each 1 to MAX_WINDOW."""
+    for n in (rows, columns):
+        if type(n) is not int or not 1 <= n <= MAX_WINDOW:
+            raise InvalidArgument(field, f"{rows}x{columns}",
+                                  f"rows and columns each 1 to {MAX_WINDOW}")
+    return rows, columns
+
+
+def validate_term(term):
+    if not re.fullmatch(r"[A-Za-z0-9._+-]{1,64}", term):
+        raise InvalidArgument("term", term, "a terminal type such as xterm-256color")
+    return term
 
 
 def validate_name(name):
@@ -1409,20 +1451,21 @@ _READ_SIZE = 1 << 20
 # a new op, or a field a peer must understand, bumps LAUNCHER_PROTOCOL (and the fingerprint
 # test_jobworker.py keeps of the ops and of SpawnRequest's fields): a server refuses a
 # launcher of another version, touching nothing (exit 11).
-LAUNCHER_PROTOCOL = 2
+LAUNCHER_PROTOCOL = 3
 
 # the server's requests                  # what goes with them
 OP_HELLO = "hello"                       # version, build, live_restore; first, once
-OP_SPAWN = "spawn"                       # a SpawnRequest; fds: stdout and stderr write ends,
-                                         # then the server's copies of their read ends
+OP_SPAWN = "spawn"                       # a SpawnRequest; fds as STDIO_FDS[its stdio] says
 OP_TAKE_OVER = "take_over"               # job, dir, cap, fds (names): the pipes of a job of a
                                          # dead launcher, to drain from where its log ends
 OP_FORGET = "forget"                     # job: its final record is saved; close its files
+OP_CLOSE_INPUT = "close_input"           # job: close the write end of its stdin pipe (EOF)
 OP_PING = "ping"                         # answered by OP_PONG
 OP_BYE = "bye"                           # stop every job and exit
 # the launcher's messages
 OP_JOB = "job"                           # after OP_HELLO, one per job held (launcher_job_state
-                                         # fields; fds: "pid", "out", "err" as named in fds)
+                                         # fields; fds: "pid", "out", "err", "in" as named in
+                                         # fds; a terminal's master is its "out")
 OP_READY = "ready"                       # after the OP_JOBs
 OP_SPAWNED = "spawned"                   # seq, pid (fds: its pidfd), or seq, error (a SPAWN_*
                                          # kind), errno, detail
@@ -1430,7 +1473,7 @@ OP_OUTPUT = "out"                        # a job's output on disk now (launcher_
 OP_EOF = "eof"                           # ... and both its pipes are at their end
 OP_EXIT = "exit"                         # job, status (raw wait status), at
 OP_PONG = "pong"
-SERVER_OPS = (OP_HELLO, OP_SPAWN, OP_TAKE_OVER, OP_FORGET, OP_PING, OP_BYE)
+SERVER_OPS = (OP_HELLO, OP_SPAWN, OP_TAKE_OVER, OP_FORGET, OP_CLOSE_INPUT, OP_PING, OP_BYE)
 LAUNCHER_OPS = (OP_JOB, OP_READY, OP_SPAWNED, OP_OUTPUT, OP_EOF, OP_EXIT, OP_PONG)
 
 # Where a spawn failed (OP_SPAWNED's "error"): the child's steps before exec, in order, and
@@ -1459,6 +1502,7 @@ class SpawnRequest:
     nofile: list = None      # its RLIMIT_NOFILE (soft, hard); None: the launcher's
     uid: int = None          # None: root
     gid: int = None
+    stdio: str = STDIN_NULL  # STDIN_MODES: what its stdin is (and the fds that come along)
     seq: int = 0             # the server's number for the reply
 
     def encode(self):
@@ -1467,6 +1511,16 @@ class SpawnRequest:
     @classmethod
     def decode(cls, msg):
         return cls(**{f.name: msg[f.name] for f in dataclasses.fields(cls) if f.name in msg})
+
+
+# The fds an OP_SPAWN carries, by its stdio: the job's ends of its pipes (or the terminal's
+# slave), then the ends the launcher keeps (the terminal's master is its output and input).
+STDIO_FDS = {
+    STDIN_NULL: ("out_w", "err_w", "out_r", "err_r"),
+    STDIN_PIPE: ("out_w", "err_w", "out_r", "err_r", "in_r", "in_w"),
+    STDIN_TTY: ("slave", "master"),
+}
+assert set(STDIO_FDS) == set(STDIN_MODES)
 
 
 def spawn_error(request, reply):
@@ -1549,11 +1603,12 @@ def _hide_paths(libc, paths, empty_file):
                   f"hide {path}")
 
 
-def _child_exec(req, exe, ignored, procs, out_w, err_w, err_pipe, libc):
+def _child_exec(req, exe, ignored, procs, stdio, ctty, err_pipe, libc):
     """In the forked child: join the cgroups (their cgroup.procs files open as `procs`), hide
-    the server's files, set up fds and session, drop privileges, exec (`exe` if found before
-    the fork, else a search as execvpe's). Never returns; a failure is reported on err_pipe as
-    "SPAWN_kind:errno:message"."""
+    the server's files, set up session and fds (`stdio`: what becomes 0, 1 and 2, None for
+    /dev/null; `ctty`: a terminal slave that becomes the controlling terminal, or None), drop
+    privileges, exec (`exe` if found before the fork, else a search as execvpe's). Never
+    returns; a failure is reported on err_pipe as "SPAWN_kind:errno:message"."""
     stage = SPAWN_CGROUP
     try:
         pid = str(os.getpid()).encode()
@@ -1566,10 +1621,12 @@ def _child_exec(req, exe, ignored, procs, out_w, err_w, err_pipe, libc):
         os.setsid()
         stage = SPAWN_STDIO
         signal.set_wakeup_fd(-1)
-        null = os.open("/dev/null", os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(out_w, 1)
-        os.dup2(err_w, 2)
+        if ctty is not None:   # a session leader's first terminal would do too; be explicit
+            fcntl.ioctl(ctty, termios.TIOCSCTTY, 0)
+            if req.uid is not None:   # its own, as a login's (sshd's chown of the tty)
+                os.fchown(ctty, req.uid, -1)
+        for target, fd in enumerate(stdio):
+            os.dup2(os.open("/dev/null", os.O_RDONLY) if fd is None else fd, target)
         # Only 0-2 survive; the error pipe is close-on-exec.
         os.closerange(3, err_pipe)
         os.closerange(err_pipe + 1, os.sysconf("SC_OPEN_MAX"))
@@ -1722,13 +1779,19 @@ class LauncherJob:
     """A job as the launcher holds it: its log writer, the read ends of its pipes until their
     end, and how its main process ended once it is reaped."""
 
-    __slots__ = ("id", "pid", "pidfd", "writer", "pipes", "wait_status", "ended_at")
+    __slots__ = ("id", "pid", "pidfd", "writer", "pipes", "stdin", "wait_status", "ended_at")
 
-    def __init__(self, job_id, pid, pidfd, writer, pipes):
+    def __init__(self, job_id, pid, pidfd, writer, pipes, stdin=None):
         self.id, self.pid, self.pidfd, self.writer = job_id, pid, pidfd, writer
         self.pipes = pipes            # read fd -> stream, until EOF
+        self.stdin = stdin            # the write end of its stdin pipe, held (live restore)
         self.wait_status = None       # raw, once reaped (None: running, or not ours)
         self.ended_at = None
+
+    def close_input(self):
+        if self.stdin is not None:
+            os.close(self.stdin)
+            self.stdin = None
 
     def state(self):
         return launcher_job_state(self.id, self.pid, self.wait_status, self.ended_at,
@@ -1747,6 +1810,7 @@ class PendingSpawn:
     pidfd: int
     writer: LogWriter
     pipes: dict               # read fd -> stream
+    stdin: int = None         # the write end of its stdin pipe
     report: bytes = b""
     wait_status: int = None   # reaped before its report was read
     at: float = None
@@ -1774,7 +1838,8 @@ class LauncherProcess:
         # what the server may ask, and whether the handler keeps the fds that came with it
         self.ops = {OP_HELLO: (self._hello, False), OP_SPAWN: (self._spawn, True),
                     OP_TAKE_OVER: (self._take_over, True), OP_FORGET: (self._forget, False),
-                    OP_PING: (self._ping, False), OP_BYE: (self._bye, False)}
+                    OP_CLOSE_INPUT: (self._close_input, False), OP_PING: (self._ping, False),
+                    OP_BYE: (self._bye, False)}
         assert set(self.ops) == set(SERVER_OPS)
 
     # -- setup and loop -----------------------------------------------------------------------
@@ -1883,6 +1948,9 @@ class LauncherProcess:
             for fd, stream in job.pipes.items():
                 names.append("out" if stream == STDOUT else "err")
                 fds.append(fd)
+            if job.stdin is not None:
+                names.append("in")
+                fds.append(job.stdin)
             self._send(dict(job.state(), op=OP_JOB, fds=names), fds)
         self._send({"op": OP_READY})
 
@@ -1890,13 +1958,22 @@ class LauncherProcess:
         """Fork the job; its exec report is read by the loop (another spawn need not wait)."""
         req = SpawnRequest.decode(msg)
         reply = {"op": OP_SPAWNED, "seq": req.seq}
-        if len(fds) != 4:   # the kernel dropped some: this process is at its open-files limit
+        names = STDIO_FDS.get(req.stdio, ())
+        if len(fds) != len(names) or not names:
+            # the kernel dropped some: this process is at its open-files limit
             for fd in fds:
                 _close_quietly(fd)
             self._send(dict(reply, error=SPAWN_FDS, errno=errno.EMFILE,
                             detail="the launcher is at its open-files limit"))
             return
-        out_w, err_w, out_r, err_r = fds
+        fd = dict(zip(names, fds))
+        if req.stdio == STDIN_TTY:   # 0, 1 and 2 the terminal; its master the output
+            stdio, ctty, theirs = (fd["slave"],) * 3, fd["slave"], [fd["slave"]]
+            pipes, stdin = {fd["master"]: STDOUT}, None
+        else:
+            stdio, ctty = (fd.get("in_r"), fd["out_w"], fd["err_w"]), None
+            theirs = [fd["out_w"], fd["err_w"]] + ([fd["in_r"]] if "in_r" in fd else [])
+            pipes, stdin = {fd["out_r"]: STDOUT, fd["err_r"]: STDERR}, fd.get("in_w")
         try:
             writer = LogWriter(req.dir, req.cap)
         except OSError as e:
@@ -1927,11 +2004,11 @@ class LauncherProcess:
             self._send(dict(reply, error=stage, errno=e.errno, detail=e.strerror))
             return
         if pid == 0:
-            _child_exec(req, exe, self.ignored, procs, out_w, err_w, report_w, self.libc)
-        for fd in (out_w, err_w, report_w, *procs):
+            _child_exec(req, exe, self.ignored, procs, stdio, ctty, report_w, self.libc)
+        for fd in (*theirs, report_w, *procs):
             os.close(fd)
         pidfd = os.pidfd_open(pid)   # before any reaping: the pid cannot be reused yet
-        pending = PendingSpawn(req, pid, pidfd, writer, {out_r: STDOUT, err_r: STDERR})
+        pending = PendingSpawn(req, pid, pidfd, writer, pipes, stdin)
         self.spawning[report_r] = pending
         self.children[pid] = pending
         self.ep.register(report_r, select.EPOLLIN)
@@ -1955,10 +2032,13 @@ class LauncherProcess:
             os.close(pending.pidfd)
             for r in pending.pipes:
                 os.close(r)
+            if pending.stdin is not None:
+                os.close(pending.stdin)
             pending.writer.close()
             self._send(dict(reply, error=stage, errno=int(err), detail=detail))
             return
-        job = LauncherJob(pending.request.job, pending.pid, pending.pidfd, pending.writer, {})
+        job = LauncherJob(pending.request.job, pending.pid, pending.pidfd, pending.writer, {},
+                          pending.stdin)
         self.jobs[job.id] = job
         self.children[job.pid] = job
         self._watch(job, pending.pipes)
@@ -1969,12 +2049,12 @@ class LauncherProcess:
     def _take_over(self, msg, fds):
         """Drain the pipes of a job a dead launcher spawned (not our child: the server, a
         child subreaper, learns its exit). Its log is continued where the files end."""
-        names = msg.get("fds", [])
+        named = dict(zip(msg.get("fds", []), fds))
         writer = LogWriter(msg["dir"], msg["cap"], resume=True)
-        job = LauncherJob(msg["job"], None, None, writer, {})
+        job = LauncherJob(msg["job"], None, None, writer, {}, named.pop("in", None))
         self.jobs[job.id] = job
         self._watch(job, {fd: STDOUT if name == "out" else STDERR
-                          for fd, name in zip(fds, names)})
+                          for name, fd in named.items()})
         if not job.pipes:
             self._eof(job)
 
@@ -1984,12 +2064,18 @@ class LauncherProcess:
             return
         for fd in list(job.pipes):
             self._unwatch(job, fd)
+        job.close_input()
         job.writer.close()
         if job.pidfd is not None:
             os.close(job.pidfd)
         if job.pid is not None and self.children.get(job.pid) is job:
             del self.children[job.pid]
         self.progress.pop(job.id, None)
+
+    def _close_input(self, msg, fds):
+        job = self.jobs.get(msg.get("job"))
+        if job is not None:
+            job.close_input()
 
     def _ping(self, msg, fds):
         self._send({"op": OP_PONG})
@@ -2034,6 +2120,10 @@ class LauncherProcess:
             data = os.read(fd, _READ_SIZE)
         except BlockingIOError:
             return
+        except OSError as e:   # a terminal's master once no process holds its slave
+            if e.errno != errno.EIO:
+                raise
+            data = b""
         if data:
             job.writer.append(job.pipes[fd], data)
             self.progress[job.id] = job
@@ -2309,6 +2399,10 @@ class LauncherClient:
         with contextlib.suppress(LauncherError):
             self._request({"op": OP_FORGET, "job": job_id})
 
+    def close_input(self, job_id):
+        with contextlib.suppress(LauncherError):
+            self._request({"op": OP_CLOSE_INPUT, "job": job_id})
+
     def on_readable(self):
         """Engine thread: handle one message. Returns False once the launcher has gone."""
         try:
@@ -2499,6 +2593,12 @@ class LauncherSupervisor:
         if self.launcher is not None:
             self.launcher.forget(job_id)
 
+    def close_input(self, job_id):
+        """The launcher closes its copy of the job's stdin pipe (the server has closed its
+        own): the job reads EOF. (A dead launcher's copy went with it.)"""
+        if self.launcher is not None:
+            self.launcher.close_input(job_id)
+
     def close(self, keep_jobs):
         """Leave the launcher with its jobs (keep_jobs: live restore), or tell it to end them
         and exit. The engine must be stopped first."""
@@ -2665,6 +2765,7 @@ class JobStatus:
     timed_out: bool = False       # stopped because it ran past its timeout
     failure: str = ""             # state failed: why it never ran
     cgroup: dict = None           # where its cgroups are while it runs (Cgroup.to_record)
+    stdin: str = STDIN_NULL       # STDIN_MODES: what its stdin is
 
     @property
     def order_key(self):
@@ -2736,6 +2837,7 @@ RECORD_SCHEMA = {
     "env_keys": _strings, "workdir": lambda v: type(v) is str,
     "timeout": _optional(_is_number), "timed_out": lambda v: type(v) is bool,
     "failure": lambda v: type(v) is str, "cgroup": _optional(lambda v: isinstance(v, dict)),
+    "stdin": lambda v: v in STDIN_MODES,
 }
 
 
@@ -2815,12 +2917,89 @@ class JobEntry:
         """Wake the waiters, to look at cancelled() again."""
 
 
+INPUT_POLL = 0.25   # seconds a write to a full stdin waits before it looks at its caller again
+
+
+class JobInput:
+    """A job's stdin as this server writes to it: the write end of its pipe, or its
+    terminal's master (the launcher holds a copy of each, so the job keeps its stdin when this
+    server goes). Writes of several clients go in whole, one at a time, in the order they
+    come; a writer waits while the job does not read (the pipe or terminal is full), which
+    holds its client back: nothing is buffered here."""
+
+    def __init__(self, job_id, mode, fd):
+        self.job_id, self.mode, self.fd = job_id, mode, fd
+        os.set_blocking(fd, False)
+        self._order = threading.Lock()     # one message at a time, whole
+        self._fd_lock = threading.Lock()   # the fd is not closed under a write or an ioctl
+        self.closed = False
+        self.unread = False   # the job closed its end (EPIPE, EIO): input is dropped
+
+    def write(self, data, cancelled):
+        """Write all of `data`, waiting while the job does not read, unless cancelled() first;
+        returns the bytes written. InputUnavailable once it is closed; once the job has closed
+        its end, as a pipe without a reader, what comes is dropped."""
+        view, done = memoryview(data), 0
+        with self._order:
+            while done < len(view) and not self.unread:
+                with self._fd_lock:
+                    if self.fd is None:
+                        raise InputUnavailable(self.job_id, "has its stdin closed")
+                    try:
+                        done += os.write(self.fd, view[done:])
+                        continue
+                    except BlockingIOError:
+                        p = select.poll()
+                        p.register(self.fd, select.POLLOUT)
+                        p.poll(INPUT_POLL * 1000)
+                    except OSError as e:   # EPIPE: no reader; EIO: the terminal has no process
+                        if e.errno not in (errno.EPIPE, errno.EIO):
+                            raise
+                        self.unread = True
+                if cancelled():
+                    break
+        return done
+
+    def end(self):
+        """The end of input from a client: a pipe is closed (True: its launcher must close its
+        copy too); a terminal is sent its EOF character, as typed."""
+        if self.mode == STDIN_TTY:
+            with self._fd_lock:
+                eof = b"\x04"
+                with contextlib.suppress(termios.error, OSError, TypeError):
+                    eof = termios.tcgetattr(self.fd)[6][termios.VEOF]
+            self.write(eof, lambda: True)
+            return False
+        self.close()
+        return True
+
+    def resize(self, rows, columns):
+        """Set the terminal's window size (its foreground programs get SIGWINCH)."""
+        validate_window(rows, columns)
+        if self.mode != STDIN_TTY:
+            raise InputUnavailable(self.job_id, "is not on a terminal: it has no window size")
+        with self._fd_lock:
+            if self.fd is not None:
+                set_window_size(self.fd, rows, columns)
+
+    def close(self):
+        self.closed = True
+        with self._fd_lock:
+            fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+def set_window_size(fd, rows, columns):
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+
+
 class Job(JobEntry):
     """A live job: its status and phase change under `cond`, which wakes its waiters. When
     it has ended, the table keeps a FinishedJob in its place."""
 
     __slots__ = ("status", "cond", "cgroup", "records", "phase", "ends_as", "output_done",
-                 "lost", "pidfd", "pipes")
+                 "lost", "pidfd", "pipes", "input")
 
     def __init__(self, status, cgroup, phase=Phase.STARTING):
         self.status = status
@@ -2833,6 +3012,7 @@ class Job(JobEntry):
         self.lost = ""                  # why its exit status is not known, if it is not
         self.pidfd = None               # of the main process: its exit, if the launcher dies
         self.pipes = {}                 # "out"/"err" -> our copy of the pipe's read end
+        self.input = None               # JobInput, of a job with stdin (until it is closed)
 
     @classmethod
     def adopted(cls, status, cgroup, state, fds):
@@ -2842,6 +3022,11 @@ class Job(JobEntry):
         status.pid = state["pid"] if state["pid"] is not None else status.pid
         job.output(state, state["eof"])
         job.pidfd = fds.pop("pid", None)
+        held_input = fds.pop("in", None)
+        if status.stdin == STDIN_TTY and "out" in fds:   # its master is also its input
+            held_input = os.dup(fds["out"])
+        if held_input is not None:
+            job.input = JobInput(status.id, status.stdin, held_input)
         job.pipes = fds
         return job
 
@@ -2965,12 +3150,18 @@ class Job(JobEntry):
         """The HeldJob its launcher's supervisor is given."""
         with self.cond:
             pidfd = None if self.main_ended else self.pidfd
-            return HeldJob(self.id, directory, self.status.pid, pidfd, dict(self.pipes),
+            pipes = dict(self.pipes)
+            if self.status.stdin == STDIN_PIPE and self.input and self.input.fd is not None:
+                pipes["in"] = self.input.fd   # (a new launcher holds it, as the dead one did)
+            return HeldJob(self.id, directory, self.status.pid, pidfd, pipes,
                            not self.output_done, self.cgroup.pids)
 
     def close_fds(self):
         with self.cond:   # (not while _signal_main uses the pidfd)
             fds, self.pidfd, self.pipes = [self.pidfd, *self.pipes.values()], None, {}
+            held_input, self.input = self.input, None
+        if held_input is not None:
+            held_input.close()
         for fd in fds:
             if fd is not None:
                 _close_quietly(fd)
@@ -3298,6 +3489,55 @@ class _Follow:
                 os.close(fd)
 
 
+class Attachment:
+    """One client attached to a job with stdin: the job's output from an offset (`follow`, a
+    _Follow) and what the client sends to its stdin (counted: input_bytes)."""
+
+    def __init__(self, job, follow, close_held_input):
+        self.job, self.follow = job, follow
+        self.input_bytes = 0
+        self._close_held_input = close_held_input   # (job id): the launcher's copy of a pipe
+
+    def _input(self):
+        """The job's JobInput; None once its main process has ended (what comes then is
+        dropped: the call ends with the job's final status). InputUnavailable once a client
+        has closed it."""
+        held = self.job.input
+        if self.job.final or self.job.main_ended:
+            return None
+        if held is None or held.closed:
+            raise InputUnavailable(self.job.id, "has its stdin closed (a client sent its end)")
+        return held
+
+    def write(self, data, cancelled):
+        """Write `data` to the job's stdin, waiting while it does not read, unless
+        cancelled() first."""
+        held = self._input()
+        if held is not None:
+            self.input_bytes += held.write(data, cancelled)
+
+    def end_input(self):
+        """The client's input has ended: a pipe is closed (the job reads EOF once every
+        copy is; again is no error), a terminal gets its EOF character."""
+        held = self.job.input
+        if held is None or held.closed or self.job.main_ended:
+            return
+        if held.end():
+            self._close_held_input(self.job.id)
+
+    def resize(self, rows, columns):
+        validate_window(rows, columns)
+        if self.job.status.stdin != STDIN_TTY:
+            raise InputUnavailable(self.job.id, "is not on a terminal: it has no window size")
+        held = self._input()
+        if held is not None:
+            held.resize(rows, columns)
+
+    def close(self):
+        self.follow.cancel()
+        self.follow.close()
+
+
 class _NoObserver:
     def job_started(self, status): pass
     def job_ended(self, status): pass
@@ -3505,46 +3745,72 @@ class JobSpawner:
                 raise InvalidArgument("workdir", workdir, os.strerror(errno.ENOTDIR))
         return workdir
 
-    def spawn(self, status, env, watched):
+    def spawn(self, status, env, watched, window=DEFAULT_WINDOW):
         """(Job, the launcher that made it) of a job whose program now runs; watched(job)
         is called before the spawn request (its events may come before the reply) and
-        watched(None) if it failed."""
+        watched(None) if it failed. `window`: (rows, columns) of a terminal job's terminal."""
         job_id = status.id
         cgroup = self.cgroups.job(job_id)
         cgroup.create()
-        job, job_dir, pipes = Job(status, cgroup), None, {}
+        job, job_dir, fds = Job(status, cgroup), None, {}
         try:
             cgroup.set_limits(status.limits, self.devices)
             job_dir = self.store.create(job_id)
             status.started_at = self._clock()
             status.cgroup = cgroup.to_record()
             self.store.reserve(status)   # before the process exists: a crash finds its record
-            for name in ("out", "err"):
-                pipes[name] = os.pipe2(os.O_CLOEXEC)
-                _set_pipe_size(pipes[name][0])
+            fds = self._stdio(status.stdin, window)
             launcher = self.supervisor.ready()
             watched(job)
             pid, pidfd = launcher.spawn(self.request(job, env, job_dir),
-                                        [pipes["out"][1], pipes["err"][1],
-                                         pipes["out"][0], pipes["err"][0]])
+                                        [fds[name] for name in STDIO_FDS[status.stdin]])
         except BaseException:
             watched(None)
-            for r, w in pipes.values():
-                _close_quietly(r)
-                _close_quietly(w)
+            for fd in fds.values():
+                _close_quietly(fd)
             if job_dir is not None:
                 self.store.discard(job_id)
             cgroup.kill_all()
             cgroup.remove()
             raise
-        for _, w in pipes.values():
-            os.close(w)   # the job holds the write ends now: EOF when it is done
+        for name in ("out_w", "err_w", "in_r", "slave"):
+            if name in fds:
+                os.close(fds.pop(name))   # the job's now: EOF when it is done
         with job.cond:
             job.status.pid, job.pidfd = pid, pidfd
-            job.pipes = {name: r for name, (r, _) in pipes.items()}
+            if status.stdin == STDIN_TTY:
+                job.pipes = {"out": fds["master"]}
+                job.input = JobInput(job_id, STDIN_TTY, os.dup(fds["master"]))
+            else:
+                job.pipes = {"out": fds["out_r"], "err": fds["err_r"]}
+                if "in_w" in fds:
+                    job.input = JobInput(job_id, STDIN_PIPE, fds["in_w"])
             if job.phase is Phase.STARTING:   # (not if it has ended already)
                 job.change_phase(Phase.RUNNING)
         return job, launcher
+
+    @staticmethod
+    def _stdio(mode, window):
+        """The fds of a job's stdio by STDIO_FDS name: its pipes, or a terminal (this
+        process's are close-on-exec: openpty's too)."""
+        fds = {}
+        try:
+            if mode == STDIN_TTY:
+                fds["master"], fds["slave"] = os.openpty()
+                set_window_size(fds["master"], *window)
+                return fds
+            fds["out_r"], fds["out_w"] = os.pipe2(os.O_CLOEXEC)
+            fds["err_r"], fds["err_w"] = os.pipe2(os.O_CLOEXEC)
+            _set_pipe_size(fds["out_r"])
+            _set_pipe_size(fds["err_r"])
+            if mode == STDIN_PIPE:
+                fds["in_r"], fds["in_w"] = os.pipe2(os.O_CLOEXEC)
+                _set_pipe_size(fds["in_w"])
+            return fds
+        except BaseException:
+            for fd in fds.values():
+                _close_quietly(fd)
+            raise
 
     def request(self, job, given_env, job_dir):
         """The SpawnRequest of a job: its default environment (the caller's variables on
@@ -3553,7 +3819,7 @@ class JobSpawner:
         req = SpawnRequest(job=job.id, dir=job_dir, cap=self.log_cap, argv=job.status.command,
                            env=env, cwd=job.status.workdir, procs=list(job.cgroup.procs_files),
                            hide=list(self._hide), empty_file=self._empty_file,
-                           nofile=list(self.job_nofile))
+                           nofile=list(self.job_nofile), stdio=job.status.stdin)
         if self._user:
             req.uid, req.gid = self._user["uid"], self._user["gid"]
             env["HOME"] = self._user["home"]
@@ -3638,23 +3904,28 @@ class JobManager(LauncherEvents):
     # -- public API ---------------------------------------------------------------------------
 
     def start(self, command, args=(), limits=None, owner="", admin=False, *, env=None,
-              workdir=None, timeout=None, name=""):
+              workdir=None, timeout=None, name="", stdin=STDIN_NULL, term="", window=None):
         """Start a job; returns its JobStatus once the program has been exec'd. `limits`: a
         Limits, or a dict of parse_limits' text forms. `env` is added
         to the default environment, `workdir` is its working directory, `timeout` (seconds)
-        stops it as Stop would, `name` labels it. Raises InvalidArgument (a workdir that is
+        stops it as Stop would, `name` labels it, `stdin` (STDIN_MODES) is what attach()
+        writes to; a terminal's `term` and `window` (rows, columns). Raises InvalidArgument (a workdir that is
         not a directory too), CapReached (globally, for `owner`, or past what is kept for
         admins unless `admin`), DiskFull, SpawnError (nothing left behind), CgroupError or
         LauncherError. The observer hears of every failure."""
         try:
             status, env = self._accept(command, args, limits, owner, env, workdir, timeout,
                                        name)
+            status.stdin = validate_stdin(stdin)
+            if status.stdin == STDIN_TTY:
+                env.setdefault("TERM", validate_term(term or DEFAULT_TERM))
+            window = validate_window(*window) if window else DEFAULT_WINDOW
             with self._lock:
                 if self._closed or not self._opened:
                     raise LauncherError("the job manager is not open")
             self._running.take(status.owner, admin)
             try:
-                return self._start(status, env)
+                return self._start(status, env, window)
             except BaseException:
                 self._running.give(status.owner)
                 raise
@@ -3676,14 +3947,14 @@ class JobManager(LauncherEvents):
                            timeout=validate_timeout(timeout))
         return status, env
 
-    def _start(self, status, env):
+    def _start(self, status, env, window):
         def watched(job):   # its launcher events may come before spawn returns
             with self._lock:
                 if job is None:
                     self._live.pop(status.id, None)
                 else:
                     self._live[status.id] = job
-        job, launcher = self.spawner.spawn(status, env, watched)
+        job, launcher = self.spawner.spawn(status, env, watched, window)
         if not launcher.alive:
             # It died after its reply: its end may have been handled before the pidfd was
             # here to be watched (a job that kills its launcher at once does this).
@@ -3774,6 +4045,21 @@ class JobManager(LauncherEvents):
                     os.close(fd)
             raise InvalidArgument("offset", offset, f"at most the output size so far, {size}")
         return _Follow(job, offset, max_chunk, opened, self._leaving)
+
+    def attach(self, job_id, offset=None, owner=None, max_chunk=1 << 20):
+        """An Attachment to a running job started with stdin: its output from `offset` (None:
+        the current end) and its input. InputUnavailable for a job without stdin or ended."""
+        job = self.table.get(job_id, owner)
+        if job.status.stdin == STDIN_NULL:
+            raise InputUnavailable(job_id, "was started without stdin (-i or -t): there is "
+                                   "nothing to attach to (`stream` shows its output)")
+        if job.final or job.main_ended:
+            raise InputUnavailable(job_id, f"has ended ({job.status.state}): there is nothing "
+                                   "to attach to (`stream` shows its output)")
+        if offset is None:
+            offset = job.snapshot().output_bytes
+        return Attachment(job, self.follow(job_id, offset, owner, max_chunk),
+                          self.supervisor.close_input)
 
     def remove(self, job_id, owner=None):
         """Delete a finished job's record and output; its id is unknown from then on. Raises
@@ -4127,6 +4413,7 @@ POLICY = {
     f"/{SERVICE_NAME}/Stream": _READ,
     f"/{SERVICE_NAME}/List": _READ,
     f"/{SERVICE_NAME}/Remove": {"writer": OWN, "admin": ANY},
+    f"/{SERVICE_NAME}/Attach": {"writer": OWN, "admin": ANY},   # input: never readers
     f"/{SERVICE_NAME}/Info": {"reader": ANY, "writer": ANY, "admin": ANY},
     # the standard services operators' tools speak: any valid certificate, no role needed
     **{f"/grpc.health.v1.Health/{m}": AUTHENTICATED for m in ("Check", "Watch", "List")},
@@ -4448,6 +4735,7 @@ class CallContext:
         self.counted = False   # holds a slot of the interceptor's calls quota
         self.began = 0.0       # time.monotonic() when it arrived
         self.ending = None     # the error that ends it before its end (a revocation)
+        self.input_bytes = None   # bytes an Attach wrote to its job (the audit line says)
         self._on_end = []
         self._lock = threading.Lock()
 
@@ -4494,32 +4782,38 @@ def _next_request(requests, timeout):
     a deadline: its iterator (grpc/_server.py, _RequestIterator._next) waits forever. This
     is that method with a bounded wait, on the same state; the pinned grpcio is checked to
     have it when the server starts (check_grpc_internals)."""
+    from grpc._server import _RECEIVE_MESSAGE_TOKEN
     state = requests._state
     deadline = time.monotonic() + timeout
     with state.condition:
-        requests._raise_or_start_receive_message()
+        # (a receive started by a wait that timed out is still due: its message is this one)
+        if state.request is None and _RECEIVE_MESSAGE_TOKEN not in state.due:
+            requests._raise_or_start_receive_message()
         while True:
+            request = requests._look_for_request()
+            if request is not None:
+                return request
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise RequestTimeout(timeout)
             state.condition.wait(remaining)
-            request = requests._look_for_request()
-            if request is not None:
-                return request
 
 
 def check_grpc_internals():
     """JobworkerError unless this grpcio has what _next_request uses."""
     from grpc import _server
     iterator = getattr(_server, "_RequestIterator", None)
-    if not all(hasattr(iterator, n) for n in ("_raise_or_start_receive_message",
-                                             "_look_for_request")):
+    if not hasattr(_server, "_RECEIVE_MESSAGE_TOKEN") or not all(
+            hasattr(iterator, n) for n in ("_raise_or_start_receive_message",
+                                           "_look_for_request")):
         raise JobworkerError(f"grpcio {_grpc().__version__} lacks the request iterator this "
                              "server bounds its reads with; use the pinned grpcio")
 
 
 class _BoundedRequests:
-    """A request stream whose every message must come within `timeout` seconds."""
+    """A request stream whose every message must come within `timeout` seconds (next(): a
+    handler that waits longer on purpose, as Attach for the input of a quiet user, says how
+    long at each wait)."""
 
     def __init__(self, requests, timeout):
         self._requests, self._timeout = requests, timeout
@@ -4529,6 +4823,10 @@ class _BoundedRequests:
 
     def __next__(self):
         return _next_request(self._requests, self._timeout)
+
+    def next(self, timeout):
+        """The next message within `timeout` seconds: RequestTimeout, StopIteration."""
+        return _next_request(self._requests, timeout)
 
 
 class AuthInterceptor:
@@ -4719,10 +5017,11 @@ class AuthInterceptor:
                 if pem:
                     from cryptography import x509
                     serial = f"{x509.load_pem_x509_certificate(pem[0]).serial_number:x}"
-        audit_log.info("identity=%s role=%s serial=%s peer=%s method=%s job=%s code=%s",
+        extra = "" if ctx.input_bytes is None else f" input_bytes={ctx.input_bytes}"
+        audit_log.info("identity=%s role=%s serial=%s peer=%s method=%s job=%s code=%s%s",
                        json.dumps(caller.identity) if caller else "-",
                        (caller.role or "-") if caller else "-", serial, ctx.peer() or "-",
-                       method.rsplit("/", 1)[-1], job_id, code.name)
+                       method.rsplit("/", 1)[-1], job_id, code.name, extra)
 
 
 # ================================================================================================
@@ -4792,12 +5091,14 @@ def add_job_service(service, server):
     grpc = _grpc()
     pb = _pb()[0]
     handlers = {}
+    kinds = {(False, False): grpc.unary_unary_rpc_method_handler,
+             (False, True): grpc.unary_stream_rpc_method_handler,
+             (True, True): grpc.stream_stream_rpc_method_handler}
     for m in pb.DESCRIPTOR.services_by_name["JobService"].methods:
-        if m.client_streaming:   # none is: a handler kind would have to be added here
+        make = kinds.get((m.client_streaming, m.server_streaming))
+        if make is None:   # none is: the kind would have to be added here
             raise NotImplementedError(f"client-streaming method {m.name}")
         serialize = getattr(pb, m.output_type.name).SerializeToString
-        make = (grpc.unary_stream_rpc_method_handler if m.server_streaming
-                else grpc.unary_unary_rpc_method_handler)
         handlers[m.name] = make(
             getattr(service, m.name),
             request_deserializer=getattr(pb, m.input_type.name).FromString,
@@ -4818,6 +5119,9 @@ STREAM_TO_PROTO = {STDOUT: "OUTPUT_STREAM_STDOUT", STDERR: "OUTPUT_STREAM_STDERR
 STATE_TO_PROTO = {RUNNING: "JOB_STATE_RUNNING", EXITED: "JOB_STATE_EXITED",
                   STOPPED: "JOB_STATE_STOPPED", LOST: "JOB_STATE_LOST",
                   FAILED: "JOB_STATE_FAILED"}
+STDIN_TO_PROTO = {STDIN_NULL: "STDIN_MODE_NULL", STDIN_PIPE: "STDIN_MODE_PIPE",
+                  STDIN_TTY: "STDIN_MODE_TTY"}
+assert set(STDIN_TO_PROTO) == set(STDIN_MODES)
 USAGE_TO_PROTO = {"cpu_seconds": "cpu_seconds", "memory_bytes": "memory_bytes",
                   "memory_peak_bytes": "memory_peak_bytes", "io_read_bytes": "io_read_bytes",
                   "io_write_bytes": "io_write_bytes", "tasks": "tasks"}
@@ -4863,7 +5167,7 @@ def status_to_proto(pb, s):
         log_truncated=s.log_truncated, log_error=s.log_error, output_bytes=s.output_bytes,
         pid=s.pid or 0, lost_reason=s.lost_reason, name=s.name, env_keys=s.env_keys,
         workdir=s.workdir, timeout_seconds=s.timeout or 0, timed_out=s.timed_out,
-        failure=s.failure)
+        failure=s.failure, stdin=pb.StdinMode.Value(STDIN_TO_PROTO[s.stdin]))
     if s.exit_code is not None:
         msg.exit_code = s.exit_code
     if s.signal is not None:
@@ -4911,17 +5215,23 @@ class JobService:
         self.pb, _ = _pb()
         self._streams_pb = {k: self.pb.OutputStream.Value(v) for k, v in STREAM_TO_PROTO.items()}
         self._states_from_pb = {v: k for k, v in STATE_TO_PROTO.items()}
+        self._stdin_from_pb = {self.pb.StdinMode.Value(v): k for k, v in STDIN_TO_PROTO.items()}
         self.streams = Quota("concurrent streams", max_streams, max_streams_per_owner)
 
     def Start(self, request, context):
-        r = request.resources
+        r, t = request.resources, request.terminal
+        if request.stdin not in self._stdin_from_pb:
+            raise InvalidArgument("stdin", request.stdin, "STDIN_MODE_NULL, _PIPE or _TTY")
+        size = (t.size.rows, t.size.columns) if t.HasField("size") else None
         status = self.manager.start(request.name, list(request.args),
                                     dict(cpu=r.cpu_quota, memory=r.memory_limit,
                                          disk_io=r.disk_io, pids=r.pids),
                                     owner=context.caller.identity,
                                     admin=context.caller.is_admin, env=dict(request.env),
                                     workdir=request.workdir, timeout=request.timeout_seconds,
-                                    name=request.job_name)
+                                    name=request.job_name,
+                                    stdin=self._stdin_from_pb[request.stdin], term=t.term,
+                                    window=size)
         return self.pb.StartResponse(job_id=status.id, status=status_to_proto(self.pb, status))
 
     def Stop(self, request, context):
@@ -5012,6 +5322,71 @@ class JobService:
             if follow is not None:
                 follow.close()
             self.streams.give(caller.identity)
+
+    def Attach(self, requests, context):
+        """Output down as Stream's batches, then the final status; input up, written by a
+        thread of its own (`_feed`) as it comes. An error in the input ends the call."""
+        first = next(requests, None)
+        if first is None or isinstance(first, _Undecodable) or first.WhichOneof("item") != "start":
+            raise InvalidArgument("the first AttachRequest", "(not start)",
+                                  "an AttachStart naming the job")
+        context.request = first.start   # (the audit line names the job)
+        caller = context.caller
+        self.streams.take(caller.identity, caller.is_admin)
+        attached, done, failed = None, threading.Event(), []
+        try:
+            offset = first.start.offset if first.start.HasField("offset") else None
+            attached = self.manager.attach(first.start.job_id, offset,
+                                           owner=caller.owner_filter, max_chunk=STREAM_CHUNK)
+            follow = attached.follow
+            context.add_callback(follow.cancel)
+            context.input_bytes = 0
+            context.send_initial_metadata(())
+            threading.Thread(target=self._feed, args=(attached, requests, done, failed),
+                             name="jobworker-attach", daemon=True).start()
+            sent = self.metrics.streamed if self.metrics else (lambda n: None)
+            for at, data, first_stream, lengths in follow.runs():
+                yield encode_output_batch(at, data, self._streams_pb[first_stream], lengths)
+                sent(len(data))
+            if failed:
+                raise failed[0]
+            if not follow.cancelled:
+                yield self.pb.StreamResponse(
+                    final_status=status_to_proto(self.pb, follow.final_status()))
+        finally:
+            done.set()
+            if attached is not None:
+                attached.close()
+                context.input_bytes = attached.input_bytes
+            self.streams.give(caller.identity)
+
+    def _feed(self, attached, requests, done, failed):
+        """Attach's input thread: each message to the job, until the request stream or the
+        call ends; an error is kept for the call to end with."""
+        grpc = _grpc()
+        try:
+            while not done.is_set():
+                try:
+                    msg = requests.next(INPUT_POLL * 4)
+                except RequestTimeout:
+                    continue
+                if isinstance(msg, _Undecodable):
+                    raise MalformedRequest(msg.reason)
+                kind = msg.WhichOneof("item")
+                if kind == "input":
+                    attached.write(msg.input, done.is_set)
+                elif kind == "resize":
+                    attached.resize(msg.resize.rows, msg.resize.columns)
+                elif kind == "eof":
+                    attached.end_input()
+                else:
+                    raise InvalidArgument("AttachRequest", kind or "(empty)",
+                                          "input, resize or eof after the first message")
+        except (StopIteration, grpc.RpcError):
+            pass   # the client's input has ended, or the call has
+        except Exception as e:
+            failed.append(e)
+            attached.follow.cancel()
 
 
 # ================================================================================================
@@ -6504,8 +6879,11 @@ def format_status(pb, msg):
 # -- subcommands ----------------------------------------------------------------------------
 
 START_VALUE_OPTIONS = {"--cpu", "--memory", "--disk-io", "--pids", "--env", "--workdir",
-                       "--timeout", "--name", "--server", "--ca", "--cert", "--key", "--context"}
+                       "--timeout", "--name", "--server", "--ca", "--cert", "--key", "--context",
+                       "--detach-keys"}
 START_FLAG_OPTIONS = {"--detach"}   # of `run` only
+# Read only before the command: a command's own -i or -t (`sort -t ,`) is common.
+_LEADING_FLAG_RE = re.compile(r"-[it]+|--interactive|--tty")
 
 
 class UsageError(Exception):
@@ -6537,7 +6915,8 @@ def split_start_args(tokens):
         t = tokens[i]
         if t == "--":
             return opts, tokens[i + 1:], []
-        n = _option_at(tokens, i) or (1 if t in ("-h", "--help") else 0)
+        n = _option_at(tokens, i) or (1 if t in ("-h", "--help")
+                                      or _LEADING_FLAG_RE.fullmatch(t) else 0)
         if n:
             opts += tokens[i:i + n]
             i += n
@@ -6617,6 +6996,14 @@ def start_job(args):
                           resources=pb.ResourceConfig(**limits), env=dict(args.env or ()),
                           workdir=args.workdir or "", timeout_seconds=args.timeout or 0,
                           job_name=args.name or "")
+    if args.tty:   # TERM and the window size of this terminal (if there is one)
+        req.stdin = pb.STDIN_MODE_TTY
+        req.terminal.term = os.environ.get("TERM", "")
+        size = local_window()
+        if size:
+            req.terminal.size.rows, req.terminal.size.columns = size
+    elif args.interactive:
+        req.stdin = pb.STDIN_MODE_PIPE
     try:
         return client, client.call("Start", req).job_id
     except CliError as e:
@@ -6770,18 +7157,28 @@ def _args_run(p):
                      f"waited for ({RECONNECT_PATIENCE:g}s) and the output resumed.")
     _add_start_options(p)
     p.add_argument("--detach", action="store_true", help="only start it, as `start` does")
+    _add_detach_keys(p)
     p.epilog = "example: jobworker run --timeout 2h --memory 1G -- make test && echo passed"
 
 
 def cmd_run(args):
     if args.detach:
         return cmd_start(args)
+    if args.tty == 1 and not os.isatty(0):
+        raise CliError("-t needs a terminal on stdin (this one is not); -i sends a pipe or a "
+                       "file, -tt makes the job a terminal anyway", EXIT_USAGE)
     old = {sig: signal.signal(sig, _raise_signalled) for sig in RUN_SIGNALS}
     try:
         client, job_id = None, None
         try:
             client, job_id = start_job(args)
-            final = follow_to_end(client, job_id, OutputWriter(client.pb))
+            if args.interactive or args.tty:
+                final = AttachSession(client, job_id, bool(args.tty), args.detach_keys,
+                                      started=True).run(0)
+                if final is None:
+                    return EXIT_OK   # detached: the job goes on
+            else:
+                final = follow_to_end(client, job_id, OutputWriter(client.pb))
         except _Signalled as e:
             if job_id is None:
                 return 128 + e.signum   # nothing started (or its id never came back)
@@ -6796,6 +7193,261 @@ def cmd_run(args):
     for note in job_end_notes(client.pb, final):
         print(f"jobworker: {note}", file=sys.stderr)
     return job_exit_code(client.pb, final)
+
+
+# -- interactive jobs: run -i / -t, start -i / -t, attach --------------------------------------
+
+DETACH_KEYS = "ctrl-p,ctrl-q"   # docker's
+INPUT_CHUNK = 256 << 10         # bytes of stdin per AttachRequest (well under the request cap)
+_INPUT_END = object()
+
+
+def parse_detach_keys(text):
+    """The bytes of a detach sequence written as docker's --detach-keys: comma-separated
+    ctrl-X (X a letter or one of @[\\]^_) and single characters; "" for none."""
+    import argparse
+    out = bytearray()
+    for key in (k.strip() for k in text.split(",") if k.strip()):
+        if key.lower().startswith("ctrl-") and len(key) == 6 and 64 <= ord(key[5].upper()) <= 95:
+            out.append(ord(key[5].upper()) - 64)
+        elif len(key) == 1 and key.isprintable():
+            out += key.encode()
+        else:
+            raise argparse.ArgumentTypeError(f"invalid key {key!r}: ctrl-X (X a letter or one "
+                                             "of @[\\]^_) or one character, comma-separated")
+    return bytes(out)
+
+
+def local_window():
+    """(rows, columns) of this process's terminal, or None without one."""
+    for fd in (0, 1, 2):
+        with contextlib.suppress(OSError):
+            size = os.get_terminal_size(fd)
+            if size.lines and size.columns:
+                return size.lines, size.columns
+    return None
+
+
+class RawTerminal:
+    """This terminal in raw mode while attached (every key is a byte for the job's terminal,
+    Ctrl-C too), put back as it was on every way out: the end, an error, a signal."""
+
+    def __init__(self, fd):
+        self.fd, self.saved = fd, None
+
+    def __enter__(self):
+        import tty
+        self.saved = termios.tcgetattr(self.fd)
+        tty.setraw(self.fd, termios.TCSANOW)
+        return self
+
+    def __exit__(self, *exc):
+        termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+
+
+class AttachSession:
+    """This process attached to a job: stdin to the job (read by a thread of its own into a
+    short queue, so a job that does not read holds this process back), the job's output to
+    stdout, window sizes at start and on SIGWINCH, the detach keys. A server that cannot be
+    reached is tried again for RECONNECT_PATIENCE seconds, as `run` does; input that was on
+    its way to a pipe then may not have arrived, so the pipe is closed (a terminal goes on)."""
+
+    def __init__(self, client, job_id, tty, detach_keys=DETACH_KEYS, started=False):
+        self.client, self.pb, self.job_id, self.tty = client, client.pb, job_id, tty
+        self.started = started             # this process started the job (`run`)
+        self.raw = tty and os.isatty(0)
+        self.keys = parse_detach_keys(detach_keys) if os.isatty(0) else b""
+        self._matched = 0                  # bytes of the detach keys read so far
+        self.queue = queue.Queue(4)        # AttachRequests from stdin, then _INPUT_END
+        self.detached = threading.Event()
+        self.window_changed = threading.Event()
+        self.input_ended = False           # stdin's end was read (and sent)
+        self.cut = False                   # a pipe's input was cut by a lost connection
+        self.finished = False
+        self.call = None
+
+    def run(self, offset):
+        """Attach from `offset` (None: the current end of the output) until the job ends:
+        its final status; None if detached. A job that has ended by the time it is reached
+        is streamed to its end instead (`run -i -- true`)."""
+        threading.Thread(target=self._read_stdin, name="jobworker-stdin", daemon=True).start()
+        old = signal.signal(signal.SIGWINCH, lambda *_: self.window_changed.set())
+        try:
+            with RawTerminal(0) if self.raw else contextlib.nullcontext():
+                final = self._attached(offset)
+            if final is None:
+                print(f"jobworker: detached from job {self.job_id}, which goes on; again: "
+                      f"jobworker attach {self.job_id}", file=sys.stderr)
+            return final
+        finally:
+            self.finished = True
+            signal.signal(signal.SIGWINCH, old)
+
+    def _attached(self, offset):
+        pb, grpc, writer = self.pb, self.client.grpc, OutputWriter(self.pb)
+        trying_since = None
+        while True:
+            start = pb.AttachStart(job_id=self.job_id)
+            if offset is not None:
+                start.offset = offset
+            self.call = call = self.client.stub.Attach(self._requests(start))
+            try:
+                for msg in call:
+                    trying_since = None
+                    if msg.HasField("final_status"):
+                        return msg.final_status
+                    for _, at, data in output_pieces(pb, msg):
+                        offset = at + len(data)
+                    writer(msg)
+                err = CliError("the server ended the attachment early", EXIT_CONNECT,
+                               unreachable=True)
+            except grpc.RpcError as e:
+                if self.detached.is_set():
+                    return None
+                err = self.client.error(e)
+                if (e.code() == grpc.StatusCode.FAILED_PRECONDITION and
+                        (self.started or trying_since is not None) and self._has_ended()):
+                    # it ended before (or while) this process could attach: the rest of its
+                    # output and its end, as `run` without -i
+                    return follow_to_end(self.client, self.job_id, writer, offset or 0)
+                if not err.unreachable:
+                    raise err from None
+            finally:
+                call.cancel()
+            now = time.monotonic()
+            trying_since = trying_since or now
+            if now - trying_since > RECONNECT_PATIENCE:
+                raise err
+            if not self.tty and not self.input_ended and not self.cut:
+                self.cut = True
+                print(f"jobworker: the connection was lost while input was on its way; job "
+                      f"{self.job_id}'s stdin is closed (what was in flight may be missing)",
+                      file=sys.stderr)
+            time.sleep(0.5)
+
+    def _has_ended(self):
+        status = self.client.call("Query", self.pb.QueryRequest(job_id=self.job_id)).status
+        return status.state != self.pb.JOB_STATE_RUNNING
+
+    def _requests(self, start):
+        """The request stream of one Attach call."""
+        pb = self.pb
+        yield pb.AttachRequest(start=start)
+        if self.raw:
+            self.window_changed.set()   # the size now, whatever it was at start
+        if self.input_ended or self.cut:   # (again, after a reconnect: the end is idempotent)
+            if not self.tty:
+                yield pb.AttachRequest(eof=True)
+            return
+        while not self.finished:
+            if self.window_changed.is_set() and self.raw:
+                self.window_changed.clear()
+                size = local_window()
+                if size:
+                    yield pb.AttachRequest(resize=pb.WindowSize(rows=size[0], columns=size[1]))
+            try:
+                item = self.queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if item is _INPUT_END:
+                self.input_ended = True
+                yield pb.AttachRequest(eof=True)
+                return
+            if self.cut:
+                yield pb.AttachRequest(eof=True)
+                return
+            yield item
+
+    def _read_stdin(self):
+        """Thread: stdin into the queue, in reads of up to INPUT_CHUNK bytes, watching for the
+        detach keys when stdin is a terminal."""
+        while True:
+            try:
+                data = os.read(0, INPUT_CHUNK)
+            except OSError:
+                data = b""
+            if not data:
+                self.queue.put(_INPUT_END)
+                return
+            detach = False
+            if self.keys:
+                data, detach = self._scan(data)
+            if data:
+                self.queue.put(self.pb.AttachRequest(input=data))
+            if detach:
+                self.detached.set()
+                if self.call is not None:
+                    self.call.cancel()
+                return
+
+    def _scan(self, data):
+        """(what of `data` goes to the job, whether the detach keys were typed): a partial
+        sequence is held back until the next key says what it was."""
+        out = bytearray()
+        for b in data:
+            if b == self.keys[self._matched]:
+                self._matched += 1
+                if self._matched == len(self.keys):
+                    self._matched = 0
+                    return bytes(out), True
+                continue
+            out += self.keys[:self._matched]
+            self._matched = 0
+            if b == self.keys[0]:
+                self._matched = 1
+            else:
+                out.append(b)
+        return bytes(out), False
+
+
+def _args_attach(p):
+    p.usage = "jobworker attach [--tail N] [--detach-keys KEYS] ID"
+    p.description = ("Attaches this terminal (or stdin) to a job started with -i or -t: what "
+                     "you type goes to the job, its output from now on comes here (--tail N: "
+                     "its last N lines first), and it exits as `run` does when the job ends. "
+                     "Ctrl-P Ctrl-Q detaches and leaves the job running; several clients may be "
+                     "attached at once. Ctrl-C goes to a terminal job as a key; a job on a pipe "
+                     "gets this stdin's end when it ends.")
+    p.epilog = "example: ID=$(jobworker start -it -- bash); jobworker attach $ID"
+    p.add_argument("job_id", metavar="ID", help="a job id or its first 4 or more characters")
+    p.add_argument("--tail", type=_cli_type(_count, "a number of lines, 0 or more"),
+                   metavar="N", help="start with the last N lines of the output so far")
+    _add_detach_keys(p)
+    _add_client_options(p)
+
+
+def _add_detach_keys(p):
+    p.add_argument("--detach-keys", metavar="KEYS", default=DETACH_KEYS,
+                   type=_cli_type(lambda t: (parse_detach_keys(t), t)[1], "ctrl-X or a "
+                                  "character, comma-separated"),
+                   help=f"the keys that detach, leaving the job running (default "
+                        f"{DETACH_KEYS}; \"\" for none)")
+
+
+def cmd_attach(args):
+    client = Client(args)
+    pb = client.pb
+    job_id = client.job_id(args.job_id)
+    status = client.call("Query", pb.QueryRequest(job_id=job_id)).status
+    offset = None
+    if args.tail is not None:
+        offset = tail_offset(client, job_id, args.tail, status.output_bytes)
+    old = {sig: signal.signal(sig, _raise_signalled) for sig in RUN_SIGNALS}
+    try:
+        final = AttachSession(client, job_id, status.stdin == pb.STDIN_MODE_TTY,
+                              args.detach_keys).run(offset)
+    except _Signalled as e:
+        print(f"jobworker: left job {job_id} running (jobworker attach {job_id})",
+              file=sys.stderr)
+        return 128 + e.signum
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    if final is None:
+        return EXIT_OK
+    for note in job_end_notes(pb, final):
+        print(f"jobworker: {note}", file=sys.stderr)
+    return job_exit_code(pb, final)
 
 
 def _stop_for_signal(client, job_id, signum):
@@ -7757,6 +8409,12 @@ def _add_start_options(p):
     p.add_argument("--name", metavar="NAME",
                    help=f"a label for `list` and `query` (not unique; up to {MAX_NAME_CHARS} "
                         "printable characters)")
+    p.add_argument("-i", "--interactive", action="store_true",
+                   help="give the job a stdin: `run` sends this stdin to it (its end closes "
+                        "the job's); `start` keeps it open for `attach`")
+    p.add_argument("-t", "--tty", action="count", default=0,
+                   help="run the job on a pseudo-terminal (with -i's stdin; TERM and the window "
+                        "size from here); `run -t` needs a terminal here, -tt makes one anyway")
     _add_client_options(p)
 
 
@@ -7783,6 +8441,8 @@ SUBCOMMANDS = (   # name, what runs it, its options; its help (argparse %-format
     ("run", cmd_run, _args_run,
      "start a job, print its output as it comes, exit with its exit code"),
     ("start", cmd_start, _args_start, "start a job; prints only its id"),
+    ("attach", cmd_attach, _args_attach,
+     "attach to a job started with -i or -t: your input to it, its output to you"),
     ("list", cmd_list, _args_list, "list the jobs you may see, oldest first"),
     ("stream", cmd_stream, _args_stream,
      "print a job's output from the start, live until it ends"),

@@ -1020,6 +1020,8 @@ def test_signals_ignored_by_the_server_are_default_in_the_job(tmp_path):
 LAUNCHER_PROTOCOLS = {
     2: ("hello spawn take_over forget ping bye | job ready spawned out eof exit pong | "
         "job dir cap argv env cwd procs hide empty_file nofile uid gid seq"),
+    3: ("hello spawn take_over forget close_input ping bye | job ready spawned out eof exit "
+        "pong | job dir cap argv env cwd procs hide empty_file nofile uid gid stdio seq"),
 }
 
 
