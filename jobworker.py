@@ -7147,9 +7147,11 @@ RUN_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _args_run(p):
-    p.usage = "jobworker run [START OPTIONS] [--detach] [--] CMD [ARG...]"
+    p.usage = "jobworker run [START OPTIONS] [-i] [-t] [--detach] [--] CMD [ARG...]"
     p.description = ("Starts a job as `start` does, writes its stdout to stdout and its stderr "
-                     "to stderr from the first byte, and exits as the job did: its exit code, "
+                     "to stderr from the first byte (with -i, this stdin goes to the job; with "
+                     "-t the job runs on a terminal: Ctrl-C is a key for it, Ctrl-P Ctrl-Q "
+                     "detaches), and exits as the job did: its exit code, "
                      "128+N if signal N killed it (137: also the OOM killer, said on stderr), "
                      f"{EXIT_TIMED_OUT} if it ran past --timeout, {EXIT_LOST} if its end is "
                      "unknown (lost in a server crash). Ctrl-C or SIGTERM stops the job and "
@@ -7158,7 +7160,9 @@ def _args_run(p):
     _add_start_options(p)
     p.add_argument("--detach", action="store_true", help="only start it, as `start` does")
     _add_detach_keys(p)
-    p.epilog = "example: jobworker run --timeout 2h --memory 1G -- make test && echo passed"
+    p.epilog = ("example: jobworker run --timeout 2h --memory 1G -- make test && echo passed; "
+                "jobworker run -it --memory 1G -- bash; tar -c . | jobworker run -i -- tar -C "
+                "/srv/x -x")
 
 
 def cmd_run(args):
@@ -7242,7 +7246,8 @@ class RawTerminal:
         return self
 
     def __exit__(self, *exc):
-        termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+        with contextlib.suppress(termios.error):   # (a terminal hung up has nothing to restore)
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
 
 
 class AttachSession:
@@ -7265,6 +7270,8 @@ class AttachSession:
         self.cut = False                   # a pipe's input was cut by a lost connection
         self.finished = False
         self.call = None
+        self._take = threading.Lock()      # one call's requests take from the queue at a time
+        self._pushback = None              # taken by a call that had ended: the next one's
 
     def run(self, offset):
         """Attach from `offset` (None: the current end of the output) until the job ends:
@@ -7290,7 +7297,8 @@ class AttachSession:
             start = pb.AttachStart(job_id=self.job_id)
             if offset is not None:
                 start.offset = offset
-            self.call = call = self.client.stub.Attach(self._requests(start))
+            ended = threading.Event()
+            self.call = call = self.client.stub.Attach(self._requests(start, ended))
             try:
                 for msg in call:
                     trying_since = None
@@ -7314,6 +7322,7 @@ class AttachSession:
                     raise err from None
             finally:
                 call.cancel()
+                ended.set()
             now = time.monotonic()
             trying_since = trying_since or now
             if now - trying_since > RECONNECT_PATIENCE:
@@ -7329,8 +7338,8 @@ class AttachSession:
         status = self.client.call("Query", self.pb.QueryRequest(job_id=self.job_id)).status
         return status.state != self.pb.JOB_STATE_RUNNING
 
-    def _requests(self, start):
-        """The request stream of one Attach call."""
+    def _requests(self, start, ended):
+        """The request stream of one Attach call, until `ended`."""
         pb = self.pb
         yield pb.AttachRequest(start=start)
         if self.raw:
@@ -7339,15 +7348,14 @@ class AttachSession:
             if not self.tty:
                 yield pb.AttachRequest(eof=True)
             return
-        while not self.finished:
+        while not self.finished and not ended.is_set():
             if self.window_changed.is_set() and self.raw:
                 self.window_changed.clear()
                 size = local_window()
                 if size:
                     yield pb.AttachRequest(resize=pb.WindowSize(rows=size[0], columns=size[1]))
-            try:
-                item = self.queue.get(timeout=0.2)
-            except queue.Empty:
+            item = self._next_input(ended)
+            if item is None:
                 continue
             if item is _INPUT_END:
                 self.input_ended = True
@@ -7357,6 +7365,24 @@ class AttachSession:
                 yield pb.AttachRequest(eof=True)
                 return
             yield item
+
+    def _next_input(self, ended):
+        """The next item of stdin's queue for the call that `ended` belongs to; None if none
+        came in a moment. One its call no longer wants (it ended while this waited) is kept
+        for the next call: keys typed while the server restarts reach it, in order."""
+        with self._take:
+            if ended.is_set():
+                return None
+            if self._pushback is not None:
+                item, self._pushback = self._pushback, None
+                return item
+            try:
+                item = self.queue.get(timeout=0.2)
+            except queue.Empty:
+                return None
+            if ended.is_set():
+                self._pushback, item = item, None
+            return item
 
     def _read_stdin(self):
         """Thread: stdin into the queue, in reads of up to INPUT_CHUNK bytes, watching for the
@@ -7408,7 +7434,7 @@ def _args_attach(p):
                      "Ctrl-P Ctrl-Q detaches and leaves the job running; several clients may be "
                      "attached at once. Ctrl-C goes to a terminal job as a key; a job on a pipe "
                      "gets this stdin's end when it ends.")
-    p.epilog = "example: ID=$(jobworker start -it -- bash); jobworker attach $ID"
+    p.epilog = "example: jobworker attach --tail 20 3f2a (after ID=$(jobworker start -it -- bash))"
     p.add_argument("job_id", metavar="ID", help="a job id or its first 4 or more characters")
     p.add_argument("--tail", type=_cli_type(_count, "a number of lines, 0 or more"),
                    metavar="N", help="start with the last N lines of the output so far")

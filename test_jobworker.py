@@ -20,7 +20,9 @@ import itertools
 import json
 import os
 import pathlib
+import queue
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -4356,6 +4358,495 @@ def test_the_running_jobs_cap_follows_the_open_files_limit(pki, tmp_path):
 
 
 # ================================================================================================
+# Interactive jobs: stdin pipes, terminals, attach (real pseudo-terminals; tmux as the user's)
+# ================================================================================================
+
+def pts_in_use():
+    """Pseudo-terminals open on this host now (/dev/pts holds one entry per pair)."""
+    return len([n for n in os.listdir("/dev/pts") if n.isdigit()])
+
+
+def attach_all(m, job_id, chunks=(), end=True, offset=0):
+    """Attach to a job from `offset`, write `chunks`, end the input (if `end`) and read its
+    output to its end: (output bytes, final status, input bytes counted)."""
+    a = m.attach(job_id, offset)
+    for data in chunks:
+        a.write(data, lambda: False)
+    if end:
+        a.end_input()
+    out = b"".join(c.data for c in a.follow)
+    return out, a.follow.final_status(), a.input_bytes
+
+
+@root
+def test_a_pipe_job_reads_what_is_attached_and_its_end(manager):
+    job = manager.start("sort", [], stdin=jw.STDIN_PIPE)
+    assert job.stdin == jw.STDIN_PIPE
+    out, final, n = attach_all(manager, job.id, [b"b\n", b"a\n"])
+    assert (out, final.exit_code, n) == (b"a\nb\n", 0, 4)
+    # EOF reaches the job only once every copy of the pipe's write end is closed (the
+    # launcher holds one): wc ends, and counts exactly
+    job = manager.start("wc", ["-c"], stdin=jw.STDIN_PIPE)
+    out, final, _ = attach_all(manager, job.id, [b"x" * 100_000])
+    assert (out.strip(), final.state) == (b"100000", jw.EXITED)
+
+
+@root
+def test_a_terminal_job_leads_its_session_on_its_own_terminal(manager):
+    before = pts_in_use()
+    script = ('stty size; tty; ps -o sid= -o tpgid= -p $$; echo "TERM=$TERM"; read x; '
+              'stty size; echo "got $x"; exit 3')
+    job = manager.start("bash", ["-c", script], stdin=jw.STDIN_TTY, window=(33, 101),
+                        term="screen")
+    assert pts_in_use() == before + 1
+    a = manager.attach(job.id, 0)
+    seen = bytearray()
+    follow = iter(a.follow)
+    while b"TERM=" not in seen:
+        seen += next(follow).data
+    a.resize(40, 120)
+    a.write(b"hello\r", lambda: False)
+    for chunk in follow:
+        seen += chunk.data
+    lines = bytes(seen).decode().split("\r\n")   # a terminal's newlines (ONLCR)
+    sid, tpgid = lines[2].split()
+    final = a.follow.final_status()
+    assert lines[0] == "33 101" and lines[1].startswith("/dev/pts/")
+    assert int(sid) == int(tpgid) == final.pid   # session leader, in the foreground
+    assert "TERM=screen" in lines and "40 120" in lines and "got hello" in lines
+    assert final.exit_code == 3
+    assert pts_in_use() == before   # the terminal went with the job
+
+
+@root
+def test_attach_refuses_what_it_cannot_do_and_bad_sizes(manager):
+    plain = manager.start("sleep", ["600"])
+    with pytest.raises(jw.InputUnavailable, match="started without stdin"):
+        manager.attach(plain.id)
+    piped = manager.start("sleep", ["600"], stdin=jw.STDIN_PIPE)
+    a = manager.attach(piped.id)
+    with pytest.raises(jw.InputUnavailable, match="not on a terminal"):
+        a.resize(24, 80)
+    a.end_input()
+    a.end_input()   # again: no error
+    with pytest.raises(jw.InputUnavailable, match="stdin closed"):
+        a.write(b"late", lambda: False)
+    a.close()
+    tty = manager.start("sleep", ["600"], stdin=jw.STDIN_TTY)
+    a = manager.attach(tty.id)
+    for rows, columns in ((0, 80), (24, 0), (10_001, 80), (24, 10_001)):
+        with pytest.raises(jw.InvalidArgument, match="window size"):
+            a.resize(rows, columns)
+    a.resize(10_000, 10_000)
+    a.close()
+    for bad in ((0, 80), (24, 10_001)):
+        with pytest.raises(jw.InvalidArgument):
+            manager.start("true", [], stdin=jw.STDIN_TTY, window=bad)
+    with pytest.raises(jw.InvalidArgument):
+        manager.start("true", [], stdin="file")
+    with pytest.raises(jw.JobNotFound):
+        manager.attach(str(uuid.uuid4()))
+    for job in (plain, piped, tty):
+        manager.stop(job.id, grace=0)
+    with pytest.raises(jw.InputUnavailable, match="has ended"):
+        manager.attach(piped.id)
+
+
+@root
+def test_a_job_keeps_its_stdin_when_its_launcher_dies(manager):
+    job = manager.start("sha256sum", [], stdin=jw.STDIN_PIPE)
+    data = os.urandom(3 << 20)
+    a = manager.attach(job.id, 0)
+    a.write(data[:1 << 20], lambda: False)
+    dead = manager.supervisor.launcher.pid
+    os.kill(dead, signal.SIGKILL)
+    wait_for(lambda: manager.supervisor.launcher.pid != dead and manager.supervisor.launcher.alive,
+             timeout=30, what="a new launcher")
+    a.write(data[1 << 20:], lambda: False)
+    a.end_input()   # the new launcher was given the pipe: it closes its copy
+    out = b"".join(c.data for c in a.follow)
+    assert out.split()[0].decode() == hashlib.sha256(data).hexdigest()
+
+
+@root
+def test_terminal_and_pipe_jobs_leak_no_fd_thread_or_terminal(manager):
+    # (the manager's finishing pool grows to its fixed size as it is used: not counted)
+    threads = lambda: len([t for t in threading.enumerate()
+                           if not t.name.startswith("jobworker-finish")])
+    before_pts, before_threads = pts_in_use(), threads()
+    launcher_fds = lambda: len(os.listdir(f"/proc/{manager.supervisor.launcher.pid}/fd"))
+    own_fds = lambda: len(os.listdir("/proc/self/fd"))
+    attach_all(manager, manager.start("cat", [], stdin=jw.STDIN_PIPE).id, [b"warm"])
+    fds, lfds = own_fds(), launcher_fds()
+    for i in range(10):
+        piped = manager.start("cat", [], stdin=jw.STDIN_PIPE)
+        assert attach_all(manager, piped.id, [b"x\n"])[0] == b"x\n"
+        on_tty = manager.start("cat", [], stdin=jw.STDIN_TTY)
+        a = manager.attach(on_tty.id)
+        a.write(b"y\r", lambda: False)
+        a.close()
+        manager.stop(on_tty.id, grace=0)
+    wait_for(lambda: own_fds() == fds and launcher_fds() == lfds, what="fds back "
+             f"(server {own_fds()} of {fds}, launcher {launcher_fds()} of {lfds})")
+    assert pts_in_use() == before_pts
+    wait_for(lambda: threads() <= before_threads, what="threads back")
+
+
+# -- over gRPC --------------------------------------------------------------------------------
+
+class Attached:
+    """A raw Attach call: requests put() in order after the start; responses collected by a
+    thread: output bytes, the final status, the status code it ended with."""
+
+    def __init__(self, peer, job_id, offset=0, first=None):
+        self.q = queue.Queue()
+        self.out, self.final, self.code, self.details = bytearray(), None, None, ""
+        start = pb.AttachStart(job_id=job_id)
+        if offset is not None:
+            start.offset = offset
+        first = first if first is not None else pb.AttachRequest(start=start)
+
+        def requests():
+            yield first
+            while (item := self.q.get()) is not None:
+                yield item
+        self.call = peer.stub.Attach(requests(), timeout=60)
+        self.done = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        try:
+            for msg in self.call:
+                if msg.HasField("final_status"):
+                    self.final = msg.final_status
+                for _, _, data in jw.output_pieces(pb, msg):
+                    self.out += data
+            self.code = SC.OK
+        except grpc.RpcError as e:
+            self.code, self.details = e.code(), e.details()
+        finally:
+            self.done.set()
+
+    def put(self, **item):
+        self.q.put(pb.AttachRequest(**item))
+
+    def wait(self, timeout=30):
+        assert self.done.wait(timeout), "the Attach call did not end"
+        self.q.put(None)
+        return self.code
+
+
+def start_interactive(peer, *argv, mode=None):
+    return peer.stub.Start(pb.StartRequest(name=argv[0], args=argv[1:],
+                                           stdin=mode or pb.STDIN_MODE_PIPE), timeout=30).job_id
+
+
+@root
+def test_attach_by_role_and_owner(peers):
+    alice = peers("alice")
+    job = start_interactive(alice, "cat")
+    assert Attached(peers("reader"), job).wait() == SC.PERMISSION_DENIED
+    assert Attached(peers("bob"), job).wait() == SC.NOT_FOUND
+    admin, own = Attached(peers("admin"), job), Attached(alice, job)
+    wait_for(lambda: own.call.initial_metadata() is not None, what="attached")
+    wait_for(lambda: admin.call.initial_metadata() is not None, what="attached")
+    own.put(input=b"from alice\n")
+    wait_for(lambda: b"alice" in admin.out, what="alice's input echoed to the admin")
+    admin.put(input=b"from admin\n")
+    wait_for(lambda: b"admin" in own.out, what="the admin's input echoed to alice")
+    own.put(eof=True)
+    assert own.wait() == SC.OK and admin.wait() == SC.OK
+    assert bytes(own.out) == bytes(admin.out) == b"from alice\nfrom admin\n"   # to each, in order
+    assert own.final.state == pb.JOB_STATE_EXITED
+
+
+@root
+def test_attach_bad_requests_get_clear_codes_and_one_audit_line(pki, peers, caplog):
+    caplog.set_level("INFO", logger="jobworker.audit")
+    alice = peers("alice")
+    plain = alice.start("sleep", "600")
+    a = Attached(alice, plain)
+    assert a.wait() == SC.FAILED_PRECONDITION and "-i or -t" in a.details
+    assert Attached(alice, str(uuid.uuid4())).wait() == SC.NOT_FOUND
+    piped = start_interactive(alice, "cat")
+    a = Attached(alice, piped, first=pb.AttachRequest(input=b"no start"))
+    assert a.wait() == SC.INVALID_ARGUMENT and "AttachStart" in a.details
+    a = Attached(alice, piped)
+    a.put(resize=pb.WindowSize(rows=24, columns=80))
+    assert a.wait() == SC.FAILED_PRECONDITION and "not on a terminal" in a.details
+    a = Attached(alice, piped)
+    a.put(input=b"x" * (jw.DEFAULT_MAX_REQUEST_BYTES + 1))
+    assert a.wait() == SC.RESOURCE_EXHAUSTED
+    tty = start_interactive(alice, "cat", mode=pb.STDIN_MODE_TTY)
+    a = Attached(alice, tty)
+    a.put(resize=pb.WindowSize(rows=0, columns=80))
+    assert a.wait() == SC.INVALID_ARGUMENT and "window size" in a.details
+    caplog.clear()
+    a = Attached(alice, piped)
+    a.put(input=b"12345")
+    a.put(input=b"678")
+    a.put(eof=True)
+    assert a.wait() == SC.OK and bytes(a.out) == b"12345678"
+    lines = [r.getMessage() for r in caplog.records if "method=Attach" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].endswith(f"job={piped} code=OK input_bytes=8"), lines
+    assert "12345" not in lines[0]
+    for job in (plain, tty):
+        alice.call("Stop", job)
+    a = Attached(alice, plain)
+    assert a.wait() == SC.FAILED_PRECONDITION
+
+
+@root
+def test_an_old_client_start_has_dev_null_stdin(peers):
+    alice = peers("alice")
+    job = alice.start("sh", "-c", "cat; echo end")   # no stdin field: as before
+    out, _, final = alice.stream(job)
+    assert out == b"end\n" and final.stdin == pb.STDIN_MODE_NULL
+
+
+# -- the CLI ----------------------------------------------------------------------------------
+
+def cli_input(argv, data, *args, certs, port, timeout=120, name="client"):
+    return subprocess.run([*argv, *args], input=data, env=cli_env(certs, port, name),
+                          capture_output=True, timeout=timeout)
+
+
+@root
+def test_run_i_gives_the_job_this_stdin_and_its_end(pki, quick_server):
+    r = cli_input(SRC, b"b\na\n", "run", "-i", "--", "sort", certs=pki, port=quick_server.port)
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"a\nb\n", b"")
+    r = cli_input(SRC, b"abc", "run", "-i", "--", "sh", "-c", "wc -c; exit 4", certs=pki,
+                  port=quick_server.port)
+    assert (r.returncode, r.stdout.strip()) == (4, b"3")
+    r = cli_input(SRC, b"y\n" * 1_000_000, "run", "-i", "--", "head", "-c", "4", certs=pki,
+                  port=quick_server.port)   # a job that stops reading: the rest is dropped
+    assert (r.returncode, r.stdout) == (0, b"y\ny\n")
+    r = cli_input(SRC, b"", "run", "-i", "--", "true", certs=pki, port=quick_server.port)
+    assert r.returncode == 0, r   # it may end before it is attached to
+
+
+@root
+def test_run_i_carries_100_mib_byte_exact_and_a_tree_by_tar(pki, quick_server, tmp_path):
+    data = os.urandom(100 << 20)
+    r = cli_input(SRC, data, "run", "-i", "--", "sha256sum", certs=pki, port=quick_server.port)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "sub").mkdir(parents=True)
+    dst.mkdir()
+    (src / "big").write_bytes(data[:20 << 20])
+    (src / "sub" / "small").write_bytes(b"\0\377 small\n")
+    os.symlink("sub/small", src / "link")
+    tar = subprocess.run(["tar", "-C", str(src), "-c", "."], capture_output=True, check=True)
+    r = cli_input(SRC, tar.stdout, "run", "-i", "--", "tar", "-C", str(dst), "-x", certs=pki,
+                  port=quick_server.port)
+    assert r.returncode == 0, r.stderr
+    assert (dst / "big").read_bytes() == data[:20 << 20]
+    assert (dst / "sub" / "small").read_bytes() == b"\0\377 small\n"
+    assert os.readlink(dst / "link") == "sub/small"
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("VmRSS:")).split()[1])
+
+
+@root
+def test_input_to_a_job_that_does_not_read_holds_the_client_back_keeping_memory_flat(
+        pki, quick_server, tmp_path):
+    gate = tmp_path / "gate"
+    script = f"while [ ! -e {gate} ]; do sleep 0.05; done; sha256sum"
+    server, launcher = quick_server.proc.pid, launcher_of(quick_server.state)
+    before = rss_kib(server), rss_kib(launcher)
+    cli_proc = subprocess.Popen([*SRC, "run", "-i", "--", "sh", "-c", script], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, env=cli_env(pki, quick_server.port))
+    data, sent, step = os.urandom(64 << 20), [0], 1 << 16
+
+    def feed():
+        with contextlib.suppress(BrokenPipeError):
+            for i in range(0, len(data), step):
+                cli_proc.stdin.write(data[i:i + step])
+                sent[0] = i + step
+            cli_proc.stdin.close()
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    last, still = -1, 0
+    while still < 20:   # 2 s without progress: everything on the way is full
+        time.sleep(0.1)
+        still, last = (still + 1, last) if sent[0] == last else (0, sent[0])
+    during = rss_kib(server), rss_kib(launcher)
+    assert sent[0] < len(data) / 2, f"{sent[0]} bytes went in: nothing held the client back"
+    # a fixed buffer per job (pipes, grpc's flow-control window), not what was pushed
+    assert during[0] - before[0] < 16 << 10 and during[1] - before[1] < 4 << 10, (before, during)
+    gate.touch()
+    feeder.join(120)
+    assert sent[0] >= len(data) and not feeder.is_alive()
+    out = cli_proc.stdout.read()
+    assert cli_proc.wait(60) == 0
+    assert out.split()[0].decode() == hashlib.sha256(data).hexdigest()   # nothing lost, no dup
+
+
+@root
+def test_t_needs_a_terminal_here_unless_given_twice(pki, quick_server):
+    r = cli_input(SRC, b"", "run", "-t", "--", "tty", certs=pki, port=quick_server.port)
+    assert r.returncode == 2 and b"-t needs a terminal" in r.stderr and b"-tt" in r.stderr
+    r = cli_input(SRC, b"", "run", "-tt", "--", "sh", "-c", "tty; stty size", certs=pki,
+                  port=quick_server.port)
+    lines = r.stdout.decode().split("\r\n")
+    assert r.returncode == 0 and lines[0].startswith("/dev/pts/") and lines[1] == "24 80", r
+    r = cli(SRC, "run", "--", "sort", "-t", ",", certs=pki, port=quick_server.port)
+    assert r.returncode == 0   # a command's own -t is its own
+
+
+@root
+def test_attach_to_a_job_without_stdin_exits_6_saying_so(pki, quick_server):
+    job = cli(SRC, "start", "sleep", "600", certs=pki, port=quick_server.port).stdout.decode().strip()
+    r = cli(SRC, "attach", job, certs=pki, port=quick_server.port)
+    assert r.returncode == 6 and b"without stdin (-i or -t)" in r.stderr, r
+    r = cli(SRC, "attach", job, certs=pki, port=quick_server.port, name="reader")
+    assert r.returncode == 5, r
+    r = cli(SRC, "attach", job, certs=pki, port=quick_server.port, name="bob")
+    assert r.returncode == 4, r
+    cli(SRC, "stop", job, certs=pki, port=quick_server.port)
+
+
+class Tmux:
+    """A real terminal: a tmux server of its own with one window running `command` (its own
+    config: the pane stays after its command ends, to be read)."""
+
+    def __init__(self, tmp_path, command, env, width=100, height=30):
+        self.sock = str(tmp_path / "tmux.sock")
+        conf = tmp_path / "tmux.conf"
+        conf.write_text("set -g remain-on-exit on\nset -g status off\n")
+        script = tmp_path / "pane.sh"
+        script.write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
+                          + command + "\n")
+        self.tmux("-f", str(conf), "new-session", "-d", "-s", "t", "-x", str(width), "-y",
+                  str(height), f"sh {script}")
+
+    def tmux(self, *args):
+        return subprocess.run(["tmux", "-S", self.sock, *args], capture_output=True, text=True,
+                              timeout=30, check=True).stdout
+
+    def screen(self):
+        return self.tmux("capture-pane", "-p", "-J", "-t", "t")   # (-J: wrapped lines joined)
+
+    def keys(self, *keys):
+        self.tmux("send-keys", "-t", "t", *keys)
+
+    def wait_for(self, text, timeout=30):
+        return wait_for(lambda: text in self.screen(), timeout, f"{text!r} on the screen:\n"
+                        + self.screen())
+
+    def wait_for_match(self, pattern, timeout=30):
+        """The first match of a regex (multiline) on the screen, once there is one."""
+        return wait_for(lambda: re.search(pattern, self.screen(), re.M), timeout,
+                        f"{pattern!r} on the screen")
+
+    def wait_dead(self, timeout=30):
+        wait_for(lambda: self.tmux("display", "-p", "-t", "t", "#{pane_dead}").strip() == "1",
+                 timeout, "the pane's command to end")
+
+    def close(self):
+        with contextlib.suppress(subprocess.SubprocessError):
+            self.tmux("kill-server")
+
+
+@pytest.fixture
+def tmux_of(tmp_path):
+    made = []
+
+    def make(command, env, **kw):
+        made.append(Tmux(tmp_path, command, env, **kw))
+        return made[-1]
+    before = pts_in_use()
+    yield make
+    for t in made:
+        t.close()
+    wait_for(lambda: pts_in_use() <= before, what="the terminals closed")
+
+
+def _cli_line(*args):
+    return " ".join(shlex.quote(a) for a in [*SRC, *args])
+
+
+SHELL = ("run", "-it", "--env", "PS1=jwp> ", "--", "bash", "--norc", "-i")   # (a prompt to see)
+
+
+@root
+def test_run_it_is_a_remote_terminal_under_a_real_one(pki, quick_server, tmp_path, tmux_of):
+    d = tmp_path
+    t = tmux_of(f"stty -a > {d}/before; {_cli_line(*SHELL)}; "
+                f"echo $? > {d}/rc; stty -a > {d}/after", cli_env(pki, quick_server.port, base={
+                    "PATH": os.environ["PATH"], "TERM": "screen"}))
+    t.wait_for("jwp>")   # the prompt of the job's shell
+    t.keys("stty size; echo TERM=$TERM", "Enter")
+    t.wait_for("TERM=screen")
+    assert "30 100" in t.screen()
+    t.tmux("resize-window", "-t", "t", "-x", "120", "-y", "40")
+    t.keys("clear; stty size", "Enter")
+    t.wait_for("40 120")
+    t.keys("clear; sleep 100", "Enter")
+    wait_for(lambda: subprocess.run(["pgrep", "-x", "-f", "sleep 100"],
+                                    stdout=subprocess.DEVNULL).returncode == 0,
+             what="sleep to run")
+    t.keys("C-c")   # a byte to the job's terminal: its foreground program gets SIGINT
+    t.wait_for("^C")
+    t.keys("echo alive-$((6*7))", "Enter")
+    t.wait_for("alive-42")   # the shell lives
+    t.keys("exit 3", "Enter")
+    t.wait_dead()
+    assert (d / "rc").read_text().strip() == "3"
+    modes = lambda f: (d / f).read_text().split("\n", 1)[1]   # (line 1: speed and the size)
+    assert modes("before") == modes("after")   # the terminal is as it was
+
+
+@root
+def test_detach_leaves_the_job_running_and_attach_takes_it_up(pki, quick_server, tmp_path,
+                                                               tmux_of):
+    env = cli_env(pki, quick_server.port, base={"PATH": os.environ["PATH"], "TERM": "xterm"})
+    t = tmux_of(f"{_cli_line(*SHELL)}; echo rc=$?; exec sh", env)
+    t.wait_for("jwp>")
+    t.keys("echo first-$((6*7))", "Enter")
+    t.wait_for("first-42")
+    t.keys("C-p", "C-q")
+    t.wait_for("rc=0")
+    job = t.wait_for_match(r"jobworker attach ([0-9a-f-]{36})").group(1)
+    r = cli(SRC, "query", job, "--json", certs=pki, port=quick_server.port)
+    assert json.loads(r.stdout)["state"] == "running"
+    t.keys(_cli_line("attach", "--tail", "1", job), "Enter")
+    t.keys("echo second-$((6*7))", "Enter")   # (typed ahead: the terminal keeps it for attach)
+    t.wait_for("second-42")
+    t.keys("exit 5; ", "Enter")
+    r = cli(SRC, "wait", job, certs=pki, port=quick_server.port)
+    assert r.returncode == 5
+
+
+@root
+def test_a_server_killed_and_restarted_under_run_it_keeps_the_shell(pki, tmp_path, tmux_of):
+    state, parent = tmp_path / "state", f"{RUN_PARENT}/restart-it"
+    server = ServeProcess(SRC, pki, state, parent, listen="127.0.0.1:0")
+    port = server.port
+    try:
+        env = cli_env(pki, port, base={"PATH": os.environ["PATH"], "TERM": "xterm"})
+        t = tmux_of(f"{_cli_line(*SHELL)}; echo rc=$?", env)
+        t.wait_for("jwp>")
+        t.keys("echo shell-$$", "Enter")
+        shell = t.wait_for_match(r"^shell-(\d+)$").group(1)
+        server.proc.kill()
+        server.proc.wait()
+        t.keys("echo still-$$", "Enter")   # typed while no server is there: kept, in order
+        server = ServeProcess(SRC, pki, state, parent, listen=f"127.0.0.1:{port}")
+        t.wait_for(f"still-{shell}", timeout=60)
+        t.keys("echo and-then-$((6*7))", "Enter")
+        t.wait_for("and-then-42")
+        t.keys("exit 7", "Enter")
+        t.wait_for("rc=7")
+    finally:
+        assert server.stop() == 0
+
+
+# ================================================================================================
 # Deploy: three hosts in network namespaces, driven by the CLI from the root namespace
 # ================================================================================================
 
@@ -5291,9 +5782,9 @@ def grpc_js():
 def test_proto_works_unchanged_from_grpc_js(grpc_js, pki, api):
     script = os.path.join(grpc_js, "client.js")
     shutil.copyfile(os.path.join(HERE, "test_grpc_js_client.js"), script)
-    run = lambda name: subprocess.run(
+    run = lambda name, *mode: subprocess.run(
         ["node", script, os.path.join(HERE, "jobworker.proto"), f"127.0.0.1:{api[1]}", str(pki),
-         name], capture_output=True, text=True, timeout=120,
+         name, *mode], capture_output=True, text=True, timeout=120,
         env=dict(os.environ, NODE_PATH=os.path.join(grpc_js, "node_modules")))
     r = run("alice")
     assert r.returncode == 0, r.stderr
@@ -5303,6 +5794,10 @@ def test_proto_works_unchanged_from_grpc_js(grpc_js, pki, api):
         ("JOB_STATE_EXITED", "alice", str(64 << 20))
     r = run("reader")
     assert json.loads(r.stdout) == {"start_error": grpc.StatusCode.PERMISSION_DENIED.value[0]}
+    r = run("alice", "attach")   # a bidirectional round trip: input up, output down
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"out": "a\nb\n", "state": "JOB_STATE_EXITED",
+                                    "stdin": "STDIN_MODE_PIPE"}
 
 
 # ================================================================================================
