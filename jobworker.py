@@ -1621,12 +1621,7 @@ def _child_exec(req, exe, ignored, procs, stdio, ctty, err_pipe, libc):
         os.setsid()
         stage = SPAWN_STDIO
         signal.set_wakeup_fd(-1)
-        if ctty is not None:   # a session leader's first terminal would do too; be explicit
-            fcntl.ioctl(ctty, termios.TIOCSCTTY, 0)
-            if req.uid is not None:   # its own, as a login's (sshd's chown of the tty)
-                os.fchown(ctty, req.uid, -1)
-        for target, fd in enumerate(stdio):
-            os.dup2(os.open("/dev/null", os.O_RDONLY) if fd is None else fd, target)
+        _child_stdio(stdio, ctty, req.uid)
         # Only 0-2 survive; the error pipe is close-on-exec.
         os.closerange(3, err_pipe)
         os.closerange(err_pipe + 1, os.sysconf("SC_OPEN_MAX"))
@@ -1665,6 +1660,17 @@ def _child_exec(req, exe, ignored, procs, stdio, ctty, err_pipe, libc):
             os.write(err_pipe, f"{stage}:{err}:{msg}".encode("utf-8", "replace"))
         finally:
             os._exit(127)
+
+
+def _child_stdio(stdio, ctty, uid):
+    """In the forked child, a session leader now: its terminal (`ctty`, made its controlling
+    terminal, and given to its user as a login's is) and its fds 0 to 2 (None: /dev/null)."""
+    if ctty is not None:   # (a session leader's first terminal would do too; be explicit)
+        fcntl.ioctl(ctty, termios.TIOCSCTTY, 0)
+        if uid is not None:
+            os.fchown(ctty, uid, -1)
+    for target, fd in enumerate(stdio):
+        os.dup2(os.open("/dev/null", os.O_RDONLY) if fd is None else fd, target)
 
 
 def _fork(libc):
@@ -3728,6 +3734,23 @@ class JobSpawner:
         if self._dynamic:
             self._dynamic.load()
 
+    def accept(self, command, args, limits, owner, env, workdir, timeout, name, stdin, term,
+               default_pids):
+        """The JobStatus of a job to start, and its environment: every field checked."""
+        env = validate_env(env)
+        argv = validate_command(command, list(args), env)
+        workdir = self.check_workdir(validate_workdir(workdir))
+        limits = parse_limits(**limits) if isinstance(limits, dict) else limits or Limits()
+        if limits.pids is None and default_pids:
+            limits = dataclasses.replace(limits, pids=default_pids)
+        status = JobStatus(id=str(uuid.uuid4()), owner=sys.intern(owner), command=argv,
+                           limits=limits, state=RUNNING, name=validate_name(name),
+                           env_keys=tuple(sorted(env)), workdir=workdir,
+                           timeout=validate_timeout(timeout), stdin=validate_stdin(stdin))
+        if status.stdin == STDIN_TTY:
+            env.setdefault("TERM", validate_term(term or DEFAULT_TERM))
+        return status, env
+
     def check_workdir(self, workdir):
         """The workdir, if a job may be started there (InvalidArgument if not)."""
         if any(workdir == h or workdir.startswith(h.rstrip("/") + "/") for h in self._hide):
@@ -3906,19 +3929,16 @@ class JobManager(LauncherEvents):
     def start(self, command, args=(), limits=None, owner="", admin=False, *, env=None,
               workdir=None, timeout=None, name="", stdin=STDIN_NULL, term="", window=None):
         """Start a job; returns its JobStatus once the program has been exec'd. `limits`: a
-        Limits, or a dict of parse_limits' text forms. `env` is added
-        to the default environment, `workdir` is its working directory, `timeout` (seconds)
-        stops it as Stop would, `name` labels it, `stdin` (STDIN_MODES) is what attach()
-        writes to; a terminal's `term` and `window` (rows, columns). Raises InvalidArgument (a workdir that is
-        not a directory too), CapReached (globally, for `owner`, or past what is kept for
-        admins unless `admin`), DiskFull, SpawnError (nothing left behind), CgroupError or
-        LauncherError. The observer hears of every failure."""
+        Limits, or a dict of parse_limits' text forms. `env` is added to the default
+        environment, `workdir` is its working directory, `timeout` (seconds) stops it as Stop
+        would, `name` labels it, `stdin` (STDIN_MODES) is what attach() writes to, on a
+        terminal of `term` and `window` (rows, columns). Raises InvalidArgument (a workdir
+        that is not a directory too), CapReached (globally, for `owner`, or past what is kept
+        for admins unless `admin`), DiskFull, SpawnError (nothing left behind), CgroupError
+        or LauncherError. The observer hears of every failure."""
         try:
-            status, env = self._accept(command, args, limits, owner, env, workdir, timeout,
-                                       name)
-            status.stdin = validate_stdin(stdin)
-            if status.stdin == STDIN_TTY:
-                env.setdefault("TERM", validate_term(term or DEFAULT_TERM))
+            status, env = self.spawner.accept(command, args, limits, owner, env, workdir,
+                                              timeout, name, stdin, term, self.default_pids)
             window = validate_window(*window) if window else DEFAULT_WINDOW
             with self._lock:
                 if self._closed or not self._opened:
@@ -3932,20 +3952,6 @@ class JobManager(LauncherEvents):
         except Exception as e:
             self.observer.start_failed(e)
             raise
-
-    def _accept(self, command, args, limits, owner, env, workdir, timeout, name):
-        """The JobStatus of a job to start, and its environment: every field checked."""
-        env = validate_env(env)
-        argv = validate_command(command, list(args), env)
-        workdir = self.spawner.check_workdir(validate_workdir(workdir))
-        limits = parse_limits(**limits) if isinstance(limits, dict) else limits or Limits()
-        if limits.pids is None and self.default_pids:
-            limits = dataclasses.replace(limits, pids=self.default_pids)
-        status = JobStatus(id=str(uuid.uuid4()), owner=sys.intern(owner), command=argv,
-                           limits=limits, state=RUNNING, name=validate_name(name),
-                           env_keys=tuple(sorted(env)), workdir=workdir,
-                           timeout=validate_timeout(timeout))
-        return status, env
 
     def _start(self, status, env, window):
         def watched(job):   # its launcher events may come before spawn returns
@@ -4047,8 +4053,8 @@ class JobManager(LauncherEvents):
         return _Follow(job, offset, max_chunk, opened, self._leaving)
 
     def attach(self, job_id, offset=None, owner=None, max_chunk=1 << 20):
-        """An Attachment to a running job started with stdin: its output from `offset` (None:
-        the current end) and its input. InputUnavailable for a job without stdin or ended."""
+        """An Attachment to a running job with stdin: its output from `offset` (None: the
+        current end), and its input. InputUnavailable for a job without stdin, or ended."""
         job = self.table.get(job_id, owner)
         if job.status.stdin == STDIN_NULL:
             raise InputUnavailable(job_id, "was started without stdin (-i or -t): there is "
@@ -4056,8 +4062,7 @@ class JobManager(LauncherEvents):
         if job.final or job.main_ended:
             raise InputUnavailable(job_id, f"has ended ({job.status.state}): there is nothing "
                                    "to attach to (`stream` shows its output)")
-        if offset is None:
-            offset = job.snapshot().output_bytes
+        offset = job.snapshot().output_bytes if offset is None else offset
         return Attachment(job, self.follow(job_id, offset, owner, max_chunk),
                           self.supervisor.close_input)
 
@@ -4080,8 +4085,7 @@ class JobManager(LauncherEvents):
         return removed
 
     def caps(self):
-        """What Start admits now: max_jobs (lowered to what the open-files limit allows), of
-        which kept_for_admins only for admins, and max_jobs_per_owner."""
+        """What Start admits: max_jobs (as open files allow), kept_for_admins, per owner."""
         return {"max_jobs": self._running.cap, "kept_for_admins": self._running.reserve,
                 "max_jobs_per_owner": self._running.per_owner}
 
@@ -4994,8 +4998,8 @@ class AuthInterceptor:
     def _code(self, ctx, exc_info):
         if ctx.code is not None:
             return ctx.code
-        if exc_info[0] is None:
-            return self.grpc.StatusCode.OK
+        if exc_info[0] is None:   # (a stream the client left ended the handler too)
+            return self.grpc.StatusCode.OK if ctx.is_active() else self.grpc.StatusCode.CANCELLED
         if exc_info[0] is GeneratorExit or not ctx.is_active():
             return self.grpc.StatusCode.CANCELLED
         return self.grpc.StatusCode.UNKNOWN

@@ -4590,6 +4590,16 @@ def test_attach_bad_requests_get_clear_codes_and_one_audit_line(pki, peers, capl
     lines = [r.getMessage() for r in caplog.records if "method=Attach" in r.getMessage()]
     assert len(lines) == 1 and lines[0].endswith(f"job={piped} code=OK input_bytes=8"), lines
     assert "12345" not in lines[0]
+    caplog.clear()
+    a = Attached(alice, tty)   # a client that leaves (detaches) in the middle
+    a.put(input=b"ab")
+    wait_for(lambda: b"ab" in a.out, what="the terminal's echo")
+    a.call.cancel()
+    assert a.wait() == SC.CANCELLED
+    wait_for(lambda: [r for r in caplog.records if "method=Attach" in r.getMessage()],
+             what="the audit line")
+    lines = [r.getMessage() for r in caplog.records if "method=Attach" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].endswith(f"job={tty} code=CANCELLED input_bytes=2")
     for job in (plain, tty):
         alice.call("Stop", job)
     a = Attached(alice, plain)
