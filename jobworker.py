@@ -1739,7 +1739,7 @@ def _reset_reserved_signals(libc):
         libc.syscall(nr, sig, ctypes.byref(act), None, 8)
 
 
-FDS_PER_JOB = 6     # the launcher's per running job: two pipes, the log and index, a pidfd, slack
+FDS_PER_JOB = 6     # the launcher's per running job: two pipes (and stdin), log, index, pidfd
 FD_RESERVE = 512    # for everything else: connections, the state dir, spawns in flight
 
 
@@ -5561,6 +5561,8 @@ class ConnectionGuard:
         self._stop = threading.Event()
         self._thread = None
         self._peak = 0        # most connections seen since memory was last handed back
+        self._shed = 0        # connections shut down since then
+        self._settle = None   # monotonic time to hand memory back once more after a flood
         self._said = {}       # source -> monotonic time it was last named in the log
         self.closed = 0
 
@@ -5618,10 +5620,18 @@ class ConnectionGuard:
             kept += 1
         if excess:
             self._shut_down(excess)
+            self._shed += len(excess)
         self._peak = max(self._peak, len(connections))
-        if self._peak >= 2 * self.per_source and len(connections) <= self._peak // 10:
+        # A flood (many at once, or any shut down) is over once few are left; one that ebbs
+        # and comes back is handed back after each wave, however few it held at once.
+        flood = self._peak >= 2 * self.per_source or self._shed
+        if flood and len(connections) <= self._peak // 10:
             _hand_back_memory(self._peak)
-            self._peak = len(connections)
+            self._peak, self._shed = len(connections), 0
+            self._settle = time.monotonic() + FLOOD_SETTLE
+        elif self._settle is not None and time.monotonic() >= self._settle:
+            self._settle = None   # what grpc still held of the flood's connections is freed
+            _hand_back_memory(self._peak, settled=True)
         return len(excess)
 
     def _shut_down(self, excess):
@@ -5666,7 +5676,10 @@ class ConnectionGuard:
             self.metrics.connections_closed(len(excess))
 
 
-def _hand_back_memory(peak):
+FLOOD_SETTLE = 5.0   # seconds after a flood: its handshakes in grpc have ended by then
+
+
+def _hand_back_memory(peak, settled=False):
     """After a flood: glibc keeps freed memory in its arenas; give it back to the system."""
     import ctypes
     try:
@@ -5674,7 +5687,10 @@ def _hand_back_memory(peak):
     except AttributeError:   # not glibc
         return
     trim(0)
-    log.info("memory handed back after a peak of %d connections", peak)
+    if settled:
+        log.info("memory handed back again, %gs after the flood", FLOOD_SETTLE)
+    else:
+        log.info("memory handed back after a peak of %d connections", peak)
 
 
 class ServerTLS(typing.NamedTuple):

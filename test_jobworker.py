@@ -2780,8 +2780,8 @@ def test_reflection_lists_and_describes_every_service_unless_turned_off(pki, tmp
                                               "grpc.reflection.v1alpha.ServerReflection"}
             pool = DescriptorPool(db)
             service = pool.FindServiceByName("jobworker.v1.JobService")
-            assert {m.name for m in service.methods} == {"Start", "Stop", "Query", "Stream",
-                                                         "List", "Remove", "Info"}
+            assert {m.name for m in service.methods} == {
+                "Start", "Stop", "Query", "Stream", "Attach", "List", "Remove", "Info"}
             start = pool.FindMessageTypeByName("jobworker.v1.StartRequest")
             assert {"name", "args", "resources", "env", "workdir", "timeout_seconds",
                     "job_name"} <= set(start.fields_by_name)
@@ -3901,6 +3901,13 @@ def test_split_start_args_cases():
     assert split(["xz", "--memory=1G", "-T0", "f"]) == ([], ["xz", "--memory=1G", "-T0", "f"], [])
     assert split(["--detach", "sleep", "1", "--detach"]) == (
         ["--detach", "--detach"], ["sleep", "1"], ["--detach"])
+    # -i and -t are jobworker's only before the command: after it they are the command's
+    assert split(["-it", "--memory", "1G", "bash"]) == (["-it", "--memory", "1G"], ["bash"], [])
+    assert split(["-i", "-tt", "--tty", "cat"]) == (["-i", "-tt", "--tty"], ["cat"], [])
+    assert split(["sort", "-t", ","]) == ([], ["sort", "-t", ","], [])
+    assert split(["grep", "-i", "x", "-t"]) == ([], ["grep", "-i", "x", "-t"], [])
+    assert split(["cat", "--detach-keys", "ctrl-a"]) == (
+        ["--detach-keys", "ctrl-a"], ["cat"], ["--detach-keys", "ctrl-a"])
     with pytest.raises(jw.UsageError):
         split(["--nmae", "x", "true"])
 
@@ -4225,6 +4232,17 @@ def test_top_shows_live_cpu_and_memory_of_running_jobs(pki, quick_server):
         assert "  python3 -c 'x = bytearray" in line and lines[0].endswith("COMMAND")
     finally:
         run("stop", job, "--grace", "0")
+
+
+def test_detach_keys_are_read_as_docker_writes_them():
+    assert jw.parse_detach_keys("ctrl-p,ctrl-q") == b"\x10\x11"
+    assert jw.parse_detach_keys("ctrl-@, ctrl-_ ,x") == b"\x00\x1fx"
+    assert jw.parse_detach_keys("") == b""
+    for bad in ("ctrl-", "ctrl-pq", "ab", "ctrl-1"):
+        with pytest.raises(Exception, match="invalid key"):
+            jw.parse_detach_keys(bad)
+    r = subprocess.run([*SRC, "run", "--detach-keys", "ctrl-1", "--", "true"], capture_output=True)
+    assert r.returncode == 2 and b"--detach-keys" in r.stderr
 
 
 def test_every_subcommand_has_an_example_and_its_arguments_help():
@@ -5316,10 +5334,12 @@ def test_a_flood_of_connections_that_never_start_tls_locks_no_one_out(source, pk
         # shut down before grpc's own handshake deadline (3 s here): they were past the bound
         assert result["open_for_median"] < 3.0, result
         assert min(peaks) < 5000, peaks
-        wait_for(lambda: any("memory handed back" in line for line in server.lines),
-                 timeout=30, what="the server to hand back the flood's memory")
-        fds, _, rss_after = proc_stats(pid)
-        assert rss_after < rss_before + (100 << 20), (rss_before, rss_after)   # a wide band
+        # the flood's memory given back once it is over (a wide band: grpc keeps some)
+        wait_for(lambda: any("memory handed back" in line for line in server.lines)
+                 and proc_stats(pid)[2] < rss_before + (50 << 20), timeout=30,
+                 what=f"the server to hand back the flood's memory (RSS {rss_before} before, "
+                      f"{proc_stats(pid)[2]} now)")
+        fds, _, _ = proc_stats(pid)
         assert fds < 200, fds
         admin.list()
     finally:

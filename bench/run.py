@@ -636,6 +636,85 @@ def fig7(certs, server, bare, pyz):
     ch.close()
 
 
+def fig16_17(certs, server, bare):
+    """Interactive jobs: stdin throughput of `run -i` (a whole CLI process) against a bare
+    client-streaming call of the same message size; keystroke echo through `run -tt` on a local
+    pseudo-terminal against a bare bidirectional echo."""
+    import pty
+    grpc = jw._grpc()
+    env = dict(os.environ, JOBWORKER_SERVER=f"127.0.0.1:{server.port}",
+               JOBWORKER_CA=f"{certs}/ca.crt", JOBWORKER_CERT=f"{certs}/bench.crt",
+               JOBWORKER_KEY=f"{certs}/bench.key")
+    cli = [sys.executable, os.path.join(HERE, "jobworker.py")]
+    size, chunk = GiB, jw.INPUT_CHUNK
+    walls = []
+    for _ in range(3):
+        t = time.perf_counter()
+        r = subprocess.run(f"head -c {size} /dev/zero | {' '.join(cli)} run -i -- sha256sum",
+                           shell=True, env=env, capture_output=True, check=True)
+        walls.append(time.perf_counter() - t)
+    assert r.stdout.split()[0].decode() == hashlib.sha256(bytes(size)).hexdigest()
+    ch = grpc.secure_channel(f"127.0.0.1:{bare.port}", creds(certs))
+    sink = ch.stream_unary("/bench.Bare/Sink")
+    block = bytes(chunk)
+    floors = []
+    for _ in range(3):
+        t = time.perf_counter()
+        total = struct.unpack("!Q", sink(iter([block] * (size // chunk))))[0]
+        floors.append(time.perf_counter() - t)
+    assert total == size
+    t = time.perf_counter()
+    subprocess.run(f"head -c {size} /dev/zero | sha256sum", shell=True, check=True,
+                   capture_output=True)
+    alone = time.perf_counter() - t
+    mibs = lambda seconds: size / MiB / seconds
+    value, floor = mibs(statistics.median(walls)), mibs(statistics.median(floors))
+    row(16, "stdin 1 GiB, run -i -- sha256sum (MiB/s)", value, floor, value / floor, ">= 0.7x")
+    row(16, "(head | sha256sum alone, MiB/s)", mibs(alone), None, None, "information")
+
+    # keystroke echo: the CLI's stdin and stdout a pty of ours (raw mode, as a user's terminal)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([*cli, "run", "-t", "--", "cat"], stdin=slave, stdout=slave,
+                            stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    os.close(slave)
+
+    def echoed(byte):
+        t = time.perf_counter()
+        os.write(master, byte)
+        seen = b""
+        while byte not in seen:
+            seen += os.read(master, 4096)
+        return time.perf_counter() - t
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:   # the job runs and echoes once attached
+        os.write(master, b"w")
+        import select
+        if select.select([master], [], [], 0.5)[0] and b"w" in os.read(master, 4096):
+            break
+    samples = [echoed(b"k") for _ in range(300)]
+    os.write(master, b"\x04")   # ^D: cat ends, run exits
+    proc.wait(30)
+    os.close(master)
+    q = __import__("queue").Queue()
+    reqs = iter(q.get, None)
+    echo = ch.stream_stream("/bench.Bare/Echo")(reqs)
+
+    def bare_echo():
+        t = time.perf_counter()
+        q.put(b"k")
+        next(echo)
+        return time.perf_counter() - t
+    for _ in range(20):
+        bare_echo()
+    floor_samples = [bare_echo() for _ in range(300)]
+    q.put(None)
+    ch.close()
+    for p in (50, 99):
+        v, f = pct(samples, p) * 1e3, pct(floor_samples, p) * 1e3
+        row(17, f"keystroke echo through run -t, p{p} (ms)", v, f, v / f,
+            "<= 2x" if p == 50 else "-")
+
+
 def finished_records(state, n):
     """n finished job records with empty output, as a server that ran n jobs leaves them."""
     import uuid
@@ -851,7 +930,8 @@ def main():
         try:
             for fn, args in ((fig1_2, (certs, server, bare)),
                              (fig3_4, (certs, server, bare, tmp)), (fig5, (certs, server, bare)),
-                             (fig7, (certs, server, bare, pyz))):
+                             (fig7, (certs, server, bare, pyz)),
+                             (fig16_17, (certs, server, bare))):
                 if want(fn):
                     fn(*args)
         finally:
