@@ -5084,6 +5084,36 @@ def encode_output_batch(offset, data, first_stream, lengths):
     return _wrapped(b"\x1a", (head, data, tail), len(head) + len(data) + len(tail))
 
 
+class AttachInput(typing.NamedTuple):
+    """An AttachRequest that holds only input, as decode_attach_request gives it: its bytes
+    as a view of the message, never copied."""
+    data: memoryview
+
+
+def encode_attach_input(data):
+    """AttachRequest{input: data} as bytes (what protobuf's SerializeToString gives)."""
+    return b"\x12" + _varint(len(data)) + data
+
+
+def decode_attach_request(parse):
+    """A request deserializer for Attach: input alone (nearly every message) becomes an
+    AttachInput without a copy; anything else is parsed by protobuf's `parse`."""
+    def decode(raw):
+        if raw[:1] == b"\x12":
+            n, shift, i = 0, 0, 1
+            while i < len(raw) and i <= 10:
+                byte = raw[i]
+                n |= (byte & 0x7F) << shift
+                i += 1
+                if not byte & 0x80:
+                    if i + n == len(raw):
+                        return AttachInput(memoryview(raw)[i:])
+                    break
+                shift += 7
+        return parse(raw)
+    return decode
+
+
 def _passing_bytes(serialize):
     """A response serializer that sends bytes as they are (already encoded)."""
     return lambda msg: msg if type(msg) is bytes else serialize(msg)
@@ -5103,9 +5133,10 @@ def add_job_service(service, server):
         if make is None:   # none is: the kind would have to be added here
             raise NotImplementedError(f"client-streaming method {m.name}")
         serialize = getattr(pb, m.output_type.name).SerializeToString
+        parse = getattr(pb, m.input_type.name).FromString
         handlers[m.name] = make(
             getattr(service, m.name),
-            request_deserializer=getattr(pb, m.input_type.name).FromString,
+            request_deserializer=decode_attach_request(parse) if m.name == "Attach" else parse,
             response_serializer=_passing_bytes(serialize) if m.server_streaming else serialize)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME,
                                                                           handlers),))
@@ -5331,7 +5362,8 @@ class JobService:
         """Output down as Stream's batches, then the final status; input up, written by a
         thread of its own (`_feed`) as it comes. An error in the input ends the call."""
         first = next(requests, None)
-        if first is None or isinstance(first, _Undecodable) or first.WhichOneof("item") != "start":
+        if first is None or isinstance(first, (_Undecodable, AttachInput)) or \
+                first.WhichOneof("item") != "start":
             raise InvalidArgument("the first AttachRequest", "(not start)",
                                   "an AttachStart naming the job")
         context.request = first.start   # (the audit line names the job)
@@ -5373,6 +5405,9 @@ class JobService:
                 try:
                     msg = requests.next(INPUT_POLL * 4)
                 except RequestTimeout:
+                    continue
+                if isinstance(msg, AttachInput):   # (most messages)
+                    attached.write(msg.data, done.is_set)
                     continue
                 if isinstance(msg, _Undecodable):
                     raise MalformedRequest(msg.reason)
@@ -7242,6 +7277,25 @@ def parse_detach_keys(text):
     return bytes(out)
 
 
+def read_available(fd, buf):
+    """Read into `buf` (a memoryview) what `fd` has: waits for the first bytes, then takes
+    what more is there at once, up to its size (one read of a pipe is 64 KiB at most; few large
+    messages cost less than many small ones). Returns (bytes read, not at the end yet). Reads
+    land in one buffer: a fresh bytes object per read of more than 128 KiB costs an mmap."""
+    n = 0
+    while n < len(buf):
+        try:
+            got = os.readv(fd, [buf[n:]])
+        except OSError:   # (EIO: a terminal that hung up) as its end
+            got = 0
+        if not got:
+            return n, False
+        n += got
+        if not select.select([fd], [], [], 0)[0]:
+            break
+    return n, True
+
+
 def local_window():
     """(rows, columns) of this process's terminal, or None without one."""
     for fd in (0, 1, 2):
@@ -7282,6 +7336,12 @@ class AttachSession:
         self.started = started             # this process started the job (`run`)
         self.raw = tty and os.isatty(0)
         self.keys = parse_detach_keys(detach_keys) if os.isatty(0) else b""
+        # A pipe's input from a pipe or a file is read by the call's own request stream (no
+        # thread, no queue: the fastest way), keys and a terminal's input by a thread.
+        self.direct = not tty and not os.isatty(0)
+        self._attach = client.channel.stream_stream(
+            f"/{SERVICE_NAME}/Attach", response_deserializer=self.pb.StreamResponse.FromString,
+            request_serializer=_passing_bytes(self.pb.AttachRequest.SerializeToString))
         self._matched = 0                  # bytes of the detach keys read so far
         self.queue = queue.Queue(4)        # AttachRequests from stdin, then _INPUT_END
         self.detached = threading.Event()
@@ -7297,7 +7357,9 @@ class AttachSession:
         """Attach from `offset` (None: the current end of the output) until the job ends:
         its final status; None if detached. A job that has ended by the time it is reached
         is streamed to its end instead (`run -i -- true`)."""
-        threading.Thread(target=self._read_stdin, name="jobworker-stdin", daemon=True).start()
+        if not self.direct:
+            threading.Thread(target=self._read_stdin, name="jobworker-stdin",
+                             daemon=True).start()
         old = signal.signal(signal.SIGWINCH, lambda *_: self.window_changed.set())
         try:
             with RawTerminal(0) if self.raw else contextlib.nullcontext():
@@ -7318,7 +7380,7 @@ class AttachSession:
             if offset is not None:
                 start.offset = offset
             ended = threading.Event()
-            self.call = call = self.client.stub.Attach(self._requests(start, ended))
+            self.call = call = self._attach(self._requests(start, ended))
             try:
                 for msg in call:
                     trying_since = None
@@ -7368,6 +7430,9 @@ class AttachSession:
             if not self.tty:
                 yield pb.AttachRequest(eof=True)
             return
+        if self.direct:
+            yield from self._read_directly()
+            return
         while not self.finished and not ended.is_set():
             if self.window_changed.is_set() and self.raw:
                 self.window_changed.clear()
@@ -7385,6 +7450,17 @@ class AttachSession:
                 yield pb.AttachRequest(eof=True)
                 return
             yield item
+
+    def _read_directly(self):
+        buf = memoryview(bytearray(INPUT_CHUNK))
+        while True:
+            n, more = read_available(0, buf)
+            if n:
+                yield encode_attach_input(buf[:n])
+            if not more or self.cut:
+                self.input_ended = not more
+                yield self.pb.AttachRequest(eof=True)
+                return
 
     def _next_input(self, ended):
         """The next item of stdin's queue for the call that `ended` belongs to; None if none
@@ -7407,23 +7483,25 @@ class AttachSession:
     def _read_stdin(self):
         """Thread: stdin into the queue, in reads of up to INPUT_CHUNK bytes, watching for the
         detach keys when stdin is a terminal."""
+        buf = memoryview(bytearray(INPUT_CHUNK))
         while True:
-            try:
-                data = os.read(0, INPUT_CHUNK)
-            except OSError:
-                data = b""
-            if not data:
+            n, more = read_available(0, buf)
+            data = bytes(buf[:n])
+            if not data and not more:
                 self.queue.put(_INPUT_END)
                 return
             detach = False
             if self.keys:
                 data, detach = self._scan(data)
             if data:
-                self.queue.put(self.pb.AttachRequest(input=data))
+                self.queue.put(encode_attach_input(data))
             if detach:
                 self.detached.set()
                 if self.call is not None:
                     self.call.cancel()
+                return
+            if not more:
+                self.queue.put(_INPUT_END)
                 return
 
     def _scan(self, data):

@@ -2280,6 +2280,23 @@ def test_output_messages_sent_encoded_are_what_protobuf_encodes(rpc, stream):
     assert pb.StreamResponse.FromString(jw.encode_output_chunk(stream, 7, big)).chunk.data == big
 
 
+def test_attach_input_is_encoded_and_decoded_as_protobuf_does(rpc):
+    decode = jw.decode_attach_request(pb.AttachRequest.FromString)
+    for data in (b"", b"x", b"\0\377" * 100, os.urandom(300_000)):
+        raw = jw.encode_attach_input(data)
+        assert raw == pb.AttachRequest(input=data).SerializeToString()
+        got = decode(raw)
+        assert isinstance(got, jw.AttachInput) and bytes(got.data) == data
+    for msg in (pb.AttachRequest(eof=True), pb.AttachRequest(resize=pb.WindowSize(rows=2)),
+                pb.AttachRequest(start=pb.AttachStart(job_id="j", offset=0))):
+        assert decode(msg.SerializeToString()) == msg   # the rest: protobuf's parse
+    # input followed by another field is no lone input: protobuf decides (the last one wins)
+    raw = jw.encode_attach_input(b"abc") + pb.AttachRequest(eof=True).SerializeToString()
+    assert decode(raw) == pb.AttachRequest.FromString(raw)
+    with pytest.raises(Exception):
+        decode(b"\x12\x05ab")   # cut short: protobuf refuses it (the call: INVALID_ARGUMENT)
+
+
 def test_every_library_error_has_one_status_code():
     req = jw.SpawnRequest(job="j", dir="/d", cap=1, argv=["p"], env={}, cwd="/w", procs=[])
     failed = lambda kind: jw.spawn_error(req, {"error": kind, "errno": 2})

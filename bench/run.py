@@ -671,11 +671,18 @@ def fig16_17(certs, server, bare):
     value, floor = mibs(statistics.median(walls)), mibs(statistics.median(floors))
     row(16, "stdin 1 GiB, run -i -- sha256sum (MiB/s)", value, floor, value / floor, ">= 0.7x")
     row(16, "(head | sha256sum alone, MiB/s)", mibs(alone), None, None, "information")
+    t = time.perf_counter()
+    r = subprocess.run(f"head -c {size} /dev/zero | {' '.join(cli)} run -i -- wc -c", shell=True,
+                       env=env, capture_output=True, check=True)
+    value = mibs(time.perf_counter() - t)
+    assert int(r.stdout) == size
+    row(16, "stdin 1 GiB, run -i -- wc -c (MiB/s)", value, floor, value / floor, "information")
 
     # keystroke echo: the CLI's stdin and stdout a pty of ours (raw mode, as a user's terminal)
     master, slave = pty.openpty()
-    proc = subprocess.Popen([*cli, "run", "-t", "--", "cat"], stdin=slave, stdout=slave,
-                            stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    proc = subprocess.Popen([*cli, "run", "-t", "--", "sh", "-c", "echo ready; exec cat"],
+                            stdin=slave, stdout=slave, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
     os.close(slave)
 
     def echoed(byte):
@@ -685,14 +692,13 @@ def fig16_17(certs, server, bare):
         while byte not in seen:
             seen += os.read(master, 4096)
         return time.perf_counter() - t
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:   # the job runs and echoes once attached
-        os.write(master, b"w")
-        import select
-        if select.select([master], [], [], 0.5)[0] and b"w" in os.read(master, 4096):
-            break
+    seen = b""
+    while b"ready" not in seen:   # the job's first line: this terminal is raw, attached
+        seen += os.read(master, 4096)
+    for _ in range(20):
+        echoed(b"w")
     samples = [echoed(b"k") for _ in range(300)]
-    os.write(master, b"\x04")   # ^D: cat ends, run exits
+    os.write(master, b"\r\x04")   # a line, then ^D at its start: cat ends, run exits
     proc.wait(30)
     os.close(master)
     q = __import__("queue").Queue()
