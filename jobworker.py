@@ -6625,13 +6625,16 @@ def _args_context(p):
     for what in ("ca", "cert", "key"):
         c.add_argument(f"--{what}", required=True, help=f"{what} file (saved as an absolute path)")
     c.add_argument("--force", action="store_true", help="replace a context of that name")
+    c.add_argument("--label", action="append", metavar="KEY=VALUE", type=_label_item,
+                   help="a label for --selector (repeatable): --label env=prod --label role=web")
     c = ctx.add_parser("use", help="make a context the current one",
                        epilog="example: jobworker context use build1")
     c.add_argument("name", help="a context's name")
     c = ctx.add_parser("rm", help="forget a context", epilog="example: jobworker context rm old")
     c.add_argument("name", help="a context's name")
-    ctx.add_parser("ls", help="list the contexts; * marks the current one",
-                   epilog="example: jobworker context ls")
+    c = ctx.add_parser("ls", help="list the contexts; * marks the current one",
+                       epilog="example: jobworker context ls --json")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def cmd_context(args):
@@ -6639,7 +6642,7 @@ def cmd_context(args):
     if args.action == "add":
         if args.name in contexts.all and not args.force:
             raise CliError(f"context {args.name!r} exists: --force replaces it", EXIT_USAGE)
-        entry = {"server": with_default_port(args.server)}
+        entry = {"server": with_default_port(args.server), "labels": dict(args.label or ())}
         for what in ("ca", "cert", "key"):
             path = os.path.abspath(getattr(args, what))
             if not os.path.isfile(path):
@@ -6662,12 +6665,55 @@ def cmd_context(args):
         if contexts.current == args.name:
             contexts.current = ""
         contexts.save()
+    elif args.json:
+        print(json.dumps([dict(c, name=name, labels=c.get("labels") or {},
+                               current=name == contexts.current)
+                          for name, c in sorted(contexts.all.items())], indent=1))
     else:
-        print(f"{'':1} {'NAME':16} {'SERVER':32} CERT")
+        print(f"{'':1} {'NAME':16} {'SERVER':32} {'LABELS':24} CERT")
         for name, c in sorted(contexts.all.items()):
             mark = "*" if name == contexts.current else " "
-            print(f"{mark} {name:16} {c.get('server', ''):32} {c.get('cert', '')}")
+            labels = ",".join(f"{k}={v}" for k, v in sorted((c.get("labels") or {}).items()))
+            print(f"{mark} {name:16} {c.get('server', ''):32} {labels or '-':24} "
+                  f"{c.get('cert', '')}")
     return EXIT_OK
+
+
+_LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")
+
+
+def _label_item(text):
+    """KEY=VALUE of a context's label (kubectl's characters)."""
+    import argparse
+    key, eq, value = text.partition("=")
+    if not eq or not _LABEL_RE.fullmatch(key) or not re.fullmatch(r"[A-Za-z0-9._/-]{0,63}",
+                                                                    value):
+        raise argparse.ArgumentTypeError(f"invalid label {text!r}: KEY=VALUE, of letters, "
+                                         "digits and . _ / -")
+    return key, value
+
+
+def select_contexts(contexts, hosts=None, selector=None):
+    """The names of the saved contexts that --hosts (names or shell globs, comma-separated)
+    and --selector (KEY=VALUE,..., all must match) choose, sorted; a usage error naming the
+    known contexts if none is chosen."""
+    import fnmatch
+    names = sorted(contexts.all)
+    if hosts:
+        patterns = [h.strip() for h in hosts.split(",") if h.strip()]
+        names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if selector is not None:
+        wanted = [_label_item(item.strip()) for item in selector.split(",") if item.strip()]
+        names = [n for n in names
+                 if all((contexts.all[n].get("labels") or {}).get(k) == v for k, v in wanted)]
+    if not names:
+        known = ", ".join(
+            n + "".join(f" {k}={v}" for k, v in sorted((c.get("labels") or {}).items()))
+            for n, c in sorted(contexts.all.items())) or "none: jobworker context add"
+        said = " ".join(x for x in (hosts and f"--hosts {hosts}",
+                                    selector is not None and f"--selector {selector}") if x)
+        raise CliError(f"{said} matches no context (known: {known})", EXIT_USAGE)
+    return names
 
 
 # -- connection ------------------------------------------------------------------------------
@@ -6935,10 +6981,11 @@ def format_status(pb, msg):
 
 START_VALUE_OPTIONS = {"--cpu", "--memory", "--disk-io", "--pids", "--env", "--workdir",
                        "--timeout", "--name", "--server", "--ca", "--cert", "--key", "--context",
-                       "--detach-keys"}
+                       "--detach-keys", "--hosts", "--selector", "--parallel",
+                       "--connect-timeout", "--log-dir"}
 START_FLAG_OPTIONS = {"--detach"}   # of `run` only
 # Read only before the command: a command's own -i or -t (`sort -t ,`) is common.
-_LEADING_FLAG_RE = re.compile(r"-[it]+|--interactive|--tty")
+_LEADING_FLAG_RE = re.compile(r"-[it]+|--interactive|--tty|--json")
 
 
 class UsageError(Exception):
@@ -7032,8 +7079,9 @@ def _env_item(text):
     return name, value
 
 
-def start_job(args):
-    """Start the job `start` and `run` describe; returns (client, job id)."""
+def start_job(args, client=None):
+    """Start the job `start` and `run` describe (on `client`'s server, else the one args
+    name); returns (client, job id)."""
     limits = {"cpu_quota": args.cpu or "", "memory_limit": args.memory or "",
               "disk_io": args.disk_io or "", "pids": args.pids or ""}
     # Check locally too: a typo is reported without a round trip, with the same message.
@@ -7045,7 +7093,7 @@ def start_job(args):
     except InvalidArgument as e:
         if e.field != "cpu_quota":   # the server's CPU count decides the CPU range
             raise CliError(_as_the_user_said_it(str(e), trailing), EXIT_USAGE) from None
-    client = Client(args)
+    client = client or Client(args)
     pb = client.pb
     req = pb.StartRequest(name=args.command[0], args=args.command[1:],
                           resources=pb.ResourceConfig(**limits), env=dict(args.env or ()),
@@ -7071,11 +7119,15 @@ def _args_start(p):
     p.usage = "jobworker start [START OPTIONS] [--] CMD [ARG...]"
     p.description = OPTION_RULE
     p.epilog = ("example: jobworker start --memory 1G --name nightly -- make "
-                "-j8 test (prints only the id: ID=$(jobworker start ...))")
+                "-j8 test (prints only the id: ID=$(jobworker start ...)); with --hosts or "
+                "--selector, `HOST ID` per line")
     _add_start_options(p)
+    _add_fanout_options(p)
 
 
 def cmd_start(args):
+    if fans_out(args):
+        return start_on_hosts(args)
     print(start_job(args)[1])
     return EXIT_OK
 
@@ -7215,6 +7267,7 @@ def _args_run(p):
     _add_start_options(p)
     p.add_argument("--detach", action="store_true", help="only start it, as `start` does")
     _add_detach_keys(p)
+    _add_fanout_options(p, output=True)
     p.epilog = ("example: jobworker run --timeout 2h --memory 1G -- make test && echo passed; "
                 "jobworker run -it --memory 1G -- bash; tar -c . | jobworker run -i -- tar -C "
                 "/srv/x -x")
@@ -7223,6 +7276,8 @@ def _args_run(p):
 def cmd_run(args):
     if args.detach:
         return cmd_start(args)
+    if fans_out(args):
+        return run_on_hosts(args)
     if args.tty == 1 and not os.isatty(0):
         raise CliError("-t needs a terminal on stdin (this one is not); -i sends a pipe or a "
                        "file, -tt makes the job a terminal anyway", EXIT_USAGE)
@@ -7574,6 +7629,251 @@ def cmd_attach(args):
     return job_exit_code(pb, final)
 
 
+# -- many hosts: --hosts, --selector ------------------------------------------------------------
+
+DEFAULT_PARALLEL = 32
+DEFAULT_CONNECT_TIMEOUT = 5.0
+_HOST_COLOURS = (32, 33, 34, 35, 36, 91, 92, 93, 94, 95, 96)
+
+
+def _add_fanout_options(p, output=False):
+    g = p.add_argument_group("many hosts (saved contexts)")
+    g.add_argument("--hosts", metavar="PATTERN[,PATTERN...]",
+                   help="the contexts to run on: names or shell globs (web*)")
+    g.add_argument("--selector", metavar="KEY=VALUE[,...]",
+                   help="the contexts whose labels match all of these (context add --label)")
+    g.add_argument("--parallel", type=_cli_type(_positive, "a number, 1 or more"),
+                   default=DEFAULT_PARALLEL, metavar="N",
+                   help=f"hosts in flight at once (default {DEFAULT_PARALLEL})")
+    g.add_argument("--connect-timeout", type=_cli_type(_seconds, DURATION_FORM),
+                   default=DEFAULT_CONNECT_TIMEOUT, metavar="DURATION",
+                   help="how long an unreachable host may hold its slot (default "
+                        f"{DEFAULT_CONNECT_TIMEOUT:g}s)")
+    if output:
+        g.add_argument("--log-dir", metavar="DIR",
+                       help="also write each host's output to DIR/HOST.stdout and .stderr")
+        g.add_argument("--json", action="store_true",
+                       help="one object per host at the end (before the command only)")
+
+
+def fans_out(args):
+    return bool(getattr(args, "hosts", None) or getattr(args, "selector", None) is not None)
+
+
+def host_clients(args):
+    """[(context name, a function making its Client)] of the hosts args choose."""
+    names = select_contexts(Contexts(), args.hosts, args.selector)
+
+    def client_of(name):
+        def make():
+            client = Client(argparse_copy(args, context=name))
+            connect(client, args.connect_timeout)
+            return client
+        return make
+    return [(name, client_of(name)) for name in names]
+
+
+def connect(client, timeout):
+    """Wait until the client's channel is connected, at most `timeout` seconds; a refused
+    or failed connection is said at once, with why (CliError, exit 3)."""
+    grpc, state = client.grpc, queue.Queue()
+    client.channel.subscribe(state.put, try_to_connect=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                now = state.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise CliError(f"unreachable: {client.server} did not answer within "
+                               f"{timeout:g}s", EXIT_CONNECT, unreachable=True) from None
+            if now == grpc.ChannelConnectivity.READY:
+                return
+            if now in (grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                       grpc.ChannelConnectivity.SHUTDOWN):
+                try:   # (the failed call says why, as for one server)
+                    client.call("Info", client.pb.InfoRequest(), timeout=timeout)
+                    return
+                except CliError as e:
+                    raise CliError(f"unreachable: {e}", e.code, unreachable=True) from None
+    finally:
+        client.channel.unsubscribe(state.put)
+
+
+def argparse_copy(args, **changes):
+    import argparse
+    return argparse.Namespace(**dict(vars(args), **changes))
+
+
+class HostOutput:
+    """The output of many hosts' jobs on one terminal: each line prefixed `HOST: ` (coloured
+    per host on a terminal), stdout to stdout and stderr to stderr, whole lines only (a partial
+    one waits for its end, or the job's); with a log dir, each host's streams byte-exact in
+    DIR/HOST.stdout and DIR/HOST.stderr too."""
+
+    def __init__(self, pb, hosts, log_dir=None):
+        self.pb, self.log_dir = pb, log_dir
+        self.outs = {pb.OUTPUT_STREAM_STDOUT: sys.stdout.buffer,
+                     pb.OUTPUT_STREAM_STDERR: sys.stderr.buffer}
+        width = max(len(h) for h in hosts)
+        colour = sys.stdout.isatty()
+        self.prefix = {h: (f"\x1b[{_HOST_COLOURS[i % len(_HOST_COLOURS)]}m{h + ':':{width + 1}}"
+                           f"\x1b[0m " if colour else f"{h + ':':{width + 1}} ").encode()
+                       for i, h in enumerate(hosts)}
+        self.partial = {}
+        self.files = {}
+        self.lock = threading.Lock()
+        if log_dir:
+            os.makedirs(log_dir, exist_ok=True)
+
+    def writer(self, host):
+        """on_message for follow_to_end of the job on `host`."""
+        if self.log_dir:
+            for stream, name in ((self.pb.OUTPUT_STREAM_STDOUT, "stdout"),
+                                 (self.pb.OUTPUT_STREAM_STDERR, "stderr")):
+                self.files[host, stream] = open(os.path.join(self.log_dir, f"{host}.{name}"), "wb")
+
+        def on_message(msg):
+            for stream, _, data in output_pieces(self.pb, msg):
+                self.piece(host, stream, data)
+        return on_message
+
+    def piece(self, host, stream, data):
+        if (host, stream) in self.files:
+            self.files[host, stream].write(data)
+        text = self.partial.pop((host, stream), b"") + data
+        lines = text.split(b"\n")
+        self.partial[host, stream] = lines.pop()
+        if lines:
+            prefix = self.prefix[host]
+            with self.lock:
+                self.outs[stream].write(b"".join(prefix + line + b"\n" for line in lines))
+                self.outs[stream].flush()
+
+    def end(self, host):
+        """The host's job has ended: its partial lines out, its log files closed."""
+        for stream in self.outs:
+            rest = self.partial.pop((host, stream), b"")
+            if rest:
+                with self.lock:
+                    self.outs[stream].write(self.prefix[host] + rest + b"\n")
+                    self.outs[stream].flush()
+            f = self.files.pop((host, stream), None)
+            if f is not None:
+                f.close()
+
+
+@dataclasses.dataclass
+class HostResult:
+    host: str
+    id: str = ""
+    final: object = None     # the job's final JobStatus message
+    error: str = ""          # why it did not run (or its end is not known)
+    code: int = EXIT_OK      # the exit status it counts for
+
+    def to_dict(self, pb):
+        d = {"host": self.host, "id": self.id or None, "exit_code": None, "signal": None,
+             "oom": False, "timed_out": False, "error": self.error or None}
+        if self.final is not None:
+            f = status_to_dict(pb, self.final)
+            d.update(exit_code=f["exit_code"], signal=f["signal"], oom=f["oom_killed"],
+                     timed_out=f["timed_out"])
+        return d
+
+    def said(self, pb):
+        """How it failed, in a few words (the summary's)."""
+        if self.error:
+            return self.error
+        d = status_to_dict(pb, self.final)
+        if d["timed_out"]:
+            return "timed out"
+        if d["exit_code"] is not None:
+            return f"exit {d['exit_code']}"
+        return d["signal"] or d["state"]
+
+
+def fan_out(args, hosts, work):
+    """work(host, make_client, result) on every host, `--parallel` at a time; returns the
+    HostResults in host order. A signal (Ctrl-C) raises _Signalled here, in the main thread,
+    with the results so far on its `results`."""
+    results = {host: HostResult(host) for host, _ in hosts}
+
+    def one(host, make):
+        r = results[host]
+        try:
+            work(host, make, r)
+        except CliError as e:
+            r.error, r.code = str(e), e.code
+        except Exception as e:   # one host's trouble is its own line, never the others'
+            r.error, r.code = f"{type(e).__name__}: {e}", EXIT_ERROR
+    pool = concurrent.futures.ThreadPoolExecutor(min(args.parallel, len(hosts)),
+                                                 "jobworker-host")
+    futures = [pool.submit(one, host, make) for host, make in hosts]
+    try:
+        while not all(f.done() for f in futures):
+            concurrent.futures.wait(futures, timeout=0.2)   # (signals reach this thread)
+    except _Signalled as e:
+        e.results = results
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return [results[host] for host, _ in hosts]
+
+
+def run_on_hosts(args):
+    """`run --hosts/--selector`: the job on every host, output prefixed by host, one summary
+    line; exit 0 if every host succeeded, else the largest exit status (unreachable: 3)."""
+    if args.interactive or args.tty:
+        raise CliError("-i and -t attach to one job: give one server, not --hosts", EXIT_USAGE)
+    hosts = host_clients(args)
+    output, clients = HostOutput(_pb()[0], [h for h, _ in hosts], args.log_dir), {}
+
+    def work(host, make, r):
+        client = clients[host] = make()
+        _, r.id = start_job(args, client)
+        try:
+            r.final = follow_to_end(client, r.id, output.writer(host))
+        finally:
+            output.end(host)
+        r.code = job_exit_code(client.pb, r.final)
+    old = {sig: signal.signal(sig, _raise_signalled) for sig in RUN_SIGNALS}
+    try:
+        results = fan_out(args, hosts, work)
+    except _Signalled as e:
+        started = [(clients[r.host], r.id) for r in e.results.values() if r.id]
+        print(f"jobworker: {signal.Signals(e.signum).name}: stopping the job on "
+              f"{len(started)} host{'s' if len(started) != 1 else ''}", file=sys.stderr)
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(len(started), 32))) as pool:
+            list(pool.map(lambda cj: _stop_quietly(*cj, timeout=None), started))
+        return 128 + e.signum
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    pb = _pb()[0]
+    if args.json:
+        print(json.dumps([r.to_dict(pb) for r in results], indent=1))
+    failed = [r for r in results if r.code != EXIT_OK]
+    print(f"jobworker: {len(results)} host{'s' if len(results) != 1 else ''}: "
+          f"{len(results) - len(failed)} succeeded, {len(failed)} failed"
+          + (" (" + "; ".join(f"{r.host}: {r.said(pb)}" for r in failed) + ")" if failed else ""),
+          file=sys.stderr)
+    return max((r.code for r in results), default=EXIT_OK)
+
+
+def start_on_hosts(args):
+    """`start --hosts/--selector`: `HOST ID` per line, in host order."""
+    hosts = host_clients(args)
+
+    def work(host, make, r):
+        _, r.id = start_job(args, make())
+    results = fan_out(args, hosts, work)
+    for r in results:
+        if r.id:
+            print(f"{r.host} {r.id}")
+        else:
+            print(f"jobworker: {r.host}: {r.error}", file=sys.stderr)
+    return max((r.code for r in results), default=EXIT_OK)
+
+
 def _stop_for_signal(client, job_id, signum):
     """run got SIGINT, SIGTERM or SIGHUP: stop the job (its default grace), say how it ended,
     exit 128+signum. Another signal meanwhile leaves at once (the server goes on stopping)."""
@@ -7594,9 +7894,9 @@ def _stop_for_signal(client, job_id, signum):
     return 128 + signum
 
 
-def _stop_quietly(client, job_id):
+def _stop_quietly(client, job_id, timeout=2.0):
     with contextlib.suppress(CliError, _Signalled):
-        client.call("Stop", client.pb.StopRequest(job_id=job_id), timeout=2.0)
+        client.call("Stop", client.pb.StopRequest(job_id=job_id), timeout=timeout)
 
 
 def _how_it_ended(pb, msg):

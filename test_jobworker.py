@@ -4392,6 +4392,118 @@ def test_the_running_jobs_cap_follows_the_open_files_limit(pki, tmp_path):
         assert server.stop() == 0
 
 
+# -- many hosts: saved contexts with labels, --hosts, --selector --------------------------------
+
+@pytest.fixture
+def fleet(pki, quick_server, src_server, tmp_path):
+    """Saved contexts as hosts: web1 (quick_server) and web2 (src_server) with labels env=prod,
+    web3 a port nothing listens on, web4 one that accepts TCP and never answers TLS; ctl(*argv)
+    runs the CLI with them."""
+    import socket as socketlib
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith("JOBWORKER_") and k != "GRPC_VERBOSITY"}
+    env = dict(base, XDG_CONFIG_HOME=str(tmp_path / "cfg"))
+    ctl = lambda *a, **kw: subprocess.run([*SRC, *a], env=env, capture_output=True, timeout=120,
+                                          **kw)
+    mute = socketlib.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen(64)   # (the kernel completes the TCP handshakes; no byte ever comes back)
+    dead = socketlib.socket()
+    dead.bind(("127.0.0.1", 0))   # bound, not listening: refused
+    hosts = {"web1": (quick_server.port, ["env=prod"]), "web2": (src_server.port, ["env=prod"]),
+             "web3": (dead.getsockname()[1], []), "web4": (mute.getsockname()[1], [])}
+    for name, (port, labels) in hosts.items():
+        r = ctl("context", "add", name, "--server", f"127.0.0.1:{port}", "--ca", str(pki / "ca.crt"),
+                "--cert", str(pki / "client.crt"), "--key", str(pki / "client.key"),
+                "--label", "role=web", *[x for label in labels for x in ("--label", label)])
+        assert r.returncode == 0, r
+    ctl.env = env
+    yield ctl
+    mute.close()
+    dead.close()
+
+
+@root
+def test_run_on_many_hosts_prefixes_lines_sums_up_and_exits_with_the_worst(fleet, tmp_path):
+    script = ("seq 1 150000; echo err >&2; printf tail; "
+              "if grep -q /quick/ /proc/self/cgroup; then exit 2; fi")
+    expected = subprocess.run(["sh", "-c", "seq 1 150000; printf tail"], capture_output=True,
+                              check=True).stdout
+    logs = tmp_path / "logs"
+    r = fleet("run", "--hosts", "web*", "--connect-timeout", "2s", "--log-dir", str(logs), "--",
+              "sh", "-c", script)
+    assert r.returncode == 3, r.stderr   # the largest: web3 and web4 unreachable (3), web1 2
+    lines = r.stdout.split(b"\n")
+    assert lines.pop() == b""
+    for host in ("web1", "web2"):
+        mine = [line[len(host) + 2:] for line in lines if line.startswith(f"{host}: ".encode())]
+        assert b"\n".join(mine) == expected   # complete, in order; the partial line flushed
+        assert (logs / f"{host}.stdout").read_bytes() == expected   # byte-exact
+        assert (logs / f"{host}.stderr").read_bytes() == b"err\n"
+    assert len(lines) == 2 * 150001   # nothing else, nothing unprefixed
+    err = r.stderr.decode().splitlines()
+    assert sorted(err[:-1]) == ["web1: err", "web2: err"]
+    summary = err[-1]
+    assert summary.startswith("jobworker: 4 hosts: 1 succeeded, 3 failed (web1: exit 2; web3: "
+                              "unreachable: "), summary
+    assert "connection refused" in summary and "web4: unreachable: " in summary
+    assert "did not answer within 2s" in summary
+    r = fleet("run", "--selector", "env=prod", "--json", "--", "sh", "-c",
+              "grep -q /quick/ /proc/self/cgroup && kill -9 $$; exit 0")
+    assert r.returncode == 137
+    by_host = {d["host"]: d for d in json.loads(r.stdout)}
+    assert set(by_host) == {"web1", "web2"}
+    assert (by_host["web1"]["signal"], by_host["web2"]["exit_code"]) == ("SIGKILL", 0)
+    assert all(d["error"] is None and _JOB_ID.fullmatch(d["id"]) for d in by_host.values())
+
+
+_JOB_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+
+
+@root
+def test_start_on_many_hosts_and_what_selects_them(fleet):
+    r = fleet("start", "--selector", "role=web,env=prod", "--", "true")
+    assert r.returncode == 0, r.stderr
+    started = [line.split() for line in r.stdout.decode().splitlines()]
+    assert [h for h, _ in started] == ["web1", "web2"]
+    assert all(_JOB_ID.fullmatch(job) for _, job in started)
+    r = fleet("start", "--hosts", "web2,web3", "--", "true")   # web3 refuses: said, exit 3
+    assert r.returncode == 3 and r.stdout.decode().startswith("web2 ")
+    assert b"web3: unreachable" in r.stderr
+    r = fleet("run", "--selector", "role=db", "--", "true")
+    assert r.returncode == 2 and b"matches no context" in r.stderr
+    assert b"web1 env=prod role=web" in r.stderr   # the known ones, with their labels
+    r = fleet("run", "--hosts", "db*", "--", "true")
+    assert r.returncode == 2 and b"--hosts db* matches no context" in r.stderr
+    r = fleet("context", "ls", "--json")
+    listed = {c["name"]: c["labels"] for c in json.loads(r.stdout)}
+    assert listed["web1"] == {"role": "web", "env": "prod"} and listed["web3"] == {"role": "web"}
+    r = fleet("context", "add", "bad", "--server", "x", "--ca", "x", "--cert", "x", "--key", "x",
+              "--label", "no value")
+    assert r.returncode == 2 and b"invalid label" in r.stderr
+    r = fleet("run", "-i", "--hosts", "web1", "--", "cat")
+    assert r.returncode == 2 and b"one server" in r.stderr
+
+
+@root
+def test_ctrl_c_stops_the_job_on_every_host(fleet):
+    name = f"fan-{uuid.uuid4().hex[:8]}"
+    proc = subprocess.Popen([*SRC, "run", "--selector", "env=prod", "--name", name, "--",
+                             "sleep", "600"], env=fleet.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, preexec_fn=as_from_a_terminal)
+
+    def ids(host):
+        r = fleet("list", "--context", host, "--name", name, "--json")
+        return [j["id"] for j in json.loads(r.stdout)] if r.returncode == 0 else []
+    wait_for(lambda: ids("web1") and ids("web2"), timeout=30, what="the job on both hosts")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    for host in ("web1", "web2"):
+        r = fleet("query", "--context", host, ids(host)[0], "--json")
+        assert json.loads(r.stdout)["state"] == "stopped"
+
+
 # ================================================================================================
 # Interactive jobs: stdin pipes, terminals, attach (real pseudo-terminals; tmux as the user's)
 # ================================================================================================
