@@ -6833,6 +6833,34 @@ class Client:
         self.channel.close()
 
 
+class Addressed:
+    """The clients of the servers a command's job ids are on: ID or PREFIX on the server the
+    options name, CONTEXT:ID or CONTEXT:PREFIX on a saved context's (a job id has no colon).
+    One client per server, made when first needed."""
+
+    def __init__(self, args):
+        self.args, self.clients, self._lock = args, {}, threading.Lock()
+
+    def client(self, context=None):
+        import argparse
+        with self._lock:
+            if context not in self.clients:
+                args = self.args if context is None else argparse.Namespace(
+                    **dict(vars(self.args), context=context))
+                self.clients[context] = Client(args)
+            return self.clients[context]
+
+    def resolve(self, text):
+        """(client, job id) of what the user typed (a unique prefix is looked up)."""
+        context, colon, rest = text.rpartition(":")
+        if not colon:
+            client = self.client()
+            return client, client.job_id(text)
+        Contexts().get(context)   # (an unknown one: a usage error saying how to list them)
+        client = self.client(context)
+        return client, client.job_id(rest)
+
+
 # -- output formatting -----------------------------------------------------------------------
 
 def _human_bytes(n, base=1024):
@@ -7604,9 +7632,8 @@ def _add_detach_keys(p):
 
 
 def cmd_attach(args):
-    client = Client(args)
+    client, job_id = Addressed(args).resolve(args.job_id)
     pb = client.pb
-    job_id = client.job_id(args.job_id)
     status = client.call("Query", pb.QueryRequest(job_id=job_id)).status
     offset = None
     if args.tail is not None:
@@ -8057,13 +8084,13 @@ def _args_wait(p):
 
 
 def cmd_wait(args):
-    client = Client(args)
-    pb = client.pb
-    job_ids = [client.job_id(j) for j in args.job_ids]
-    for job_id in job_ids:   # every id is checked before any wait: a typo fails at once
+    clients = Addressed(args)
+    pb = _pb()[0]
+    job_ids = [clients.resolve(j) for j in args.job_ids]
+    for client, job_id in job_ids:   # every id is checked before any wait: a typo fails at once
         client.call("Query", pb.QueryRequest(job_id=job_id))
     code = EXIT_OK
-    for job_id in job_ids:
+    for client, job_id in job_ids:
         final = follow_to_end(client, job_id)
         if args.json:
             print(json.dumps(status_to_dict(pb, final)), flush=True)
@@ -8086,14 +8113,15 @@ def _args_stop(p):
 def cmd_stop(args):
     """Stop each job (at once, then wait for all); one that had already ended is fine, as with
     systemctl stop. Exit code: the first failure's."""
-    client = Client(args)
-    pb = client.pb
-    first = EXIT_OK
-    # Stop answers once the job has ended: the deadline allows the server's own grace
-    grace = args.grace if args.grace is not None else _server_grace(client)
+    clients, graces, first = Addressed(args), {}, EXIT_OK
 
     def stop(text):
-        job_id = client.job_id(text)
+        client, job_id = clients.resolve(text)
+        pb = client.pb
+        # Stop answers once the job has ended: the deadline allows the server's own grace
+        if args.grace is None and client not in graces:
+            graces[client] = _server_grace(client)
+        grace = args.grace if args.grace is not None else graces[client]
         req = pb.StopRequest(job_id=job_id)
         if args.grace is not None:
             req.grace_seconds = args.grace
@@ -8148,8 +8176,7 @@ def _args_query(p):
 
 
 def cmd_query(args):
-    client = Client(args)
-    job_id = client.job_id(args.job_id)
+    client, job_id = Addressed(args).resolve(args.job_id)
     status = client.call("Query", client.pb.QueryRequest(job_id=job_id)).status
     if args.json:
         print(json.dumps(status_to_dict(client.pb, status), indent=2))
@@ -8262,11 +8289,11 @@ def _args_rm(p):
 
 
 def cmd_rm(args):
-    client = Client(args)
-    first = EXIT_OK
-    for job_id in args.job_ids:
+    clients, first = Addressed(args), EXIT_OK
+    for text in args.job_ids:
         try:
-            client.call("Remove", client.pb.RemoveRequest(job_id=client.job_id(job_id)))
+            client, job_id = clients.resolve(text)
+            client.call("Remove", client.pb.RemoveRequest(job_id=job_id))
         except CliError as e:
             print(f"jobworker: {e}", file=sys.stderr)
             if first == EXIT_OK:
@@ -8345,9 +8372,8 @@ def _args_stream(p):
 
 
 def cmd_stream(args):
-    client = Client(args)
+    client, job_id = Addressed(args).resolve(args.job_id)
     pb = client.pb
-    job_id = client.job_id(args.job_id)
     offset, until = args.offset, None
     if args.tail is not None or not args.follow:
         size = client.call("Query", pb.QueryRequest(job_id=job_id)).status.output_bytes

@@ -4486,6 +4486,23 @@ def test_start_on_many_hosts_and_what_selects_them(fleet):
 
 
 @root
+def test_context_colon_id_addresses_a_job_on_a_named_host(fleet):
+    r = fleet("start", "--hosts", "web2", "--", "sh", "-c", "echo from-web2; sleep 600")
+    job = r.stdout.split()[1].decode()
+    r = fleet("query", f"web2:{job[:8]}", "--json")   # a prefix too
+    assert r.returncode == 0 and json.loads(r.stdout)["id"] == job
+    assert fleet("query", f"web1:{job}").returncode == 4   # another server: not there
+    r = fleet("stream", f"web2:{job}", "--no-follow")
+    assert r.stdout == b"from-web2\n"
+    r = fleet("stop", f"web2:{job}", "web1:" + job)
+    assert r.returncode == 4 and r.stdout.decode().startswith(f"{job} stopped"), r
+    assert fleet("wait", f"web2:{job}").returncode == 143
+    assert fleet("rm", f"web2:{job}").returncode == 0
+    r = fleet("query", f"nosuch:{job}")
+    assert r.returncode == 2 and b"no context 'nosuch'" in r.stderr
+
+
+@root
 def test_ctrl_c_stops_the_job_on_every_host(fleet):
     name = f"fan-{uuid.uuid4().hex[:8]}"
     proc = subprocess.Popen([*SRC, "run", "--selector", "env=prod", "--name", name, "--",
