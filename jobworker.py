@@ -8214,37 +8214,56 @@ def _args_list(p):
     p.add_argument("--last", type=_cli_type(_positive, "a number of jobs, 1 or more"),
                    metavar="N", help="only the newest N jobs")
     p.add_argument("--name", default="", metavar="NAME", help="only jobs of this --name")
-    p.add_argument("-q", "--quiet", action="store_true", help="print job ids only, one a line")
+    p.add_argument("-q", "--quiet", action="store_true", help="print job ids only, one a line "
+                   "(with --hosts as HOST:ID, what stop and the others take)")
     _add_client_options(p)
+    _add_fanout_options(p)
 
 
 def cmd_list(args):
-    client = Client(args)
-    jobs = list_jobs(client, args.state or (), args.owner, args.last, args.name)
+    pb, code = _pb()[0], EXIT_OK
+    if fans_out(args):   # a HOST column, "host" in --json
+        found = {}
+
+        def work(host, make, r):
+            found[host] = list_jobs(make(), args.state or (), args.owner, args.last, args.name)
+        results = fan_out(args, host_clients(args), work)
+        for r in results:
+            if r.error:
+                print(f"jobworker: {r.host}: {r.error}", file=sys.stderr)
+        code = max(r.code for r in results)
+        jobs = [(r.host, j) for r in results for j in found.get(r.host, ())]
+    else:
+        client = Client(args)
+        jobs = [(None, j) for j in list_jobs(client, args.state or (), args.owner, args.last,
+                                             args.name)]
     try:
         if args.json:
-            print(json.dumps([status_to_dict(client.pb, j) for j in jobs], indent=2))
+            print(json.dumps([dict(status_to_dict(pb, j), **({"host": h} if h else {}))
+                              for h, j in jobs], indent=2))
         elif args.quiet:
-            for j in jobs:
-                print(j.job_id)
+            for h, j in jobs:
+                print(f"{h}:{j.job_id}" if h else j.job_id)
         else:
-            for line in format_table(client.pb, jobs):
+            for line in format_table(pb, [j for _, j in jobs],
+                                     hosts=[h for h, _ in jobs] if fans_out(args) else None):
                 print(line)
         sys.stdout.flush()
     except BrokenPipeError:   # `| head`: quietly, as a shell's own commands
         _quiet_stdout()
         return 141
-    return EXIT_OK
+    return code
 
 
-def format_table(pb, jobs, now=None, width=None):
-    """`list`'s lines: one per job, cut to the terminal's width (the command gets what is
-    left, ending in … when cut)."""
+def format_table(pb, jobs, now=None, width=None, hosts=None):
+    """`list`'s lines: one per job (on the host `hosts` says, if given: a HOST column first),
+    cut to the terminal's width (the command gets what is left, ending in … when cut)."""
     import shutil
     now = time.time() if now is None else now
     width = width or shutil.get_terminal_size((120, 24)).columns
     short = 8   # ids as short as is unique among these (any prefix of 4 or more works)
-    while short < 36 and len({j.job_id[:short] for j in jobs}) < len(jobs):
+    where = hosts or [None] * len(jobs)   # (on each host)
+    while short < 36 and len({(h, j.job_id[:short]) for h, j in zip(where, jobs)}) < len(jobs):
         short += 4
     rows = []
     for j in jobs:
@@ -8262,12 +8281,15 @@ def format_table(pb, jobs, now=None, width=None):
                      printable(d["name"])[:20], _ago(now - start),
                      _command_line(d["command"]).replace("\n", " ")))
     head = ("ID", "STATE", "EXIT", "OWNER", "NAME", "STARTED", "COMMAND")
-    sizes = [max([len(head[i])] + [len(r[i]) for r in rows]) for i in range(6)]
+    if hosts is not None:
+        head, rows = ("HOST", *head), [(h, *r) for h, r in zip(hosts, rows)]
+    fixed = len(head) - 1   # every column but the command
+    sizes = [max([len(head[i])] + [len(r[i]) for r in rows]) for i in range(fixed)]
     lines = []
     for r in [head, *rows]:
-        line = "  ".join(f"{v:{sizes[i]}}" for i, v in enumerate(r[:6])) + "  "
+        line = "  ".join(f"{v:{sizes[i]}}" for i, v in enumerate(r[:fixed])) + "  "
         room = max(10, width - len(line))
-        cmd = r[6] if len(r[6]) <= room else r[6][:room - 1] + "…"
+        cmd = r[fixed] if len(r[fixed]) <= room else r[fixed][:room - 1] + "…"
         lines.append(line + cmd)
     return lines
 

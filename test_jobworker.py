@@ -4497,6 +4497,15 @@ def test_context_colon_id_addresses_a_job_on_a_named_host(fleet):
     r = fleet("stop", f"web2:{job}", "web1:" + job)
     assert r.returncode == 4 and r.stdout.decode().startswith(f"{job} stopped"), r
     assert fleet("wait", f"web2:{job}").returncode == 143
+    r = fleet("list", "--hosts", "web1,web2,web3", "-q")   # HOST:ID, as stop takes it
+    assert r.returncode == 3 and f"web2:{job}".encode() in r.stdout.split()
+    assert b"web3: unreachable" in r.stderr
+    r = fleet("list", "--selector", "env=prod", "--json")
+    assert {(j["host"], j["id"]) for j in json.loads(r.stdout)} >= {("web2", job)}
+    r = fleet("list", "--selector", "env=prod")
+    lines = r.stdout.decode().splitlines()
+    assert lines[0].split()[:2] == ["HOST", "ID"]
+    assert any(line.startswith("web2 ") and job[:8] in line for line in lines[1:])
     assert fleet("rm", f"web2:{job}").returncode == 0
     r = fleet("query", f"nosuch:{job}")
     assert r.returncode == 2 and b"no context 'nosuch'" in r.stderr
