@@ -7936,19 +7936,25 @@ def _how_it_ended(pb, msg):
 def _args_version(p):
     p.epilog = "example: jobworker version --json"
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_fanout_options(p)
     _add_client_options(p)
+
+
+def _info_dict(info):
+    from google.protobuf import json_format
+    return json_format.MessageToDict(info, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True)
 
 
 def cmd_version(args):
     if not args.json:   # said first: the client's version is known if the server is not
         print(f"client: jobworker {__version__} (Python {sys.version.split()[0]})", flush=True)
+    if fans_out(args):
+        return _version_of_hosts(args)
     client = Client(args)
     info = client.call("Info", client.pb.InfoRequest())
     if args.json:
-        from google.protobuf import json_format
-        print(json.dumps({"client": __version__, "server": json_format.MessageToDict(
-            info, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)},
-            indent=2))
+        print(json.dumps({"client": __version__, "server": _info_dict(info)}, indent=2))
         return EXIT_OK
     keep = (f"{info.keep_finished} finished jobs, for "
             + (_duration(info.keep_for_seconds) if info.keep_for_seconds else "ever"))
@@ -7961,6 +7967,28 @@ def cmd_version(args):
           f"output {_human_bytes(info.log_cap_bytes)} per job; live restore "
           f"{'on' if info.live_restore else 'off'}")
     return EXIT_OK
+
+
+def _version_of_hosts(args):
+    """version --hosts/--selector: each host's server in a line (--json: by host)."""
+    infos = {}
+
+    def work(host, make, r):
+        client = make()
+        infos[host] = (client.server, client.call("Info", client.pb.InfoRequest()))
+    results = fan_out(args, host_clients(args), work)
+    if args.json:
+        print(json.dumps({"client": __version__, "servers": {
+            r.host: _info_dict(infos[r.host][1]) if r.host in infos else {"error": r.error}
+            for r in results}}, indent=2))
+    for r in results:
+        if r.host in infos and not args.json:
+            server, info = infos[r.host]
+            print(f"{r.host}: jobworker {info.version} at {server}, cgroup "
+                  f"v{info.cgroup_version}, {info.cpus} CPUs")
+        elif r.error:
+            print(f"jobworker: {r.host}: {r.error}", file=sys.stderr)
+    return max(r.code for r in results)
 
 
 def _args_top(p):
@@ -8052,23 +8080,42 @@ def _args_health(p):
     p.add_argument("--service", default="", metavar="NAME",
                    help=f"a service's health instead of the server's: {SERVICE_NAME}")
     _add_client_options(p)
+    _add_fanout_options(p)
 
 
 def cmd_health(args):
-    client = Client(args)   # first: it imports grpc as jobworker must
+    if fans_out(args):   # HOST: STATUS per line; exit as the worst
+        said = {}
+
+        def work(host, make, r):
+            said[host], r.code = _health(make(), args.service)
+        results = fan_out(args, host_clients(args), work)
+        for r in results:
+            if r.host in said:
+                print(f"{r.host}: {said[r.host]}")
+            else:
+                print(f"jobworker: {r.host}: {r.error}", file=sys.stderr)
+        return max(r.code for r in results)
+    status, code = _health(Client(args), args.service)
+    print(status)
+    return code
+
+
+def _health(client, service):
+    """(serving status, exit code) of the server's health service (CliError if it cannot
+    answer)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     stub = health_pb2_grpc.HealthStub(client.channel)
     try:
-        answer = stub.Check(health_pb2.HealthCheckRequest(service=args.service),
-                            timeout=RPC_TIMEOUT)
+        answer = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=RPC_TIMEOUT)
     except client.grpc.RpcError as e:
         if e.code() == client.grpc.StatusCode.NOT_FOUND:
-            raise CliError(f"the server has no service {args.service!r} (it has "
+            raise CliError(f"the server has no service {service!r} (it has "
                            f"{SERVICE_NAME!r} and '' for itself)", EXIT_NOT_FOUND) from None
         raise client.error(e) from None
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
-    print(status)
-    return EXIT_OK if answer.status == health_pb2.HealthCheckResponse.SERVING else EXIT_ERROR
+    return status, EXIT_OK if answer.status == health_pb2.HealthCheckResponse.SERVING \
+        else EXIT_ERROR
 
 
 def _args_wait(p):

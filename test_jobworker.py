@@ -4483,6 +4483,13 @@ def test_start_on_many_hosts_and_what_selects_them(fleet):
     assert r.returncode == 2 and b"invalid label" in r.stderr
     r = fleet("run", "-i", "--hosts", "web1", "--", "cat")
     assert r.returncode == 2 and b"one server" in r.stderr
+    r = fleet("health", "--hosts", "web1,web2,web3")
+    assert r.returncode == 3 and r.stdout == b"web1: SERVING\nweb2: SERVING\n", r
+    assert b"web3: unreachable" in r.stderr
+    r = fleet("version", "--selector", "env=prod", "--json")
+    servers = json.loads(r.stdout)["servers"]
+    assert r.returncode == 0 and set(servers) == {"web1", "web2"}
+    assert all(info["version"] == jw.__version__ for info in servers.values())
 
 
 @root
