@@ -721,6 +721,38 @@ def fig16_17(certs, server, bare):
             "<= 2x" if p == 50 else "-")
 
 
+def fig18(certs, state_root):
+    """Fan-out: `run --hosts h1,h2,h3 -- true` (one CLI process, three servers) against the
+    three single-host `run -- true` one after another, medians of 7 each."""
+    servers = [Serve(certs, os.path.join(state_root, f"fan{i}")) for i in range(3)]
+    cfg = tempfile.mkdtemp(prefix="jwbench-cfg-")
+    env = dict(os.environ, XDG_CONFIG_HOME=cfg)
+    cli = [sys.executable, os.path.join(HERE, "jobworker.py")]
+    try:
+        for i, server in enumerate(servers):
+            subprocess.run([*cli, "context", "add", f"h{i}", "--server",
+                            f"127.0.0.1:{server.port}", "--ca", f"{certs}/ca.crt", "--cert",
+                            f"{certs}/bench.crt", "--key", f"{certs}/bench.key"], env=env,
+                           check=True, capture_output=True)
+
+        def wall(argvs):
+            t = time.perf_counter()
+            for argv in argvs:
+                subprocess.run(argv, env=env, check=True, capture_output=True)
+            return time.perf_counter() - t
+        fan, seq = [], []
+        for _ in range(7):
+            fan.append(wall([[*cli, "run", "--hosts", "h0,h1,h2", "--", "true"]]))
+            seq.append(wall([[*cli, "run", "--context", f"h{i}", "--", "true"]
+                             for i in range(3)]))
+        value, floor = statistics.median(fan), statistics.median(seq)
+        row(18, "run true on 3 hosts, fan-out (s)", value, floor, value / floor, "<= 0.5x")
+    finally:
+        for server in servers:
+            server.stop()
+        shutil.rmtree(cfg, ignore_errors=True)
+
+
 def finished_records(state, n):
     """n finished job records with empty output, as a server that ran n jobs leaves them."""
     import uuid
@@ -943,7 +975,7 @@ def main():
         finally:
             server.stop()
             bare.stop()
-        for fn in (fig6_8, fig9, fig11, fig12, fig13, fig15):
+        for fn in (fig6_8, fig9, fig11, fig12, fig13, fig15, fig18):
             if want(fn):
                 fn(certs, tmp)
         if want(fig14):
