@@ -2531,6 +2531,7 @@ class HeldJob(typing.NamedTuple):
     pipes: dict         # "out"/"err" -> the server's copy of the pipe's read end
     draining: bool      # its output is not all read yet
     pids: typing.Callable   # -> the pids in its cgroup now
+    input_copy: typing.Callable = lambda: None   # -> a copy of its stdin pipe's write end
 
 
 class LauncherEvents:
@@ -2566,6 +2567,7 @@ class LauncherSupervisor:
         self._ready = threading.Condition()
         self._closing = threading.Event()
         self._orphans = set()      # pids this process may have to reap (a launcher died)
+        self._inputs_closed = set()   # jobs whose stdin pipe the server has closed
 
     def connect(self):
         """Connect to the launcher (starting one if none runs); returns the jobs it holds,
@@ -2596,14 +2598,20 @@ class LauncherSupervisor:
 
     def forget(self, job_id):
         """The job's final record is saved: its launcher closes what it held of it."""
+        with self._ready:
+            self._inputs_closed.discard(job_id)
         if self.launcher is not None:
             self.launcher.forget(job_id)
 
     def close_input(self, job_id):
         """The launcher closes its copy of the job's stdin pipe (the server has closed its
-        own): the job reads EOF. (A dead launcher's copy went with it.)"""
-        if self.launcher is not None:
-            self.launcher.close_input(job_id)
+        own): the job reads EOF. (A dead launcher's copy went with it; one being replaced is
+        told again by _replace, which may have handed the pipe on just before.)"""
+        with self._ready:
+            self._inputs_closed.add(job_id)
+            launcher = self.launcher
+        if launcher is not None:
+            launcher.close_input(job_id)
 
     def close(self, keep_jobs):
         """Leave the launcher with its jobs (keep_jobs: live restore), or tell it to end them
@@ -2701,10 +2709,19 @@ class LauncherSupervisor:
                     _close_quietly(fd)
             draining = [j for j in self.events.held_jobs() if j.draining and j.pipes]
             for job in draining:
-                launcher.take_over(job.id, job.directory, self.log_cap, job.pipes)
+                stdin = job.input_copy()
+                try:
+                    launcher.take_over(job.id, job.directory, self.log_cap,
+                                       dict(job.pipes, **({"in": stdin} if stdin else {})))
+                finally:
+                    if stdin is not None:
+                        os.close(stdin)
             with self._ready:
                 self.launcher = launcher
+                closed = self._inputs_closed & {j.id for j in draining}
                 self._ready.notify_all()
+            for job_id in closed:   # (closed while it was being handed on: again, to this one)
+                launcher.close_input(job_id)
             self.engine.call_soon(lambda: self._read(launcher))
             log.info("a new job launcher (pid %d) took over %d running job%s", launcher.pid,
                      len(draining), "s" if len(draining) != 1 else "")
@@ -2946,10 +2963,15 @@ class JobInput:
         returns the bytes written. InputUnavailable once it is closed; once the job has closed
         its end, as a pipe without a reader, what comes is dropped."""
         view, done = memoryview(data), 0
-        with self._order:
-            while done < len(view) and not self.unread:
+        while not self._order.acquire(timeout=INPUT_POLL):   # another client's write waits
+            if cancelled():
+                return 0
+        try:
+            while done < len(view) and not self.unread and not cancelled():
                 with self._fd_lock:
                     if self.fd is None:
+                        if self.unread:   # (the job ended meanwhile: dropped, as input to it)
+                            break
                         raise InputUnavailable(self.job_id, "has its stdin closed")
                     try:
                         done += os.write(self.fd, view[done:])
@@ -2962,8 +2984,8 @@ class JobInput:
                         if e.errno not in (errno.EPIPE, errno.EIO):
                             raise
                         self.unread = True
-                if cancelled():
-                    break
+        finally:
+            self._order.release()
         return done
 
     def end(self):
@@ -2974,7 +2996,8 @@ class JobInput:
                 eof = b"\x04"
                 with contextlib.suppress(termios.error, OSError, TypeError):
                     eof = termios.tcgetattr(self.fd)[6][termios.VEOF]
-            self.write(eof, lambda: True)
+            deadline = time.monotonic() + 5   # (a terminal that stays full: given up)
+            self.write(eof, lambda: time.monotonic() > deadline)
             return False
         self.close()
         return True
@@ -2988,8 +3011,19 @@ class JobInput:
             if self.fd is not None:
                 set_window_size(self.fd, rows, columns)
 
-    def close(self):
-        self.closed = True
+    def copy(self):
+        """A duplicate of the fd (for a new launcher to hold), or None once it is closed;
+        the caller closes it."""
+        with self._fd_lock:
+            return None if self.fd is None else os.dup(self.fd)
+
+    def close(self, ended=False):
+        """Close it: a client's end (`closed`: more input is an error), or the job's end
+        (`ended`: what still comes is dropped, the attached clients get the job's end)."""
+        if ended:
+            self.unread = True
+        else:
+            self.closed = True
         with self._fd_lock:
             fd, self.fd = self.fd, None
         if fd is not None:
@@ -3156,18 +3190,17 @@ class Job(JobEntry):
         """The HeldJob its launcher's supervisor is given."""
         with self.cond:
             pidfd = None if self.main_ended else self.pidfd
-            pipes = dict(self.pipes)
-            if self.status.stdin == STDIN_PIPE and self.input and self.input.fd is not None:
-                pipes["in"] = self.input.fd   # (a new launcher holds it, as the dead one did)
-            return HeldJob(self.id, directory, self.status.pid, pidfd, pipes,
-                           not self.output_done, self.cgroup.pids)
+            piped = self.input if self.status.stdin == STDIN_PIPE else None
+            return HeldJob(self.id, directory, self.status.pid, pidfd, dict(self.pipes),
+                           not self.output_done, self.cgroup.pids,
+                           piped.copy if piped is not None else (lambda: None))
 
     def close_fds(self):
         with self.cond:   # (not while _signal_main uses the pidfd)
             fds, self.pidfd, self.pipes = [self.pidfd, *self.pipes.values()], None, {}
             held_input, self.input = self.input, None
         if held_input is not None:
-            held_input.close()
+            held_input.close(ended=True)
         for fd in fds:
             if fd is not None:
                 _close_quietly(fd)
@@ -5466,7 +5499,8 @@ DEFAULT_HANDSHAKE_TIMEOUT = 5.0           # seconds from TCP connect to a finish
 DEFAULT_MAX_CONNECTIONS = 8192            # connections of the gRPC port at once
 DEFAULT_MAX_UNAUTHENTICATED = 512         # ... that have made no authorized call yet
 DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE = 64   # ... from one address
-FDS_SERVER_PER_JOB = 3                    # a running job's fds in the server: pidfd, 2 pipes
+FDS_SERVER_PER_JOB = 4                    # a running job's fds in the server: pidfd, 2 pipes,
+                                          # the write end of its stdin
 FDS_PER_STREAM = 2                        # a Stream call's open output files
 GUARD_INTERVAL = 0.25                     # seconds between looks at the port's connections
 
@@ -7463,7 +7497,11 @@ class AttachSession:
             if offset is not None:
                 start.offset = offset
             ended = threading.Event()
+            if self.detached.is_set():   # (the keys came while it reconnected)
+                return None
             self.call = call = self._attach(self._requests(start, ended))
+            if self.detached.is_set():
+                call.cancel()
             try:
                 for msg in call:
                     trying_since = None

@@ -4806,6 +4806,28 @@ def test_attach_bad_requests_get_clear_codes_and_one_audit_line(pki, peers, capl
 
 
 @root
+def test_writers_queued_behind_a_stuck_one_leave_with_their_calls(peers):
+    # One client's input fills a job that does not read; others who attach, send and leave
+    # must not leave a thread (and their message) behind, waiting for their turn.
+    alice = peers("alice")
+    job = start_interactive(alice, "sleep", "600")
+    stuck = Attached(alice, job)
+    for _ in range(8):
+        stuck.put(input=b"x" * (900 << 10))
+    feeders = lambda: len([t for t in threading.enumerate() if t.name == "jobworker-attach"])
+    for _ in range(30):
+        a = Attached(alice, job)
+        a.put(input=b"y" * (1000 << 10))
+        wait_for(lambda: a.call.initial_metadata() is not None, what="attached")
+        a.call.cancel()
+        assert a.wait() == SC.CANCELLED
+    wait_for(lambda: feeders() <= 1, timeout=10, what=f"the left calls' threads to end "
+             f"({feeders()} left)")
+    alice.call("Stop", job)
+    assert stuck.wait() == SC.OK and stuck.final.state == pb.JOB_STATE_STOPPED
+
+
+@root
 def test_an_old_client_start_has_dev_null_stdin(peers):
     alice = peers("alice")
     job = alice.start("sh", "-c", "cat; echo end")   # no stdin field: as before
@@ -5049,8 +5071,15 @@ def test_a_server_killed_and_restarted_under_run_it_keeps_the_shell(pki, tmp_pat
         t.wait_for(f"still-{shell}", timeout=60)
         t.keys("echo and-then-$((6*7))", "Enter")
         t.wait_for("and-then-42")
-        t.keys("exit 7", "Enter")
-        t.wait_for("rc=7")
+        server.proc.kill()   # again, and the user detaches while the CLI reconnects
+        server.proc.wait()
+        t.keys("C-p", "C-q")
+        t.wait_for("rc=0")
+        job = t.wait_for_match(r"jobworker attach ([0-9a-f-]{36})").group(1)
+        server = ServeProcess(SRC, pki, state, parent, listen=f"127.0.0.1:{port}")
+        r = cli(SRC, "query", job, "--json", certs=pki, port=port)
+        assert json.loads(r.stdout)["state"] == "running"   # the shell goes on, detached
+        assert cli(SRC, "stop", job, certs=pki, port=port).returncode == 0
     finally:
         assert server.stop() == 0
 
