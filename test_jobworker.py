@@ -2323,7 +2323,8 @@ def test_every_library_error_has_one_status_code():
 
 def test_sources_pass_pyflakes():
     files = ["jobworker.py", "build_zipapp.py", "v2_guest.py", "test_jobworker.py",
-             *glob.glob("bench/*.py"), *glob.glob("*_main.py"), *glob.glob("*_checks.py")]
+             *glob.glob("bench/*.py"), *glob.glob("*_main.py"), *glob.glob("*_checks.py"),
+             *glob.glob("ansible_plugins/*/*.py")]
     r = subprocess.run([sys.executable, "-m", "pyflakes", *files], cwd=HERE, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -4516,6 +4517,49 @@ def test_context_colon_id_addresses_a_job_on_a_named_host(fleet):
     assert fleet("rm", f"web2:{job}").returncode == 0
     r = fleet("query", f"nosuch:{job}")
     assert r.returncode == 2 and b"no context 'nosuch'" in r.stderr
+
+
+@root
+def test_ansible_runs_tasks_as_jobs_through_the_connection_plugin(fleet, tmp_path):
+    exe = tmp_path / "jobworker"
+    exe.write_text(f"#!/bin/sh\nexec {shlex.join(SRC)} \"$@\"\n")
+    exe.chmod(0o755)
+    env = dict(fleet.env, ANSIBLE_CONNECTION_PLUGINS=os.path.join(HERE, "ansible_plugins",
+                                                                  "connection"),
+               ANSIBLE_JOBWORKER_EXECUTABLE=str(exe), ANSIBLE_PYTHON_INTERPRETER="auto_silent",
+               ANSIBLE_LOCAL_TEMP=str(tmp_path / "local"), ANSIBLE_REMOTE_TEMP=str(tmp_path / "remote"),
+               ANSIBLE_NOCOLOR="1")
+    bin_dir = os.path.dirname(sys.executable)
+    (tmp_path / "inventory").write_text("web1\nweb2\nweb3\n")
+    ansible = lambda tool, *a: subprocess.run(
+        [os.path.join(bin_dir, tool), "-i", str(tmp_path / "inventory"), "-c", "jobworker", *a],
+        env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([os.path.join(bin_dir, "ansible-doc"), "-t", "connection", "jobworker"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ansible_jobworker_memory" in r.stdout, r.stderr
+    r = ansible("ansible", "all", "-m", "ping")
+    assert r.returncode == 4, r.stdout   # web3 is unreachable
+    assert "web1 | SUCCESS" in r.stdout and "web2 | SUCCESS" in r.stdout
+    assert "web3 | UNREACHABLE" in r.stdout and "connection refused" in r.stdout
+    r = ansible("ansible", "web1", "-m", "command", "-a", "uname -r")
+    assert r.returncode == 0 and os.uname().release in r.stdout, r.stdout
+    data = os.urandom(5 << 20)
+    (tmp_path / "five").write_bytes(data)
+    there, back = tmp_path / "five.there", tmp_path / "five.back"
+    r = ansible("ansible", "web2", "-m", "copy", "-a", f"src={tmp_path / 'five'} dest={there}")
+    assert r.returncode == 0 and there.read_bytes() == data, r.stdout
+    r = ansible("ansible", "web2", "-m", "fetch", "-a", f"src={there} dest={back} flat=yes")
+    assert r.returncode == 0 and hashlib.sha256(back.read_bytes()).digest() == \
+        hashlib.sha256(data).digest(), r.stdout
+    r = ansible("ansible", "web1", "-e", "ansible_jobworker_memory=300M", "-m", "shell", "-a",
+                "cat /sys/fs/cgroup/memory$(sed -n 's/^[0-9]*:memory://p' /proc/self/cgroup)"
+                "/memory.limit_in_bytes")
+    assert r.returncode == 0 and str(300 << 20) in r.stdout, r.stdout   # the task's own cgroup
+    (tmp_path / "play.yml").write_text(
+        "- hosts: web1\n  gather_facts: false\n  tasks:\n"
+        "    - command: echo first\n    - command: sh -c 'exit 5'\n")
+    r = ansible("ansible-playbook", str(tmp_path / "play.yml"))
+    assert r.returncode == 2 and '"rc": 5' in r.stdout and "ok=1" in r.stdout, r.stdout
 
 
 @root
