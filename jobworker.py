@@ -8185,6 +8185,7 @@ def _args_stop(p):
     p.add_argument("--grace", type=_cli_type(_seconds, DURATION_FORM), metavar="DURATION",
                    help="between SIGTERM and SIGKILL: 5, 5s, 2m (default: the server's --grace)")
     _add_client_options(p)
+    _add_fanout_options(p)
 
 
 def cmd_stop(args):
@@ -8214,6 +8215,20 @@ def cmd_stop(args):
                 raise
             return f"{job_id} had already ended: {_how_it_ended(pb, status)}"
 
+    if fans_out(args):   # each id looked for on every host chosen: stopped where it is
+        hosts = select_contexts(Contexts(), args.hosts, args.selector)
+        targets = [f"{h}:{t}" for t in args.job_ids for h in hosts]
+        with concurrent.futures.ThreadPoolExecutor(min(args.parallel, len(targets))) as pool:
+            done = dict(zip(targets, pool.map(_outcome(stop), targets)))
+        for text in args.job_ids:
+            outcomes = [(h, *done[f"{h}:{text}"]) for h in hosts]
+            for host, said, error in outcomes:
+                if error is None:
+                    print(f"{host}: {said}", flush=True)
+                elif error.code != EXIT_NOT_FOUND or all(e for _, _, e in outcomes):
+                    print(f"jobworker: {host}: {text}: {error}", file=sys.stderr)
+                    first = first or error.code
+        return first
     with concurrent.futures.ThreadPoolExecutor(min(16, len(args.job_ids))) as pool:
         for text, done in zip(args.job_ids, pool.map(_outcome(stop), args.job_ids)):
             said, error = done

@@ -4517,6 +4517,14 @@ def test_context_colon_id_addresses_a_job_on_a_named_host(fleet):
     assert fleet("rm", f"web2:{job}").returncode == 0
     r = fleet("query", f"nosuch:{job}")
     assert r.returncode == 2 and b"no context 'nosuch'" in r.stderr
+    # stop with --hosts/--selector: each id looked for on every host, stopped where it is
+    other = fleet("start", "--hosts", "web1", "--", "sleep", "600").stdout.split()[1].decode()
+    r = fleet("stop", "--selector", "env=prod", other[:8])
+    assert r.returncode == 0 and r.stdout.decode().startswith(f"web1: {other} stopped"), r
+    assert r.stderr == b""   # (not on web2: no news)
+    unknown = str(uuid.uuid4())
+    r = fleet("stop", "--selector", "env=prod", unknown)
+    assert r.returncode == 4 and r.stderr.count(unknown.encode()) >= 2
 
 
 @root
