@@ -5183,6 +5183,22 @@ def test_three_hosts_in_network_namespaces(pyz, venvs, tmp_path):
             assert stop.returncode == 0, stop.stderr
             out = run("stream", job_id).stdout.decode()
             assert f"inet {ns_addr}/24" in out   # it ran on that host
+        # the three at once, as saved contexts: each line from its own host
+        fan = dict(env, XDG_CONFIG_HOME=str(tmp_path / "cfg"))
+        ctl = lambda *a: subprocess.run([*argv, *a], env=fan, capture_output=True, timeout=120)
+        for ns, _, _, ns_addr in hosts:
+            assert ctl("context", "add", ns, "--server", f"{ns_addr}:50051", "--ca",
+                       str(certs / "ca.crt"), "--cert", str(certs / "client.crt"), "--key",
+                       str(certs / "client.key"), "--label", "fleet=test").returncode == 0
+        r = ctl("run", "--selector", "fleet=test", "--", "sh", "-c", "ip -4 -o addr show dev eth0")
+        assert r.returncode == 0, r.stderr
+        for ns, _, _, ns_addr in hosts:
+            assert any(line.startswith(f"{ns}: ") and f"inet {ns_addr}/24" in line
+                       for line in r.stdout.decode().splitlines()), r.stdout
+        assert r.stderr.decode().strip().endswith("3 hosts: 3 succeeded, 0 failed")
+        assert servers[2].stop() == 0
+        r = ctl("run", "--selector", "fleet=test", "--connect-timeout", "2s", "--", "true")
+        assert r.returncode == 3 and f"{hosts[2][0]}: unreachable".encode() in r.stderr, r.stderr
     finally:
         codes = [s.stop() for s in servers]
         for ns, veth, _, _ in hosts:
