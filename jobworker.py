@@ -7234,25 +7234,50 @@ def job_end_notes(pb, msg):
     return notes
 
 
+class ResumePoint:
+    """Where a client that follows a job's output stands, to resume there after a lost call:
+    the offset past the last output it received, and since when it tries to reach the server
+    again (None while messages come)."""
+
+    def __init__(self, offset):
+        self.offset, self.trying_since = offset, None
+
+    def read(self, pb, call, on_message):
+        """Each output message of a Stream or Attach call to on_message, until its final
+        status (returned; None if the call ended without one)."""
+        for msg in call:
+            self.trying_since = None
+            if msg.HasField("final_status"):
+                return msg.final_status
+            for _, at, data in output_pieces(pb, msg):
+                self.offset = at + len(data)
+            on_message(msg)
+        return None
+
+    def try_again(self, err):
+        """After a call lost to an unreachable server: raise `err` once RECONNECT_PATIENCE
+        has passed since it was first lost, else wait a moment before the next try."""
+        now = time.monotonic()
+        self.trying_since = self.trying_since or now
+        if now - self.trying_since > RECONNECT_PATIENCE:
+            raise err
+        time.sleep(0.5)
+
+
 def follow_to_end(client, job_id, on_message=None, offset=0):
     """Stream a job until its final status, which is returned; each output message goes to
     on_message (None: status only, no output is sent). A server that cannot be reached (one
     being restarted) is tried again for RECONNECT_PATIENCE seconds, resuming where the
     output stopped."""
-    pb, grpc = client.pb, client.grpc
-    trying_since = None
+    pb, grpc, at = client.pb, client.grpc, ResumePoint(offset)
     while True:
-        req = pb.StreamRequest(job_id=job_id, offset=offset, batch=True,
+        req = pb.StreamRequest(job_id=job_id, offset=at.offset, batch=True,
                                status_only=on_message is None)
         call = client.stub.Stream(req)
         try:
-            for msg in call:
-                trying_since = None
-                if msg.HasField("final_status"):
-                    return msg.final_status
-                for _, at, data in output_pieces(pb, msg):
-                    offset = at + len(data)
-                on_message(msg)
+            final = at.read(pb, call, on_message)
+            if final is not None:
+                return final
             err = CliError("the server ended the stream early", EXIT_CONNECT, unreachable=True)
         except grpc.RpcError as e:
             err = client.error(e)
@@ -7260,11 +7285,7 @@ def follow_to_end(client, job_id, on_message=None, offset=0):
                 raise err from None
         finally:
             call.cancel()
-        now = time.monotonic()
-        trying_since = trying_since or now
-        if now - trying_since > RECONNECT_PATIENCE:
-            raise err
-        time.sleep(0.5)
+        at.try_again(err)
 
 
 class OutputWriter:
@@ -7491,11 +7512,11 @@ class AttachSession:
 
     def _attached(self, offset):
         pb, grpc, writer = self.pb, self.client.grpc, OutputWriter(self.pb)
-        trying_since = None
+        at = ResumePoint(offset)
         while True:
             start = pb.AttachStart(job_id=self.job_id)
-            if offset is not None:
-                start.offset = offset
+            if at.offset is not None:
+                start.offset = at.offset
             ended = threading.Event()
             if self.detached.is_set():   # (the keys came while it reconnected)
                 return None
@@ -7503,13 +7524,9 @@ class AttachSession:
             if self.detached.is_set():
                 call.cancel()
             try:
-                for msg in call:
-                    trying_since = None
-                    if msg.HasField("final_status"):
-                        return msg.final_status
-                    for _, at, data in output_pieces(pb, msg):
-                        offset = at + len(data)
-                    writer(msg)
+                final = at.read(pb, call, writer)
+                if final is not None:
+                    return final
                 err = CliError("the server ended the attachment early", EXIT_CONNECT,
                                unreachable=True)
             except grpc.RpcError as e:
@@ -7517,25 +7534,21 @@ class AttachSession:
                     return None
                 err = self.client.error(e)
                 if (e.code() == grpc.StatusCode.FAILED_PRECONDITION and
-                        (self.started or trying_since is not None) and self._has_ended()):
+                        (self.started or at.trying_since is not None) and self._has_ended()):
                     # it ended before (or while) this process could attach: the rest of its
                     # output and its end, as `run` without -i
-                    return follow_to_end(self.client, self.job_id, writer, offset or 0)
+                    return follow_to_end(self.client, self.job_id, writer, at.offset or 0)
                 if not err.unreachable:
                     raise err from None
             finally:
                 call.cancel()
                 ended.set()
-            now = time.monotonic()
-            trying_since = trying_since or now
-            if now - trying_since > RECONNECT_PATIENCE:
-                raise err
             if not self.tty and not self.input_ended and not self.cut:
                 self.cut = True
                 print(f"jobworker: the connection was lost while input was on its way; job "
                       f"{self.job_id}'s stdin is closed (what was in flight may be missing)",
                       file=sys.stderr)
-            time.sleep(0.5)
+            at.try_again(err)
 
     def _has_ended(self):
         status = self.client.call("Query", self.pb.QueryRequest(job_id=self.job_id)).status
