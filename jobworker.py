@@ -20,6 +20,7 @@ is started before any gRPC thread exists.
 
 import array
 import bisect
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -56,6 +57,8 @@ DEFAULT_PIDS_LIMIT = 1024             # every job gets a pids limit: a fork bomb
 DEFAULT_LOG_CAP = 2 << 30             # bytes of output kept per job (stdout + stderr)
 DEFAULT_MAX_JOBS = 1000               # concurrently running jobs
 DEFAULT_MAX_JOBS_PER_OWNER = 256      # ... of one owner
+DEFAULT_MAX_QUEUED = 10_000           # jobs waiting for a slot (Start with queue)
+DEFAULT_MAX_QUEUED_PER_OWNER = 1000   # ... of one owner
 MAX_ARGS = 4096                       # argv entries per job
 MAX_ARGV_BYTES = 256 << 10            # total argv size per job
 CPU_PERIOD_US = 100_000               # cfs period (systemd uses 100 ms too)
@@ -82,14 +85,16 @@ MAX_WINDOW = 10_000                   # rows or columns of a job's terminal, at 
 DEFAULT_WINDOW = (24, 80)
 DEFAULT_TERM = "xterm"
 
-# Job states. A job is created running; every other state is final.
+# Job states. A job is created running (or queued, to run when a slot frees); every other
+# state is final.
+QUEUED = "queued"       # accepted while the caps were full: it runs when a slot frees
 RUNNING = "running"
 EXITED = "exited"       # the main process ended by itself (exit code or signal)
 STOPPED = "stopped"     # ended by a Stop request
 LOST = "lost"           # the server (or its launcher) died while the job ran
 FAILED = "failed"       # it never ran: its start failed after it was accepted
 FINAL_STATES = frozenset({EXITED, STOPPED, LOST, FAILED})
-STATES = frozenset({RUNNING}) | FINAL_STATES
+STATES = frozenset({QUEUED, RUNNING}) | FINAL_STATES
 
 _JOB_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 _JOB_ID_PREFIX_RE = re.compile(r"[0-9a-f-]{1,36}")   # the start of one (List's id_prefix)
@@ -456,6 +461,17 @@ class Quota:
         self._lock = threading.Lock()
         self.total = 0
         self._by_owner = {}
+        self.on_free = None   # called (without the lock) each time one is given back
+
+    def try_take(self, owner, admin=False):
+        """take(), or False where it would raise CapReached."""
+        with self._lock:
+            if self.total >= (self.cap if admin else self.cap - self.reserve) or \
+                    self._by_owner.get(owner, 0) >= self.per_owner:
+                return False
+            self.total += 1
+            self._by_owner[owner] = self._by_owner.get(owner, 0) + 1
+            return True
 
     def take(self, owner, admin=False, force=False):
         """Count one more for owner, or raise CapReached (force: count it anyway)."""
@@ -479,6 +495,8 @@ class Quota:
                 self._by_owner[owner] = left
             else:
                 del self._by_owner[owner]
+        if self.on_free is not None:
+            self.on_free()
 
     def held_by(self, owner):
         return self._by_owner.get(owner, 0)
@@ -551,12 +569,12 @@ def validate_workdir(path):
     return os.path.normpath(path)
 
 
-def validate_timeout(seconds):
-    """A job's timeout in seconds, or None for none (0 or unset)."""
+def validate_timeout(seconds, field="timeout_seconds"):
+    """A job's timeout (or queue timeout) in seconds, or None for none (0 or unset)."""
     if seconds is None or seconds == 0:
         return None
     if not 0 < seconds <= MAX_TIMEOUT:   # also refuses NaN
-        raise InvalidArgument("timeout_seconds", seconds, "seconds, 0 (none) or more, at most "
+        raise InvalidArgument(field, seconds, "seconds, 0 (none) or more, at most "
                               "ten years")
     return float(seconds)
 
@@ -2789,11 +2807,17 @@ class JobStatus:
     failure: str = ""             # state failed: why it never ran
     cgroup: dict = None           # where its cgroups are while it runs (Cgroup.to_record)
     stdin: str = STDIN_NULL       # STDIN_MODES: what its stdin is
+    queued_at: float = None       # when it was queued (None: it never was); 0 started_at: it
+                                  # has not run (yet)
+    queue_timeout: float = None   # seconds it may wait in the queue; None: no limit
+    queue_timed_out: bool = False # it waited past its queue timeout, and never ran
+    queue_position: int = 0       # while queued: 1 for the next to start (Query's; not kept)
 
     @property
     def order_key(self):
-        """Where the job stands in List's order: by start time, then id."""
-        return (self.started_at, self.id)
+        """Where the job stands in List's order: by start time (by the time it was queued, if
+        it was), then id. It never changes."""
+        return (self.started_at if self.queued_at is None else self.queued_at, self.id)
 
     def matches(self, owner=None, states=None, name=None, id_prefix=None):
         """Whether it passes List's filters (None, or empty: any)."""
@@ -2807,6 +2831,7 @@ class JobStatus:
         d["limits"] = self.limits.to_dict()
         d["command"], d["usage"] = list(self.command), dict(self.usage)
         d["env_keys"] = list(self.env_keys)
+        del d["queue_position"]   # (of the moment)
         if d["cgroup"] is None:
             del d["cgroup"]   # (a finished job's: not kept)
         return d
@@ -2860,7 +2885,8 @@ RECORD_SCHEMA = {
     "env_keys": _strings, "workdir": lambda v: type(v) is str,
     "timeout": _optional(_is_number), "timed_out": lambda v: type(v) is bool,
     "failure": lambda v: type(v) is str, "cgroup": _optional(lambda v: isinstance(v, dict)),
-    "stdin": lambda v: v in STDIN_MODES,
+    "stdin": lambda v: v in STDIN_MODES, "queued_at": _optional(_is_number),
+    "queue_timeout": _optional(_is_number), "queue_timed_out": lambda v: type(v) is bool,
 }
 
 
@@ -2878,13 +2904,16 @@ def check_record(data, job_id):
             raise ValueError(f"{key!r} is {value!r:.80}")
     if data["id"] != job_id:
         raise ValueError(f"the id {data['id']!r:.80} is not its directory's")
-    if data["state"] != RUNNING and not _is_number(data.get("ended_at")):
+    if data["state"] not in (QUEUED, RUNNING) and not _is_number(data.get("ended_at")):
         raise ValueError(f"a {data['state']} job without the time it ended")
 
 
 class Phase(enum.Enum):
     """Where a job is in its life; every change goes through Job.change_phase."""
-    STARTING = "starting"   # accepted; its process is being made (not listed yet)
+    QUEUED = "queued"       # accepted while the caps were full: waits in the JobQueue, with
+                            # nothing of it in the kernel
+    STARTING = "starting"   # accepted; its process is being made (not listed yet, unless it
+                            # was queued)
     RUNNING = "running"     # its main process runs
     STOPPING = "stopping"   # a Stop (or its timeout) sent SIGTERM; the main process runs on
     ENDING = "ending"       # the main process has ended: what it left is killed, the rest of
@@ -2893,6 +2922,8 @@ class Phase(enum.Enum):
 
 
 PHASE_CHANGES = {
+    # STARTING: a slot freed; ENDED: stopped, or given up, while queued
+    Phase.QUEUED: {Phase.STARTING, Phase.ENDED},
     # ENDING: it ended before its start was confirmed to the caller (the launcher says both
     # at once); ENDED: its start failed
     Phase.STARTING: {Phase.RUNNING, Phase.ENDING, Phase.ENDED},
@@ -2935,6 +2966,9 @@ class JobEntry:
 
     def wait_final_or(self, cancelled):
         """Wait until the job is final or cancelled()."""
+
+    def wait_started(self, cancelled=None):
+        """Wait while it is queued or starting (unless cancelled() first)."""
 
     def wake(self):
         """Wake the waiters, to look at cancelled() again."""
@@ -3036,14 +3070,17 @@ def set_window_size(fd, rows, columns):
 
 class Job(JobEntry):
     """A live job: its status and phase change under `cond`, which wakes its waiters. When
-    it has ended, the table keeps a FinishedJob in its place."""
+    it has ended, the table keeps a FinishedJob in its place. A queued job shares the
+    queue's `cond` (one of its own costs more than the rest of the job) and gets its own as
+    it starts: whoever waits on a job does so through _wait, which follows that change."""
 
     __slots__ = ("status", "cond", "cgroup", "records", "phase", "ends_as", "output_done",
-                 "lost", "pidfd", "pipes", "input")
+                 "lost", "pidfd", "pipes", "input", "pending")
 
-    def __init__(self, status, cgroup, phase=Phase.STARTING):
+    def __init__(self, status, cgroup, phase=Phase.STARTING, cond=None, pending=None):
         self.status = status
-        self.cond = threading.Condition()
+        self.cond = cond or threading.Condition()
+        self.pending = pending          # a queued job's (env, window), to start it with
         self.cgroup = cgroup
         self.records = 0
         self.phase = phase
@@ -3116,10 +3153,21 @@ class Job(JobEntry):
                 snap.usage = self.cgroup.usage()
         return snap
 
+    def _wait(self, predicate, timeout=None):
+        """cond.wait_for(predicate, timeout), on the job's cond of the moment (a queued job
+        changes it as it starts); returns what predicate() last said."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            cond = self.cond
+            with cond:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                done = cond.wait_for(lambda: predicate() or self.cond is not cond, left)
+                if self.cond is cond:
+                    return done and predicate()
+
     def wait_output(self, offset, cancelled):
+        self._wait(lambda: cancelled() or self.status.output_bytes > offset or self.final)
         with self.cond:
-            self.cond.wait_for(lambda: cancelled() or self.status.output_bytes > offset
-                               or self.final)
             return self.status.output_bytes, self.records, self.final
 
     def wake(self):
@@ -3127,12 +3175,14 @@ class Job(JobEntry):
             self.cond.notify_all()
 
     def wait_final(self, timeout=None):
-        with self.cond:
-            return self.cond.wait_for(lambda: self.final, timeout)
+        return self._wait(lambda: self.final, timeout)
 
     def wait_final_or(self, cancelled):
-        with self.cond:
-            self.cond.wait_for(lambda: self.final or cancelled())
+        self._wait(lambda: self.final or cancelled())
+
+    def wait_started(self, cancelled=None):
+        self._wait(lambda: self.phase not in (Phase.QUEUED, Phase.STARTING)
+                   or (cancelled is not None and cancelled()))
 
     def signal_main(self, sig):
         """Signal the job's main process through its pidfd (never a reused pid)."""
@@ -3217,6 +3267,7 @@ class FinishedJob(JobEntry):
 
 
 RECORD_FILE = "job.json"
+PENDING_FILE = "start.json"   # a queued job's environment and terminal size, until it starts
 RECORD_BLOCK = 4096   # a record file fills whole blocks: the slack is the final record's room
 RECORD_SLACK = 1024   # what a final record adds at most (exit, times, usage, output figures)
 
@@ -3261,6 +3312,32 @@ class JobStore:
         path = self.job_dir(job_id)
         os.mkdir(path, 0o700)
         return path
+
+    def save_pending(self, job_id, env, window):
+        """What a queued job starts with (its variables are secrets: only here, beside its
+        record, until it starts); DiskFull without room."""
+        data = json.dumps({"env": env, "window": list(window)}, separators=(",", ":"))
+        try:
+            self._replace(os.path.join(self.job_dir(job_id), PENDING_FILE), data.encode())
+        except OSError as e:
+            raise DiskFull(self.state_dir, e.errno) from None
+
+    def load_pending(self, job_id):
+        """(env, window) that save_pending wrote, checked; OSError or ValueError if it cannot
+        be read back."""
+        with open(os.path.join(self.job_dir(job_id), PENDING_FILE), "rb") as f:
+            data = json.loads(f.read())
+        if not isinstance(data, dict) or not isinstance(data.get("env"), dict) or \
+                not all(type(v) is str for v in data["env"].values()):
+            raise ValueError("its environment is not an object of strings")
+        window = data.get("window")
+        if not (isinstance(window, list) and len(window) == 2 and all(map(_is_int, window))):
+            raise ValueError(f"its window size is {window!r:.40}")
+        return validate_env(data["env"]), validate_window(*window)
+
+    def forget_pending(self, job_id):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.job_dir(job_id), PENDING_FILE))
 
     def reserve(self, status):
         """Write a new job's first record, with room for its final one; DiskFull if the disk
@@ -3319,7 +3396,8 @@ class JobStore:
         """Every record that passes check_record. A record that does not is moved aside to
         <state_dir>/quarantine/ (and named in the log once); a job directory without a record
         (a crash before the record was written, or during a removal) is removed, and so is a
-        finished job's that lacks its output files (a removal cut short by an older build)."""
+        finished job's that lacks its output files (a removal cut short by an older build;
+        a job that went through the queue has them only if it started)."""
         out = []
         for name in os.listdir(self.jobs_dir):
             if not _JOB_ID_RE.fullmatch(name):
@@ -3337,7 +3415,10 @@ class JobStore:
             except (OSError, ValueError, TypeError, UnicodeDecodeError) as e:
                 self._quarantine(name, str(e))
                 continue
-            if status.state != RUNNING and not self.has_output(name):
+            if status.state != QUEUED:
+                self.forget_pending(name)   # (it has started: no secret stays on disk)
+            if status.state not in (QUEUED, RUNNING) and status.queued_at is None and \
+                    not self.has_output(name):
                 log.warning("removing job %s: its output files are gone (a removal was cut "
                             "short)", name)
                 self.discard(name)
@@ -3361,9 +3442,13 @@ class JobStore:
                   why, target)
 
     def open_output(self, job_id):
-        """(data fd, index fd) of a job's output files, for reading."""
+        """(data fd, index fd) of a job's output files, for reading; (None, None) if they are
+        not made yet (a job that has not started; one that never ran)."""
         d = self.job_dir(job_id)
-        data_fd = os.open(f"{d}/{LOG_FILE}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data_fd = os.open(f"{d}/{LOG_FILE}", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None, None
         try:
             idx_fd = os.open(f"{d}/{INDEX_FILE}", os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -3461,15 +3546,17 @@ class _Follow:
     """Iterator of Chunks of one job's output from an offset, live until the job is final.
     It holds the output files open: a job removed meanwhile is still read to its end.
     cancel() from any thread ends it at once; so does `leaving` (set when the server leaves
-    its jobs running to the next one: the follower goes on with that one)."""
+    its jobs running to the next one: the follower goes on with that one). The files of a
+    job that has not started yet are opened (`reopen`) once it has output."""
 
-    def __init__(self, job, offset, max_chunk, fds, leaving=None):
+    def __init__(self, job, offset, max_chunk, fds, leaving=None, reopen=None):
         self.job = job
         self.offset = offset
         self.max_chunk = max_chunk
         self._cancelled = False
         self._leaving = leaving or threading.Event()
         self._data_fd, self._idx_fd = fds
+        self._reopen = reopen
 
     @property
     def cancelled(self):
@@ -3511,6 +3598,11 @@ class _Follow:
                 end = min(size, self.offset + self.max_chunk)
                 if end <= self.offset:   # nothing more, and the job is final
                     return
+                if self._data_fd is None and self._reopen is not None:
+                    with contextlib.suppress(OSError):   # (gone: removed meanwhile)
+                        self._data_fd, self._idx_fd = self._reopen()
+                if self._data_fd is None or self._idx_fd is None:
+                    return
                 segments = read_segments(self._idx_fd, records, self.offset, end)
                 data = os.pread(self._data_fd, end - self.offset, self.offset)   # one read
                 if not segments or len(data) < end - self.offset:
@@ -3549,25 +3641,29 @@ class Attachment:
         return held
 
     def write(self, data, cancelled):
-        """Write `data` to the job's stdin, waiting while it does not read, unless
-        cancelled() first."""
+        """Write `data` to the job's stdin, waiting while it does not read (or is queued),
+        unless cancelled() first."""
+        self.job.wait_started(cancelled)
         held = self._input()
         if held is not None:
             self.input_bytes += held.write(data, cancelled)
 
-    def end_input(self):
+    def end_input(self, cancelled=None):
         """The client's input has ended: a pipe is closed (the job reads EOF once every
-        copy is; again is no error), a terminal gets its EOF character."""
+        copy is; again is no error), a terminal gets its EOF character. A queued job gets it
+        once it runs, unless cancelled() first."""
+        self.job.wait_started(cancelled)
         held = self.job.input
         if held is None or held.closed or self.job.main_ended:
             return
         if held.end():
             self._close_held_input(self.job.id)
 
-    def resize(self, rows, columns):
+    def resize(self, rows, columns, cancelled=None):
         validate_window(rows, columns)
         if self.job.status.stdin != STDIN_TTY:
             raise InputUnavailable(self.job.id, "is not on a terminal: it has no window size")
+        self.job.wait_started(cancelled)
         held = self._input()
         if held is not None:
             held.resize(rows, columns)
@@ -3582,6 +3678,7 @@ class _NoObserver:
     def job_ended(self, status): pass
     def start_failed(self, exc): pass
     def output_stored(self, nbytes): pass
+    def job_dequeued(self, status, seconds): pass
 
 
 class JobTable:
@@ -3670,6 +3767,16 @@ class JobTable:
                 keys = self._order[i:]
             return [self._jobs[k[1]] for k in keys]
 
+    def walk(self, owner=None, states=None, after=None, newest_first=False, name=None,
+             id_prefix=None, live_usage=False):
+        """JobStatus of the jobs past position `after` (an order_key; None: from the start), in
+        List's order (oldest first, or newest first), of `owner` only, in one of `states`, of
+        that `name` and whose id starts with `id_prefix` if given; running jobs with their
+        usage now if `live_usage`. Jobs added or removed meanwhile do not disturb the walk."""
+        for job in self.entries(after, newest_first):
+            if job.status.matches(owner, states, name, id_prefix):
+                yield job.status_now() if live_usage else job.snapshot()
+
     def has(self, job_id):
         with self._lock:
             return job_id in self._jobs
@@ -3691,12 +3798,301 @@ class JobTable:
         del self._order[bisect.bisect_left(self._order, job.status.order_key)]
 
 
+class JobQueue:
+    """The jobs Start accepted with `queue` while the caps were full, waiting for a slot of
+    `running` (the Quota of running jobs): first in first out within an owner, and round
+    robin between owners (the owner just served goes to the back of the turns), within the
+    share of the caps not kept for admins. A queued job holds nothing in the kernel: its
+    record and what it starts with are on disk (`store`). One thread hands each job whose
+    turn has come, its slot taken, to the `start` given to run(), and each whose queue
+    timeout has passed to its `give_up`. Thread-safe."""
+
+    def __init__(self, running, store, clock, max_queued=DEFAULT_MAX_QUEUED,
+                 max_per_owner=DEFAULT_MAX_QUEUED_PER_OWNER):
+        self.running, self.store, self._clock = running, store, clock
+        self.max_queued, self.max_per_owner = max_queued, max_per_owner
+        self.cond = threading.Condition()   # every queued job's; it guards the lines too
+        self._lines = {}   # owner -> [Job], oldest first; the dict's order is whose turn it is
+        self.total = 0
+        self._last_stamp = 0.0
+        self._deadlines = []   # heap of (when its queue timeout passes, queued_at, Job)
+        self._kick = threading.Event()
+        self._stopped = False
+        self._thread = None
+
+    def enqueue(self, status, env, window):
+        """The Job, queued, of a job Start accepted (JobSpawner.accept) while the caps were
+        full; CapReached past the bounds (nothing of it is left then), DiskFull."""
+        self.check_room(status.owner)
+        with self.cond:
+            self._last_stamp = max(self._clock(), self._last_stamp + 1e-6)   # its place in line
+            status.state, status.queued_at = QUEUED, self._last_stamp
+        self.store.create(status.id)
+        try:
+            self.store.reserve(status)
+            self.store.save_pending(status.id, env, window)
+            job = Job(status, None, Phase.QUEUED, self.cond, (env, window))
+            self.put(job)
+        except BaseException:
+            self.store.discard(status.id)
+            raise
+        return job
+
+    def restore(self, status):
+        """The Job of one queued when the server stopped, back in its place in line (those
+        are restored in the order they came); OSError, ValueError or JobworkerError if what
+        it starts with cannot be read."""
+        job = Job(status, None, Phase.QUEUED, self.cond, self.store.load_pending(status.id))
+        self.put(job, force=True)
+        return job
+
+    def check_room(self, owner):
+        """CapReached if a job of `owner` would not fit (asked before anything is made)."""
+        if self.total >= self.max_queued:
+            raise CapReached("queued jobs", self.max_queued)
+        if len(self._lines.get(owner, ())) >= self.max_per_owner:
+            raise CapReached("queued jobs of one owner", self.max_per_owner)
+
+    def put(self, job, force=False):
+        """Queue `job` (Phase.QUEUED, on this queue's cond) at the end of its owner's line;
+        CapReached past the bounds, unless `force` (what a restart puts back)."""
+        s = job.status
+        with self.cond:
+            if not force:
+                self.check_room(s.owner)
+            self._last_stamp = max(self._last_stamp, s.queued_at)
+            self._lines.setdefault(s.owner, []).append(job)
+            self.total += 1
+            if s.queue_timeout:
+                heapq.heappush(self._deadlines, (s.queued_at + s.queue_timeout, s.queued_at, job))
+        self.kick()
+
+    def take_out(self, job):
+        """Take a queued job out of its line (to end it); False if it is not in one (it has
+        started, or ended)."""
+        with self.cond:
+            line = self._lines.get(job.status.owner)
+            if job.phase is not Phase.QUEUED or not line or job not in line:
+                return False
+            line.remove(job)
+            if not line:
+                del self._lines[job.status.owner]
+            self.total -= 1
+            self._compact()
+            return True
+
+    def position(self, job):
+        """Where a queued job stands: 1 for the next to start, as the lines are now (round
+        robin, one job of each owner in turn); 0 if it is not in one."""
+        owner = job.status.owner
+        with self.cond:
+            line = self._lines.get(owner)
+            if not line or job not in line:
+                return 0
+            k, ahead, before = line.index(job), 0, True
+            for other, jobs in self._lines.items():   # whose turn comes first, first
+                if other == owner:
+                    before = False
+                    continue
+                ahead += min(len(jobs), k + before)
+            return k + ahead + 1
+
+    def by_owner(self):
+        """{owner: jobs queued}."""
+        with self.cond:
+            return {owner: len(line) for owner, line in self._lines.items()}
+
+    def wake_all(self):
+        with self.cond:
+            self.cond.notify_all()
+
+    def kick(self):
+        """Look for a job that may start (a slot freed, or a job came)."""
+        self._kick.set()
+
+    def run(self, start, give_up):
+        """Start the thread that calls start(job) for each job whose turn has come (start
+        must give its slot back if it does not run it), and give_up(job) for each whose queue
+        timeout has passed, taken out of its line."""
+        self._thread = threading.Thread(target=self._loop, args=(start, give_up), daemon=True,
+                                        name="jobworker-queue")
+        self._thread.start()
+
+    def stop(self):
+        """No job leaves the queue from now on (those in it stay queued)."""
+        self._stopped = True
+        self._kick.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _loop(self, start, give_up):
+        while True:
+            self._kick.wait(self._next_deadline())
+            self._kick.clear()
+            while not self._stopped:
+                job = self._expired() or self._next()
+                if job is None:
+                    break
+                try:
+                    (give_up if job.phase is Phase.QUEUED else start)(job)
+                except Exception:
+                    log.exception("queued job %s", job.id)
+            if self._stopped:
+                return
+
+    def _next_deadline(self):
+        """Seconds until the next queue timeout passes (None: there is none)."""
+        with self.cond:
+            return max(0.0, self._deadlines[0][0] - self._clock()) if self._deadlines else None
+
+    def _expired(self):
+        """A job whose queue timeout has passed, out of its line (still QUEUED); or None."""
+        with self.cond:
+            while self._deadlines and self._deadlines[0][0] <= self._clock():
+                job = heapq.heappop(self._deadlines)[2]
+                if self.take_out(job):
+                    log.info("job %s waited past its queue timeout of %gs: it will not run",
+                             job.id, job.status.queue_timeout)
+                    return job
+            return None
+
+    def _next(self):
+        """The first job of the first owner in turn who may run one more (its slot taken,
+        its phase STARTING, on a cond of its own); None if no one may."""
+        with self.cond:
+            for owner in list(self._lines):
+                if self.running.try_take(owner):
+                    line = self._lines.pop(owner)
+                    job = line.pop(0)
+                    if line:
+                        self._lines[owner] = line   # to the back of the turns
+                    self.total -= 1
+                    job.change_phase(Phase.STARTING)   # (wakes its waiters, on this cond)
+                    job.cond = threading.Condition()
+                    self._compact()
+                    return job
+            return None
+
+    def _compact(self):
+        """Forget the timeouts of jobs no longer queued, once they are most of the heap."""
+        if len(self._deadlines) > 2 * self.total + 64:
+            self._deadlines = [d for d in self._deadlines if d[2].phase is Phase.QUEUED]
+            heapq.heapify(self._deadlines)
+
+
+class Retention:
+    """The rules finished jobs are kept by: the newest `keep`, each for `keep_for` seconds
+    after it ended (None: forever). apply() removes what is beyond them, oldest first; a
+    thread applies them every RETENTION_INTERVAL seconds until `closing` is set."""
+
+    def __init__(self, table, store, clock, keep=DEFAULT_KEEP_FINISHED,
+                 keep_for=DEFAULT_KEEP_FOR):
+        self.table, self.store, self._clock = table, store, clock
+        self.keep, self.keep_for = keep, keep_for
+        self._thread = None
+
+    def apply(self):
+        """Remove the finished jobs beyond the rules; returns their ids. Running (and
+        queued) jobs are never removed."""
+        limit = None if self.keep_for is None else self._clock() - self.keep_for
+        removed = self.table.expired(self.keep, limit)
+        for job_id in removed:
+            self.store.discard(job_id)
+        if removed:
+            log.info("retention: removed %d finished job%s", len(removed),
+                     "s" if len(removed) != 1 else "")
+        return removed
+
+    def start(self, closing):
+        self._thread = threading.Thread(target=self._sweep, args=(closing,), daemon=True,
+                                        name="jobworker-retention")
+        self._thread.start()
+
+    def join(self):
+        if self._thread is not None:
+            self._thread.join()
+
+    def _sweep(self, closing):
+        while not closing.wait(RETENTION_INTERVAL):
+            try:
+                self.apply()
+            except Exception:
+                log.exception("retention sweep")
+
+
+class JobStopper:
+    """How running jobs are stopped: SIGTERM to every process of a job once, however many
+    stop it, and SIGKILL to what is left after the grace (on the `finisher`); and a job that
+    runs past its timeout stopped as Stop would. Timers are the engine's."""
+
+    def __init__(self, engine, finisher, grace, clock):
+        self.engine, self.finisher, self.grace, self._clock = engine, finisher, grace, clock
+
+    def begin(self, job, grace):
+        """Stop the job; returns at once. False if it had already ended. Concurrent stops
+        share the job's one end; the shortest grace decides."""
+        with job.cond:
+            if job.main_ended:
+                return False
+            first = job.phase is Phase.RUNNING
+            if first:
+                job.change_phase(Phase.STOPPING)
+        if first:
+            job.terminate()
+
+        def escalate():
+            if not job.main_ended:
+                with contextlib.suppress(RuntimeError):   # (shut down: close() kills it)
+                    self.finisher.submit(job.kill)
+        self.engine.call_soon(lambda: self.engine.call_later(grace, escalate))
+        return True
+
+    def arm_timeout(self, job):
+        """Stop the job once it has run its timeout (from its start)."""
+        def expire():
+            with job.cond:
+                if job.main_ended:
+                    return
+                job.status.timed_out = True
+            log.info("job %s ran past its timeout of %gs: stopping it", job.id,
+                     job.status.timeout)
+            self.begin(job, self.grace)
+        left = max(0.0, job.status.started_at + job.status.timeout - self._clock())
+        self.engine.call_soon(lambda: self.engine.call_later(left, expire))
+
+
 class JobRecovery:
     """At start: what became of the jobs of earlier runs that the launcher does not hold."""
 
     def __init__(self, store, cgroups, clock, launcher_lived):
         self.store, self.cgroups, self._clock = store, cgroups, clock
         self.launcher_lived = launcher_lived   # the launcher was there before this server
+
+    def recover(self, held, adopt, forget, queue):
+        """The table's entries of the jobs of earlier runs (JobStore.load). Those the launcher
+        still holds (`held`: (state, fds) by id) are adopt(status, state, fds)'ed, running
+        (live restore); the queued go back in `queue`, in the order they came; the others
+        that were running when the server stopped end `lost` or `failed` (finished). What
+        the launcher holds without a running record is not ours: forget(job_id)."""
+        entries, queued = [], []
+        for status in self.store.load():
+            if status.state == RUNNING and status.id in held:
+                adopt(status, *held.pop(status.id))
+            elif status.state == QUEUED:
+                queued.append(status)
+            else:
+                entries.append(self.finished(status))
+        for status in sorted(queued, key=lambda s: s.order_key):
+            try:
+                entries.append(queue.restore(status))
+            except (OSError, ValueError, JobworkerError) as e:
+                entries.append(self.unqueued(status, f"what it was to start with cannot be "
+                                                      f"read ({e})"))
+        for job_id, (_, fds) in held.items():
+            for fd in fds.values():
+                _close_quietly(fd)
+            forget(job_id)
+        return entries
 
     def finished(self, status):
         """The FinishedJob of a job of an earlier run; one recorded running that the launcher
@@ -3724,6 +4120,14 @@ class JobRecovery:
         self._discard(self.cgroups.from_record(status.id, status.cgroup))
         status.cgroup = None
         self.store.save(status)
+
+    def unqueued(self, status, why):
+        """The FinishedJob of one that was queued, and cannot be put back in line: failed."""
+        status.state, status.failure, status.ended_at = FAILED, why, self._clock()
+        log.error("queued job %s cannot start: %s", status.id, why)
+        self.store.save(status)
+        self.store.forget_pending(status.id)
+        return FinishedJob(status, 0)
 
     def remove_leftovers(self, known):
         """Job cgroups under the parent of no job known(id): killed and removed."""
@@ -3784,6 +4188,12 @@ class JobSpawner:
             env.setdefault("TERM", validate_term(term or DEFAULT_TERM))
         return status, env
 
+    def check_again(self, status, env):
+        """What accept() checked, checked again as a queued job starts (its workdir may be
+        gone)."""
+        validate_env(env)
+        self.check_workdir(status.workdir)
+
     def check_workdir(self, workdir):
         """The workdir, if a job may be started there (InvalidArgument if not)."""
         if any(workdir == h or workdir.startswith(h.rstrip("/") + "/") for h in self._hide):
@@ -3801,17 +4211,20 @@ class JobSpawner:
                 raise InvalidArgument("workdir", workdir, os.strerror(errno.ENOTDIR))
         return workdir
 
-    def spawn(self, status, env, watched, window=DEFAULT_WINDOW):
-        """(Job, the launcher that made it) of a job whose program now runs; watched(job)
-        is called before the spawn request (its events may come before the reply) and
-        watched(None) if it failed. `window`: (rows, columns) of a terminal job's terminal."""
-        job_id = status.id
-        cgroup = self.cgroups.job(job_id)
+    def spawn(self, job, env, watched, window=DEFAULT_WINDOW):
+        """The launcher that made the process of `job` (a Job in Phase.STARTING), whose
+        program now runs; watched(job) is called before the spawn request (its events may
+        come before the reply) and watched(None) if it failed. `window`: (rows, columns) of a
+        terminal job's terminal. A job that was queued has its directory and record already
+        (kept if the spawn fails: its end is recorded there)."""
+        status = job.status
+        job_id, queued = status.id, status.queued_at is not None
+        cgroup = job.cgroup = self.cgroups.job(job_id)
         cgroup.create()
-        job, job_dir, fds = Job(status, cgroup), None, {}
+        job_dir, fds = None, {}
         try:
             cgroup.set_limits(status.limits, self.devices)
-            job_dir = self.store.create(job_id)
+            job_dir = self.store.job_dir(job_id) if queued else self.store.create(job_id)
             status.started_at = self._clock()
             status.cgroup = cgroup.to_record()
             self.store.reserve(status)   # before the process exists: a crash finds its record
@@ -3824,7 +4237,7 @@ class JobSpawner:
             watched(None)
             for fd in fds.values():
                 _close_quietly(fd)
-            if job_dir is not None:
+            if job_dir is not None and not queued:
                 self.store.discard(job_id)
             cgroup.kill_all()
             cgroup.remove()
@@ -3843,7 +4256,7 @@ class JobSpawner:
                     job.input = JobInput(job_id, STDIN_PIPE, fds["in_w"])
             if job.phase is Phase.STARTING:   # (not if it has ended already)
                 job.change_phase(Phase.RUNNING)
-        return job, launcher
+        return launcher
 
     @staticmethod
     def _stdio(mode, window):
@@ -3899,11 +4312,13 @@ class JobManager(LauncherEvents):
                  max_jobs_per_owner=DEFAULT_MAX_JOBS_PER_OWNER, job_user=None,
                  grace=DEFAULT_GRACE_SECONDS, devices=None, keep_finished=DEFAULT_KEEP_FINISHED,
                  keep_for=DEFAULT_KEEP_FOR, clock=time.time, live_restore=True,
-                 uid_range=DEFAULT_UID_RANGE, hide_paths=(), observer=None, job_nofile=None):
+                 uid_range=DEFAULT_UID_RANGE, hide_paths=(), observer=None, job_nofile=None,
+                 max_queued=DEFAULT_MAX_QUEUED, max_queued_per_owner=DEFAULT_MAX_QUEUED_PER_OWNER):
         self.store = JobStore(state_dir)
         self.table = JobTable()
         # Told of what happens, for metrics: job_started(status), job_ended(status),
-        # start_failed(exc), output_stored(nbytes). Called from the manager's threads; quick.
+        # start_failed(exc), output_stored(nbytes), job_dequeued(status, seconds queued).
+        # Called from the manager's threads; quick.
         self.observer = observer or _NoObserver()
         self.state_dir = state_dir
         self.jobs_dir = self.store.jobs_dir
@@ -3912,10 +4327,12 @@ class JobManager(LauncherEvents):
         self.log_cap = log_cap
         self.max_jobs = max_jobs
         self._running = Quota("running jobs", max_jobs, max_jobs_per_owner)
+        self.queue = JobQueue(self._running, self.store, clock, max_queued,
+                              max_queued_per_owner)
+        self._running.on_free = self.queue.kick
         self.grace = validate_grace(grace)
         self.devices = block_devices() if devices is None else devices
-        self.keep_finished = keep_finished
-        self.keep_for = keep_for            # None: forever
+        self.retention = Retention(self.table, self.store, clock, keep_finished, keep_for)
         self.live_restore = live_restore
         self._clock = clock
         self.spawner = JobSpawner(self.store, self.cgroups, self.devices, log_cap, clock,
@@ -3926,7 +4343,7 @@ class JobManager(LauncherEvents):
         self._opened = self._closed = False
         self._closing = threading.Event()
         self._leaving = threading.Event()   # closing with the jobs left running: followers end
-        self._finisher = self._engine = self.supervisor = self._sweeper = None
+        self._finisher = self._engine = self.supervisor = self._stopper = None
 
     def open(self):
         """Make the state dir, set up the cgroup parent (on cgroup v2 this moves the calling
@@ -3938,19 +4355,20 @@ class JobManager(LauncherEvents):
             self.spawner.prepare()
             self.cgroups.setup()
             _set_child_subreaper()
-            self._cap_by_fd_limit(raise_fd_limit())
+            _cap_by_fd_limit(self._running, raise_fd_limit(), self.max_jobs)
             self._finisher = concurrent.futures.ThreadPoolExecutor(8, "jobworker-finish")
             self._engine = _Engine()
+            self._stopper = JobStopper(self._engine, self._finisher, self.grace, clock=self._clock)
             self.supervisor = self.spawner.supervisor = LauncherSupervisor(
                 self.state_dir, self._engine, self, self.live_restore, self.log_cap)
             # adopted jobs are registered before any of their events is read
             self._recover(self.supervisor.connect())
             self.supervisor.start()
             self._engine.start()
-            self.apply_retention()
-            self._sweeper = threading.Thread(target=self._sweep, name="jobworker-retention",
-                                             daemon=True)
-            self._sweeper.start()
+            self.queue.run(self._start_queued,
+                           lambda job: self._end_unrun(job, STOPPED, queue_timed_out=True))
+            self.retention.apply()
+            self.retention.start(self._closing)
         except BaseException:
             self._shut_down(keep_jobs=True)   # what was started is ended; no job is touched
             raise
@@ -3960,25 +4378,38 @@ class JobManager(LauncherEvents):
     # -- public API ---------------------------------------------------------------------------
 
     def start(self, command, args=(), limits=None, owner="", admin=False, *, env=None,
-              workdir=None, timeout=None, name="", stdin=STDIN_NULL, term="", window=None):
+              workdir=None, timeout=None, name="", stdin=STDIN_NULL, term="", window=None,
+              queue=False, queue_timeout=None):
         """Start a job; returns its JobStatus once the program has been exec'd. `limits`: a
         Limits, or a dict of parse_limits' text forms. `env` is added to the default
         environment, `workdir` is its working directory, `timeout` (seconds) stops it as Stop
         would, `name` labels it, `stdin` (STDIN_MODES) is what attach() writes to, on a
-        terminal of `term` and `window` (rows, columns). Raises InvalidArgument (a workdir
-        that is not a directory too), CapReached (globally, for `owner`, or past what is kept
-        for admins unless `admin`), DiskFull, SpawnError (nothing left behind), CgroupError
-        or LauncherError. The observer hears of every failure."""
+        terminal of `term` and `window` (rows, columns). With `queue`, a job the caps do not
+        admit now (or that others wait before) is queued instead (state QUEUED; it starts
+        when its turn comes, or gives up after `queue_timeout` seconds). Raises
+        InvalidArgument (a workdir that is not a directory too), CapReached (globally, for
+        `owner`, or past what is kept for admins unless `admin`; with `queue`, past the
+        queue's bounds), DiskFull, SpawnError (nothing left behind), CgroupError or
+        LauncherError. The observer hears of every failure."""
         try:
             status, env = self.spawner.accept(command, args, limits, owner, env, workdir,
                                               timeout, name, stdin, term, self.default_pids)
             window = validate_window(*window) if window else DEFAULT_WINDOW
+            queue_timeout = validate_timeout(queue_timeout, "queue_timeout_seconds")
             with self._lock:
                 if self._closed or not self._opened:
                     raise LauncherError("the job manager is not open")
-            self._running.take(status.owner, admin)
+            if not queue:
+                self._running.take(status.owner, admin)
+            elif self.queue.total or not self._running.try_take(status.owner, admin):
+                status.queue_timeout = queue_timeout   # (others wait before it: it goes after)
+                job = self.queue.enqueue(status, env, window)
+                self.table.add(job)   # (no-op if its turn came already: its start added it)
+                snap = job.snapshot()
+                snap.queue_position = self.queue.position(job)
+                return snap
             try:
-                return self._start(status, env, window)
+                return self._start(Job(status, None), env, window)
             except BaseException:
                 self._running.give(status.owner)
                 raise
@@ -3986,14 +4417,16 @@ class JobManager(LauncherEvents):
             self.observer.start_failed(e)
             raise
 
-    def _start(self, status, env, window):
+    def _start(self, job, env, window):
+        status = job.status
+
         def watched(job):   # its launcher events may come before spawn returns
             with self._lock:
                 if job is None:
                     self._live.pop(status.id, None)
                 else:
                     self._live[status.id] = job
-        job, launcher = self.spawner.spawn(status, env, watched, window)
+        launcher = self.spawner.spawn(job, env, watched, window)
         if not launcher.alive:
             # It died after its reply: its end may have been handled before the pidfd was
             # here to be watched (a job that kills its launcher at once does this).
@@ -4001,73 +4434,77 @@ class JobManager(LauncherEvents):
             self._engine.call_soon(lambda: self.supervisor.watch_exit(held))
         self.table.add(job)
         if status.timeout:
-            self._arm_timeout(job, status.timeout)
+            self._stopper.arm_timeout(job)
         snap = job.snapshot()
         self.observer.job_started(snap)
         return snap
 
+    def _start_queued(self, job):
+        """Start a job whose turn has come (the queue took its slot); one that cannot start
+        now ends failed, saying why."""
+        (env, window), job.pending = job.pending, None
+        status = job.status
+        self.observer.job_dequeued(status, self._clock() - status.queued_at)
+        try:
+            with job.cond:
+                status.state = RUNNING
+            self.spawner.check_again(status, env)
+            self._start(job, env, window)
+        except Exception as e:
+            self._running.give(status.owner)
+            self.observer.start_failed(e)
+            self._end_unrun(job, FAILED, failure=f"it could not start when its turn came: {e}")
+        finally:
+            self.store.forget_pending(job.id)
+
+    def _dequeue(self, job):
+        """End a queued job without running it (stopped); False if it is not queued."""
+        if not isinstance(job, Job) or not self.queue.take_out(job):
+            return False
+        self._end_unrun(job, STOPPED)
+        return True
+
+    def _end_unrun(self, job, state, failure="", queue_timed_out=False):
+        """The end of a job that never ran, out of the queue (or failed as it left it)."""
+        with job.cond:
+            s = job.status
+            s.state, s.failure, s.queue_timed_out = state, failure, queue_timed_out
+            s.started_at, s.ended_at, s.cgroup = 0.0, self._clock(), None   # (it never ran)
+        final = job.snapshot()
+        self.store.save(final)
+        self.store.forget_pending(job.id)
+        self.table.finished(job, FinishedJob(final, job.records))
+        with job.cond:
+            job.change_phase(Phase.ENDED)
+        self.observer.job_ended(final)
+
     def stop(self, job_id, grace=None, owner=None):
         """SIGTERM every process of the job, SIGKILL after `grace` seconds; returns the final
-        JobStatus once no process of the job remains. Raises JobNotRunning (after it is final)
-        if the job's main process had already ended."""
+        JobStatus once no process of the job remains (a queued job ends at once, without
+        running). Raises JobNotRunning (after it is final) if the job's main process had
+        already ended."""
         job = self.table.get(job_id, owner)
+        if self._dequeue(job):
+            return job.snapshot()
+        job.wait_started()   # (one leaving the queue: it is stopped once it runs)
         grace = self.grace if grace is None else validate_grace(grace)
-        if job.final or not self._begin_stop(job, grace):
+        if job.final or not self._stopper.begin(job, grace):
             job.wait_final()   # it ended by itself: the stop comes too late
             raise JobNotRunning(job_id, job.status.state)
         job.wait_final()
         return job.snapshot()
 
-    def _begin_stop(self, job, grace):
-        """SIGTERM to every process of the job (once, however many stop it), and SIGKILL to
-        what is left `grace` seconds later; returns at once. False if it had already ended.
-        Concurrent stops share the job's one end; the shortest grace decides."""
-        with job.cond:
-            if job.main_ended:
-                return False
-            first = job.phase is Phase.RUNNING
-            if first:
-                job.change_phase(Phase.STOPPING)
-        if first:
-            job.terminate()
-
-        def escalate():
-            if not job.main_ended:
-                with contextlib.suppress(RuntimeError):   # (shut down: close() kills it)
-                    self._finisher.submit(job.kill)
-        self._engine.call_soon(lambda: self._engine.call_later(grace, escalate))
-        return True
-
-    def _arm_timeout(self, job, seconds):
-        """Stop the job, as Stop would, once it has run `seconds` (from its start)."""
-        def expire():
-            with job.cond:
-                if job.main_ended:
-                    return
-                job.status.timed_out = True
-            log.info("job %s ran past its timeout of %gs: stopping it", job.id,
-                     job.status.timeout)
-            self._begin_stop(job, self.grace)
-        left = max(0.0, job.status.started_at + seconds - self._clock())
-        self._engine.call_soon(lambda: self._engine.call_later(left, expire))
-
     def status(self, job_id, owner=None):
-        """JobStatus of one job; live usage while it runs."""
-        return self.table.get(job_id, owner).status_now()
-
-    def walk(self, owner=None, states=None, after=None, newest_first=False, name=None,
-             id_prefix=None, live_usage=False):
-        """JobStatus of the jobs past position `after` (an order_key; None: from the start), in
-        List's order (oldest first, or newest first), of `owner` only, in one of `states`, of
-        that `name` and whose id starts with `id_prefix` if given; running jobs with their
-        usage now if `live_usage`. Jobs added or removed meanwhile do not disturb the walk."""
-        for job in self.table.entries(after, newest_first):
-            if job.status.matches(owner, states, name, id_prefix):
-                yield job.status_now() if live_usage else job.snapshot()
+        """JobStatus of one job; live usage while it runs, its place in line while queued."""
+        job = self.table.get(job_id, owner)
+        snap = job.status_now()
+        if snap.state == QUEUED:
+            snap.queue_position = self.queue.position(job)
+        return snap
 
     def list(self, owner=None):
         """JobStatus of every job (of `owner` only, if given), oldest first."""
-        return list(self.walk(owner))
+        return list(self.table.walk(owner))
 
     def follow(self, job_id, offset=0, owner=None, max_chunk=1 << 20):
         """Iterator of Chunks from `offset`, live until the job is final; has .cancel() and
@@ -4083,7 +4520,8 @@ class JobManager(LauncherEvents):
                 if fd is not None:
                     os.close(fd)
             raise InvalidArgument("offset", offset, f"at most the output size so far, {size}")
-        return _Follow(job, offset, max_chunk, opened, self._leaving)
+        return _Follow(job, offset, max_chunk, opened, self._leaving,
+                       lambda: self.store.open_output(job_id))
 
     def attach(self, job_id, offset=None, owner=None, max_chunk=1 << 20):
         """An Attachment to a running job with stdin: its output from `offset` (None: the
@@ -4100,22 +4538,16 @@ class JobManager(LauncherEvents):
                           self.supervisor.close_input)
 
     def remove(self, job_id, owner=None):
-        """Delete a finished job's record and output; its id is unknown from then on. Raises
-        JobRunning if it has not ended, JobNotFound if unknown or not `owner`'s."""
+        """Delete a finished job's record and output (a queued one's too, after it is
+        stopped); its id is unknown from then on. Raises JobRunning if it has not ended,
+        JobNotFound if unknown or not `owner`'s."""
+        self._dequeue(self.table.get(job_id, owner))
         self.table.remove(job_id, owner)
         self.store.discard(job_id)
 
     def apply_retention(self):
-        """Remove the finished jobs beyond the rules: the oldest past keep_finished, and those
-        that ended more than keep_for seconds ago. Running jobs are never removed."""
-        limit = None if self.keep_for is None else self._clock() - self.keep_for
-        removed = self.table.expired(self.keep_finished, limit)
-        for job_id in removed:
-            self.store.discard(job_id)
-        if removed:
-            log.info("retention: removed %d finished job%s", len(removed),
-                     "s" if len(removed) != 1 else "")
-        return removed
+        """Remove the finished jobs beyond the retention rules (Retention)."""
+        return self.retention.apply()
 
     def caps(self):
         """What Start admits: max_jobs (as open files allow), kept_for_admins, per owner."""
@@ -4125,6 +4557,10 @@ class JobManager(LauncherEvents):
     def running_by_owner(self):
         """{owner: number of running jobs}."""
         return self._running.holders()
+
+    def queued_by_owner(self):
+        """{owner: number of queued jobs}."""
+        return self.queue.by_owner()
 
     def close(self, grace=None, keep_jobs=False):
         """Stop every running job, finish their records, end the launcher. With keep_jobs
@@ -4139,14 +4575,15 @@ class JobManager(LauncherEvents):
             self.supervisor.stopping()
         if not self._opened:
             return
-        running = self.table.live()
+        self.queue.stop()   # what is queued stays so, on disk, for the next server
+        running = [j for j in self.table.live() if j.phase is not Phase.QUEUED]
         if not keep_jobs and running:
             with concurrent.futures.ThreadPoolExecutor(16) as pool:
                 list(pool.map(lambda j: self._stop_quietly(j, grace), running))
-        elif keep_jobs:
-            self._leaving.set()
-            for job in running:
-                job.wake()
+        self._leaving.set()   # the followers of what is left go on with the next server
+        for job in running:
+            job.wake()
+        self.queue.wake_all()
         self._shut_down(keep_jobs)
 
     def __enter__(self):
@@ -4168,8 +4605,7 @@ class JobManager(LauncherEvents):
             self._engine = None
         if self.supervisor:
             self.supervisor.close(keep_jobs)
-        if self._sweeper:
-            self._sweeper.join()
+        self.retention.join()
         for job in list(self._live.values()):
             job.close_fds()
         if not keep_jobs:
@@ -4180,22 +4616,6 @@ class JobManager(LauncherEvents):
             self.stop(job.id, grace)
         except (JobNotRunning, JobNotFound):
             pass
-
-    def _sweep(self):
-        while not self._closing.wait(RETENTION_INTERVAL):
-            try:
-                self.apply_retention()
-            except Exception:
-                log.exception("retention sweep")
-
-    def _cap_by_fd_limit(self, limit):
-        """Run no more jobs at once than the open-files limit allows (the launcher, which
-        inherits it, holds FDS_PER_JOB per running job; the server fewer)."""
-        fits = max(1, (limit - FD_RESERVE) // FDS_PER_JOB) if limit else self._running.cap
-        if self._running.lower(fits):
-            log.warning("the open-files limit (RLIMIT_NOFILE %d) allows %d running jobs, fewer "
-                        "than --max-jobs %d: at most %d run at once (raise the hard limit, "
-                        "systemd's LimitNOFILE=, for more)", limit, fits, self.max_jobs, fits)
 
     # -- the launcher's events (LauncherEvents) -----------------------------------------------
 
@@ -4247,7 +4667,7 @@ class JobManager(LauncherEvents):
             job.change_phase(Phase.ENDED)
         self.observer.job_ended(final)
         if not self._closed:
-            self.apply_retention()
+            self.retention.apply()
 
     # -- start-up -----------------------------------------------------------------------------
 
@@ -4257,17 +4677,8 @@ class JobManager(LauncherEvents):
         `failed` (JobRecovery)."""
         held = {state["job"]: (state, fds) for state, fds in held}
         recovery = JobRecovery(self.store, self.cgroups, self._clock, self.supervisor.lived)
-        entries = []
-        for status in self.store.load():
-            if status.state == RUNNING and status.id in held:
-                self._adopt(status, *held.pop(status.id))
-            else:
-                entries.append(recovery.finished(status))
-        for job_id, (_, fds) in held.items():   # held, but no running record: not ours
-            for fd in fds.values():
-                _close_quietly(fd)
-            self.supervisor.forget(job_id)
-        self.table.load(entries)
+        self.table.load(recovery.recover(held, self._adopt, self.supervisor.forget,
+                                         self.queue))
         recovery.remove_leftovers(self.table.has)
 
     def _adopt(self, status, state, fds):
@@ -4284,9 +4695,19 @@ class JobManager(LauncherEvents):
         if state["status"] is not None:   # it ended while no server was there
             self._exited(job, state["status"], state["at"])
         elif status.timeout:
-            self._arm_timeout(job, status.timeout)   # what is left of it
+            self._stopper.arm_timeout(job)   # what is left of it
         log.info("adopted running job %s (pid %s)", status.id, status.pid)
 
+
+
+def _cap_by_fd_limit(running, limit, max_jobs):
+    """Run no more jobs at once (`running`, their Quota) than the open-files limit allows
+    (the launcher, which inherits it, holds FDS_PER_JOB per running job; the server fewer)."""
+    fits = max(1, (limit - FD_RESERVE) // FDS_PER_JOB) if limit else running.cap
+    if running.lower(fits):
+        log.warning("the open-files limit (RLIMIT_NOFILE %d) allows %d running jobs, fewer "
+                    "than --max-jobs %d: at most %d run at once (raise the hard limit, "
+                    "systemd's LimitNOFILE=, for more)", limit, fits, max_jobs, fits)
 
 
 def _set_child_subreaper():
@@ -5184,7 +5605,8 @@ def _timestamp(pb_ts, seconds):
 # Library names -> proto names, spelled out: no reliance on equal enum numbers, and a usage key
 # without a proto field is an error, not dropped.
 STREAM_TO_PROTO = {STDOUT: "OUTPUT_STREAM_STDOUT", STDERR: "OUTPUT_STREAM_STDERR"}
-STATE_TO_PROTO = {RUNNING: "JOB_STATE_RUNNING", EXITED: "JOB_STATE_EXITED",
+STATE_TO_PROTO = {QUEUED: "JOB_STATE_QUEUED", RUNNING: "JOB_STATE_RUNNING",
+                  EXITED: "JOB_STATE_EXITED",
                   STOPPED: "JOB_STATE_STOPPED", LOST: "JOB_STATE_LOST",
                   FAILED: "JOB_STATE_FAILED"}
 STDIN_TO_PROTO = {STDIN_NULL: "STDIN_MODE_NULL", STDIN_PIPE: "STDIN_MODE_PIPE",
@@ -5235,12 +5657,16 @@ def status_to_proto(pb, s):
         log_truncated=s.log_truncated, log_error=s.log_error, output_bytes=s.output_bytes,
         pid=s.pid or 0, lost_reason=s.lost_reason, name=s.name, env_keys=s.env_keys,
         workdir=s.workdir, timeout_seconds=s.timeout or 0, timed_out=s.timed_out,
-        failure=s.failure, stdin=pb.StdinMode.Value(STDIN_TO_PROTO[s.stdin]))
+        failure=s.failure, stdin=pb.StdinMode.Value(STDIN_TO_PROTO[s.stdin]),
+        queue_position=s.queue_position, queue_timeout_seconds=s.queue_timeout or 0,
+        queue_timed_out=s.queue_timed_out)
+    if s.queued_at is not None:
+        _timestamp(msg.queued_at, s.queued_at)
     if s.exit_code is not None:
         msg.exit_code = s.exit_code
     if s.signal is not None:
         msg.signal = s.signal
-    _timestamp(msg.started_at, s.started_at)
+    _timestamp(msg.started_at, s.started_at or None)   # (0: it has not run)
     _timestamp(msg.ended_at, s.ended_at)
     return msg
 
@@ -5299,7 +5725,8 @@ class JobService:
                                     workdir=request.workdir, timeout=request.timeout_seconds,
                                     name=request.job_name,
                                     stdin=self._stdin_from_pb[request.stdin], term=t.term,
-                                    window=size)
+                                    window=size, queue=request.queue,
+                                    queue_timeout=request.queue_timeout_seconds)
         return self.pb.StartResponse(job_id=status.id, status=status_to_proto(self.pb, status))
 
     def Stop(self, request, context):
@@ -5321,7 +5748,8 @@ class JobService:
             name = pb.JobState.Name(value) if value in pb.JobState.values() else None
             state = self._states_from_pb.get(name)
             if state is None:
-                raise InvalidArgument("states", value, "running, exited, stopped, lost or failed")
+                raise InvalidArgument("states", value, "queued, running, exited, stopped, lost "
+                                      "or failed")
             states.add(state)
         size = min(request.page_size or LIST_PAGE_DEFAULT, LIST_PAGE_MAX)
         after = (decode_page_token(request.page_token, request.newest_first)
@@ -5330,7 +5758,7 @@ class JobService:
         prefix = request.id_prefix.lower() or None
         if prefix is not None and not _JOB_ID_PREFIX_RE.fullmatch(prefix):
             raise InvalidArgument("id_prefix", request.id_prefix, "the start of a job id")
-        for status in self.manager.walk(owner, states, after, request.newest_first,
+        for status in self.manager.table.walk(owner, states, after, request.newest_first,
                                         request.name or None, prefix, live_usage=True):
             msg = status_to_proto(pb, status)
             n = msg.ByteSize() + 8
@@ -5352,9 +5780,10 @@ class JobService:
             disks=list(m.devices), default_pids=m.default_pids or 0,
             default_grace_seconds=m.grace, max_jobs=m.caps()["max_jobs"],
             max_jobs_per_owner=m.caps()["max_jobs_per_owner"], max_streams=self.streams.cap,
-            max_streams_per_owner=self.streams.per_owner, keep_finished=m.keep_finished,
-            keep_for_seconds=m.keep_for or 0, log_cap_bytes=m.log_cap,
-            live_restore=m.live_restore)
+            max_streams_per_owner=self.streams.per_owner, keep_finished=m.retention.keep,
+            keep_for_seconds=m.retention.keep_for or 0, log_cap_bytes=m.log_cap,
+            live_restore=m.live_restore, max_queued=m.queue.max_queued,
+            max_queued_per_owner=m.queue.max_per_owner)
 
     def Remove(self, request, context):
         self.manager.remove(request.job_id, owner=context.caller.owner_filter)
@@ -5448,9 +5877,9 @@ class JobService:
                 if kind == "input":
                     attached.write(msg.input, done.is_set)
                 elif kind == "resize":
-                    attached.resize(msg.resize.rows, msg.resize.columns)
+                    attached.resize(msg.resize.rows, msg.resize.columns, done.is_set)
                 elif kind == "eof":
-                    attached.end_input()
+                    attached.end_input(done.is_set)
                 else:
                     raise InvalidArgument("AttachRequest", kind or "(empty)",
                                           "input, resize or eof after the first message")
@@ -5974,6 +6403,7 @@ METRICS_MAX_OWNERS = 1000   # distinct owner label values; later owners are coun
 METRICS_CONNECTIONS, METRICS_PER_SOURCE = 256, 32  # connections at once; from one address
 METRICS_TIMEOUT = 10.0   # seconds a connection may take for its whole request and answer
 RPC_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
+QUEUED_BUCKETS = (.01, .1, 1, 10, 60, 300, 900, 3600, 4 * 3600, 86400)
 
 
 class Metrics:
@@ -6005,6 +6435,9 @@ class Metrics:
         self.rpc_seconds = pc.Histogram("jobworker_rpc_duration_seconds", "Time from an RPC's "
                                         "arrival to its end (a stream: its whole life)",
                                         ["method"], buckets=RPC_BUCKETS, registry=r)
+        self.queued_seconds = pc.Histogram(
+            "jobworker_job_queued_seconds", "Time jobs spent queued before their turn came",
+            buckets=QUEUED_BUCKETS, registry=r)
         self.stored = pc.Counter("jobworker_output_stored_bytes", "Bytes of job output "
                                  "written to disk", registry=r)
         self.sent = pc.Counter("jobworker_output_streamed_bytes", "Bytes of job output sent "
@@ -6022,20 +6455,25 @@ class Metrics:
         self.registry.register(self)
 
     def collect(self):   # the registry's collector protocol: called per scrape
-        running = self._gauge_family("jobworker_jobs_running", "Jobs running now",
-                                     labels=["owner"])
-        counts = {}
-        for owner, n in self._manager.running_by_owner().items():
-            label = self.owner(owner)
-            counts[label] = counts.get(label, 0) + n
-        for label, n in counts.items():
-            running.add_metric([label], n)
-        yield running
+        yield self._by_owner("jobworker_jobs_running", "Jobs running now",
+                             self._manager.running_by_owner())
+        yield self._by_owner("jobworker_jobs_queued", "Jobs queued now, waiting for a slot",
+                             self._manager.queued_by_owner())
         yield self._gauge_family("jobworker_streams_open", "Stream calls open now",
                                  value=self._streams.total)
 
     def describe(self):
         return []   # collect() is not called at registration
+
+    def _by_owner(self, name, text, counts):
+        """A gauge of {owner: count}, by owner label."""
+        family, by_label = self._gauge_family(name, text, labels=["owner"]), {}
+        for owner, n in counts.items():
+            label = self.owner(owner)
+            by_label[label] = by_label.get(label, 0) + n
+        for label, n in by_label.items():
+            family.add_metric([label], n)
+        return family
 
     def owner(self, name):
         """An owner's label value: the first METRICS_MAX_OWNERS owners by name, then "other"."""
@@ -6066,6 +6504,9 @@ class Metrics:
 
     def output_stored(self, nbytes):
         self.stored.inc(nbytes)
+
+    def job_dequeued(self, status, seconds):
+        self.queued_seconds.observe(max(0.0, seconds))
 
     # -- the interceptor's and the servicer's --
 
@@ -6958,7 +7399,10 @@ def status_to_dict(pb, msg):
         "log_error": msg.log_error or None, "lost_reason": msg.lost_reason or None,
         "name": msg.name, "env_keys": list(msg.env_keys), "workdir": msg.workdir or JOB_CWD,
         "timeout_seconds": msg.timeout_seconds or None, "timed_out": msg.timed_out,
-        "failure": msg.failure or None,
+        "failure": msg.failure or None, "queued_at": _iso(ts(msg.queued_at)),
+        "queue_position": msg.queue_position or None,
+        "queue_timeout_seconds": msg.queue_timeout_seconds or None,
+        "queue_timed_out": msg.queue_timed_out,
     }
 
 
@@ -6988,12 +7432,12 @@ def _duration(seconds):
     return f"{h}h {m}min {s}s" if h else f"{m}min {s}s"
 
 
-def format_status(pb, msg):
-    """A `systemctl status`-like view of one job."""
-    d = status_to_dict(pb, msg)
-    start = msg.started_at.ToNanoseconds() / 1e9
-    end = msg.ended_at.ToNanoseconds() / 1e9 if d["ended_at"] else time.time()
-    if d["state"] == "running":
+def _state_line(d, start, queued, end):
+    """format_status's State: what the job is doing, or how it ended, and since when."""
+    if d["state"] == "queued":
+        state = (f"queued (position {d['queue_position'] or '?'}) since {_local(queued)}; "
+                 f"{_duration(end - queued)}")
+    elif d["state"] == "running":
         state = f"running (pid {d['pid']}) since {_local(start)}; {_duration(end - start)}"
     else:
         how = (f"exit code {d['exit_code']}" if d["exit_code"] is not None
@@ -7003,7 +7447,23 @@ def format_status(pb, msg):
             how += f", timed out after {_duration(d['timeout_seconds'])}"
         if d["lost_reason"] or d["failure"]:
             how = d["lost_reason"] or f"never ran: {d['failure']}"
-        state = f"{d['state']} ({how}{oom}) at {_local(end)}; ran {_duration(end - start)}"
+        elif not d["started_at"]:   # out of the queue before its turn came
+            how = ("never ran: it waited past its queue timeout of "
+                   f"{_duration(d['queue_timeout_seconds'])}" if d["queue_timed_out"]
+                   else "never ran: stopped while queued")
+        ran = (f"ran {_duration(end - start)}" if d["started_at"]
+               else f"waited {_duration(end - queued)}")
+        state = f"{d['state']} ({how}{oom}) at {_local(end)}; {ran}"
+    return state
+
+
+def format_status(pb, msg):
+    """A `systemctl status`-like view of one job."""
+    d = status_to_dict(pb, msg)
+    start = msg.started_at.ToNanoseconds() / 1e9
+    queued = msg.queued_at.ToNanoseconds() / 1e9
+    end = msg.ended_at.ToNanoseconds() / 1e9 if d["ended_at"] else time.time()
+    state = _state_line(d, start, queued, end)
     lim = d["limits"]
     limits = ", ".join(x for x in [
         f"cpu {lim['cpu_percent']:g}%" if lim["cpu_percent"] else "",
@@ -7027,13 +7487,18 @@ def format_status(pb, msg):
         rows.append(("Env", " ".join(d["env_keys"]) + " (values not shown)"))
     if d["timeout_seconds"]:
         rows.append(("Timeout", _duration(d["timeout_seconds"])))
+    if d["queued_at"] and d["started_at"]:
+        rows.append(("Queued", f"{_local(queued)}; waited {_duration(start - queued)}"))
+    if d["queue_timeout_seconds"]:
+        rows.append(("Queue limit", _duration(d["queue_timeout_seconds"])))
     rows += [("CPU", f"{u['cpu_seconds']:.3f}s"),
              ("Memory", f"{_human_bytes(u['memory_bytes'])} (peak "
                         f"{_human_bytes(u['memory_peak_bytes'])})"),
              ("IO", f"read {_human_bytes(u['io_read_bytes'])}, "
                     f"written {_human_bytes(u['io_write_bytes'])}"),
              ("Tasks", str(u["tasks"])), ("Output", output)]
-    dot = {"running": "●", "exited": "○" if d["exit_code"] == 0 else "×"}.get(d["state"], "×")
+    dot = {"running": "●", "queued": "◌",
+           "exited": "○" if d["exit_code"] == 0 else "×"}.get(d["state"], "×")
     lines = [f"{dot} {d['id']} - {_command_line(d['command'])}"]
     lines += [f"{k:>10}: {v}" for k, v in rows]
     return "\n".join(lines)
@@ -7044,8 +7509,8 @@ def format_status(pb, msg):
 START_VALUE_OPTIONS = {"--cpu", "--memory", "--disk-io", "--pids", "--env", "--workdir",
                        "--timeout", "--name", "--server", "--ca", "--cert", "--key", "--context",
                        "--detach-keys", "--hosts", "--selector", "--parallel",
-                       "--connect-timeout", "--log-dir"}
-START_FLAG_OPTIONS = {"--detach"}   # of `run` only
+                       "--connect-timeout", "--log-dir", "--queue-timeout"}
+START_FLAG_OPTIONS = {"--detach", "--queue"}   # (--detach: of `run` only)
 # Read only before the command: a command's own -i or -t (`sort -t ,`) is common.
 _LEADING_FLAG_RE = re.compile(r"-[it]+|--interactive|--tty|--json")
 
@@ -7104,7 +7569,8 @@ def split_start_args(tokens):
 # that is refused was perhaps meant for the command.
 FIELD_OPTIONS = {"cpu_quota": "--cpu", "memory_limit": "--memory", "disk_io": "--disk-io",
                  "pids": "--pids", "job_name": "--name", "workdir": "--workdir",
-                 "timeout_seconds": "--timeout", "env": "--env"}
+                 "timeout_seconds": "--timeout", "env": "--env",
+                 "queue_timeout_seconds": "--queue-timeout"}
 
 
 def _as_the_user_said_it(message, trailing=()):
@@ -7141,9 +7607,10 @@ def _env_item(text):
     return name, value
 
 
-def start_job(args, client=None):
+def start_job(args, client=None, say_queued=False):
     """Start the job `start` and `run` describe (on `client`'s server, else the one args
-    name); returns (client, job id)."""
+    name); returns (client, job id). say_queued: a job that is queued is said so on
+    stderr."""
     limits = {"cpu_quota": args.cpu or "", "memory_limit": args.memory or "",
               "disk_io": args.disk_io or "", "pids": args.pids or ""}
     # Check locally too: a typo is reported without a round trip, with the same message.
@@ -7169,11 +7636,20 @@ def start_job(args, client=None):
             req.terminal.size.rows, req.terminal.size.columns = size
     elif args.interactive:
         req.stdin = pb.STDIN_MODE_PIPE
+    if args.queue or args.queue_timeout:
+        req.queue, req.queue_timeout_seconds = True, args.queue_timeout or 0
     try:
-        return client, client.call("Start", req).job_id
+        reply = client.call("Start", req)
+        if say_queued and reply.status.state == pb.JOB_STATE_QUEUED:
+            print(f"jobworker: job {reply.job_id} is queued (position "
+                  f"{reply.status.queue_position}): it starts when a slot frees",
+                  file=sys.stderr, flush=True)
+        return client, reply.job_id
     except CliError as e:
         if e.code == EXIT_REFUSED:
             raise CliError(_as_the_user_said_it(str(e), trailing), e.code) from None
+        if e.code == EXIT_EXHAUSTED and "running jobs" in str(e) and not req.queue:
+            raise CliError(f"{e} (--queue waits for a slot instead)", e.code) from None
         raise
 
 
@@ -7204,7 +7680,7 @@ RECONNECT_PATIENCE = 60.0   # how long `run` and `wait` try again to reach a res
 
 def job_exit_code(pb, msg):
     """The exit code `run` and `wait` give a job's final status."""
-    if msg.timed_out:
+    if msg.timed_out or msg.queue_timed_out:
         return EXIT_TIMED_OUT
     if msg.state in (pb.JOB_STATE_LOST, pb.JOB_STATE_FAILED):
         return EXIT_LOST
@@ -7222,6 +7698,9 @@ def job_end_notes(pb, msg):
     if d["timed_out"]:
         notes.append(f"job {d['id']} ran past its timeout of {_duration(d['timeout_seconds'])}"
                      f" and was stopped")
+    if d["queue_timed_out"]:
+        notes.append(f"job {d['id']} waited in the queue past its queue timeout of "
+                     f"{_duration(d['queue_timeout_seconds'])}: it never ran")
     if d["state"] == "lost":
         notes.append(f"job {d['id']} was lost: {d['lost_reason'] or 'its end is not known'}")
     if d["state"] == "failed":
@@ -7343,7 +7822,8 @@ def _args_run(p):
                      "-t the job runs on a terminal: Ctrl-C is a key for it, Ctrl-P Ctrl-Q "
                      "detaches), and exits as the job did: its exit code, "
                      "128+N if signal N killed it (137: also the OOM killer, said on stderr), "
-                     f"{EXIT_TIMED_OUT} if it ran past --timeout, {EXIT_LOST} if its end is "
+                     f"{EXIT_TIMED_OUT} if it ran past --timeout (or waited past --queue-timeout), "
+                     f"{EXIT_LOST} if its end is "
                      "unknown (lost in a server crash). Ctrl-C or SIGTERM stops the job and "
                      "exits 130 or 143; a second Ctrl-C leaves at once. A server restart is "
                      f"waited for ({RECONNECT_PATIENCE:g}s) and the output resumed.")
@@ -7368,7 +7848,7 @@ def cmd_run(args):
     try:
         client, job_id = None, None
         try:
-            client, job_id = start_job(args)
+            client, job_id = start_job(args, say_queued=True)
             if args.interactive or args.tty:
                 final = AttachSession(client, job_id, bool(args.tty), args.detach_keys,
                                       started=True).run(0)
@@ -7552,7 +8032,7 @@ class AttachSession:
 
     def _has_ended(self):
         status = self.client.call("Query", self.pb.QueryRequest(job_id=self.job_id)).status
-        return status.state != self.pb.JOB_STATE_RUNNING
+        return status.state not in (self.pb.JOB_STATE_RUNNING, self.pb.JOB_STATE_QUEUED)
 
     def _requests(self, start, ended):
         """The request stream of one Attach call, until `ended`."""
@@ -8041,13 +8521,16 @@ def _args_top(p):
 
 
 def cmd_top(args):
-    """Live CPU, memory, IO and tasks of the running jobs, each second, as docker stats."""
+    """Live CPU, memory, IO and tasks of the running jobs, each second, as docker stats; the
+    queued ones counted below them."""
     client = Client(args)
     pb = client.pb
     tty = sys.stdout.isatty()
 
     def sample():
-        return time.monotonic(), {j.job_id: j for j in list_jobs(client, ["running"])}
+        jobs = list_jobs(client, ["running", "queued"])
+        return time.monotonic(), {j.job_id: j for j in jobs if j.state == pb.JOB_STATE_RUNNING}, \
+            collections.Counter(j.owner for j in jobs if j.state == pb.JOB_STATE_QUEUED)
 
     before = sample()
     try:
@@ -8067,10 +8550,11 @@ def cmd_top(args):
 
 
 def format_top(pb, before, now):
-    """`top`'s lines from two samples (time, {id: JobStatus}) of the running jobs."""
+    """`top`'s lines from two samples (time, {id: JobStatus} of the running jobs, Counter of
+    the queued ones by owner)."""
     import shutil
     width = shutil.get_terminal_size((120, 24)).columns
-    (t0, old), (t1, jobs) = before, now
+    (t0, old, _), (t1, jobs, queued) = before, now
     head = ("ID", "NAME", "CPU %", "MEM", "LIMIT", "MEM %", "IO READ", "IO WRITE", "TASKS",
             "COMMAND")
     rows = []
@@ -8086,8 +8570,12 @@ def format_top(pb, before, now):
                      _human_bytes(j.usage.io_read_bytes), _human_bytes(j.usage.io_write_bytes),
                      str(j.usage.tasks), _command_line(j.command)))
     sizes = [max([len(head[i])] + [len(r[i]) for r in rows]) for i in range(len(head))]
-    return ["  ".join(f"{v:{sizes[i]}}" for i, v in enumerate(r))[:width].rstrip()
-            for r in [head, *rows]]
+    lines = ["  ".join(f"{v:{sizes[i]}}" for i, v in enumerate(r))[:width].rstrip()
+             for r in [head, *rows]]
+    if queued:
+        lines.append(f"{sum(queued.values())} queued: " + ", ".join(
+            f"{printable(owner)} {n}" for owner, n in queued.most_common())[:width])
+    return lines
 
 
 COMPLETION_SHELLS = ("bash", "zsh")
@@ -8224,7 +8712,7 @@ def cmd_stop(args):
             if e.code != EXIT_REFUSED:
                 raise
             status = client.call("Query", pb.QueryRequest(job_id=job_id)).status
-            if status.state == pb.JOB_STATE_RUNNING:
+            if status.state in (pb.JOB_STATE_RUNNING, pb.JOB_STATE_QUEUED):
                 raise
             return f"{job_id} had already ended: {_how_it_ended(pb, status)}"
 
@@ -8312,7 +8800,8 @@ def _args_list(p):
     p.epilog = "example: jobworker list --state running --last 20"
     p.add_argument("--json", action="store_true", help="machine-readable output (one array)")
     p.add_argument("--state", type=_cli_type(_state_list, "states separated by commas: "
-                                             "running, exited, stopped, lost, failed"),
+                                             "queued, running, exited, stopped, lost, "
+                                             "failed"),
                    metavar="STATE[,STATE...]", help="only jobs in these states")
     p.add_argument("--owner", default="", metavar="NAME",
                    help="only jobs of this identity (readers and admins)")
@@ -8381,9 +8870,14 @@ def format_table(pb, jobs, now=None, width=None, hosts=None):
             end = "oom-killed"
         elif d["timed_out"]:
             end = "timed-out"
+        if d["queue_timed_out"]:
+            end = "queue-timed-out"
         start = j.started_at.ToNanoseconds() / 1e9
+        when = (_ago(now - start) if d["started_at"] else
+                f"queued {_ago(now - j.queued_at.ToNanoseconds() / 1e9)}" if d["queued_at"]
+                else "-")
         rows.append((d["id"][:short], d["state"], end, printable(d["owner"])[:16],
-                     printable(d["name"])[:20], _ago(now - start),
+                     printable(d["name"])[:20], when,
                      _command_line(d["command"]).replace("\n", " ")))
     head = ("ID", "STATE", "EXIT", "OWNER", "NAME", "STARTED", "COMMAND")
     if hosts is not None:
@@ -8630,7 +9124,9 @@ def _serve_manager(args, cgroups, hide, observer):
                       grace=args.grace, keep_finished=args.keep_finished,
                       keep_for=args.keep_for, live_restore=args.live_restore,
                       uid_range=args.job_uid_range, hide_paths=hide, observer=observer,
-                      job_nofile=(args.job_nofile,) * 2 if args.job_nofile else None)
+                      job_nofile=(args.job_nofile,) * 2 if args.job_nofile else None,
+                      max_queued=args.max_queued,
+                      max_queued_per_owner=args.max_queued_per_owner)
 
 
 def _serve_limits(args):
@@ -8721,6 +9217,11 @@ def _args_serve_caps(g):
     g.add_argument("--max-jobs-per-owner", type=number, default=DEFAULT_MAX_JOBS_PER_OWNER,
                    metavar="N",
                    help=f"running jobs of one owner (default {DEFAULT_MAX_JOBS_PER_OWNER})")
+    g.add_argument("--max-queued", type=number, default=DEFAULT_MAX_QUEUED, metavar="N",
+                   help=f"jobs waiting for a slot (start --queue; default {DEFAULT_MAX_QUEUED})")
+    g.add_argument("--max-queued-per-owner", type=number,
+                   default=DEFAULT_MAX_QUEUED_PER_OWNER, metavar="N",
+                   help=f"... of one owner (default {DEFAULT_MAX_QUEUED_PER_OWNER})")
     g.add_argument("--max-streams", type=number, default=DEFAULT_MAX_STREAMS, metavar="N",
                    help=f"concurrent Stream calls (default {DEFAULT_MAX_STREAMS})")
     g.add_argument("--max-streams-per-owner", type=number,
@@ -8992,6 +9493,13 @@ def _add_start_options(p):
     p.add_argument("-t", "--tty", action="count", default=0,
                    help="run the job on a pseudo-terminal (with -i's stdin; TERM and the window "
                         "size from here); `run -t` needs a terminal here, -tt makes one anyway")
+    p.add_argument("--queue", action="store_true",
+                   help="if the server's caps are full, wait in its queue for a slot instead "
+                        "of failing (state queued; --timeout counts from its start)")
+    p.add_argument("--queue-timeout", metavar="DURATION",
+                   type=_cli_type(parse_duration, DURATION_FORM),
+                   help="with --queue (implied): give up if it has not started after this "
+                        "long (it ends stopped; `run` exits 124)")
     _add_client_options(p)
 
 

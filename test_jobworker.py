@@ -10,6 +10,8 @@ Every cgroup a test makes lives under one parent made for this test run
 afterwards, also on failure.
 """
 
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import errno
@@ -263,6 +265,7 @@ def fake_manager(tmp_path):
 def crash(m):
     """As if the server process were killed: nothing stops its jobs or finishes their records
     (the engine goes first, so nothing is left to notice the launcher's death)."""
+    m.queue.stop()
     m._engine.stop()
     m._finisher.shutdown()
     m.supervisor.launcher.process.kill()
@@ -1118,6 +1121,7 @@ def test_restart_keeps_records_and_marks_running_jobs_lost_without_the_kernel(fa
 
 def crash_leaving_the_launcher(m):
     """As if the server process were killed while its launcher lives on (live restore)."""
+    m.queue.stop()
     m._engine.stop()
     m._finisher.shutdown()
     m.supervisor.launcher.detach()
@@ -1493,11 +1497,11 @@ def test_a_walk_of_2000_jobs_lists_each_once_while_jobs_come_and_go(fake_manager
     n, size = 2_000, 50   # 40 pages
     ids = finished_records(tmp_path / "state", n)
     m = fake_manager(keep_finished=100_000, keep_for=None)
-    assert [s.id for s in m.walk()] == ids
+    assert [s.id for s in m.table.walk()] == ids
     # a page walk while jobs are added and removed, ahead and behind it
     seen, after, removed, added, page_no = [], None, set(), [], 0
     while True:
-        page = list(itertools.islice(m.walk(after=after), size))
+        page = list(itertools.islice(m.table.walk(after=after), size))
         if not page:
             break
         page_no += 1
@@ -1514,9 +1518,9 @@ def test_a_walk_of_2000_jobs_lists_each_once_while_jobs_come_and_go(fake_manager
              if size * p + 2 * size < len(ids)}
     assert set(ids) - ahead <= set(seen) and not ahead & set(seen)   # none skipped that stayed
     assert set(added) <= set(seen)
-    newest = [s.id for s in itertools.islice(m.walk(newest_first=True), 3)]
+    newest = [s.id for s in itertools.islice(m.table.walk(newest_first=True), 3)]
     assert newest == [s.id for s in m.list()][::-1][:3]
-    assert {s.id for s in m.walk(owner="alice", states={jw.STOPPED})} == \
+    assert {s.id for s in m.table.walk(owner="alice", states={jw.STOPPED})} == \
         {ids[i] for i in range(n) if i % 2 == 0 and i % 3 == 1} - removed
 
 
@@ -1710,7 +1714,8 @@ def pki(rpc, tmp_path_factory):
 
 @contextlib.contextmanager
 def running_server(pki, tmp_path, **kw):
-    manager_kw = {k: kw.pop(k) for k in ("max_jobs", "max_jobs_per_owner", "grace") if k in kw}
+    manager_kw = {k: kw.pop(k) for k in ("max_jobs", "max_jobs_per_owner", "grace", "observer",
+                                         "max_queued", "max_queued_per_owner") if k in kw}
     kw["limits"] = jw.ServerLimits(**{f.name: kw.pop(f.name)
                                       for f in dataclasses.fields(jw.ServerLimits)
                                       if f.name in kw})
@@ -4296,12 +4301,12 @@ def test_completion_scripts_load_in_bash(tmp_path):
 
 def test_running_jobs_are_capped_by_the_open_files_limit(fake_manager, caplog):
     m = fake_manager(max_jobs=5000)
-    m._cap_by_fd_limit(20000)
+    jw._cap_by_fd_limit(m._running, 20000, m.max_jobs)
     assert m.caps()["max_jobs"] == (20000 - jw.FD_RESERVE) // jw.FDS_PER_JOB
     assert "allows 3248 running jobs, fewer than --max-jobs 5000" in caplog.text
     assert m.caps()["kept_for_admins"] == jw.admin_reserve(m.caps()["max_jobs"])
     roomy = fake_manager(state=m.state_dir + "-2", max_jobs=100)
-    roomy._cap_by_fd_limit(20000)
+    jw._cap_by_fd_limit(roomy._running, 20000, roomy.max_jobs)
     assert roomy.caps()["max_jobs"] == 100
 
 
@@ -6730,3 +6735,331 @@ def test_programs_kept_out_of_strings_lint_clean_where_they_run():
     r = subprocess.run(["node", "--check", "test_grpc_js_client.js"], cwd=HERE,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+# -- the queue: a full host holds work until a slot frees --------------------------------------
+
+def queue_manager(fake_manager, **kw):
+    """A manager of 4 running jobs at most, 2 kept for admins: the others share 2, and 2 per
+    owner."""
+    return fake_manager(max_jobs=4, max_jobs_per_owner=2, **kw)
+
+
+def hold(m, owner="alice", n=2):
+    """n jobs that run until they are stopped."""
+    return [m.start("sleep", ["600"], owner=owner) for _ in range(n)]
+
+
+def test_a_full_host_queues_in_order_round_robin_between_owners_within_the_caps(fake_manager):
+    m = queue_manager(fake_manager)
+    most, sampling = [0], threading.Event()
+
+    def sample():   # how many job cgroups exist at once, as often as it can look
+        while not sampling.is_set():
+            most[0] = max(most[0], len(m.cgroups.leftover_job_ids()))
+            time.sleep(0.001)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        alice = [m.start("sleep", ["600"], owner="alice", queue=True) for _ in range(10)]
+        bob = m.start("sleep", ["600"], owner="bob", queue=True)
+        assert [s.state for s in alice] == [jw.RUNNING] * 2 + [jw.QUEUED] * 8
+        assert bob.state == jw.QUEUED and bob.queue_position == 2   # after alice's next one
+        assert [m.status(s.id).queue_position for s in alice[2:5]] == [1, 3, 4]
+        assert m.queued_by_owner() == {"alice": 8, "bob": 1}
+        started = []   # the queued jobs, in the order they began
+        for _ in range(9):   # one slot frees at a time: the oldest running job is stopped
+            running = [s for s in m.list() if s.state == jw.RUNNING]
+            assert len(running) == 2
+            m.stop(running[0].id, grace=0)
+            now = wait_for(lambda: [s.id for s in m.list() if s.state == jw.RUNNING]
+                           if sum(s.state == jw.RUNNING for s in m.list()) == 2
+                           or m.queue.total == 0 else None, what="the next job to start")
+            started += [i for i in now if i not in started and i not in
+                        {alice[0].id, alice[1].id}]
+    finally:
+        sampling.set()
+        sampler.join()
+    assert bob.id in started[:2]   # at the second freed slot at the latest
+    assert [i for i in started if i != bob.id] == [s.id for s in alice[2:]]   # in their order
+    assert most[0] <= 2, most   # never above the share the caps leave to non-admins
+    assert m.queue.total == 0 and m.queued_by_owner() == {}
+
+
+def test_a_queued_job_stops_or_is_removed_without_ever_having_run(fake_manager):
+    m = queue_manager(fake_manager)
+    held = hold(m)
+    q, gone = (m.start("true", owner="alice", queue=True) for _ in range(2))
+    follow = m.follow(q.id)
+    output, ended = [], []
+    reader = threading.Thread(target=lambda: output.extend(follow))
+    waiter = threading.Thread(target=lambda: ended.append(m.table.get(q.id).wait_final(30)))
+    reader.start()
+    waiter.start()
+    final = m.stop(q.id)
+    reader.join(30)
+    waiter.join(30)
+    assert (final.state, final.started_at, final.pid, final.exit_code) == (jw.STOPPED, 0.0,
+                                                                           None, None)
+    assert not final.queue_timed_out and final.ended_at >= final.queued_at
+    assert output == [] and ended == [True] and follow.final_status().state == jw.STOPPED
+    assert q.id not in m.cgroups.made   # no cgroup was ever made for it
+    with pytest.raises(jw.JobNotRunning):
+        m.stop(q.id)
+    m.remove(gone.id)   # queued: it is stopped and removed
+    with pytest.raises(jw.JobNotFound):
+        m.status(gone.id)
+    assert not os.path.exists(m.store.job_dir(gone.id))
+    for s in held:
+        m.stop(s.id, grace=0)
+    assert m.queue.total == 0 and gone.id not in m.cgroups.made
+    m.close()
+    again = fake_manager()   # what never ran is kept as it ended
+    assert again.status(q.id) == dataclasses.replace(final, queue_position=0)
+    assert list(again.follow(q.id)) == []
+
+
+def test_wait_and_follow_of_a_queued_job_last_until_it_has_run(fake_manager):
+    m = queue_manager(fake_manager)
+    held = hold(m)
+    q = m.start("sh", ["-c", "echo ran; sleep 600"], owner="alice", queue=True, timeout=0.5)
+    follow = m.follow(q.id)
+    output = []
+    reader = threading.Thread(target=lambda: output.extend(c.data for c in follow))
+    reader.start()
+    entry = m.table.get(q.id)
+    assert not entry.wait_final(1.0)   # queued longer than its timeout: it is not stopped
+    assert m.status(q.id).state == jw.QUEUED and output == []
+    m.stop(held[0].id, grace=0)
+    assert entry.wait_final(30)   # its timeout counts from its start
+    reader.join(30)
+    s = m.status(q.id)
+    assert (s.state, s.timed_out, b"".join(output)) == (jw.STOPPED, True, b"ran\n")
+    assert s.queued_at < s.started_at and 0.5 <= s.ended_at - s.started_at < 20
+
+
+def test_a_queue_timeout_gives_up_only_on_a_job_that_got_no_slot(fake_manager):
+    m = queue_manager(fake_manager)
+    held = hold(m)
+    late = m.start("true", owner="alice", queue=True, queue_timeout=0.3)
+    soon = m.start("true", owner="alice", queue=True, queue_timeout=60)
+    s = wait_final(m, late.id)
+    assert (s.state, s.queue_timed_out, s.started_at, s.queue_timeout) == (jw.STOPPED, True,
+                                                                           0.0, 0.3)
+    assert 0.3 <= s.ended_at - s.queued_at < 20 and late.id not in m.cgroups.made
+    m.stop(held[0].id, grace=0)
+    s = wait_final(m, soon.id)
+    assert (s.state, s.exit_code, s.queue_timed_out) == (jw.EXITED, 0, False)
+    with pytest.raises(jw.InvalidArgument, match="queue_timeout_seconds"):
+        m.start("true", owner="alice", queue=True, queue_timeout=-1)
+
+
+def test_a_restart_keeps_the_queue_in_order_and_then_starts_it(fake_manager):
+    m = queue_manager(fake_manager)
+    hold(m)
+    owners = ["alice", "bob", "alice", "bob", "alice", "bob"]
+    queued = [m.start("sh", ["-c", "echo $N-$SECRET"], owner=o, env={"N": str(i), "SECRET": "s"},
+                      queue=True) for i, o in enumerate(owners)]
+    pending = [os.path.join(m.store.job_dir(q.id), jw.PENDING_FILE) for q in queued]
+    assert os.stat(pending[0]).st_mode & 0o777 == 0o600   # its variables: secrets
+    with open(pending[-1], "w") as f:
+        f.write("{broken")
+    m.close(grace=0)   # the running ones are stopped; the queue stays on disk, in order
+    # one job at a time now (2 at most, 1 kept for admins): the order they start in shows
+    m2 = fake_manager(max_jobs=2, max_jobs_per_owner=1)
+    finals = [wait_final(m2, q.id) for q in queued]
+    assert [(f.state, f.exit_code) for f in finals[:-1]] == [(jw.EXITED, 0)] * 5
+    starts = [f.started_at for f in finals[:-1]]
+    assert starts == sorted(starts)   # alice, bob, alice, ...: as they were queued
+    for q in queued[:-1]:
+        assert b"".join(c.data for c in m2.follow(q.id)).endswith(b"-s\n")
+    broken = finals[-1]
+    assert broken.state == jw.FAILED and "cannot be read" in broken.failure
+    assert not any(os.path.exists(p) for p in pending)   # no secret stays on disk
+
+
+def test_the_queue_bounds_refuse_saying_which_and_leave_nothing(fake_manager):
+    m = queue_manager(fake_manager, max_queued=3, max_queued_per_owner=2)
+    hold(m)
+    with pytest.raises(jw.CapReached, match=r"running jobs cap reached \(2; 2 more"):
+        m.start("true", owner="alice")   # without queue: refused, as it always was
+    m.start("true", owner="alice", queue=True)
+    m.start("true", owner="alice", queue=True)
+    with pytest.raises(jw.CapReached, match=r"queued jobs of one owner cap reached \(2\)"):
+        m.start("true", owner="alice", queue=True)
+    m.start("true", owner="bob", queue=True)
+    with pytest.raises(jw.CapReached, match=r"^queued jobs cap reached \(3\)"):
+        m.start("true", owner="carol", queue=True)
+    assert len(os.listdir(m.store.jobs_dir)) == 5 and m.queue.total == 3
+
+
+def test_the_queue_never_uses_what_is_kept_for_admins(fake_manager):
+    m = queue_manager(fake_manager)
+    hold(m)
+    first = m.start("true", owner="alice", queue=True)
+    mine = m.start("sleep", ["600"], owner="admin", admin=True, queue=True)
+    assert (first.state, mine.state) == (jw.QUEUED, jw.QUEUED)   # others wait before it
+    direct = m.start("sleep", ["600"], owner="admin", admin=True)   # an admin's own Start
+    assert direct.state == jw.RUNNING
+    assert m.table.get(mine.id).wait_final(0.5) is False
+    assert m.status(mine.id).state == jw.QUEUED   # the reserve has room: the queue waits
+
+
+def test_queue_metrics_count_by_owner_and_time_queued(fake_manager):
+    from prometheus_client import generate_latest
+    metrics = jw.Metrics(0)
+    m = queue_manager(fake_manager, observer=metrics)
+    metrics.watch(m, jw.Quota("streams", 10, 10))
+    held = hold(m)
+    q = [m.start("true", owner=o, queue=True) for o in ("alice", "alice", "bob")]
+    got = _samples(generate_latest(metrics.registry))
+    assert got[("jobworker_jobs_queued", (("owner", "alice"),))] == 2
+    assert got[("jobworker_jobs_queued", (("owner", "bob"),))] == 1
+    for s in held:
+        m.stop(s.id, grace=0)
+    for s in q:
+        wait_final(m, s.id)
+    got = _samples(generate_latest(metrics.registry))
+    assert got[("jobworker_job_queued_seconds_count", ())] == 3
+    assert ("jobworker_jobs_queued", (("owner", "alice"),)) not in got
+
+
+def queue_start(peer, *argv, **fields):
+    return peer.stub.Start(pb.StartRequest(name=argv[0], args=argv[1:], queue=True, **fields),
+                           timeout=30)
+
+
+@root
+def test_queued_jobs_over_grpc_wait_in_turn_with_the_cgroups_held_to_the_caps(pki, tmp_path):
+    with running_server(pki, tmp_path, max_jobs=4, max_jobs_per_owner=2) as (m, port):
+        alice, bob = Peer(pki, port, "alice"), Peer(pki, port, "bob")
+        most, sampling = [0], threading.Event()
+
+        def sample():   # the real job cgroups under the server's parent
+            while not sampling.is_set():
+                most[0] = max(most[0], len(m.cgroups.leftover_job_ids()))
+                time.sleep(0.002)
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            held = [alice.start("sleep", "600") for _ in range(2)]
+            with pytest.raises(grpc.RpcError) as e:   # an old client: no queue field
+                alice.start("true")
+            assert e.value.code() == SC.RESOURCE_EXHAUSTED
+            assert "running jobs cap reached" in e.value.details()
+            mine = queue_start(alice, "sh", "-c", "echo alice")
+            theirs = queue_start(bob, "sh", "-c", "echo bob")
+            assert (mine.status.state, mine.status.queue_position) == (pb.JOB_STATE_QUEUED, 1)
+            assert theirs.status.queue_position == 2 and not theirs.status.HasField("started_at")
+            q = bob.stub.Query(pb.QueryRequest(job_id=theirs.job_id), timeout=30).status
+            assert (q.state, q.queue_position, q.pid) == (pb.JOB_STATE_QUEUED, 2, 0)
+            assert q.queued_at.seconds > 0
+            listed = alice.list(states=[pb.JOB_STATE_QUEUED])
+            assert [j.job_id for j in listed] == [mine.job_id]   # a writer sees its own
+            gone = queue_start(bob, "true", queue_timeout_seconds=600)
+            stopped = bob.stub.Stop(pb.StopRequest(job_id=gone.job_id), timeout=30).status
+            assert (stopped.state, stopped.queue_timeout_seconds) == (pb.JOB_STATE_STOPPED, 600)
+            outputs = {}
+            readers = [threading.Thread(target=lambda p, j: outputs.update({j: p.stream(j)}),
+                                        args=(p, j)) for p, j in ((alice, mine.job_id),
+                                                                  (bob, theirs.job_id))]
+            for r in readers:
+                r.start()
+            for job_id in held:
+                alice.stub.Stop(pb.StopRequest(job_id=job_id, grace_seconds=0), timeout=30)
+            for r in readers:
+                r.join(60)
+        finally:
+            sampling.set()
+            sampler.join()
+        assert outputs[mine.job_id][0] == b"alice\n" and outputs[theirs.job_id][0] == b"bob\n"
+        assert outputs[theirs.job_id][2].state == pb.JOB_STATE_EXITED
+        assert 1 <= most[0] <= 2, most
+        info = alice.stub.Info(pb.InfoRequest(), timeout=30)
+        assert (info.max_queued, info.max_queued_per_owner) == (jw.DEFAULT_MAX_QUEUED,
+                                                                jw.DEFAULT_MAX_QUEUED_PER_OWNER)
+        assert gone.job_id not in m.cgroups.leftover_job_ids()
+        alice.close()
+        bob.close()
+
+
+@root
+def test_cli_queue_run_waits_for_a_slot_times_out_124_and_survives_a_restart(pki, tmp_path):
+    flags = ["--max-jobs", "4", "--max-jobs-per-owner", "2", "--grace", "1"]
+    parent = f"{RUN_PARENT}/queue-cli"
+    servers = [ServeProcess(SRC, pki, tmp_path / "state", parent, extra=[*flags, "--keep-jobs"])]
+    run = lambda *a, **kw: cli(SRC, *a, certs=pki, port=servers[-1].port, **kw)
+    try:
+        held = [run("start", "sleep", "600").stdout.decode().strip() for _ in range(2)]
+        r = run("start", "true")
+        assert r.returncode == 7 and b"(--queue waits for a slot instead)" in r.stderr, r
+        r = run("run", "--queue-timeout", "0.5s", "--", "true")
+        assert r.returncode == 124, r
+        assert b"waited in the queue past its queue timeout of 0.5s: it never ran" in r.stderr
+        waiting = subprocess.Popen([*SRC, "run", "--queue", "--", "sh", "-c", "echo hi"],
+                                   env=cli_env(pki, servers[-1].port), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)
+        job = wait_for(lambda: run("list", "--state", "queued", "-q").stdout.decode().split(),
+                       what="the job to be queued")[0]
+        assert "State: queued (position 1)" in run("query", job).stdout.decode()
+        assert run("stop", held.pop(0)).returncode == 0
+        out, err = waiting.communicate(timeout=60)
+        assert (waiting.returncode, out) == (0, b"hi\n"), err
+        assert f"job {job} is queued (position 1)".encode() in err
+        held.append(run("start", "sleep", "600").stdout.decode().strip())   # full again
+        later = run("start", "--queue", "--", "sh", "-c", "echo after").stdout.decode().strip()
+        assert json.loads(run("query", later, "--json").stdout)["state"] == "queued"
+        assert servers[-1].stop() == 0   # the running jobs live on; the queue stays on disk
+        servers.append(ServeProcess(SRC, pki, tmp_path / "state", parent, extra=flags))
+        assert json.loads(run("query", later, "--json").stdout)["state"] == "queued"
+        assert run("stop", *held).returncode == 0
+        r = run("wait", later)
+        assert r.returncode == 0, r
+        assert run("stream", later).stdout == b"after\n"
+        table = run("list").stdout.decode()
+        assert "queue-timed-out" in table, table
+    finally:
+        for server in servers:
+            server.stop()
+        jw.detect_cgroups(parent).remove_parent()
+
+
+@root
+@slow
+def test_a_flood_of_5000_queued_jobs_from_3_owners_all_run_once_within_the_caps(pki, tmp_path):
+    started = collections.Counter()
+
+    class Count(jw._NoObserver):
+        def job_started(self, status):
+            started[status.id] += 1
+    with running_server(pki, tmp_path, max_jobs=16, max_jobs_per_owner=4, observer=Count(),
+                        max_queued_per_owner=2000) as (m, port):
+        peers = [Peer(pki, port, name) for name in ("alice", "bob", "client")]
+        most, sampling = [0], threading.Event()
+
+        def sample():
+            while not sampling.is_set():
+                most[0] = max(most[0], len(m.cgroups.leftover_job_ids()))
+                time.sleep(0.005)
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        ids = {}
+        try:
+            def submit(peer, n):
+                ids[peer] = [queue_start(peer, "true").job_id for _ in range(n)]
+            with concurrent.futures.ThreadPoolExecutor(3) as pool:
+                list(pool.map(submit, peers, (1667, 1667, 1666)))
+            everything = [j for p in peers for j in ids[p]]
+            deadline = time.monotonic() + 600
+            for job_id in everything:   # each one's end, as it comes
+                assert m.table.get(job_id).wait_final(max(0, deadline - time.monotonic()))
+        finally:
+            sampling.set()
+            sampler.join()
+        finals = [m.status(j) for j in everything]
+        assert len(set(everything)) == 5000
+        assert {(s.state, s.exit_code) for s in finals} == {(jw.EXITED, 0)}
+        assert set(started) == set(everything) and set(started.values()) == {1}
+        assert most[0] <= 8, most   # 16, of which 8 are kept for admins
+        for p in peers:
+            p.close()
