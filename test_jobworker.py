@@ -6822,20 +6822,44 @@ def test_a_queued_job_stops_or_is_removed_without_ever_having_run(fake_manager):
 def test_wait_and_follow_of_a_queued_job_last_until_it_has_run(fake_manager):
     m = queue_manager(fake_manager)
     held = hold(m)
-    q = m.start("sh", ["-c", "echo ran; sleep 600"], owner="alice", queue=True, timeout=0.5)
+    q = m.start("sh", ["-c", "echo ran; sleep 600"], owner="alice", queue=True, timeout=0.3)
     follow = m.follow(q.id)
     output = []
     reader = threading.Thread(target=lambda: output.extend(c.data for c in follow))
     reader.start()
     entry = m.table.get(q.id)
-    assert not entry.wait_final(1.0)   # queued longer than its timeout: it is not stopped
+    assert not entry.wait_final(0.6)   # queued longer than its timeout: it is not stopped
     assert m.status(q.id).state == jw.QUEUED and output == []
     m.stop(held[0].id, grace=0)
     assert entry.wait_final(30)   # its timeout counts from its start
     reader.join(30)
     s = m.status(q.id)
     assert (s.state, s.timed_out, b"".join(output)) == (jw.STOPPED, True, b"ran\n")
-    assert s.queued_at < s.started_at and 0.5 <= s.ended_at - s.started_at < 20
+    assert s.queued_at < s.started_at and 0.3 <= s.ended_at - s.started_at < 20
+
+
+def test_input_attached_to_a_queued_job_reaches_it_once_it_runs(fake_manager):
+    m = queue_manager(fake_manager)
+    held = hold(m)
+    q = m.start("sort", owner="alice", queue=True, stdin=jw.STDIN_PIPE)
+    attached = m.attach(q.id)
+    done = threading.Event()
+
+    def feed():   # the input waits for the job, the end of it too
+        attached.write(b"b\na\n", done.is_set)
+        attached.end_input(done.is_set)
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    output = []
+    reader = threading.Thread(target=lambda: output.extend(c.data for c in attached.follow))
+    reader.start()
+    assert m.status(q.id).state == jw.QUEUED
+    m.stop(held[0].id, grace=0)
+    feeder.join(30)
+    reader.join(30)
+    assert b"".join(output) == b"a\nb\n" and attached.input_bytes == 4
+    assert wait_final(m, q.id).exit_code == 0
+    attached.close()
 
 
 def test_a_queue_timeout_gives_up_only_on_a_job_that_got_no_slot(fake_manager):
@@ -6901,7 +6925,7 @@ def test_the_queue_never_uses_what_is_kept_for_admins(fake_manager):
     assert (first.state, mine.state) == (jw.QUEUED, jw.QUEUED)   # others wait before it
     direct = m.start("sleep", ["600"], owner="admin", admin=True)   # an admin's own Start
     assert direct.state == jw.RUNNING
-    assert m.table.get(mine.id).wait_final(0.5) is False
+    assert m.table.get(mine.id).wait_final(0.3) is False
     assert m.status(mine.id).state == jw.QUEUED   # the reserve has room: the queue waits
 
 

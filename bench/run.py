@@ -753,6 +753,71 @@ def fig18(certs, state_root):
         shutil.rmtree(cfg, ignore_errors=True)
 
 
+def fig19(certs, state_root):
+    """The queue's hand-off, in-process on real cgroups: from a slot freeing (the running
+    jobs' Quota given back) to the next queued job running (exec'd: the observer's
+    job_started), against Start -> running on an idle manager; 150 rounds of each,
+    interleaved. One job runs at a time (--max-jobs 2: 1 kept for admins)."""
+    started, freed, hand_off, direct = {}, [], [], []
+
+    class Seen(jw._NoObserver):
+        def job_started(self, status):
+            started[status.id] = time.perf_counter()
+    m = jw.JobManager(os.path.join(state_root, "queue"), jw.detect_cgroups(f"{PARENT}/queue"),
+                      max_jobs=2, observer=Seen(), grace=0).open()
+    give = m._running.give
+
+    def timed_give(owner):
+        freed.append(time.perf_counter())
+        give(owner)
+    m._running.give = timed_give
+    try:
+        holder = m.start("sleep", ["600"], owner="o")
+        for i in range(160):
+            queued = m.start("sleep", ["600"], owner="o", queue=True)
+            assert queued.state == jw.QUEUED, queued
+            m.stop(holder.id, grace=0)
+            m.table.get(queued.id).wait_started()
+            hand_off.append(started[queued.id] - freed[-1])
+            m.stop(queued.id, grace=0)   # idle now: a direct Start
+            t = time.perf_counter()
+            holder = m.start("sleep", ["600"], owner="o")
+            direct.append(started[holder.id] - t)
+        m.stop(holder.id, grace=0)
+    finally:
+        m.close(grace=0)
+    hand_off, direct = hand_off[10:], direct[10:]   # (the first rounds warm up)
+    for p in (50, 99):
+        value, floor = pct(hand_off, p) * 1000, pct(direct, p) * 1000
+        row(19, f"queue: slot freed -> next job running p{p} (ms)", value, floor,
+            value / floor, "<= 1.2x")
+
+
+def fig20(certs, state_root):
+    """10,000 queued jobs (`true`) on a full server: its RSS growth per queued job, over
+    the RSS after 1,000 queued (the allocator's and grpc's warm-up)."""
+    pb = jw._pb()[0]
+    server = Serve(certs, os.path.join(state_root, "queued"),
+                   ["--max-jobs", "2", "--max-queued", "20000", "--max-queued-per-owner",
+                    "20000"])
+    try:
+        ch, s = stub(certs, server.port)
+        for _ in range(2):   # the share and what is kept for admins (this identity is one)
+            s.Start(pb.StartRequest(name="sleep", args=["600"]))
+        queue = lambda _: s.Start(pb.StartRequest(name="true", queue=True)).status.state
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            assert set(pool.map(queue, range(1000))) == {pb.JOB_STATE_QUEUED}
+            rss0 = server.stats()[1]
+            assert set(pool.map(queue, range(10_000))) == {pb.JOB_STATE_QUEUED}
+        rss1 = server.stats()[1]
+        per_job = (rss1 - rss0) / 10_000
+        row(20, "10,000 queued jobs: RSS per queued job (KB)", per_job / 1000, None, None,
+            "<= 2 KB")
+        ch.close()
+    finally:
+        server.stop()
+
+
 def finished_records(state, n):
     """n finished job records with empty output, as a server that ran n jobs leaves them."""
     import uuid
@@ -975,7 +1040,7 @@ def main():
         finally:
             server.stop()
             bare.stop()
-        for fn in (fig6_8, fig9, fig11, fig12, fig13, fig15, fig18):
+        for fn in (fig6_8, fig9, fig11, fig12, fig13, fig15, fig18, fig19, fig20):
             if want(fn):
                 fn(certs, tmp)
         if want(fig14):
