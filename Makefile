@@ -21,6 +21,8 @@ PYZ_PYTHONS ?= 3.10,3.11,3.12,3.13
 # JOBWORKER_SKIP_V2_GUEST=1 skips the guest and does not install qemu.
 TOOLS := openssl:openssl ip:iproute2 nsenter:util-linux node:nodejs npm:npm tmux:tmux \
          $(if $(JOBWORKER_SKIP_V2_GUEST),,qemu-system-x86_64:qemu-system-x86)
+PEERS := runc:runc cgcreate:cgroup-tools sshd:openssh-server ssh-keygen:openssh-client \
+         bwrap:bubblewrap
 
 PORT          ?= 50051
 STATE         ?= build/state
@@ -28,7 +30,7 @@ CGROUP_PARENT ?= jobworker
 # the slowest tests are named at the end, so that their cost is seen
 PYTEST := $(VPY) -m pytest -q -ra --durations=15
 
-.PHONY: test fast venv stubs pyz run clean system-deps bench
+.PHONY: test fast venv stubs pyz run clean system-deps bench bench-deps
 
 test: system-deps $(STAMP) $(STUBS)
 	$(PYTEST) test_jobworker.py
@@ -36,13 +38,23 @@ test: system-deps $(STAMP) $(STUBS)
 fast: $(STAMP) $(STUBS)
 	$(PYTEST) -p no:cacheprovider -m "not slow and not root" test_jobworker.py
 
-system-deps:
-	@missing=""; for t in $(TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
+# apt-get install of what is missing among $(1) (command:package ...)
+define install-missing
+	@missing=""; for t in $(1); do PATH="$$PATH:/usr/sbin:/sbin" command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	    --no-install-recommends $$missing >/dev/null; \
 	fi
+endef
+
+system-deps:
+	$(call install-missing,$(TOOLS))
+
+# the tools figure 21 compares jobworker with (their daemons are not started: sshd runs on a
+# port of the bench's own, with its own config and keys)
+bench-deps:
+	$(call install-missing,$(PEERS))
 
 venv: $(STAMP)
 
@@ -85,5 +97,5 @@ run: jobworker.pyz certs/client.crt
 clean:
 	rm -rf $(VENV) build .pytest_cache .hypothesis __pycache__ jobworker.pyz $(STUBS)
 
-bench: $(STAMP) $(STUBS) jobworker.pyz
+bench: $(STAMP) $(STUBS) jobworker.pyz bench-deps
 	$(VPY) bench/run.py jobworker.pyz

@@ -6727,7 +6727,7 @@ def test_programs_kept_out_of_strings_lint_clean_where_they_run():
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, (python, name, r.stderr)
     files = ["zipapp_main.py", "v2_guest_checks.py", "bench/bare_server.py",
-             "bench/fork_floor.py", "bench/attackers.py", "bench/run.py"]
+             "bench/fork_floor.py", "bench/attackers.py", "bench/run.py", "bench/peers.py"]
     lint = ["-m", "pyflakes"] if importlib.util.find_spec("pyflakes") else ["-m", "py_compile"]
     r = subprocess.run([sys.executable, *lint, *files], cwd=HERE, capture_output=True, text=True,
                        timeout=120)

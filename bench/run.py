@@ -818,6 +818,98 @@ def fig20(certs, state_root):
         server.stop()
 
 
+def fig21(certs, state_root, pyz):
+    """Peers (bench/peers.py): the same work done by jobworker, over the API with its channel
+    open and by its CLI (a whole process), and by runc, cgroup-tools, ssh and bwrap; 15
+    sequential runs of each after 2 to warm up, interleaved run by run (the host's noise
+    falls on all alike). Wall time p50 and p99, and CPU per run of every process involved
+    that can be read: the client's (this process, or the peer's processes, reaped) and the
+    long-lived ones' (jobworker's server and launcher, sshd)."""
+    import resource
+    import peers
+    pb = jw._pb()[0]
+    server, bare = Serve(certs, os.path.join(state_root, "peers")), Bare(certs)
+    launcher = launcher_of(server.proc.pid)
+    ch, s = stub(certs, server.port)
+    cache = tempfile.mkdtemp(prefix="jwbench-cache-")
+    env = dict(os.environ, JOBWORKER_SERVER=f"127.0.0.1:{server.port}", JOBWORKER_CACHE_DIR=cache,
+               JOBWORKER_CA=f"{certs}/ca.crt", JOBWORKER_CERT=f"{certs}/bench.crt",
+               JOBWORKER_KEY=f"{certs}/bench.key", PYTHONDONTWRITEBYTECODE="")
+    limits = pb.ResourceConfig(cpu_quota="50%", memory_limit="256M", pids="1024")
+
+    def api(i):
+        job, out = s.Start(pb.StartRequest(name="true", resources=limits)).job_id, b""
+        for msg in s.Stream(pb.StreamRequest(job_id=job, batch=True)):
+            if msg.HasField("final_status"):
+                assert msg.final_status.exit_code == 0, msg
+            else:
+                out += msg.batch.data
+        return out
+
+    def process(argv):
+        return lambda i: subprocess.run(argv, env=env, check=True, capture_output=True).stdout
+
+    floor_code = ("import grpc, google.protobuf, sys; "
+                  "c = grpc.ssl_channel_credentials(*(open(f, 'rb').read() for f in sys.argv[2:5])); "
+                  "ch = grpc.secure_channel(sys.argv[1], c); "
+                  "ch.unary_unary('/bench.Bare/Empty')(b''); ch.close()")
+    jobworker_cpu = lambda: peers._ticks(server.proc.pid, False) + peers._ticks(launcher)
+    none = lambda: 0.0
+    candidates = [   # name, one run, CPU of its long-lived processes, runs in this process
+        ("jobworker API, channel open", api, jobworker_cpu, True),
+        ("jobworker.pyz run --cpu 50% --memory 256M", process(
+            [sys.executable, pyz, "run", "--cpu", "50%", "--memory", "256M", "--pids", "1024",
+             "--", "true"]), jobworker_cpu, False),
+        ("Python floor: import grpc + one mTLS call", process(
+            [sys.executable, "-c", floor_code, f"127.0.0.1:{bare.port}", f"{certs}/ca.crt",
+             f"{certs}/bench.key", f"{certs}/bench.crt"]), none, False)]
+    made = []
+    try:
+        for cls in peers.PEERS:
+            try:
+                made.append(cls(state_root, f"{PARENT}/peers"))
+                candidates.append((made[-1].name, made[-1].run, made[-1].cpu, False))
+            except Exception as e:   # (not installed: `make bench` installs them)
+                print(f"    figure 21: {cls.name} not measured: {e}")
+        walls = {c[0]: [] for c in candidates}
+        cpus = {c[0]: 0.0 for c in candidates}
+        usage = lambda who: (lambda r: r.ru_utime + r.ru_stime)(resource.getrusage(who))
+        for i in range(17):
+            for name, fn, served, here in candidates:
+                who = resource.RUSAGE_SELF if here else resource.RUSAGE_CHILDREN
+                c0, t = usage(who) + served(), time.perf_counter()
+                assert fn(i) == b"", name   # `true` writes nothing: all of its output came
+                wall, spent = time.perf_counter() - t, usage(who) + served() - c0
+                if i >= 2:
+                    walls[name].append(wall)
+                    cpus[name] += spent
+    finally:
+        for peer in made:
+            peer.close()
+        ch.close()
+        server.stop()
+        bare.stop()
+        shutil.rmtree(cache, ignore_errors=True)
+    runc = pct(walls["runc run"], 50) if "runc run" in walls else None
+    targets = {"jobworker API, channel open": "<= 0.25x runc",
+               "jobworker.pyz run --cpu 50% --memory 256M": "<= 2x runc"}
+    for name, times in walls.items():
+        p50, p99, cpu = pct(times, 50), pct(times, 99), cpus[name] / len(times) * 1000
+        row(21, f"{name} (ms)", p50 * 1000, runc and runc * 1000, runc and p50 / runc,
+            targets.get(name, "(vs runc)"))
+        print(f"    p99 {p99 * 1000:.1f} ms, CPU {cpu:.1f} ms a run")
+    cli, floor = (pct(walls[k], 50) for k in ("jobworker.pyz run --cpu 50% --memory 256M",
+                                               "Python floor: import grpc + one mTLS call"))
+    row(21, "CLI run, vs the Python floor (ms)", cli * 1000, floor * 1000, cli / floor,
+        "<= 1.2x")
+    if "ssh 127.0.0.1 true" in walls:
+        ssh = pct(walls["ssh 127.0.0.1 true"], 50)
+        row(21, "CLI run, vs ssh 127.0.0.1 true (ms)", cli * 1000, ssh * 1000, cli / ssh,
+            "<= 0.3x")
+    for name, why in peers.unavailable():
+        print(f"    figure 21: {name}: not measured: {why}")
+
+
 def finished_records(state, n):
     """n finished job records with empty output, as a server that ran n jobs leaves them."""
     import uuid
@@ -1043,6 +1135,8 @@ def main():
         for fn in (fig6_8, fig9, fig11, fig12, fig13, fig15, fig18, fig19, fig20):
             if want(fn):
                 fn(certs, tmp)
+        if want(fig21):
+            fig21(certs, tmp, pyz)
         if want(fig14):
             fig14(pyz, tmp)
     finally:
