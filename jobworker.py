@@ -9553,9 +9553,11 @@ def _exit_codes_text():
     return "Exit codes: " + ", ".join(f"{code} {what}" for code, what in EXIT_CODES.items())
 
 
-def build_parser(parsers=None):
+def build_parser(parsers=None, only=None):
     """The command line: one parser per row of SUBCOMMANDS. `parsers`, if given, is filled
-    with {name: that subcommand's parser} (main reports usage errors on them)."""
+    with {name: that subcommand's parser} (main reports usage errors on them). With `only`
+    (a subcommand's name or alias), the others get no options: what a call of that one
+    needs (building every subcommand's options is a tenth of a short call's time)."""
     import argparse
     parser = argparse.ArgumentParser(
         prog="jobworker", description="Run and watch commands on Linux hosts, each in its "
@@ -9567,7 +9569,8 @@ def build_parser(parsers=None):
     for name, func, add_options, help_ in SUBCOMMANDS:
         aliases = ALIASES.get(name, ())
         p = sub.add_parser(name, help=help_, aliases=aliases)
-        add_options(p)
+        if only is None or only in (name, *aliases):
+            add_options(p)
         if func:
             p.set_defaults(func=func)
         if parsers is not None:
@@ -9587,9 +9590,10 @@ def _context_first(argv):
 
 def main(argv=None):
     """Run one subcommand; returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(parsers := {})
-    command, trailing, argv = None, [], _context_first(argv)
+    argv = _context_first(list(sys.argv[1:] if argv is None else argv))
+    known = {n for name, *_ in SUBCOMMANDS for n in (name, *ALIASES.get(name, ()))}
+    parser = build_parser(parsers := {}, only=argv[0] if argv[:1] and argv[0] in known else None)
+    command, trailing = None, []
     if not argv:   # as docker and kubectl: what there is to do
         parser.print_help(sys.stderr)
         return EXIT_USAGE
