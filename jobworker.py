@@ -3816,6 +3816,7 @@ class JobQueue:
         self.total = 0
         self._last_stamp = 0.0
         self._deadlines = []   # heap of (when its queue timeout passes, queued_at, Job)
+        self._timed = 0        # ... of those still queued (the others are dropped lazily)
         self._kick = threading.Event()
         self._stopped = False
         self._thread = None
@@ -3865,6 +3866,7 @@ class JobQueue:
             self.total += 1
             if s.queue_timeout:
                 heapq.heappush(self._deadlines, (s.queued_at + s.queue_timeout, s.queued_at, job))
+                self._timed += 1
         self.kick()
 
     def take_out(self, job):
@@ -3877,8 +3879,8 @@ class JobQueue:
             line.remove(job)
             if not line:
                 del self._lines[job.status.owner]
-            self.total -= 1
-            self._compact()
+            self._left(job)
+            job.pending = None   # (its environment: not kept in memory past its end)
             return True
 
     def position(self, job):
@@ -3966,18 +3968,22 @@ class JobQueue:
                     job = line.pop(0)
                     if line:
                         self._lines[owner] = line   # to the back of the turns
-                    self.total -= 1
+                    self._left(job)
                     job.change_phase(Phase.STARTING)   # (wakes its waiters, on this cond)
                     job.cond = threading.Condition()
-                    self._compact()
                     return job
             return None
 
-    def _compact(self):
-        """Forget the timeouts of jobs no longer queued, once they are most of the heap."""
-        if len(self._deadlines) > 2 * self.total + 64:
-            self._deadlines = [d for d in self._deadlines if d[2].phase is Phase.QUEUED]
-            heapq.heapify(self._deadlines)
+    def _left(self, job):
+        """Count a job out of the lines; forget the timeouts of jobs no longer queued once
+        they are most of the heap (the heap does not keep them, or their memory, alive)."""
+        self.total -= 1
+        if job.status.queue_timeout:
+            self._timed -= 1
+            if len(self._deadlines) > 2 * self._timed + 64:
+                self._deadlines = [d for d in self._deadlines
+                                   if d[2].phase is Phase.QUEUED and d[2] is not job]
+                heapq.heapify(self._deadlines)
 
 
 class Retention:

@@ -6838,6 +6838,23 @@ def test_wait_and_follow_of_a_queued_job_last_until_it_has_run(fake_manager):
     assert s.queued_at < s.started_at and 0.3 <= s.ended_at - s.started_at < 20
 
 
+def test_queued_jobs_that_leave_the_line_are_not_kept_in_memory(fake_manager):
+    # a heap of queue timeouts held every removed job, its environment too, while others'
+    # jobs without timeouts filled the queue
+    m = queue_manager(fake_manager)
+    hold(m)
+    for i in range(300):
+        m.start("true", owner=f"u{i % 2}", queue=True)
+    secret = {f"K{k}": "s" * 1000 for k in range(20)}
+    for _ in range(3):
+        for job_id in [m.start("true", owner="evil", queue=True, queue_timeout=3600,
+                               env=secret).id for _ in range(100)]:
+            m.remove(job_id)
+    assert len(m.queue._deadlines) <= 64 + 1 and m.queue.total == 300
+    kept = [d[2] for d in m.queue._deadlines if d[2].phase is not jw.Phase.QUEUED]
+    assert all(j.pending is None for j in kept)
+
+
 def test_input_attached_to_a_queued_job_reaches_it_once_it_runs(fake_manager):
     m = queue_manager(fake_manager)
     held = hold(m)
