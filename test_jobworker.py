@@ -2485,7 +2485,7 @@ def test_two_clients_attached_early_and_late_get_identical_output(peers):
 def test_unexpected_errors_are_internal_without_details(peers, api, monkeypatch):
     def broken(*a, **kw):
         raise RuntimeError("secret detail")
-    monkeypatch.setattr(api[0], "walk", broken)
+    monkeypatch.setattr(api[0].table, "walk", broken)
     with pytest.raises(grpc.RpcError) as e:
         peers("admin").stub.List(pb.ListRequest())
     assert e.value.code() == SC.INTERNAL
