@@ -820,9 +820,10 @@ def fig20(certs, state_root):
 
 def fig21(certs, state_root, pyz):
     """Peers (bench/peers.py): the same work done by jobworker, over the API with its channel
-    open and by its CLI (a whole process), and by runc, cgroup-tools, ssh and bwrap; 15
-    sequential runs of each after 2 to warm up, interleaved run by run (the host's noise
-    falls on all alike). Wall time p50 and p99, and CPU per run of every process involved
+    open and by its CLI (a whole process), and by runc, cgroup-tools, ssh and bwrap; 30
+    sequential runs of each after 2 to warm up, interleaved run by run in a shuffled order
+    (the host's noise falls on all alike; so does the kernel's: the first cgroup.procs write
+    after a quiet spell waits for an RCU grace period, and whoever follows ssh pays it). Wall time p50 and p99, and CPU per run of every process involved
     that can be read: the client's (this process, or the peer's processes, reaped) and the
     long-lived ones' (jobworker's server and launcher, sshd)."""
     import resource
@@ -874,8 +875,10 @@ def fig21(certs, state_root, pyz):
         walls = {c[0]: [] for c in candidates}
         cpus = {c[0]: 0.0 for c in candidates}
         usage = lambda who: (lambda r: r.ru_utime + r.ru_stime)(resource.getrusage(who))
-        for i in range(17):
-            for name, fn, served, here in candidates:
+        import random
+        shuffled = random.Random(21)
+        for i in range(32):   # in an order of its own each round: each follows each alike
+            for name, fn, served, here in shuffled.sample(candidates, len(candidates)):
                 who = resource.RUSAGE_SELF if here else resource.RUSAGE_CHILDREN
                 c0, t = usage(who) + served(), time.perf_counter()
                 assert fn(i) == b"", name   # `true` writes nothing: all of its output came
