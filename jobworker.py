@@ -3070,17 +3070,20 @@ def set_window_size(fd, rows, columns):
 
 class Job(JobEntry):
     """A live job: its status and phase change under `cond`, which wakes its waiters. When
-    it has ended, the table keeps a FinishedJob in its place. A queued job shares the
-    queue's `cond` (one of its own costs more than the rest of the job) and gets its own as
-    it starts: whoever waits on a job does so through _wait, which follows that change."""
+    it has ended, the table keeps a FinishedJob in its place. A queued job uses the queue's
+    cond (`shared`: one of its own costs more than the rest of the job) until someone waits
+    on it or it starts; then it gets one of its own (a change of a queued job wakes only its
+    own waiters). The change is made with the shared cond held, so whoever holds job.cond
+    holds the one in use."""
 
-    __slots__ = ("status", "cond", "cgroup", "records", "phase", "ends_as", "output_done",
-                 "lost", "pidfd", "pipes", "input", "pending")
+    __slots__ = ("status", "cond", "shared", "cgroup", "records", "phase", "ends_as",
+                 "output_done", "lost", "pidfd", "pipes", "input", "pending")
 
-    def __init__(self, status, cgroup, phase=Phase.STARTING, cond=None, pending=None):
+    def __init__(self, status, cgroup, phase=Phase.STARTING, shared=None, pending=None):
         self.status = status
-        self.cond = cond or threading.Condition()
-        self.pending = pending          # a queued job's (env, window), to start it with
+        self.cond = shared or threading.Condition()
+        self.shared = shared            # the queue's cond, while it uses that one
+        self.pending = pending          # a queued job's window size, to start it with
         self.cgroup = cgroup
         self.records = 0
         self.phase = phase
@@ -3148,17 +3151,27 @@ class Job(JobEntry):
 
     def status_now(self):
         snap = self.snapshot()
-        if snap.state == RUNNING:
+        if snap.state == RUNNING and self.cgroup is not None:
             with contextlib.suppress(CgroupError):   # (ended in between: the snapshot holds)
                 snap.usage = self.cgroup.usage()
         return snap
 
+    def own_cond(self):
+        """Give a queued job a cond of its own (a waiter is coming, or it starts); returns
+        the job's cond."""
+        shared = self.shared
+        if shared is not None:
+            with shared:
+                if self.shared is shared:
+                    self.cond, self.shared = threading.Condition(), None
+        return self.cond
+
     def _wait(self, predicate, timeout=None):
-        """cond.wait_for(predicate, timeout), on the job's cond of the moment (a queued job
-        changes it as it starts); returns what predicate() last said."""
+        """cond.wait_for(predicate, timeout), on the job's own cond; returns what
+        predicate() last said."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            cond = self.cond
+            cond = self.own_cond()
             with cond:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 done = cond.wait_for(lambda: predicate() or self.cond is not cond, left)
@@ -3171,8 +3184,12 @@ class Job(JobEntry):
             return self.status.output_bytes, self.records, self.final
 
     def wake(self):
-        with self.cond:
-            self.cond.notify_all()
+        while True:
+            cond = self.cond
+            with cond:
+                cond.notify_all()
+                if self.cond is cond:
+                    return
 
     def wait_final(self, timeout=None):
         return self._wait(lambda: self.final, timeout)
@@ -3829,10 +3846,10 @@ class JobQueue:
             self._last_stamp = max(self._clock(), self._last_stamp + 1e-6)   # its place in line
             status.state, status.queued_at = QUEUED, self._last_stamp
         self.store.create(status.id)
-        try:
-            self.store.reserve(status)
+        try:   # (the start file first: a directory without a record is removed at start-up)
             self.store.save_pending(status.id, env, window)
-            job = Job(status, None, Phase.QUEUED, self.cond, (env, window))
+            self.store.reserve(status)
+            job = Job(status, None, Phase.QUEUED, self.cond, window)   # (env: on disk only)
             self.put(job)
         except BaseException:
             self.store.discard(status.id)
@@ -3843,7 +3860,8 @@ class JobQueue:
         """The Job of one queued when the server stopped, back in its place in line (those
         are restored in the order they came); OSError, ValueError or JobworkerError if what
         it starts with cannot be read."""
-        job = Job(status, None, Phase.QUEUED, self.cond, self.store.load_pending(status.id))
+        _, window = self.store.load_pending(status.id)   # (checked; env: on disk only)
+        job = Job(status, None, Phase.QUEUED, self.cond, window)
         self.put(job, force=True)
         return job
 
@@ -3905,8 +3923,11 @@ class JobQueue:
             return {owner: len(line) for owner, line in self._lines.items()}
 
     def wake_all(self):
+        """Wake the waiters of every queued job (to look at what they wait for again)."""
         with self.cond:
-            self.cond.notify_all()
+            jobs = [j for line in self._lines.values() for j in line]
+        for job in jobs:
+            job.wake()
 
     def kick(self):
         """Look for a job that may start (a slot freed, or a job came)."""
@@ -3969,8 +3990,8 @@ class JobQueue:
                     if line:
                         self._lines[owner] = line   # to the back of the turns
                     self._left(job)
-                    job.change_phase(Phase.STARTING)   # (wakes its waiters, on this cond)
-                    job.cond = threading.Condition()
+                    with job.own_cond():
+                        job.change_phase(Phase.STARTING)   # (wakes its waiters)
                     return job
             return None
 
@@ -4231,9 +4252,13 @@ class JobSpawner:
         try:
             cgroup.set_limits(status.limits, self.devices)
             job_dir = self.store.job_dir(job_id) if queued else self.store.create(job_id)
-            status.started_at = self._clock()
-            status.cgroup = cgroup.to_record()
-            self.store.reserve(status)   # before the process exists: a crash finds its record
+            with job.cond:
+                status.started_at = self._clock()
+                status.cgroup = cgroup.to_record()
+            # before the process exists: a crash finds its record (running: a queued job's
+            # shows queued until its program runs)
+            self.store.reserve(status if not queued else dataclasses.replace(status,
+                                                                             state=RUNNING))
             fds = self._stdio(status.stdin, window)
             launcher = self.supervisor.ready()
             watched(job)
@@ -4261,6 +4286,7 @@ class JobSpawner:
                 if "in_w" in fds:
                     job.input = JobInput(job_id, STDIN_PIPE, fds["in_w"])
             if job.phase is Phase.STARTING:   # (not if it has ended already)
+                job.status.state = RUNNING
                 job.change_phase(Phase.RUNNING)
         return launcher
 
@@ -4448,12 +4474,10 @@ class JobManager(LauncherEvents):
     def _start_queued(self, job):
         """Start a job whose turn has come (the queue took its slot); one that cannot start
         now ends failed, saying why."""
-        (env, window), job.pending = job.pending, None
-        status = job.status
+        job.pending, status = None, job.status
         self.observer.job_dequeued(status, self._clock() - status.queued_at)
         try:
-            with job.cond:
-                status.state = RUNNING
+            env, window = self.store.load_pending(job.id)
             self.spawner.check_again(status, env)
             self._start(job, env, window)
         except Exception as e:
@@ -5859,10 +5883,12 @@ class JobService:
                     final_status=status_to_proto(self.pb, follow.final_status()))
         finally:
             done.set()
-            if attached is not None:
-                attached.close()
-                context.input_bytes = attached.input_bytes
-            self.streams.give(caller.identity)
+            try:
+                if attached is not None:
+                    attached.close()
+                    context.input_bytes = attached.input_bytes
+            finally:
+                self.streams.give(caller.identity)
 
     def _feed(self, attached, requests, done, failed):
         """Attach's input thread: each message to the job, until the request stream or the

@@ -6772,9 +6772,11 @@ def test_a_full_host_queues_in_order_round_robin_between_owners_within_the_caps(
             running = [s for s in m.list() if s.state == jw.RUNNING]
             assert len(running) == 2
             m.stop(running[0].id, grace=0)
+            settled = lambda: not any(j.phase is jw.Phase.STARTING for j in m.table.live())
             now = wait_for(lambda: [s.id for s in m.list() if s.state == jw.RUNNING]
-                           if sum(s.state == jw.RUNNING for s in m.list()) == 2
-                           or m.queue.total == 0 else None, what="the next job to start")
+                           if settled() and (sum(s.state == jw.RUNNING for s in m.list()) == 2
+                                             or m.queue.total == 0) else None,
+                           what="the next job to start")
             started += [i for i in now if i not in started and i not in
                         {alice[0].id, alice[1].id}]
     finally:
@@ -6853,6 +6855,84 @@ def test_queued_jobs_that_leave_the_line_are_not_kept_in_memory(fake_manager):
     assert len(m.queue._deadlines) <= 64 + 1 and m.queue.total == 300
     kept = [d[2] for d in m.queue._deadlines if d[2].phase is not jw.Phase.QUEUED]
     assert all(j.pending is None for j in kept)
+
+
+def test_list_and_query_answer_while_queued_jobs_start(fake_manager):
+    # a job on its way out of the queue was `running` with no cgroup yet: a List with live
+    # usage failed (INTERNAL) and a snapshot showed running without a start time or a pid
+    m = queue_manager(fake_manager)
+    failures, odd, stop = [], [], threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            try:
+                for s in m.table.walk(live_usage=True):
+                    if s.state == jw.RUNNING and (not s.started_at or not s.pid):
+                        odd.append(s)
+            except Exception as e:
+                failures.append(e)
+            time.sleep(0.0002)   # (the GIL: the jobs go on meanwhile)
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        ids = [m.start("true", owner="bob", queue=True).id for _ in range(100)]
+        for job_id in ids:
+            assert m.table.get(job_id).wait_final(30)
+    finally:
+        stop.set()
+        poller.join()
+    assert failures == [] and odd == []
+
+
+def test_a_change_of_a_queued_job_wakes_only_its_own_waiters(fake_manager):
+    m = queue_manager(fake_manager)
+    held = hold(m)
+    followed = [m.start("true", owner="alice", queue=True) for _ in range(30)]
+    follows = [m.follow(q.id) for q in followed]
+    readers = [threading.Thread(target=list, args=(f,)) for f in follows]
+    for r in readers:
+        r.start()
+    wait_for(lambda: all(m.table.get(q.id).shared is None for q in followed),
+             what="the followers to wait")
+    assert not m.queue.cond._waiters   # each waits on its own job's, not the queue's
+    others = [m.start("true", owner="bob", queue=True) for _ in range(20)]
+    assert all(m.table.get(q.id).shared is m.queue.cond for q in others)   # (no one waits)
+    for q in others:
+        m.stop(q.id)
+    for f in follows:
+        f.cancel()
+    for r in readers:
+        r.join(30)
+    for s in held:
+        m.stop(s.id, grace=0)
+
+
+def test_a_cancel_as_a_queued_job_starts_raises_nothing(fake_manager):
+    # wake() read job.cond twice: when the job got its own cond in between, it notified a
+    # lock it did not hold (RuntimeError), and Attach then lost its owner's stream slot
+    m = queue_manager(fake_manager)
+    for _ in range(5):
+        held = hold(m)
+        q = m.start("sleep", ["600"], owner="bob", queue=True)
+        follow = m.follow(q.id)
+        raised = []
+
+        def cancel():
+            try:
+                follow.cancel()
+            except Exception as e:
+                raised.append(e)
+        with m.queue.cond:   # the queue's thread and the cancel both wait for it
+            os.kill(held[0].pid, signal.SIGKILL)
+            wait_for(lambda: m._running.total < 2, what="the slot to free")
+            canceller = threading.Thread(target=cancel)
+            canceller.start()
+            wait_for(lambda: canceller.is_alive(), what="the cancel")
+        canceller.join(30)
+        assert raised == []
+        for job_id in (held[1].id, q.id):
+            with contextlib.suppress(jw.JobNotRunning):
+                m.stop(job_id, grace=0)
 
 
 def test_input_attached_to_a_queued_job_reaches_it_once_it_runs(fake_manager):
