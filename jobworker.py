@@ -3828,7 +3828,7 @@ class JobQueue:
                  max_per_owner=DEFAULT_MAX_QUEUED_PER_OWNER):
         self.running, self.store, self._clock = running, store, clock
         self.max_queued, self.max_per_owner = max_queued, max_per_owner
-        self.cond = threading.Condition()   # every queued job's; it guards the lines too
+        self.cond = threading.Condition()   # the lines'; queued jobs' until they get one
         self._lines = {}   # owner -> [Job], oldest first; the dict's order is whose turn it is
         self.total = 0
         self._last_stamp = 0.0
