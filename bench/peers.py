@@ -5,6 +5,7 @@ returns the job's stdout; cpu() is the CPU its long-lived processes spent so far
 Debian's packages: runc, cgroup-tools, openssh-server, bubblewrap (`make bench` installs them).
 """
 
+import glob
 import json
 import os
 import shutil
@@ -20,6 +21,19 @@ def _ticks(pid, children=True):
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     n = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if children else 0)
     return n / os.sysconf("SC_CLK_TCK")
+
+
+def remove_cgroups(parent):
+    """Remove the (empty) cgroups at and under `parent` in every hierarchy: runc and
+    libcgroup make a run's parents in each one they use, from the hierarchy's root, and remove
+    only the leaf."""
+    for root in glob.glob("/sys/fs/cgroup/*/"):
+        top = os.path.join(root, parent)
+        for d, _, _ in sorted(os.walk(top), key=lambda w: -w[0].count("/")):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
 
 
 def _check(r, what):
@@ -72,6 +86,7 @@ class Runc:
 
     def close(self):
         shutil.rmtree(self.bundle, ignore_errors=True)
+        remove_cgroups(self.parent)
 
 
 class CgroupTools:
@@ -101,7 +116,7 @@ class CgroupTools:
         return 0.0
 
     def close(self):
-        pass
+        remove_cgroups(self.parent)
 
 
 class Ssh:

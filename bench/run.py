@@ -868,7 +868,7 @@ def fig21(certs, state_root, pyz):
     try:
         for cls in peers.PEERS:
             try:
-                made.append(cls(state_root, f"{PARENT}/peers"))
+                made.append(cls(state_root, f"{PARENT}/tools"))   # (not the server's)
                 candidates.append((made[-1].name, made[-1].run, made[-1].cpu, False))
             except Exception as e:   # (not installed: `make bench` installs them)
                 print(f"    figure 21: {cls.name} not measured: {e}")
@@ -1145,6 +1145,8 @@ def main():
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         jw.detect_cgroups(PARENT).remove_parent()
+        import peers
+        peers.remove_cgroups(PARENT)   # (what runc and libcgroup made in the other hierarchies)
     print(f"done in {time.monotonic() - t0:.0f} s")
     with open(os.path.join(HERE, "bench", "results.json"), "w") as f:
         json.dump({"machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
