@@ -6739,6 +6739,25 @@ def test_programs_kept_out_of_strings_lint_clean_where_they_run():
 
 # -- the queue: a full host holds work until a slot frees --------------------------------------
 
+@contextlib.contextmanager
+def most_at_once(count, interval=0.002):
+    """While the block runs, count() as often as it can be looked at (every `interval`
+    seconds); yields [the most it said]."""
+    most, done = [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            most[0] = max(most[0], count())
+            time.sleep(interval)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        yield most
+    finally:
+        done.set()
+        sampler.join()
+
+
 def queue_manager(fake_manager, **kw):
     """A manager of 4 running jobs at most, 2 kept for admins: the others share 2, and 2 per
     owner."""
@@ -6752,15 +6771,7 @@ def hold(m, owner="alice", n=2):
 
 def test_a_full_host_queues_in_order_round_robin_between_owners_within_the_caps(fake_manager):
     m = queue_manager(fake_manager)
-    most, sampling = [0], threading.Event()
-
-    def sample():   # how many job cgroups exist at once, as often as it can look
-        while not sampling.is_set():
-            most[0] = max(most[0], len(m.cgroups.leftover_job_ids()))
-            time.sleep(0.001)
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
+    with most_at_once(lambda: len(m.cgroups.leftover_job_ids())) as most:
         alice = [m.start("sleep", ["600"], owner="alice", queue=True) for _ in range(10)]
         bob = m.start("sleep", ["600"], owner="bob", queue=True)
         assert [s.state for s in alice] == [jw.RUNNING] * 2 + [jw.QUEUED] * 8
@@ -6779,9 +6790,6 @@ def test_a_full_host_queues_in_order_round_robin_between_owners_within_the_caps(
                            what="the next job to start")
             started += [i for i in now if i not in started and i not in
                         {alice[0].id, alice[1].id}]
-    finally:
-        sampling.set()
-        sampler.join()
     assert bob.id in started[:2]   # at the second freed slot at the latest
     assert [i for i in started if i != bob.id] == [s.id for s in alice[2:]]   # in their order
     assert most[0] <= 2, most   # never above the share the caps leave to non-admins
@@ -7054,15 +7062,7 @@ def queue_start(peer, *argv, **fields):
 def test_queued_jobs_over_grpc_wait_in_turn_with_the_cgroups_held_to_the_caps(pki, tmp_path):
     with running_server(pki, tmp_path, max_jobs=4, max_jobs_per_owner=2) as (m, port):
         alice, bob = Peer(pki, port, "alice"), Peer(pki, port, "bob")
-        most, sampling = [0], threading.Event()
-
-        def sample():   # the real job cgroups under the server's parent
-            while not sampling.is_set():
-                most[0] = max(most[0], len(m.cgroups.leftover_job_ids()))
-                time.sleep(0.002)
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        try:
+        with most_at_once(lambda: len(m.cgroups.leftover_job_ids())) as most:
             held = [alice.start("sleep", "600") for _ in range(2)]
             with pytest.raises(grpc.RpcError) as e:   # an old client: no queue field
                 alice.start("true")
@@ -7090,9 +7090,6 @@ def test_queued_jobs_over_grpc_wait_in_turn_with_the_cgroups_held_to_the_caps(pk
                 alice.stub.Stop(pb.StopRequest(job_id=job_id, grace_seconds=0), timeout=30)
             for r in readers:
                 r.join(60)
-        finally:
-            sampling.set()
-            sampler.join()
         assert outputs[mine.job_id][0] == b"alice\n" and outputs[theirs.job_id][0] == b"bob\n"
         assert outputs[theirs.job_id][2].state == pb.JOB_STATE_EXITED
         assert 1 <= most[0] <= 2, most
@@ -7156,16 +7153,8 @@ def test_a_flood_of_5000_queued_jobs_from_3_owners_all_run_once_within_the_caps(
     with running_server(pki, tmp_path, max_jobs=16, max_jobs_per_owner=4, observer=Count(),
                         max_queued_per_owner=2000) as (m, port):
         peers = [Peer(pki, port, name) for name in ("alice", "bob", "client")]
-        most, sampling = [0], threading.Event()
-
-        def sample():
-            while not sampling.is_set():
-                most[0] = max(most[0], len(m.cgroups.leftover_job_ids()))
-                time.sleep(0.005)
-        sampler = threading.Thread(target=sample)
-        sampler.start()
         ids = {}
-        try:
+        with most_at_once(lambda: len(m.cgroups.leftover_job_ids()), 0.005) as most:
             def submit(peer, n):
                 ids[peer] = [queue_start(peer, "true").job_id for _ in range(n)]
             with concurrent.futures.ThreadPoolExecutor(3) as pool:
@@ -7174,9 +7163,6 @@ def test_a_flood_of_5000_queued_jobs_from_3_owners_all_run_once_within_the_caps(
             deadline = time.monotonic() + 600
             for job_id in everything:   # each one's end, as it comes
                 assert m.table.get(job_id).wait_final(max(0, deadline - time.monotonic()))
-        finally:
-            sampling.set()
-            sampler.join()
         finals = [m.status(j) for j in everything]
         assert len(set(everything)) == 5000
         assert {(s.state, s.exit_code) for s in finals} == {(jw.EXITED, 0)}
