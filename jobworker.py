@@ -3865,6 +3865,14 @@ class JobQueue:
         self.put(job, force=True)
         return job
 
+    def order_turns(self, served):
+        """Put the owners' turns back as they were before a restart: an owner goes to the back
+        as a job of theirs leaves the line (`served`: {owner: when one last did}) or as their
+        line begins (the oldest job in it)."""
+        with self.cond:
+            back = lambda item: max(served.get(item[0], 0.0), item[1][0].status.queued_at)
+            self._lines = dict(sorted(self._lines.items(), key=back))
+
     def check_room(self, owner):
         """CapReached if a job of `owner` would not fit (asked before anything is made)."""
         if self.total >= self.max_queued:
@@ -4098,11 +4106,14 @@ class JobRecovery:
     def recover(self, held, adopt, forget, queue):
         """The table's entries of the jobs of earlier runs (JobStore.load). Those the launcher
         still holds (`held`: (state, fds) by id) are adopt(status, state, fds)'ed, running
-        (live restore); the queued go back in `queue`, in the order they came; the others
-        that were running when the server stopped end `lost` or `failed` (finished). What
-        the launcher holds without a running record is not ours: forget(job_id)."""
-        entries, queued = [], []
+        (live restore); the queued go back in `queue`, in the order they came and with the
+        owners' turns as they were; the others that were running when the server stopped end
+        `lost` or `failed` (finished). What the launcher holds without a running record is
+        not ours: forget(job_id)."""
+        entries, queued, served = [], [], {}
         for status in self.store.load():
+            if status.queued_at is not None and status.started_at:   # it left the queue then
+                served[status.owner] = max(served.get(status.owner, 0.0), status.started_at)
             if status.state == RUNNING and status.id in held:
                 adopt(status, *held.pop(status.id))
             elif status.state == QUEUED:
@@ -4115,6 +4126,7 @@ class JobRecovery:
             except (OSError, ValueError, JobworkerError) as e:
                 entries.append(self.unqueued(status, f"what it was to start with cannot be "
                                                       f"read ({e})"))
+        queue.order_turns(served)
         for job_id, (_, fds) in held.items():
             for fd in fds.values():
                 _close_quietly(fd)

@@ -7007,6 +7007,29 @@ def test_a_restart_keeps_the_queue_in_order_and_then_starts_it(fake_manager):
     assert not any(os.path.exists(p) for p in pending)   # no secret stays on disk
 
 
+def test_a_restart_keeps_whose_turn_it_is(fake_manager):
+    m = queue_manager(fake_manager)
+    held = hold(m, owner="hog")
+    a = [m.start("sleep", ["600"], owner="alice", queue=True) for _ in range(3)]
+    b = [m.start("sleep", ["600"], owner="bob", queue=True) for _ in range(2)]
+    m.stop(held[0].id, grace=0)
+    m.table.get(a[0].id).wait_started()   # alice was served: bob's turn is next
+    names = {j.id: f"a{i}" for i, j in enumerate(a)} | {j.id: f"b{i}" for i, j in enumerate(b)}
+    line = lambda m: sorted((m.status(i).queue_position, n) for i, n in names.items()
+                            if m.status(i).state == jw.QUEUED)
+    before = line(m)
+    assert before == [(1, "b0"), (2, "a1"), (3, "b1"), (4, "a2")]
+    m.close(keep_jobs=True)
+    m2 = queue_manager(fake_manager)
+    assert line(m2) == before
+    m2.stop(held[1].id, grace=0)
+    m2.table.get(b[0].id).wait_started()
+    assert m2.status(a[1].id).state == jw.QUEUED
+    for job_id in names:
+        with contextlib.suppress(jw.JobNotRunning):
+            m2.stop(job_id, grace=0)
+
+
 def test_the_queue_bounds_refuse_saying_which_and_leave_nothing(fake_manager):
     m = queue_manager(fake_manager, max_queued=3, max_queued_per_owner=2)
     hold(m)
