@@ -4564,10 +4564,12 @@ def test_ansible_runs_tasks_as_jobs_through_the_connection_plugin(fleet, tmp_pat
     r = ansible("ansible", "web2", "-m", "fetch", "-a", f"src={there} dest={back} flat=yes")
     assert r.returncode == 0 and hashlib.sha256(back.read_bytes()).digest() == \
         hashlib.sha256(data).digest(), r.stdout
-    r = ansible("ansible", "web1", "-e", "ansible_jobworker_memory=300M", "-m", "shell", "-a",
+    r = ansible("ansible", "web1", "-vvv", "-e", "ansible_jobworker_memory=300M", "-e",
+                "ansible_jobworker_queue=true", "-m", "shell", "-a",
                 "cat /sys/fs/cgroup/memory$(sed -n 's/^[0-9]*:memory://p' /proc/self/cgroup)"
                 "/memory.limit_in_bytes")
     assert r.returncode == 0 and str(300 << 20) in r.stdout, r.stdout   # the task's own cgroup
+    assert re.search(r"jobworker run .*--memory 300M .*--queue (-i )?-- ", r.stdout), r.stdout
     (tmp_path / "play.yml").write_text(
         "- hosts: web1\n  gather_facts: false\n  tasks:\n"
         "    - command: echo first\n    - command: sh -c 'exit 5'\n")

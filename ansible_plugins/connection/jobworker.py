@@ -75,6 +75,19 @@ options:
     type: str
     vars:
       - name: ansible_jobworker_timeout
+  queue:
+    description: On a host whose caps are full, each task waits in the server's queue for a
+      slot instead of failing (jobworker's C(--queue)).
+    type: bool
+    default: false
+    vars:
+      - name: ansible_jobworker_queue
+  queue_timeout:
+    description: With O(queue) (implied), a task that has not started after this long fails
+      (C(10m)).
+    type: str
+    vars:
+      - name: ansible_jobworker_queue_timeout
 """
 
 import os
@@ -88,7 +101,7 @@ from ansible.utils.display import Display
 display = Display()
 
 EXIT_CONNECT = 3      # jobworker: cannot reach the server (or TLS failed)
-LIMITS = ("cpu", "memory", "disk_io", "pids", "timeout")
+LIMITS = ("cpu", "memory", "disk_io", "pids", "timeout", "queue_timeout")
 
 
 class Connection(ConnectionBase):
@@ -116,6 +129,8 @@ class Connection(ConnectionBase):
             value = self.get_option(name)
             if value:
                 argv += [f"--{name.replace('_', '-')}", str(value)]
+        if self.get_option("queue"):
+            argv.append("--queue")
         return argv + list(args)
 
     def _run(self, argv, stdin=None, stdout=subprocess.PIPE, data=None):
