@@ -59,6 +59,7 @@ DEFAULT_MAX_JOBS = 1000               # concurrently running jobs
 DEFAULT_MAX_JOBS_PER_OWNER = 256      # ... of one owner
 DEFAULT_MAX_QUEUED = 10_000           # jobs waiting for a slot (Start with queue)
 DEFAULT_MAX_QUEUED_PER_OWNER = 1000   # ... of one owner
+QUEUE_STARTERS = 4                    # threads that start queued jobs whose turn has come
 MAX_ARGS = 4096                       # argv entries per job
 MAX_ARGV_BYTES = 256 << 10            # total argv size per job
 CPU_PERIOD_US = 100_000               # cfs period (systemd uses 100 ms too)
@@ -3836,7 +3837,7 @@ class JobQueue:
         self._timed = 0        # ... of those still queued (the others are dropped lazily)
         self._kick = threading.Event()
         self._stopped = False
-        self._thread = None
+        self._thread = self._starters = None
 
     def enqueue(self, status, env, window):
         """The Job, queued, of a job Start accepted (JobSpawner.accept) while the caps were
@@ -3941,22 +3942,31 @@ class JobQueue:
         """Look for a job that may start (a slot freed, or a job came)."""
         self._kick.set()
 
-    def run(self, start, give_up):
-        """Start the thread that calls start(job) for each job whose turn has come (start
-        must give its slot back if it does not run it), and give_up(job) for each whose queue
-        timeout has passed, taken out of its line."""
+    def run(self, start, give_up, starters=QUEUE_STARTERS):
+        """Start the thread that hands each job whose turn has come to start(job), on one of
+        `starters` threads (start must give its slot back if it does not run it: a start that
+        hangs, on a workdir of a hung mount, holds one of them, not the queue), and calls
+        give_up(job) for each whose queue timeout has passed, taken out of its line."""
+        self._starters = concurrent.futures.ThreadPoolExecutor(starters, "jobworker-dequeue")
         self._thread = threading.Thread(target=self._loop, args=(start, give_up), daemon=True,
                                         name="jobworker-queue")
         self._thread.start()
 
     def stop(self):
-        """No job leaves the queue from now on (those in it stay queued)."""
+        """No job leaves the queue from now on (those in it stay queued); returns once the
+        starts under way have ended."""
         self._stopped = True
         self._kick.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
+            self._starters.shutdown(wait=True)
 
     def _loop(self, start, give_up):
+        def run(fn, job):
+            try:
+                fn(job)
+            except Exception:
+                log.exception("queued job %s", job.id)
         while True:
             self._kick.wait(self._next_deadline())
             self._kick.clear()
@@ -3964,10 +3974,10 @@ class JobQueue:
                 job = self._expired() or self._next()
                 if job is None:
                     break
-                try:
-                    (give_up if job.phase is Phase.QUEUED else start)(job)
-                except Exception:
-                    log.exception("queued job %s", job.id)
+                if job.phase is Phase.QUEUED:
+                    run(give_up, job)
+                else:
+                    self._starters.submit(run, start, job)
             if self._stopped:
                 return
 

@@ -6741,6 +6741,16 @@ def test_programs_kept_out_of_strings_lint_clean_where_they_run():
 
 # -- the queue: a full host holds work until a slot frees --------------------------------------
 
+def job_cgroups(m):
+    """How many job cgroups the manager `m` has now: the most in any one hierarchy (a union of
+    the hierarchies, each listed at a moment of its own, counts a job that ends and one that
+    starts meanwhile as two)."""
+    if isinstance(m.cgroups, FakeCgroupDriver):
+        return len(m.cgroups.leftover_job_ids())
+    return max([sum(1 for n in os.listdir(d) if jw._JOB_ID_RE.fullmatch(n))
+                for d in m.cgroups.parent_dirs() if os.path.isdir(d)] or [0])
+
+
 @contextlib.contextmanager
 def most_at_once(count, interval=0.002):
     """While the block runs, count() as often as it can be looked at (every `interval`
@@ -6773,7 +6783,7 @@ def hold(m, owner="alice", n=2):
 
 def test_a_full_host_queues_in_order_round_robin_between_owners_within_the_caps(fake_manager):
     m = queue_manager(fake_manager)
-    with most_at_once(lambda: len(m.cgroups.leftover_job_ids())) as most:
+    with most_at_once(lambda: job_cgroups(m)) as most:
         alice = [m.start("sleep", ["600"], owner="alice", queue=True) for _ in range(10)]
         bob = m.start("sleep", ["600"], owner="bob", queue=True)
         assert [s.state for s in alice] == [jw.RUNNING] * 2 + [jw.QUEUED] * 8
@@ -7032,6 +7042,32 @@ def test_a_restart_keeps_whose_turn_it_is(fake_manager):
             m2.stop(job_id, grace=0)
 
 
+def test_a_start_that_hangs_holds_up_neither_the_queue_nor_its_timeouts(fake_manager, tmp_path):
+    # (a workdir on a mount that hangs: the queue's one thread stat()ed it and stood still)
+    m = queue_manager(fake_manager)
+    held = hold(m, owner="hog")
+    stuck_dir, gate = tmp_path / "stuck", threading.Event()
+    stuck_dir.mkdir()
+    check = m.spawner.check_again
+
+    def hanging(status, env):
+        if status.workdir == str(stuck_dir):
+            gate.wait(60)
+        check(status, env)
+    m.spawner.check_again = hanging
+    stuck = m.start("true", owner="alice", queue=True, workdir=str(stuck_dir))
+    later = m.start("true", owner="bob", queue=True)
+    given_up = m.start("true", owner="carol", queue=True, queue_timeout=0.3)
+    m.stop(held[0].id, grace=0)   # the stuck one's turn
+    wait_for(lambda: m.table.get(stuck.id).phase is jw.Phase.STARTING, what="its start")
+    s = wait_final(m, given_up.id)
+    assert (s.state, s.queue_timed_out) == (jw.STOPPED, True)
+    m.stop(held[1].id, grace=0)   # bob's turn: it runs while alice's start hangs
+    assert wait_final(m, later.id).exit_code == 0
+    gate.set()
+    assert wait_final(m, stuck.id).exit_code == 0
+
+
 def test_the_queue_bounds_refuse_saying_which_and_leave_nothing(fake_manager):
     m = queue_manager(fake_manager, max_queued=3, max_queued_per_owner=2)
     hold(m)
@@ -7087,7 +7123,7 @@ def queue_start(peer, *argv, **fields):
 def test_queued_jobs_over_grpc_wait_in_turn_with_the_cgroups_held_to_the_caps(pki, tmp_path):
     with running_server(pki, tmp_path, max_jobs=4, max_jobs_per_owner=2) as (m, port):
         alice, bob = Peer(pki, port, "alice"), Peer(pki, port, "bob")
-        with most_at_once(lambda: len(m.cgroups.leftover_job_ids())) as most:
+        with most_at_once(lambda: job_cgroups(m)) as most:
             held = [alice.start("sleep", "600") for _ in range(2)]
             with pytest.raises(grpc.RpcError) as e:   # an old client: no queue field
                 alice.start("true")
@@ -7179,7 +7215,7 @@ def test_a_flood_of_5000_queued_jobs_from_3_owners_all_run_once_within_the_caps(
                         max_queued_per_owner=2000) as (m, port):
         peers = [Peer(pki, port, name) for name in ("alice", "bob", "client")]
         ids = {}
-        with most_at_once(lambda: len(m.cgroups.leftover_job_ids()), 0.005) as most:
+        with most_at_once(lambda: job_cgroups(m), 0.005) as most:
             def submit(peer, n):
                 ids[peer] = [queue_start(peer, "true").job_id for _ in range(n)]
             with concurrent.futures.ThreadPoolExecutor(3) as pool:
