@@ -60,6 +60,7 @@ DEFAULT_MAX_JOBS_PER_OWNER = 256      # ... of one owner
 DEFAULT_MAX_QUEUED = 10_000           # jobs waiting for a slot (Start with queue)
 DEFAULT_MAX_QUEUED_PER_OWNER = 1000   # ... of one owner
 QUEUE_STARTERS = 4                    # threads that start queued jobs whose turn has come
+FINISHERS = 8                         # threads that finish ended jobs (drain, usage, rmdir)
 MAX_ARGS = 4096                       # argv entries per job
 MAX_ARGV_BYTES = 256 << 10            # total argv size per job
 CPU_PERIOD_US = 100_000               # cfs period (systemd uses 100 ms too)
@@ -141,6 +142,27 @@ def _remove_tree(path, first=None):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(path, name))
     os.rmdir(path)
+
+
+def name_os_thread():
+    """Give the calling thread its Python name in the kernel too (the first 15 bytes, what
+    /proc/PID/task/TID/comm, `top -H` and `ps -L` show), so an operator tells the server's
+    threads apart; CPython does so itself only from 3.14. A kernel without
+    /proc/thread-self (before 3.17) keeps the process's name."""
+    with contextlib.suppress(OSError):
+        with open("/proc/thread-self/comm", "w") as f:
+            f.write(threading.current_thread().name.encode()[:15].decode(errors="ignore"))
+
+
+class NamedThread(threading.Thread):
+    """A daemon thread named in the kernel as in Python (name_os_thread)."""
+
+    def __init__(self, target=None, name=None, args=()):
+        super().__init__(target=target, name=name, args=args, daemon=True)
+
+    def run(self):
+        name_os_thread()
+        super().run()
 
 
 # ================================================================================================
@@ -2670,7 +2692,7 @@ class LauncherSupervisor:
             self.watch_exit(job)
         self.engine.call_later(0, self._reap_orphans)
         self.deaths.append(time.monotonic())
-        threading.Thread(target=self._replace, name="jobworker-relaunch", daemon=True).start()
+        NamedThread(self._replace, "jobworker-relaunch").start()
 
     # -- while a launcher is dead, and after ---------------------------------------------------
 
@@ -3478,12 +3500,12 @@ class JobStore:
         _remove_tree(self.job_dir(job_id), first=RECORD_FILE)
 
 
-class _Engine(threading.Thread):
+class _Engine(NamedThread):
     """One thread for the launcher's messages, and for the jobs' pidfds and timers when the
     launcher is gone (epoll): the thread count does not grow with the number of jobs."""
 
     def __init__(self):
-        super().__init__(name="jobworker-engine", daemon=True)
+        super().__init__(name="jobworker-engine")
         self._ep = select.epoll()
         self._handlers = {}     # fd -> (handler, close the fd when it is removed)
         self._calls = []
@@ -3947,9 +3969,9 @@ class JobQueue:
         `starters` threads (start must give its slot back if it does not run it: a start that
         hangs, on a workdir of a hung mount, holds one of them, not the queue), and calls
         give_up(job) for each whose queue timeout has passed, taken out of its line."""
-        self._starters = concurrent.futures.ThreadPoolExecutor(starters, "jobworker-dequeue")
-        self._thread = threading.Thread(target=self._loop, args=(start, give_up), daemon=True,
-                                        name="jobworker-queue")
+        self._starters = concurrent.futures.ThreadPoolExecutor(
+            starters, "jobworker-dequeue", initializer=name_os_thread)
+        self._thread = NamedThread(self._loop, "jobworker-queue", (start, give_up))
         self._thread.start()
 
     def stop(self):
@@ -4049,8 +4071,7 @@ class Retention:
         return removed
 
     def start(self, closing):
-        self._thread = threading.Thread(target=self._sweep, args=(closing,), daemon=True,
-                                        name="jobworker-retention")
+        self._thread = NamedThread(self._sweep, "jobworker-retention", (closing,))
         self._thread.start()
 
     def join(self):
@@ -4410,7 +4431,8 @@ class JobManager(LauncherEvents):
             self.cgroups.setup()
             _set_child_subreaper()
             _cap_by_fd_limit(self._running, raise_fd_limit(), self.max_jobs)
-            self._finisher = concurrent.futures.ThreadPoolExecutor(8, "jobworker-finish")
+            self._finisher = concurrent.futures.ThreadPoolExecutor(
+                FINISHERS, "jobworker-finish", initializer=name_os_thread)
             self._engine = _Engine()
             self._stopper = JobStopper(self._engine, self._finisher, self.grace, clock=self._clock)
             self.supervisor = self.spawner.supervisor = LauncherSupervisor(
@@ -5110,7 +5132,7 @@ class RevocationList:
         second, and at reload()), until stop_watching()."""
         self._on_change = on_change
         self._watching = threading.Event()
-        threading.Thread(target=self._watch, name="jobworker-revocation", daemon=True).start()
+        NamedThread(self._watch, "jobworker-revocation").start()
 
     def stop_watching(self):
         if getattr(self, "_watching", None):
@@ -5892,8 +5914,8 @@ class JobService:
             context.add_callback(follow.cancel)
             context.input_bytes = 0
             context.send_initial_metadata(())
-            threading.Thread(target=self._feed, args=(attached, requests, done, failed),
-                             name="jobworker-attach", daemon=True).start()
+            NamedThread(self._feed, "jobworker-attach",
+                        (attached, requests, done, failed)).start()
             sent = self.metrics.streamed if self.metrics else (lambda n: None)
             for at, data, first_stream, lengths in follow.runs():
                 yield encode_output_batch(at, data, self._streams_pb[first_stream], lengths)
@@ -6132,7 +6154,7 @@ class ConnectionGuard:
             log.warning("connections that have not authenticated are bounded only in all "
                         "(--max-connections): this kernel does not list them (%s)", e)
             return None
-        self._thread = threading.Thread(target=self._run, name="jobworker-guard", daemon=True)
+        self._thread = NamedThread(self._run, "jobworker-guard")
         self._thread.start()
         return self
 
@@ -6305,7 +6327,8 @@ class RpcServer:
         self.manager, self.listen, self.tls, self.limits = manager, listen, tls, limits
         self.revoked, self.metrics = revoked, metrics
         workers = limits.max_streams + UNARY_WORKERS
-        self.pool = concurrent.futures.ThreadPoolExecutor(workers, "jobworker-rpc")
+        self.pool = concurrent.futures.ThreadPoolExecutor(workers, "jobworker-rpc",
+                                                          initializer=name_os_thread)
         calls = Quota("calls in flight", workers,
                       limits.max_streams_per_owner + UNARY_CALLS_PER_OWNER)
         connections = limits.connection_budget(raise_fd_limit(), manager.max_jobs)
@@ -6376,7 +6399,7 @@ class RpcServer:
             stopped.wait()
             self.pool.shutdown(wait=False)
             done.set()
-        threading.Thread(target=finish, name="jobworker-rpc-stop", daemon=True).start()
+        NamedThread(finish, "jobworker-rpc-stop").start()
         return done
 
 
@@ -6614,8 +6637,7 @@ class MetricsServer:
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._conns = {}   # socket -> _HttpConnection, oldest first
         self._stopping = False
-        self.thread = threading.Thread(target=self._serve, name="jobworker-metrics",
-                                       daemon=True)
+        self.thread = NamedThread(self._serve, "jobworker-metrics")
         self.thread.start()
 
     def close(self):

@@ -2742,6 +2742,23 @@ def test_fork_safety_2000_spawns_while_8_followers_stream(pki, api, peers, capfd
     assert "fork" not in (captured.out + captured.err).lower()
 
 
+def test_the_server_s_threads_carry_their_names_in_the_kernel_for_top_and_ps():
+    """`top -H` and `ps -L` tell the server's threads apart: a named thread and a pool's
+    threads carry their Python names (their first 15 bytes) in /proc."""
+    def comm():
+        with open("/proc/thread-self/comm") as f:
+            return f.read().strip()
+    seen = []
+    thread = jw.NamedThread(lambda: seen.append(comm()), "jobworker-engine")
+    thread.start()
+    thread.join()
+    with concurrent.futures.ThreadPoolExecutor(1, "jobworker-rpc",
+                                               initializer=jw.name_os_thread) as pool:
+        seen.append(pool.submit(comm).result())
+    assert seen == ["jobworker-engin", "jobworker-rpc_0"]
+    assert comm() != "jobworker-engin"   # the calling thread keeps its own
+
+
 # -- ops protocols: gRPC health, server reflection, Prometheus metrics ---------------------------
 
 
@@ -5256,6 +5273,35 @@ def proc_stats(pid):
     return fds, int(status["Threads"]), int(status["VmRSS"].split()[0]) * 1024
 
 
+# The server's thread pools, by the kernel's name of their threads (its first 15 bytes): each
+# grows on demand up to its bound and never shrinks, so more of them after a burst is no leak.
+SERVER_POOLS = {"jobworker-rpc_": jw.DEFAULT_MAX_STREAMS + jw.UNARY_WORKERS,
+                "jobworker-finis": jw.FINISHERS, "jobworker-deque": jw.QUEUE_STARTERS}
+
+
+def server_threads(pid):
+    """The threads of a server process by kind: (Counter of its own threads by name, pools
+    excepted; Counter of its pools' threads by pool; how many are grpc's native threads).
+    Python threads the server did not name carry the process's own name and count as its own."""
+    ours, pools, native = collections.Counter(), collections.Counter(), 0
+    with open(f"/proc/{pid}/comm") as f:
+        process = f.read().strip()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/comm") as f:
+                name = f.read().strip()
+        except FileNotFoundError:   # it ended meanwhile
+            continue
+        pool = next((p for p in SERVER_POOLS if name.startswith(p)), None)
+        if pool:
+            pools[pool] += 1
+        elif name.startswith("jobworker-") or name == process:
+            ours[name] += 1
+        else:
+            native += 1
+    return ours, pools, native
+
+
 def children_of(pid):
     kids = []
     for task in os.listdir(f"/proc/{pid}/task"):
@@ -5741,13 +5787,23 @@ def test_no_leaks_after_1000_jobs(pki, tmp_path):
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(one, range(80)))             # warm up threads, caches, channels
             time.sleep(1)
-            fds0, threads0, rss0 = proc_stats(server.proc.pid)
+            fds0, _, rss0 = proc_stats(server.proc.pid)
+            ours0, _, native0 = server_threads(server.proc.pid)
             list(pool.map(one, range(1000)))
         time.sleep(1)
-        fds1, threads1, rss1 = proc_stats(server.proc.pid)
+        fds1, _, rss1 = proc_stats(server.proc.pid)
+        ours1, pools1, _ = server_threads(server.proc.pid)
         launcher = children_of(server.proc.pid)[0]
         assert fds1 <= fds0 + 4, (fds0, fds1)
-        assert threads1 <= threads0 + 4, (threads0, threads1)
+        # none of the server's threads outlives its work; its pools stay within their bounds
+        # (a thread started from a pool's thread inherits its kernel name: the calls of 4
+        # clients in flight at once, each with the previous one still ending, need at most 16
+        # handlers); grpc's own pool, grown under the burst, gives back what it grew
+        assert ours1 == ours0, (ours0, ours1)
+        bounds = dict(SERVER_POOLS, **{"jobworker-rpc_": 4 * len(peers)})
+        assert all(pools1[p] <= n for p, n in bounds.items()), pools1
+        wait_for(lambda: server_threads(server.proc.pid)[2] <= native0 + 4, 60,
+                 "grpc's threads to be as many as before the jobs")
         assert rss1 - rss0 < 40 << 20, (rss0, rss1)
         assert zombies_of(launcher) == [] and children_of(launcher) == []
         assert driver.leftover_job_ids() == []
