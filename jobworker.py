@@ -43,6 +43,7 @@ import sys
 import termios
 import threading
 import time
+import types
 import typing
 import uuid
 
@@ -4973,15 +4974,25 @@ def _grpc():
     return grpc
 
 
-def _pb():
-    """The generated protobuf modules (built from jobworker.proto by `make` or build_zipapp.py)."""
-    _grpc()   # the _grpc module imports grpc: the TLS 1.2 restriction must come first
+def _messages():
+    """The generated protobuf messages (jobworker_pb2: built from jobworker.proto by `make` or
+    build_zipapp.py); grpc is not loaded."""
     try:
         import jobworker_pb2
+    except ImportError as e:
+        raise JobworkerError(f"generated gRPC modules missing ({e}); run `make stubs`") from None
+    return jobworker_pb2
+
+
+def _pb():
+    """The generated protobuf modules: messages and gRPC stubs."""
+    _grpc()   # the _grpc module imports grpc: the TLS 1.2 restriction must come first
+    pb = _messages()
+    try:
         import jobworker_pb2_grpc
     except ImportError as e:
         raise JobworkerError(f"generated gRPC modules missing ({e}); run `make stubs`") from None
-    return jobworker_pb2, jobworker_pb2_grpc
+    return pb, jobworker_pb2_grpc
 
 
 def encode_roles(roles):
@@ -5651,7 +5662,7 @@ def add_job_service(service, server):
     """Register `service` for every method of JobService (as the generated
     add_JobServiceServicer_to_server does), with Stream's responses sent as encoded."""
     grpc = _grpc()
-    pb = _pb()[0]
+    pb = _messages()
     handlers = {}
     kinds = {(False, False): grpc.unary_unary_rpc_method_handler,
              (False, True): grpc.unary_stream_rpc_method_handler,
@@ -7107,6 +7118,565 @@ class CliError(Exception):
         self.code = code
         self.unreachable = unreachable   # no answer from the server (worth trying again)
 
+# -- connection sharing: one process of the user holds the channels of later calls -------------
+#
+# A CLI call pays for the interpreter, `import grpc` and a TLS handshake before its own work.
+# As ssh's ControlMaster and ControlPersist: a call that finds no mux does its work directly
+# and starts one, a process of the same user that holds a channel per server and
+# certificate; later calls reach it over a Unix socket in a directory only the user can
+# enter, without importing grpc, and it relays each call's messages byte for byte. The server
+# sees the same certificate and decides as it would; the mux ends once no call came for its
+# persist time. JOBWORKER_MUX=off (or --no-mux) goes direct; JOBWORKER_MUX=10m persists
+# longer.
+
+MUX_PROTOCOL = 1                 # the socket's name carries it: another protocol, another mux
+MUX_PERSIST = 60.0               # seconds a mux waits for a call before it exits
+MUX_ANSWER_TIMEOUT = 2.0         # a mux that does not greet a call this fast is passed over
+MUX_MAX_CALLS = 256              # calls in flight at once; more go direct
+MUX_MAX_FRAME = 64 << 20
+# Frames: a kind byte, a 4-byte length, the payload. A call: the mux greets (HELLO); the client
+# sends HEAD (JSON), one REQUEST per request message and END when its requests are done; the
+# mux sends one MESSAGE per response, then STATUS (JSON) and closes. Closing the socket before
+# STATUS cancels the call.
+MUX_HELLO, MUX_HEAD, MUX_REQUEST, MUX_END = b"J", b"H", b"R", b"E"
+MUX_MESSAGE, MUX_STATUS = b"M", b"S"
+_MUX_FRAME = struct.Struct("!cI")
+
+
+def mux_setting(args=None, env=os.environ):
+    """How long a mux this call starts persists (seconds), or None when calls go direct
+    (--no-mux, JOBWORKER_MUX=off)."""
+    text = env.get("JOBWORKER_MUX", "").strip().lower()
+    if getattr(args, "no_mux", False) or text in ("off", "no", "0", "false"):
+        return None
+    try:
+        return parse_duration(text) if text else MUX_PERSIST
+    except InvalidArgument:
+        raise CliError(f"invalid JOBWORKER_MUX {text!r}: off, or how long the mux persists "
+                       f"({DURATION_FORM})", EXIT_USAGE) from None
+
+
+def mux_socket_path(env=os.environ):
+    """This user's mux socket: in $XDG_RUNTIME_DIR/jobworker if that is this user's, else in
+    $TMPDIR/jobworker-UID (/tmp); made 0700 if missing. None if neither is this user's alone
+    (made by another user first, or open to others' writes): then no mux is used."""
+    runtime = env.get("XDG_RUNTIME_DIR")
+    bases = ([os.path.join(runtime, "jobworker")] if runtime and os.path.isabs(runtime) else [])
+    bases.append(os.path.join(env.get("TMPDIR") or "/tmp", f"jobworker-{os.geteuid()}"))
+    for base in bases:
+        try:
+            check_private_dir(base, "mux directory")
+        except (LocalFileError, OSError):
+            continue
+        return os.path.join(base, f"mux-{MUX_PROTOCOL}.sock")
+    return None
+
+
+def _mux_frame(kind, payload=b""):
+    return _MUX_FRAME.pack(kind, len(payload)) + payload
+
+
+def _mux_send(sock, kind, payload=b""):
+    sock.sendall(_mux_frame(kind, payload))
+
+
+def _mux_recv_exact(sock, n):
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if not k:
+            raise EOFError("the mux connection closed")
+        got += k
+    return bytes(buf)
+
+
+def _mux_recv(sock):
+    """(kind, payload) of the next frame. EOFError if the peer has gone."""
+    kind, size = _MUX_FRAME.unpack(_mux_recv_exact(sock, _MUX_FRAME.size))
+    if size > MUX_MAX_FRAME:
+        raise EOFError(f"a frame of {size} bytes from the mux connection")
+    return kind, _mux_recv_exact(sock, size) if size else b""
+
+
+def _peer_uid(sock):
+    fmt = "3i"
+    return struct.unpack(fmt, sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                              struct.calcsize(fmt)))[1]
+
+
+def mux_connect(path, timeout=MUX_ANSWER_TIMEOUT):
+    """A socket to this user's mux at `path` that has greeted it, or None: no mux there, one
+    of another user, or one that does not answer in `timeout`."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        if _peer_uid(sock) != os.geteuid() or _mux_recv(sock) != (MUX_HELLO, b"%d" % MUX_PROTOCOL):
+            raise EOFError("not this user's mux of this protocol")
+        sock.settimeout(None)
+        return sock
+    except (OSError, EOFError, struct.error):
+        sock.close()
+        return None
+
+
+class StatusName(typing.NamedTuple):
+    """A gRPC status code by its name, as grpc.StatusCode's `.name`."""
+    name: str
+
+
+class MuxRpcError(Exception):
+    """A relayed call's failure, with what grpc.RpcError offers: code(), details(),
+    trailing_metadata()."""
+
+    def __init__(self, code, details, trailing=()):
+        super().__init__(f"{code}: {details}")
+        self._code, self._details, self._trailing = StatusName(code), details, tuple(trailing)
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+    def trailing_metadata(self):
+        return self._trailing
+
+
+def status_name(e):
+    """The name of an RPC error's status code (grpc's or a relayed one); "UNKNOWN" if none."""
+    code = e.code()
+    return code.name if code is not None else "UNKNOWN"
+
+
+def rpc_errors():
+    """The exceptions a failed call raises: a relayed one's, and grpc's once grpc is loaded
+    (a call through the mux does not load it)."""
+    grpc = sys.modules.get("grpc")
+    return (MuxRpcError, grpc.RpcError) if grpc is not None else (MuxRpcError,)
+
+
+class _MuxCall:
+    """One call relayed by the mux, over a connection of its own: iterate it for the responses;
+    cancel() ends it (and the mux's call with it)."""
+
+    def __init__(self, sock, head, requests, serialize, deserialize, many_requests):
+        self._sock, self._deserialize = sock, deserialize
+        self._status = self._pump = None
+        self._cancelled = False
+        frames = [_mux_frame(MUX_HEAD, json.dumps(head).encode())]
+        if not many_requests:   # in one write: the mux may answer and close before a second
+            frames += [_mux_frame(MUX_REQUEST, serialize(requests)), _mux_frame(MUX_END)]
+        try:
+            sock.sendall(b"".join(frames))
+        except OSError:
+            pass   # the mux went: reading its answer says so
+        if many_requests:
+            self._pump = threading.Thread(target=self._send_all, args=(requests, serialize),
+                                          name="jobworker-mux-requests", daemon=True)
+            self._pump.start()
+
+    def _send_all(self, requests, serialize):
+        try:
+            for request in requests:
+                _mux_send(self._sock, MUX_REQUEST, serialize(request))
+            _mux_send(self._sock, MUX_END)
+        except OSError:
+            pass   # the call ended (its responses say how)
+        except Exception:   # as grpc does with a request iterator that raises: cancel
+            self.cancel()
+
+    def _fail(self, code, details, trailing=()):
+        self._status = MuxRpcError(code, details, trailing)
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._status is not None:
+            if isinstance(self._status, MuxRpcError):
+                raise self._status
+            raise StopIteration
+        try:
+            kind, payload = _mux_recv(self._sock)
+        except socket.timeout:
+            self._fail("DEADLINE_EXCEEDED", "Deadline Exceeded (the mux did not answer)")
+            raise self._status from None
+        except (OSError, EOFError) as e:
+            self._fail("CANCELLED" if self._cancelled else "UNAVAILABLE",
+                       "Locally cancelled by application!" if self._cancelled else
+                       f"the connection to the mux was lost ({e})")
+            raise self._status from None
+        if kind == MUX_MESSAGE:
+            return self._deserialize(payload)
+        said = json.loads(payload) if kind == MUX_STATUS else {
+            "code": "INTERNAL", "details": f"the mux sent a frame of kind {kind!r}"}
+        if said.get("code") == "OK":
+            self._status = True
+            with contextlib.suppress(OSError):
+                self._sock.close()
+            raise StopIteration
+        self._fail(said.get("code") or "UNKNOWN", said.get("details") or "",
+                   [tuple(kv) for kv in said.get("trailing") or ()])
+        raise self._status
+
+    def cancel(self):
+        """End the call (from any thread): its iteration ends CANCELLED, and the mux's call."""
+        if self._status is None:
+            self._cancelled = True
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+
+    def result(self):
+        """The one response of a call with one (a unary call)."""
+        response = next(self)
+        for _ in self:   # its status
+            pass
+        return response
+
+
+class _MuxMethod:
+    """A method reached through a MuxChannel, called as grpc's multi-callables are: (request
+    or request iterator, timeout=) -> the response (one) or an iterable call (many)."""
+
+    def __init__(self, channel, method, serialize, deserialize, many_requests, many_responses):
+        self.channel, self.method = channel, method
+        self.serialize = serialize or (lambda b: b)
+        self.deserialize = deserialize or (lambda b: b)
+        self.many_requests, self.many_responses = many_requests, many_responses
+
+    def __call__(self, request, timeout=None, metadata=None):
+        sock = self.channel.connect()
+        if sock is None:   # the mux went away: this call and the next ones go direct
+            return self.direct()(request, timeout=timeout, metadata=metadata)
+        head = dict(self.channel.target, method=self.method, kind=self.kind(), timeout=timeout,
+                    metadata=[list(kv) for kv in metadata or ()])
+        if timeout is not None and not self.many_responses:   # a mux stuck: the deadline
+            sock.settimeout(timeout + MUX_ANSWER_TIMEOUT)
+        call = _MuxCall(sock, head, request, self.serialize, self.deserialize,
+                        self.many_requests)
+        return call if self.many_responses else call.result()
+
+    def kind(self):
+        """grpc's name of the method's kind: unary_unary, unary_stream, ..."""
+        return (f"{'stream' if self.many_requests else 'unary'}_"
+                f"{'stream' if self.many_responses else 'unary'}")
+
+    def direct(self):
+        return getattr(self.channel.fallback(), self.kind())(
+            self.method, request_serializer=self.serialize,
+            response_deserializer=self.deserialize)
+
+
+class MuxChannel:
+    """A channel through this user's mux, with grpc.Channel's method factories; where the mux
+    does not answer, through `direct()` (a grpc channel made then) instead."""
+
+    def __init__(self, path, first, target, direct):
+        self.path, self.target = path, target   # target: server and the PEMs, for the HEAD
+        self._first, self._direct, self._channel = first, direct, None
+
+    def connect(self):
+        """A greeted connection to the mux for one call, or None (go direct from now on)."""
+        if self._channel is not None:
+            return None
+        sock, self._first = self._first or mux_connect(self.path), None
+        return sock
+
+    def fallback(self):
+        if self._channel is None:
+            self._channel = self._direct()
+        return self._channel
+
+    def _method(self, many_requests, many_responses):
+        def make(method, request_serializer=None, response_deserializer=None, **_):
+            return _MuxMethod(self, method, request_serializer, response_deserializer,
+                              many_requests, many_responses)
+        return make
+
+    def __getattr__(self, name):
+        kinds = {"unary_unary": (False, False), "unary_stream": (False, True),
+                 "stream_unary": (True, False), "stream_stream": (True, True)}
+        if name not in kinds:
+            raise AttributeError(name)
+        return self._method(*kinds[name])
+
+    def close(self):
+        if self._first is not None:
+            self._first.close()
+        if self._channel is not None:
+            self._channel.close()
+
+
+def service_stub(channel, pb, service="JobService"):
+    """A stub of `service` on `channel` (a grpc channel or a MuxChannel), made from the
+    proto's descriptor: a callable per method, as the generated stub's."""
+    stub = types.SimpleNamespace()
+    desc = pb.DESCRIPTOR.services_by_name[service]
+    for m in desc.methods:
+        kind = {(False, False): "unary_unary", (False, True): "unary_stream",
+                (True, False): "stream_unary", (True, True): "stream_stream"}[
+                    (m.client_streaming, m.server_streaming)]
+        setattr(stub, m.name, getattr(channel, kind)(
+            f"/{desc.full_name}/{m.name}",
+            request_serializer=getattr(pb, m.input_type.name).SerializeToString,
+            response_deserializer=getattr(pb, m.output_type.name).FromString))
+    return stub
+
+
+def start_mux(path, persist):
+    """Start this user's mux in the background for later calls, unless one runs (or is
+    starting): it holds the lock beside its socket for as long as it runs. The new process is
+    this program in a session of its own, with no fd of this one but its build's lock."""
+    lock = path[:-len(".sock")] + ".lock"
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return None   # a mux runs, or is starting
+    finally:
+        os.close(fd)   # (and the lock with it: the mux takes it itself)
+    here = os.path.dirname(os.path.abspath(__file__))
+    build = build_lock(here)
+    try:
+        return subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "mux", "run", "--socket", path,
+             "--persist", f"{persist:g}s"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cwd="/", start_new_session=True, pass_fds=(build,) if build is not None else (),
+            env=dict(os.environ, JOBWORKER_BUILD_FD=str(build) if build is not None else ""))
+    except OSError:
+        return None
+    finally:
+        if build is not None:
+            os.close(build)
+
+
+class Mux:
+    """The mux process's work: calls taken on its socket, each relayed on a thread of its own
+    over the channel of its server and certificate (made at first use, closed once unused for
+    `persist`); returns once no call came for `persist` seconds."""
+
+    def __init__(self, path, persist):
+        self.path, self.persist = path, persist
+        self.channels = {}          # digest -> [channel, last used (monotonic), server]
+        self.lock = threading.Lock()
+        self.calls = 0
+        self.last = time.monotonic()
+        self.stopping = False
+
+    def serve(self):
+        """Take the lock, bind the socket, relay calls until idle; False if another mux holds
+        the lock."""
+        lock = os.open(self.path[:-len(".sock")] + ".lock",
+                       os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(lock)
+            return False
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)   # a mux that died left it: none other runs (the lock)
+            old = os.umask(0o177)
+            try:
+                listener.bind(self.path)
+            finally:
+                os.umask(old)
+            listener.listen(64)
+            listener.settimeout(1.0)
+            self._accept(listener)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            listener.close()
+            os.close(lock)
+        return True
+
+    def _accept(self, listener):
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except socket.timeout:
+                if self.stopping:
+                    return
+                now = time.monotonic()
+                with self.lock:
+                    idle = self.calls == 0 and now - self.last >= self.persist
+                    stale = [d for d, (_, used, _) in self.channels.items()
+                             if now - used >= self.persist]
+                    closing = [self.channels.pop(d)[0] for d in stale]
+                for channel in closing:
+                    channel.close()
+                if idle:
+                    return
+                continue
+            if self.stopping:
+                conn.close()
+                return
+            with self.lock:
+                full = self.calls >= MUX_MAX_CALLS
+                if not full:
+                    self.calls += 1
+            if full or _peer_uid(conn) != os.geteuid():
+                conn.close()   # (the client goes direct)
+                if not full:
+                    self._done()
+                continue
+            NamedThread(self._relay, "jobworker-mux-call", (conn,)).start()
+
+    def _done(self):
+        with self.lock:
+            self.calls -= 1
+            self.last = time.monotonic()
+
+    def _channel(self, head):
+        import hashlib
+        target = [head["server"], head["ca"], head["cert"], head["key"]]
+        digest = hashlib.sha256(json.dumps(target).encode()).hexdigest()
+        with self.lock:
+            entry = self.channels.get(digest)
+            if entry is None:
+                grpc = _grpc()
+                creds = grpc.ssl_channel_credentials(head["ca"].encode(), head["key"].encode(),
+                                                     head["cert"].encode())
+                entry = self.channels[digest] = [client_channel(grpc, target[0], creds), 0,
+                                                 target[0]]
+            entry[1] = time.monotonic()
+            return entry[0]
+
+    def _relay(self, conn):
+        grpc = _grpc()
+        try:
+            conn.settimeout(MUX_ANSWER_TIMEOUT)
+            _mux_send(conn, MUX_HELLO, b"%d" % MUX_PROTOCOL)
+            kind, payload = _mux_recv(conn)
+            if kind != MUX_HEAD:
+                return
+            head = json.loads(payload)
+            conn.settimeout(None)
+            if "op" in head:
+                self._op(conn, head["op"])
+                return
+            MuxRelay(conn, self._channel(head), head, grpc).run()
+        except (OSError, EOFError, ValueError, KeyError, TypeError, struct.error):
+            pass   # the client went, or is not one: it has nothing to be told
+        finally:
+            conn.close()
+            self._done()
+
+
+    def _op(self, conn, op):
+        """`jobworker mux status|stop`: what the mux holds, or its end."""
+        if op == "stop":
+            self.stopping = True
+            said = {"code": "OK", "details": "stopping"}
+        elif op == "status":
+            with self.lock:
+                said = {"code": "OK", "details": json.dumps({
+                    "pid": os.getpid(), "calls": self.calls - 1, "persist": self.persist,
+                    "servers": sorted({server for _, _, server in self.channels.values()})})}
+        else:
+            said = {"code": "UNIMPLEMENTED", "details": f"no mux op {op!r}"}
+        _mux_send(conn, MUX_STATUS, json.dumps(said).encode())
+
+
+class MuxRelay:
+    """One call relayed: the client's requests from `conn` to `channel`, the responses and the
+    status back. The client closing its connection cancels the call."""
+
+    def __init__(self, conn, channel, head, grpc):
+        self.conn, self.grpc, self.head = conn, grpc, head
+        self.method = head["method"]
+        self.channel = channel
+        self.call = None
+        self.gone = threading.Event()
+
+    def run(self):
+        grpc, head = self.grpc, self.head
+        many = self._kind()
+        requests = self._requests()
+        timeout = head.get("timeout")
+        metadata = [tuple(kv) for kv in head.get("metadata") or ()] or None
+        try:
+            request = requests if many[0] else next(requests)
+            if many[1]:
+                make = self.channel.stream_stream if many[0] else self.channel.unary_stream
+                self.call = make(self.method)(request, timeout=timeout, metadata=metadata)
+                if not many[0]:   # the client's leaving (its connection's end) is watched for
+                    NamedThread(self._watch, "jobworker-mux-watch").start()
+                elif self.gone.is_set():
+                    self.call.cancel()
+                for response in self.call:
+                    _mux_send(self.conn, MUX_MESSAGE, response)
+            else:   # (a client that leaves a unary call leaves it to its deadline)
+                make = self.channel.stream_unary if many[0] else self.channel.unary_unary
+                response, self.call = make(self.method).with_call(
+                    request, timeout=timeout, metadata=metadata)
+                _mux_send(self.conn, MUX_MESSAGE, response)
+            trailing = self.call.trailing_metadata()
+            status = {"code": "OK", "details": "", "trailing": trailing or ()}
+        except grpc.RpcError as e:
+            if self.gone.is_set():
+                return
+            status = {"code": status_name(e), "details": e.details() or "",
+                      "trailing": e.trailing_metadata() or ()}
+        except StopIteration:   # no request came
+            return
+        status["trailing"] = [[k, v] for k, v in status["trailing"] if isinstance(v, str)]
+        _mux_send(self.conn, MUX_STATUS, json.dumps(status).encode())
+
+    def _kind(self):
+        """(many requests, many responses) of the method, from the head."""
+        value = self.head.get("kind")
+        if value not in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+            raise ValueError(f"kind {value!r}")
+        return value.startswith("stream"), value.endswith("stream")
+
+    def _requests(self):
+        """The client's request messages, until END; the client leaving without END cancels
+        the call."""
+        while True:
+            try:
+                kind, payload = _mux_recv(self.conn)
+            except (OSError, EOFError):
+                kind = None
+            if kind == MUX_REQUEST:
+                yield payload
+            elif kind == MUX_END:
+                return
+            else:
+                self._cancel()
+                return
+
+    def _watch(self):
+        """The client of a call of one request sends no more but END: its connection's end
+        (it left, or took the status) cancels the call."""
+        with contextlib.suppress(OSError):
+            while self.conn.recv(1 << 12):
+                pass
+        self._cancel()
+
+    def _cancel(self):
+        self.gone.set()
+        if self.call is not None:
+            self.call.cancel()
+
+
+def client_channel(grpc, server, creds):
+    """A channel of the CLI's (or the mux's) to `server`: a server that vanished under a quiet
+    stream (`run`, `wait`) is noticed in a minute."""
+    return grpc.secure_channel(server, creds, options=[
+        ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS)])
+
 
 # -- contexts: saved connections, as docker's and kubectl's ------------------------------------
 
@@ -7294,8 +7864,9 @@ def with_default_port(server):
 
 
 class Client:
-    """A channel to one server with the CLI's certificates; turns RpcErrors into CliErrors.
-    main() closes every one made (a channel left to the interpreter's exit can hang it)."""
+    """A channel to one server with the CLI's certificates (through this user's mux where one
+    runs: see connection sharing); turns RPC errors into CliErrors. main() closes every one
+    made (a channel left to the interpreter's exit can hang it)."""
 
     made = []
 
@@ -7312,19 +7883,28 @@ class Client:
             except OSError as e:
                 raise CliError(f"cannot read {what} file {path}: {e.strerror} (set --{what} or "
                                f"{CLIENT_DEFAULTS[what][0]})", EXIT_CONNECT) from None
-        self.grpc = _grpc()
-        self.pb, pb_grpc = _pb()
-        creds = self.grpc.ssl_channel_credentials(pems["ca"], pems["key"], pems["cert"])
-        # A server that vanished under a quiet stream (`run`, `wait`) is noticed in a minute.
-        self.channel = self.grpc.secure_channel(
-            self.server, creds, options=[("grpc.keepalive_time_ms", KEEPALIVE_MS),
-                                         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS)])
-        self.stub = pb_grpc.JobServiceStub(self.channel)
+        self.pb = _messages()
+        persist = mux_setting(args)
+        path = mux_socket_path() if persist is not None else None
+        first = mux_connect(path) if path else None
+        if first is not None:
+            target = dict(server=self.server, **{k: v.decode() for k, v in pems.items()})
+            self.channel = MuxChannel(path, first, target, lambda: self._direct(pems))
+        else:
+            if path:
+                start_mux(path, persist)   # (before grpc is imported: nothing to fork)
+            self.channel = self._direct(pems)
+        self.stub = service_stub(self.channel, self.pb)
+
+    def _direct(self, pems):
+        grpc = _grpc()
+        creds = grpc.ssl_channel_credentials(pems["ca"], pems["key"], pems["cert"])
+        return client_channel(grpc, self.server, creds)
 
     def call(self, method, request, timeout=RPC_TIMEOUT):
         try:
             return getattr(self.stub, method)(request, timeout=timeout)
-        except self.grpc.RpcError as e:
+        except rpc_errors() as e:
             raise self.error(e) from None
 
     def job_id(self, text):
@@ -7346,7 +7926,7 @@ class Client:
         return found[0].job_id
 
     def error(self, e):
-        code = e.code().name if e.code() else "UNKNOWN"
+        code = status_name(e)
         details = e.details() or code
         said = dict(e.trailing_metadata() or ()).get(SERVER_ERROR_KEY)
         if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED") and not said:
@@ -7824,7 +8404,7 @@ def follow_to_end(client, job_id, on_message=None, offset=0):
     on_message (None: status only, no output is sent). A server that cannot be reached (one
     being restarted) is tried again for RECONNECT_PATIENCE seconds, resuming where the
     output stopped."""
-    pb, grpc, at = client.pb, client.grpc, ResumePoint(offset)
+    pb, at = client.pb, ResumePoint(offset)
     while True:
         req = pb.StreamRequest(job_id=job_id, offset=at.offset, batch=True,
                                status_only=on_message is None)
@@ -7834,7 +8414,7 @@ def follow_to_end(client, job_id, on_message=None, offset=0):
             if final is not None:
                 return final
             err = CliError("the server ended the stream early", EXIT_CONNECT, unreachable=True)
-        except grpc.RpcError as e:
+        except rpc_errors() as e:
             err = client.error(e)
             if not err.unreachable:
                 raise err from None
@@ -8067,7 +8647,7 @@ class AttachSession:
             signal.signal(signal.SIGWINCH, old)
 
     def _attached(self, offset):
-        pb, grpc, writer = self.pb, self.client.grpc, OutputWriter(self.pb)
+        pb, writer = self.pb, OutputWriter(self.pb)
         at = ResumePoint(offset)
         while True:
             start = pb.AttachStart(job_id=self.job_id)
@@ -8085,11 +8665,11 @@ class AttachSession:
                     return final
                 err = CliError("the server ended the attachment early", EXIT_CONNECT,
                                unreachable=True)
-            except grpc.RpcError as e:
+            except rpc_errors() as e:
                 if self.detached.is_set():
                     return None
                 err = self.client.error(e)
-                if (e.code() == grpc.StatusCode.FAILED_PRECONDITION and
+                if (status_name(e) == "FAILED_PRECONDITION" and
                         (self.started or at.trying_since is not None) and self._has_ended()):
                     # it ended before (or while) this process could attach: the rest of its
                     # output and its end, as `run` without -i
@@ -8311,17 +8891,16 @@ def connect(client, timeout):
     """Make sure the client's server answers, within `timeout` seconds: a refused or failed
     connection is said at once, with why; a silent one after `timeout` (CliError, exit 3).
     (One Info call: waiting on the channel's state would cost its close a poll interval.)"""
-    grpc = client.grpc
     try:
         client.stub.Info(client.pb.InfoRequest(), timeout=timeout)
-    except grpc.RpcError as e:
-        if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+    except rpc_errors() as e:
+        if status_name(e) == "DEADLINE_EXCEEDED":
             raise CliError(f"unreachable: {client.server} did not answer within {timeout:g}s",
                            EXIT_CONNECT, unreachable=True) from None
         err = client.error(e)
         if err.unreachable:
             raise CliError(f"unreachable: {err}", err.code, unreachable=True) from None
-        if e.code() != grpc.StatusCode.UNIMPLEMENTED:   # (a server without Info answers)
+        if status_name(e) != "UNIMPLEMENTED":   # (a server without Info answers)
             raise err from None
 
 
@@ -8451,7 +9030,7 @@ def run_on_hosts(args):
     if args.interactive or args.tty:
         raise CliError("-i and -t attach to one job: give one server, not --hosts", EXIT_USAGE)
     hosts = host_clients(args)
-    output, clients = HostOutput(_pb()[0], [h for h, _ in hosts], args.log_dir), {}
+    output, clients = HostOutput(_messages(), [h for h, _ in hosts], args.log_dir), {}
 
     def work(host, make, r):
         client = clients[host] = make()
@@ -8474,7 +9053,7 @@ def run_on_hosts(args):
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
-    pb = _pb()[0]
+    pb = _messages()
     if args.json:
         print(json.dumps([r.to_dict(pb) for r in results], indent=1))
     failed = [r for r in results if r.code != EXIT_OK]
@@ -8715,8 +9294,8 @@ def _health(client, service):
     stub = health_pb2_grpc.HealthStub(client.channel)
     try:
         answer = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=RPC_TIMEOUT)
-    except client.grpc.RpcError as e:
-        if e.code() == client.grpc.StatusCode.NOT_FOUND:
+    except rpc_errors() as e:
+        if status_name(e) == "NOT_FOUND":
             raise CliError(f"the server has no service {service!r} (it has "
                            f"{SERVICE_NAME!r} and '' for itself)", EXIT_NOT_FOUND) from None
         raise client.error(e) from None
@@ -8739,7 +9318,7 @@ def _args_wait(p):
 
 def cmd_wait(args):
     clients = Addressed(args)
-    pb = _pb()[0]
+    pb = _messages()
     job_ids = [clients.resolve(j) for j in args.job_ids]
     for client, job_id in job_ids:   # every id is checked before any wait: a typo fails at once
         client.call("Query", pb.QueryRequest(job_id=job_id))
@@ -8891,7 +9470,7 @@ def _args_list(p):
 
 
 def cmd_list(args):
-    pb, code = _pb()[0], EXIT_OK
+    pb, code = _messages(), EXIT_OK
     if fans_out(args):   # a HOST column, "host" in --json
         found = {}
 
@@ -9022,7 +9601,7 @@ def read_output(client, job_id, offset, on_piece, until=None):
             if until is not None and offset >= until:
                 return None, offset
         why = "the server ended it early"
-    except client.grpc.RpcError as e:
+    except rpc_errors() as e:
         err = client.error(e)
         if not err.unreachable:
             raise err from None
@@ -9489,6 +10068,52 @@ def cmd_doctor(args):
     return EXIT_OK if problems == 0 else EXIT_ERROR
 
 
+def _args_mux(p):
+    p.description = (
+        "The CLI's calls go through this user's mux, a process that holds the connections "
+        "to servers, as ssh's ControlMaster: a call that finds none works directly and starts "
+        "one; later calls skip loading grpc and the TLS handshake. It runs as you, listens "
+        "on a socket only you can reach ($XDG_RUNTIME_DIR/jobworker, else /tmp/jobworker-UID), "
+        "sends each call with the certificate the call named, and ends once no call came "
+        f"for {MUX_PERSIST:g}s (JOBWORKER_MUX=DURATION: that long; JOBWORKER_MUX=off or "
+        "--no-mux: no mux).")
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sub.add_parser("status", help="say whether a mux runs: its pid, servers, calls (exit 1 "
+                                  "if none)")
+    sub.add_parser("stop", help="end this user's mux (calls in flight finish)")
+    run = sub.add_parser("run", help="be the mux (what a call starts)")
+    run.add_argument("--socket", required=True, metavar="PATH")
+    run.add_argument("--persist", type=_cli_type(_seconds, DURATION_FORM), default=MUX_PERSIST,
+                     metavar="DURATION")
+
+
+def cmd_mux(args):
+    if args.action == "run":
+        build = os.environ.pop("JOBWORKER_BUILD_FD", "")
+        if build.isdigit():   # kept open for as long as this runs (see build_lock)
+            _held_build.append(int(build))
+        Mux(args.socket, args.persist).serve()
+        return EXIT_OK
+    path = mux_socket_path()
+    sock = mux_connect(path) if path else None
+    if sock is None:
+        print("no mux runs for this user" + (f" ({path})" if path else ""))
+        return EXIT_ERROR if args.action == "status" else EXIT_OK
+    with sock:
+        sock.settimeout(RPC_TIMEOUT)
+        _mux_send(sock, MUX_HEAD, json.dumps({"op": args.action}).encode())
+        kind, payload = _mux_recv(sock)
+    said = json.loads(payload)
+    if args.action == "stop":
+        print(f"the mux at {path} stops")
+        return EXIT_OK
+    state = json.loads(said["details"])
+    servers = ", ".join(state["servers"]) or "none yet"
+    print(f"mux pid {state['pid']} at {path}: {state['calls']} calls in flight, channels to "
+          f"{servers}; ends after {state['persist']:g}s without a call")
+    return EXIT_OK
+
+
 def _cli_type(parse, form):
     """An argparse type from a parser: a bad value is a usage error naming the accepted form."""
     import argparse
@@ -9594,6 +10219,9 @@ def _add_client_options(p):
     g.add_argument("--context", metavar="NAME",
                    help="a saved connection, from `jobworker context add` (env "
                         "JOBWORKER_CONTEXT; else the current one)")
+    g.add_argument("--no-mux", action="store_true",
+                   help="connect directly, not through this user's mux (env JOBWORKER_MUX=off; "
+                        "see `jobworker mux -h`)")
 
 
 SUBCOMMANDS = (   # name, what runs it, its options; its help (argparse %-formats it)
@@ -9618,6 +10246,7 @@ SUBCOMMANDS = (   # name, what runs it, its options; its help (argparse %-format
     ("version", cmd_version, _args_version,
      "print the client's version and the server's, with what it accepts"),
     ("doctor", cmd_doctor, _args_doctor, "check this host and the server's certificates"),
+    ("mux", cmd_mux, _args_mux, "this user's shared connections to servers: status, stop"),
     ("completion", cmd_completion, _args_completion, "print a shell completion script"),
 )
 

@@ -10,6 +10,7 @@ Every cgroup a test makes lives under one parent made for this test run
 afterwards, also on failure.
 """
 
+import argparse
 import collections
 import concurrent.futures
 import contextlib
@@ -27,6 +28,9 @@ import re
 import shlex
 import shutil
 import signal
+import socket
+import stat
+import struct
 import subprocess
 import sys
 import threading
@@ -40,6 +44,9 @@ RUN_PARENT = f"jobworker-test-{os.getpid()}"
 # Every launcher this run starts (in-process or through a server) inherits this, so one left
 # behind by a run that was killed can be found and ended.
 os.environ["JOBWORKER_TEST_RUN"] = str(os.getpid())
+# CLI calls go direct (no mux of the test run's user outlives it); the mux's own tests give it
+# a runtime dir of their own (mux_env).
+os.environ["JOBWORKER_MUX"] = "off"
 _counter = itertools.count()
 HERE = os.path.dirname(os.path.abspath(jw.__file__))
 root = pytest.mark.root
@@ -4613,6 +4620,169 @@ def test_ctrl_c_stops_the_job_on_every_host(fleet):
         assert json.loads(r.stdout)["state"] == "stopped"
 
 
+# -- connection sharing: this user's mux holds the channels of later calls ----------------------
+
+@pytest.fixture
+def mux_env(pki, quick_server, tmp_path):
+    """The environment of CLI calls that share a mux of their own (a runtime dir of this test's),
+    as `client` to quick_server; the mux is stopped, and waited for, at the end."""
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    env = MuxEnv(cli_env(pki, quick_server.port), XDG_RUNTIME_DIR=str(run))
+    env.pop("JOBWORKER_MUX")
+    env.sock = run / "jobworker" / f"mux-{jw.MUX_PROTOCOL}.sock"
+    yield env
+    pid = mux_pid(env.sock)
+    subprocess.run([*SRC, "mux", "stop"], env=env, capture_output=True, timeout=30)
+    if pid:
+        wait_for(lambda: not pid_alive(pid), 30, "the mux to end")
+
+
+class MuxEnv(dict):
+    """An environment, and the mux socket its calls share."""
+    sock = None
+
+
+def mux_pid(sock):
+    """pid of the mux listening on `sock`, or None."""
+    conn = jw.mux_connect(str(sock), timeout=5)
+    if conn is None:
+        return None
+    with conn:
+        return struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                   12))[0]
+
+
+def mux_cli(env, *args, name=None, **kw):
+    if name:
+        env = dict(env, JOBWORKER_CERT=env["JOBWORKER_CERT"].replace("client.", f"{name}."),
+                   JOBWORKER_KEY=env["JOBWORKER_KEY"].replace("client.", f"{name}."))
+    return subprocess.run([*SRC, *args], env=env, capture_output=True, timeout=60, **kw)
+
+
+@root
+def test_the_first_call_starts_the_mux_and_later_calls_skip_grpc_saying_the_same(
+        pki, quick_server, mux_env):
+    script = "printf 'out\\0\\377'; printf 'err\\n' >&2; exit 3"
+    direct = mux_cli(mux_env, "run", "--", "sh", "-c", script)   # starts the mux
+    assert (direct.returncode, direct.stdout, direct.stderr) == (3, b"out\0\377", b"err\n")
+    pid = wait_for(lambda: mux_pid(mux_env.sock), 30, "the mux")
+    st = os.stat(mux_env.sock)
+    assert stat.S_IMODE(st.st_mode) == 0o600 and stat.S_IMODE(
+        os.stat(mux_env.sock.parent).st_mode) == 0o700
+    # through the mux: the same bytes and exit code, and grpc is not loaded
+    shared = mux_cli(dict(mux_env, PYTHONPROFILEIMPORTTIME="1"), "run", "--", "sh", "-c", script)
+    lines = shared.stderr.split(b"\n")
+    assert shared.returncode == 3 and shared.stdout == b"out\0\377"
+    assert [ln for ln in lines if not ln.startswith(b"import time:")] == [b"err", b""]
+    assert not any(re.search(rb"\| +grpc(\.|$)", ln) for ln in lines), "grpc was loaded"
+    assert mux_pid(mux_env.sock) == pid   # the same mux served it
+    status = mux_cli(mux_env, "mux", "status")
+    assert status.returncode == 0 and f"mux pid {pid}".encode() in status.stdout
+    assert f"127.0.0.1:{quick_server.port}".encode() in status.stdout
+    # errors keep their codes and words
+    r = mux_cli(mux_env, "query", "6f9619ff-8b86-4011-b42d-00c04fc964ff")
+    assert r.returncode == 4 and r.stderr.startswith(b"jobworker: no such job")
+    r = mux_cli(mux_env, "start", "--cpu", "0%", "true")
+    assert r.returncode == 6 and b"invalid --cpu '0%'" in r.stderr
+    r = mux_cli(mux_env, "start", "true", name="reader")
+    assert r.returncode == 5, r.stderr
+    assert mux_pid(mux_env.sock) == pid
+
+
+@root
+def test_each_certificate_is_its_own_identity_through_the_mux(pki, quick_server, mux_env):
+    """One mux, two users' certificates: the server sees each call's own (its audit line), a
+    job of one is not the other's, and a reader is a reader."""
+    mux_cli(mux_env, "run", "true")
+    wait_for(lambda: mux_pid(mux_env.sock), 30, "the mux")
+    alice = mux_cli(mux_env, "start", "sleep", "60", name="alice").stdout.decode().strip()
+    bob = mux_cli(mux_env, "start", "sleep", "60", name="bob").stdout.decode().strip()
+    wait_for(lambda: any(f"job={bob}" in ln and 'identity="bob"' in ln and "method=Start" in ln
+                         for ln in quick_server.lines), 10, "bob's audit line")
+    assert any(f"job={alice}" in ln and 'identity="alice"' in ln for ln in quick_server.lines)
+    assert mux_cli(mux_env, "stop", alice, name="bob").returncode == 4   # not bob's
+    assert mux_cli(mux_env, "query", alice, name="reader").returncode == 0
+    assert mux_cli(mux_env, "stop", alice, name="reader").returncode == 5
+    for who, job in (("alice", alice), ("bob", bob)):
+        assert mux_cli(mux_env, "stop", job, "--grace", "0", name=who).returncode == 0
+
+
+@root
+def test_input_and_ctrl_c_go_through_the_mux(pki, quick_server, mux_env):
+    mux_cli(mux_env, "run", "true")
+    wait_for(lambda: mux_pid(mux_env.sock), 30, "the mux")
+    data = os.urandom(8 << 20)
+    r = mux_cli(mux_env, "run", "-i", "--", "sha256sum", input=data)
+    assert r.returncode == 0 and r.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+    assert mux_cli(mux_env, "run", "-i", "--", "sort", input=b"b\na\n").stdout == b"a\nb\n"
+    name = f"mux-{uuid.uuid4().hex[:8]}"
+    p = subprocess.Popen([*SRC, "run", "--name", name, "--", "sh", "-c", "echo up; sleep 600"],
+                         env=mux_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=as_from_a_terminal)
+    assert p.stdout.readline() == b"up\n"
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 130, err
+    job = json.loads(mux_cli(mux_env, "list", "--name", name, "--json").stdout)[0]
+    assert job["state"] == "stopped"
+
+
+@root
+def test_a_mux_killed_under_a_run_leaves_it_to_go_on_directly(pki, quick_server, mux_env):
+    mux_cli(mux_env, "run", "true")
+    pid = wait_for(lambda: mux_pid(mux_env.sock), 30, "the mux")
+    p = subprocess.Popen([*SRC, "run", "--", "sh", "-c", "echo up; sleep 2; echo done; exit 7"],
+                         env=mux_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout.readline() == b"up\n"
+    os.kill(pid, signal.SIGKILL)   # its calls in flight are lost with it
+    out, err = p.communicate(timeout=90)
+    assert (p.returncode, out) == (7, b"done\n"), err
+    assert mux_pid(mux_env.sock) is None or mux_pid(mux_env.sock) != pid
+
+
+@root
+def test_an_idle_mux_ends_and_removes_its_socket(pki, quick_server, mux_env):
+    assert mux_cli(dict(mux_env, JOBWORKER_MUX="1s"), "run", "true").returncode == 0
+    pid = wait_for(lambda: mux_pid(mux_env.sock), 30, "the mux")
+    assert mux_cli(mux_env, "query", "6f9619ff-8b86-4011-b42d-00c04fc964ff").returncode == 4
+    wait_for(lambda: not pid_alive(pid), 30, "the idle mux to end")
+    assert not mux_env.sock.exists()
+    assert mux_cli(mux_env, "mux", "status").returncode == 1
+
+
+@root
+def test_no_mux_where_its_directory_is_another_user_s_or_open_to_others(pki, quick_server,
+                                                                       tmp_path):
+    """A mux directory someone else made first, or one others may write, is passed over: calls
+    go direct, and nothing is started or written there."""
+    run, tmp = tmp_path / "run" / "jobworker", tmp_path / "tmp" / f"jobworker-{os.getuid()}"
+    for d in (run, tmp):
+        d.mkdir(parents=True)
+        os.chown(d, 65534, 65534)
+    env = dict(cli_env(pki, quick_server.port), XDG_RUNTIME_DIR=str(run.parent),
+               TMPDIR=str(tmp.parent), JOBWORKER_MUX="60s")
+    assert jw.mux_socket_path(env) is None
+    assert mux_cli(env, "run", "--", "echo", "hi").stdout == b"hi\n"
+    assert os.listdir(run) == [] and os.listdir(tmp) == []
+    os.chown(run, os.getuid(), os.getgid())
+    os.chmod(run, 0o777)
+    assert jw.mux_socket_path(env) is None
+    os.chmod(run, 0o700)
+    assert jw.mux_socket_path(env) == str(run / f"mux-{jw.MUX_PROTOCOL}.sock")
+
+
+def test_mux_settings_say_what_they_accept(monkeypatch):
+    assert jw.mux_setting(None, {}) == jw.MUX_PERSIST
+    assert jw.mux_setting(None, {"JOBWORKER_MUX": "10m"}) == 600
+    for off in ("off", "0", "no", "OFF"):
+        assert jw.mux_setting(None, {"JOBWORKER_MUX": off}) is None
+    assert jw.mux_setting(argparse.Namespace(no_mux=True), {}) is None
+    with pytest.raises(jw.CliError) as e:
+        jw.mux_setting(None, {"JOBWORKER_MUX": "sometimes"})
+    assert e.value.code == jw.EXIT_USAGE and "JOBWORKER_MUX" in str(e.value)
+
+
 # ================================================================================================
 # Interactive jobs: stdin pipes, terminals, attach (real pseudo-terminals; tmux as the user's)
 # ================================================================================================
@@ -6178,8 +6348,6 @@ def test_proto_works_unchanged_from_grpc_js(grpc_js, pki, api):
 
 import fcntl
 import importlib.util
-import stat
-import struct
 import tempfile
 import zipfile
 
