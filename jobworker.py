@@ -7118,6 +7118,14 @@ class CliError(Exception):
         self.code = code
         self.unreachable = unreachable   # no answer from the server (worth trying again)
 
+
+def _say(line):
+    """A line on stderr where there may be none: a terminal that hung up (SIGHUP) fails the
+    write, and what the line is about (stopping the job) must happen all the same."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr, flush=True)
+
+
 # -- connection sharing: one process of the user holds the channels of later calls -------------
 #
 # A CLI call pays for the interpreter, `import grpc` and a TLS handshake before its own work.
@@ -7741,7 +7749,8 @@ def _args_context(p):
     c = ctx.add_parser("add", help="save a connection (the first one saved becomes current)",
                        epilog="example: jobworker context add build1 --server build1 --ca "
                               "certs/ca.crt --cert certs/alice.crt --key certs/alice.key")
-    c.add_argument("name", help="a name for it")
+    c.add_argument("name", type=_cli_type(_context_name, CONTEXT_NAME_FORM),
+                   help=f"a name for it ({CONTEXT_NAME_FORM})")
     c.add_argument("--server", required=True, help="HOST[:PORT] (port 50051 if none)")
     for what in ("ca", "cert", "key"):
         c.add_argument(f"--{what}", required=True, help=f"{what} file (saved as an absolute path)")
@@ -7803,6 +7812,17 @@ def cmd_context(args):
 _LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")
 
 
+_CONTEXT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+CONTEXT_NAME_FORM = "letters, digits, '.', '_', '@', '-', first a letter or digit, at most 64"
+
+
+def _context_name(text):
+    """A context's name: it prefixes job ids (NAME:ID) and names --log-dir's files."""
+    if not _CONTEXT_NAME_RE.fullmatch(text):
+        raise ValueError(text)
+    return text
+
+
 def _label_item(text):
     """KEY=VALUE of a context's label (kubectl's characters)."""
     import argparse
@@ -7824,7 +7844,11 @@ def select_contexts(contexts, hosts=None, selector=None):
         patterns = [h.strip() for h in hosts.split(",") if h.strip()]
         names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     if selector is not None:
-        wanted = [_label_item(item.strip()) for item in selector.split(",") if item.strip()]
+        import argparse
+        try:
+            wanted = [_label_item(item.strip()) for item in selector.split(",") if item.strip()]
+        except argparse.ArgumentTypeError as e:
+            raise CliError(f"--selector: {e}", EXIT_USAGE) from None
         names = [n for n in names
                  if all((contexts.all[n].get("labels") or {}).get(k) == v for k, v in wanted)]
     if not names:
@@ -7949,10 +7973,14 @@ class Client:
         if "CERTIFICATE_VERIFY_FAILED" in details:
             return (f"the server {self.server} has a certificate the CA {self.files['ca']} did "
                     "not issue: is it the right server, and the right --ca?")
-        if "Socket closed" in details or "handshake" in details.lower():
+        if "Socket closed" in details:   # (at once: it refused the certificate)
             return (f"the server {self.server} closed the connection during the TLS "
                     f"handshake: it does not accept the client certificate {self.files['cert']}"
                     " (issued by a CA it does not trust?)")
+        if "handshake" in details.lower():   # (after grpc's handshake timeout)
+            return (f"the server {self.server} took the connection but did not complete a TLS "
+                    "handshake: is `jobworker serve` listening on that port (or is it "
+                    f"overloaded)? ({files})")
         if "Connection refused" in details:
             return (f"cannot reach server {self.server}: connection refused (is `jobworker "
                     f"serve` running there, on that port?) ({files})")
@@ -7970,15 +7998,28 @@ class Addressed:
     One client per server, made when first needed."""
 
     def __init__(self, args):
-        self.args, self.clients, self._lock = args, {}, threading.Lock()
+        self.args, self.clients, self._lock, self._locks = args, {}, threading.Lock(), {}
 
     def client(self, context=None):
+        """The client of `context` (None: the options'), made once; with --hosts (stop), its
+        server checked within --connect-timeout as run's are (an unreachable one is said
+        for each of its ids)."""
         import argparse
         with self._lock:
+            lock = self._locks.setdefault(context, threading.Lock())
+        with lock:   # (one per server: a silent one holds up only its own ids)
             if context not in self.clients:
                 args = self.args if context is None else argparse.Namespace(
                     **dict(vars(self.args), context=context))
-                self.clients[context] = Client(args)
+                try:
+                    client = Client(args)
+                    if context is not None and fans_out(self.args):
+                        connect(client, self.args.connect_timeout)
+                except CliError as e:
+                    client = e
+                self.clients[context] = client
+            if isinstance(self.clients[context], CliError):
+                raise self.clients[context]
             return self.clients[context]
 
     def resolve(self, text):
@@ -8166,9 +8207,10 @@ START_VALUE_OPTIONS = {"--cpu", "--memory", "--disk-io", "--pids", "--env", "--w
                        "--timeout", "--name", "--server", "--ca", "--cert", "--key", "--context",
                        "--detach-keys", "--hosts", "--selector", "--parallel",
                        "--connect-timeout", "--log-dir", "--queue-timeout"}
-START_FLAG_OPTIONS = {"--detach", "--queue"}   # (--detach: of `run` only)
-# Read only before the command: a command's own -i or -t (`sort -t ,`) is common.
-_LEADING_FLAG_RE = re.compile(r"-[it]+|--interactive|--tty|--json")
+START_FLAG_OPTIONS = {"--detach", "--queue", "--no-mux"}   # (--detach: of `run` only)
+# Read only before the command: a command's own -i or -t (`sort -t ,`) is common, and so is
+# a --rm (`docker run --rm`).
+_LEADING_FLAG_RE = re.compile(r"-[it]+|--interactive|--tty|--json|--rm")
 
 
 class UsageError(Exception):
@@ -8472,7 +8514,8 @@ RUN_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _args_run(p):
-    p.usage = "jobworker run [START OPTIONS] [-i] [-t] [--detach] [--] CMD [ARG...]"
+    p.usage = ("jobworker run [START OPTIONS] [-i] [-t[t]] [--detach-keys KEYS] [--detach] [--rm] "
+               "[--] CMD [ARG...]")
     p.description = ("Starts a job as `start` does, writes its stdout to stdout and its stderr "
                      "to stderr from the first byte (with -i, this stdin goes to the job; with "
                      "-t the job runs on a terminal: Ctrl-C is a key for it, Ctrl-P Ctrl-Q "
@@ -8485,6 +8528,9 @@ def _args_run(p):
                      f"waited for ({RECONNECT_PATIENCE:g}s) and the output resumed.")
     _add_start_options(p)
     p.add_argument("--detach", action="store_true", help="only start it, as `start` does")
+    p.add_argument("--rm", action="store_true",
+                   help="remove the job (its record and output) once it has ended and its "
+                        "output is here, as `docker run --rm`")
     _add_detach_keys(p)
     _add_fanout_options(p, output=True)
     p.epilog = ("example: jobworker run --timeout 2h --memory 1G -- make test && echo passed; "
@@ -8515,7 +8561,10 @@ def cmd_run(args):
         except _Signalled as e:
             if job_id is None:
                 return 128 + e.signum   # nothing started (or its id never came back)
-            return _stop_for_signal(client, job_id, e.signum)
+            code = _stop_for_signal(client, job_id, e.signum)
+            if args.rm:
+                _remove_ended(client, job_id)
+            return code
         except BrokenPipeError:
             _quiet_stdout()
             _stop_quietly(client, job_id)   # the reader of its output left: so does the job
@@ -8525,7 +8574,17 @@ def cmd_run(args):
             signal.signal(sig, handler)
     for note in job_end_notes(client.pb, final):
         print(f"jobworker: {note}", file=sys.stderr)
+    if args.rm:
+        _remove_ended(client, job_id)
     return job_exit_code(client.pb, final)
+
+
+def _remove_ended(client, job_id):
+    """run --rm: the ended job's record and output go (a failure is said, not fatal)."""
+    try:
+        client.call("Remove", client.pb.RemoveRequest(job_id=job_id))
+    except CliError as e:
+        _say(f"jobworker: job {job_id} was not removed: {e}")
 
 
 # -- interactive jobs: run -i / -t, start -i / -t, attach --------------------------------------
@@ -8571,12 +8630,13 @@ def read_available(fd, buf):
 
 
 def local_window():
-    """(rows, columns) of this process's terminal, or None without one."""
+    """(rows, columns) of this process's terminal, or None without one; a size past what a
+    server takes (MAX_WINDOW) is sent as that (a window stretched mid-session must not end it)."""
     for fd in (0, 1, 2):
         with contextlib.suppress(OSError):
             size = os.get_terminal_size(fd)
             if size.lines and size.columns:
-                return size.lines, size.columns
+                return min(size.lines, MAX_WINDOW), min(size.columns, MAX_WINDOW)
     return None
 
 
@@ -8609,7 +8669,9 @@ class AttachSession:
         self.client, self.pb, self.job_id, self.tty = client, client.pb, job_id, tty
         self.started = started             # this process started the job (`run`)
         self.raw = tty and os.isatty(0)
-        self.keys = parse_detach_keys(detach_keys) if os.isatty(0) else b""
+        # (only in raw mode: a terminal in its own mode holds keys back until Enter, and
+        # takes Ctrl-Q for flow control)
+        self.keys = parse_detach_keys(detach_keys) if self.raw else b""
         # A pipe's input from a pipe or a file is read by the call's own request stream (no
         # thread, no queue: the fastest way), keys and a terminal's input by a thread.
         self.direct = not tty and not os.isatty(0)
@@ -8859,7 +8921,7 @@ def _add_fanout_options(p, output=False):
     g.add_argument("--parallel", type=_cli_type(_positive, "a number, 1 or more"),
                    default=DEFAULT_PARALLEL, metavar="N",
                    help=f"hosts in flight at once (default {DEFAULT_PARALLEL})")
-    g.add_argument("--connect-timeout", type=_cli_type(_seconds, DURATION_FORM),
+    g.add_argument("--connect-timeout", type=_cli_type(_positive_seconds, DURATION_FORM),
                    default=DEFAULT_CONNECT_TIMEOUT, metavar="DURATION",
                    help="how long an unreachable host may hold its slot (default "
                         f"{DEFAULT_CONNECT_TIMEOUT:g}s)")
@@ -8867,16 +8929,28 @@ def _add_fanout_options(p, output=False):
         g.add_argument("--log-dir", metavar="DIR",
                        help="also write each host's output to DIR/HOST.stdout and .stderr")
         g.add_argument("--json", action="store_true",
-                       help="one object per host at the end (before the command only)")
+                       help="one object per host at the end, alone on stdout (the jobs' "
+                            "output then goes to stderr; before the command only)")
 
 
 def fans_out(args):
     return bool(getattr(args, "hosts", None) or getattr(args, "selector", None) is not None)
 
 
+def fanout_contexts(args):
+    """The names of the contexts --hosts and --selector choose (select_contexts); a usage
+    error with flags that name one server (each host is its context: one server's flags
+    would send every job there)."""
+    given = [f"--{flag}" for flag in (*CLIENT_DEFAULTS, "context") if getattr(args, flag, None)]
+    if given:
+        raise CliError(f"{', '.join(given)} name one server; --hosts and --selector choose "
+                       "saved contexts, each with its own: give one or the other", EXIT_USAGE)
+    return select_contexts(Contexts(), args.hosts, args.selector)
+
+
 def host_clients(args):
     """[(context name, a function making its Client)] of the hosts args choose."""
-    names = select_contexts(Contexts(), args.hosts, args.selector)
+    names = fanout_contexts(args)
 
     def client_of(name):
         def make():
@@ -8915,12 +8989,13 @@ class HostOutput:
     one waits for its end, or the job's); with a log dir, each host's streams byte-exact in
     DIR/HOST.stdout and DIR/HOST.stderr too."""
 
-    def __init__(self, pb, hosts, log_dir=None):
+    def __init__(self, pb, hosts, log_dir=None, stdout_is_json=False):
         self.pb, self.log_dir = pb, log_dir
-        self.outs = {pb.OUTPUT_STREAM_STDOUT: sys.stdout.buffer,
+        out = sys.stderr if stdout_is_json else sys.stdout   # (--json: stdout is the JSON's)
+        self.outs = {pb.OUTPUT_STREAM_STDOUT: out.buffer,
                      pb.OUTPUT_STREAM_STDERR: sys.stderr.buffer}
         width = max(len(h) for h in hosts)
-        colour = sys.stdout.isatty()
+        colour = self.outs[pb.OUTPUT_STREAM_STDOUT].isatty()
         self.prefix = {h: (f"\x1b[{_HOST_COLOURS[i % len(_HOST_COLOURS)]}m{h + ':':{width + 1}}"
                            f"\x1b[0m " if colour else f"{h + ':':{width + 1}} ").encode()
                        for i, h in enumerate(hosts)}
@@ -8928,6 +9003,10 @@ class HostOutput:
         self.files = {}
         self.lock = threading.Lock()
         if log_dir:
+            for h in hosts:   # (a name of contexts.json, which may have been written by hand)
+                if not _CONTEXT_NAME_RE.fullmatch(h):
+                    raise CliError(f"context {h!r} cannot name a file in --log-dir: rename it "
+                                   f"({CONTEXT_NAME_FORM})", EXIT_USAGE)
             os.makedirs(log_dir, exist_ok=True)
 
     def writer(self, host):
@@ -9017,7 +9096,7 @@ def fan_out(args, hosts, work):
         while not all(f.done() for f in futures):
             concurrent.futures.wait(futures, timeout=0.2)   # (signals reach this thread)
     except _Signalled as e:
-        e.results = results
+        e.results, e.futures = results, futures
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
@@ -9030,25 +9109,41 @@ def run_on_hosts(args):
     if args.interactive or args.tty:
         raise CliError("-i and -t attach to one job: give one server, not --hosts", EXIT_USAGE)
     hosts = host_clients(args)
-    output, clients = HostOutput(_messages(), [h for h, _ in hosts], args.log_dir), {}
+    output = HostOutput(_messages(), [h for h, _ in hosts], args.log_dir, args.json)
+    clients = {}
+    stopping = threading.Event()   # a signal came: a Start in flight stops what it started
 
     def work(host, make, r):
         client = clients[host] = make()
-        _, r.id = start_job(args, client)
+        if stopping.is_set():
+            return
+        _, job_id = start_job(args, client)
+        if stopping.is_set():
+            _stop_quietly(client, job_id, timeout=None)
+            return
+        r.id = job_id
         try:
             r.final = follow_to_end(client, r.id, output.writer(host))
         finally:
             output.end(host)
         r.code = job_exit_code(client.pb, r.final)
+        if args.rm:
+            _remove_ended(client, r.id)
     old = {sig: signal.signal(sig, _raise_signalled) for sig in RUN_SIGNALS}
     try:
         results = fan_out(args, hosts, work)
     except _Signalled as e:
+        stopping.set()
         started = [(clients[r.host], r.id) for r in e.results.values() if r.id]
-        print(f"jobworker: {signal.Signals(e.signum).name}: stopping the job on "
-              f"{len(started)} host{'s' if len(started) != 1 else ''}", file=sys.stderr)
+        _say(f"jobworker: {signal.Signals(e.signum).name}: stopping the job on "
+             f"{len(started)} host{'s' if len(started) != 1 else ''}")
         with concurrent.futures.ThreadPoolExecutor(max(1, min(len(started), 32))) as pool:
             list(pool.map(lambda cj: _stop_quietly(*cj, timeout=None), started))
+        try:   # the hosts whose Start was in flight stop theirs (another signal: leave)
+            while not all(f.done() for f in e.futures):
+                concurrent.futures.wait(e.futures, timeout=0.2)
+        except _Signalled:
+            _say("jobworker: left; the jobs are being stopped")
         return 128 + e.signum
     finally:
         for sig, handler in old.items():
@@ -9083,7 +9178,7 @@ def _stop_for_signal(client, job_id, signum):
     """run got SIGINT, SIGTERM or SIGHUP: stop the job (its default grace), say how it ended,
     exit 128+signum. Another signal meanwhile leaves at once (the server goes on stopping)."""
     name = signal.Signals(signum).name
-    print(f"jobworker: {name}: stopping job {job_id} (again to leave at once)", file=sys.stderr)
+    _say(f"jobworker: {name}: stopping job {job_id} (again to leave at once)")
     try:
         try:
             # (no deadline: the server's grace is not known here; a second signal leaves)
@@ -9093,10 +9188,11 @@ def _stop_for_signal(client, job_id, signum):
             if e.code != EXIT_REFUSED:   # not "it had ended already"
                 raise
             status = client.call("Query", client.pb.QueryRequest(job_id=job_id)).status
-        print(f"jobworker: job {job_id} {_how_it_ended(client.pb, status)}", file=sys.stderr)
+        _say(f"jobworker: job {job_id} {_how_it_ended(client.pb, status)}")
     except _Signalled:
-        print(f"jobworker: left; job {job_id} is being stopped", file=sys.stderr)
+        _say(f"jobworker: left; job {job_id} is being stopped")
     return 128 + signum
+
 
 
 def _stop_quietly(client, job_id, timeout=2.0):
@@ -9372,7 +9468,7 @@ def cmd_stop(args):
             return f"{job_id} had already ended: {_how_it_ended(pb, status)}"
 
     if fans_out(args):   # each id looked for on every host chosen: stopped where it is
-        hosts = select_contexts(Contexts(), args.hosts, args.selector)
+        hosts = fanout_contexts(args)
         targets = [f"{h}:{t}" for t in args.job_ids for h in hosts]
         with concurrent.futures.ThreadPoolExecutor(min(args.parallel, len(targets))) as pool:
             done = dict(zip(targets, pool.map(_outcome(stop), targets)))
@@ -10133,6 +10229,13 @@ def _keep_for(text):
 def _seconds(text):
     seconds = parse_duration(text)
     if seconds < 0:
+        raise ValueError(text)
+    return seconds
+
+
+def _positive_seconds(text):
+    seconds = parse_duration(text)
+    if seconds <= 0:
         raise ValueError(text)
     return seconds
 

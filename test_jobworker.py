@@ -3016,6 +3016,7 @@ def cli_env(pki, port=None, name="client", host="127.0.0.1", base=None):
                JOBWORKER_KEY=str(pki / f"{name}.key"))
     if port:
         env["JOBWORKER_SERVER"] = f"{host}:{port}"
+    env.setdefault("JOBWORKER_MUX", "off")
     return env
 
 
@@ -3623,6 +3624,20 @@ def quick_server(pki, tmp_path_factory):
                      extra=["--grace", "1"])
     yield s
     assert s.stop() == 0
+
+
+@root
+def test_run_rm_leaves_no_job_behind_and_exits_as_the_job_did(pki, quick_server):
+    name = f"rm-{uuid.uuid4().hex[:8]}"
+    r = cli(SRC, "run", "--rm", "--name", name, "--", "sh", "-c", "echo hi; exit 4", certs=pki,
+            port=quick_server.port)
+    assert (r.returncode, r.stdout, r.stderr) == (4, b"hi\n", b"")
+    r = cli(SRC, "list", "--name", name, "-q", certs=pki, port=quick_server.port)
+    assert r.returncode == 0 and r.stdout == b""
+    r = cli(SRC, "run", "--name", name, "--", "sh", "-c", "exit 4", "--rm", certs=pki,
+            port=quick_server.port)   # only before the command: here it is the command's
+    assert r.returncode == 4
+    assert cli(SRC, "list", "--name", name, "-q", certs=pki, port=quick_server.port).stdout
 
 
 @root
@@ -4432,7 +4447,7 @@ def fleet(pki, quick_server, src_server, tmp_path):
     import socket as socketlib
     base = {k: v for k, v in os.environ.items()
             if not k.startswith("JOBWORKER_") and k != "GRPC_VERBOSITY"}
-    env = dict(base, XDG_CONFIG_HOME=str(tmp_path / "cfg"))
+    env = dict(base, XDG_CONFIG_HOME=str(tmp_path / "cfg"), JOBWORKER_MUX="off")
     ctl = lambda *a, **kw: subprocess.run([*SRC, *a], env=env, capture_output=True, timeout=120,
                                           **kw)
     mute = socketlib.socket()
@@ -4448,6 +4463,8 @@ def fleet(pki, quick_server, src_server, tmp_path):
                 "--label", "role=web", *[x for label in labels for x in ("--label", label)])
         assert r.returncode == 0, r
     ctl.env = env
+    ctl.files = ["--ca", str(pki / "ca.crt"), "--cert", str(pki / "client.crt"), "--key",
+                 str(pki / "client.key")]
     yield ctl
     mute.close()
     dead.close()
@@ -4479,9 +4496,10 @@ def test_run_on_many_hosts_prefixes_lines_sums_up_and_exits_with_the_worst(fleet
     assert "connection refused" in summary and "web4: unreachable: " in summary
     assert "did not answer within 2s" in summary
     r = fleet("run", "--selector", "env=prod", "--json", "--", "sh", "-c",
-              "grep -q /quick/ /proc/self/cgroup && kill -9 $$; exit 0")
+              "echo said; grep -q /quick/ /proc/self/cgroup && kill -9 $$; exit 0")
     assert r.returncode == 137
-    by_host = {d["host"]: d for d in json.loads(r.stdout)}
+    by_host = {d["host"]: d for d in json.loads(r.stdout)}   # stdout is the JSON alone
+    assert b"web1: said\n" in r.stderr and b"web2: said\n" in r.stderr
     assert set(by_host) == {"web1", "web2"}
     assert (by_host["web1"]["signal"], by_host["web2"]["exit_code"]) == ("SIGKILL", 0)
     assert all(d["error"] is None and _JOB_ID.fullmatch(d["id"]) for d in by_host.values())
@@ -4513,6 +4531,17 @@ def test_start_on_many_hosts_and_what_selects_them(fleet):
     assert r.returncode == 2 and b"invalid label" in r.stderr
     r = fleet("run", "-i", "--hosts", "web1", "--", "cat")
     assert r.returncode == 2 and b"one server" in r.stderr
+    # what cannot be meant is a usage error, never a guess (every host sent to one --server)
+    for argv, said in ((["--selector", "env"], b"--selector: invalid label 'env'"),
+                       (["--hosts", "web1,web2", "--server", "127.0.0.1:1"], b"--server name"),
+                       (["--hosts", "web1", "--context", "web2"], b"--context name"),
+                       (["--hosts", "web1", "--connect-timeout", "0"], b"--connect-timeout")):
+        r = fleet("run", *argv, "--", "true")
+        assert r.returncode == 2 and said in r.stderr, (argv, r.stderr)
+    for name in ("../escape", ".hidden", "a/b", "web:1", ""):
+        r = fleet("context", "add", name, "--server", "x", "--ca", "x", "--cert", "x", "--key",
+                  "x")
+        assert r.returncode == 2 and b"invalid value" in r.stderr, (name, r.stderr)
     r = fleet("health", "--hosts", "web1,web2,web3")
     assert r.returncode == 3 and r.stdout == b"web1: SERVING\nweb2: SERVING\n", r
     assert b"web3: unreachable" in r.stderr
@@ -4554,10 +4583,18 @@ def test_context_colon_id_addresses_a_job_on_a_named_host(fleet):
     unknown = str(uuid.uuid4())
     r = fleet("stop", "--selector", "env=prod", unknown)
     assert r.returncode == 4 and r.stderr.count(unknown.encode()) >= 2
+    # a host that takes the connection and never speaks TLS holds stop --hosts only for
+    # --connect-timeout, and is said to be silent, not to refuse the certificate
+    other = fleet("start", "--hosts", "web1", "--", "sleep", "600").stdout.split()[1].decode()
+    r = fleet("stop", "--hosts", "web1,web4", "--connect-timeout", "2s", other)
+    assert r.stdout.decode().startswith(f"web1: {other} stopped"), r
+    assert r.returncode == 3 and b"web4" in r.stderr and b"did not answer within 2s" in r.stderr
+    r = fleet("stop", "--hosts", "web1", "--server", "127.0.0.1:1", unknown)
+    assert r.returncode == 2 and b"--server name" in r.stderr
 
 
 @root
-def test_ansible_runs_tasks_as_jobs_through_the_connection_plugin(fleet, tmp_path):
+def test_ansible_runs_tasks_as_jobs_through_the_connection_plugin(fleet, pki, tmp_path):
     exe = tmp_path / "jobworker"
     exe.write_text(f"#!/bin/sh\nexec {shlex.join(SRC)} \"$@\"\n")
     exe.chmod(0o755)
@@ -4567,7 +4604,9 @@ def test_ansible_runs_tasks_as_jobs_through_the_connection_plugin(fleet, tmp_pat
                ANSIBLE_LOCAL_TEMP=str(tmp_path / "local"), ANSIBLE_REMOTE_TEMP=str(tmp_path / "remote"),
                ANSIBLE_NOCOLOR="1")
     bin_dir = os.path.dirname(sys.executable)
-    (tmp_path / "inventory").write_text("web1\nweb2\nweb3\n")
+    # ansible_host is where ssh would go; the context is the inventory name (nothing is sent
+    # to 198.18.250.1: it is no context's)
+    (tmp_path / "inventory").write_text("web1 ansible_host=198.18.250.1\nweb2\nweb3\nweb9\n")
     ansible = lambda tool, *a: subprocess.run(
         [os.path.join(bin_dir, tool), "-i", str(tmp_path / "inventory"), "-c", "jobworker", *a],
         env=env, capture_output=True, text=True, timeout=300)
@@ -4575,9 +4614,20 @@ def test_ansible_runs_tasks_as_jobs_through_the_connection_plugin(fleet, tmp_pat
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "ansible_jobworker_memory" in r.stdout, r.stderr
     r = ansible("ansible", "all", "-m", "ping")
-    assert r.returncode == 4, r.stdout   # web3 is unreachable
+    assert r.returncode == 4, r.stdout   # web3 is unreachable, web9 no context
     assert "web1 | SUCCESS" in r.stdout and "web2 | SUCCESS" in r.stdout
     assert "web3 | UNREACHABLE" in r.stdout and "connection refused" in r.stdout
+    assert "web9 | UNREACHABLE" in r.stdout and "no context 'web9'" in r.stdout
+    # a command's own exit 3 with a line of jobworker's words is its result, not a lost host
+    r = ansible("ansible", "web1", "-m", "raw", "-a", "echo 'jobworker: x' >&2; exit 3")
+    assert r.returncode == 2 and "web1 | FAILED | rc=3" in r.stdout, r.stdout
+    # Ansible's connection timeout (-T) is not the job's: only ansible_jobworker_timeout is
+    r = ansible("ansible", "web1", "-vvv", "-T", "7", "-m", "raw", "-a", "true")
+    runs = re.findall(r"JOBWORKER: (.*jobworker run .*)", r.stdout)
+    assert r.returncode == 0 and runs and not any("--timeout" in x for x in runs), r.stdout
+    r = ansible("ansible", "web1", "-vvv", "-e", "ansible_jobworker_timeout=30s", "-m", "raw",
+                "-a", "true")
+    assert re.search(r"jobworker run .*--timeout 30s", r.stdout), r.stdout
     r = ansible("ansible", "web1", "-m", "command", "-a", "uname -r")
     assert r.returncode == 0 and os.uname().release in r.stdout, r.stdout
     data = os.urandom(5 << 20)
@@ -4588,6 +4638,22 @@ def test_ansible_runs_tasks_as_jobs_through_the_connection_plugin(fleet, tmp_pat
     r = ansible("ansible", "web2", "-m", "fetch", "-a", f"src={there} dest={back} flat=yes")
     assert r.returncode == 0 and hashlib.sha256(back.read_bytes()).digest() == \
         hashlib.sha256(data).digest(), r.stdout
+    # the jobs that moved the file were removed: its bytes are not kept in the server's logs
+    moved = json.loads(fleet("list", "--context", "web2", "--json").stdout)
+    assert not any(there.name in " ".join(j["command"]) for j in moved), moved
+    # a file larger than the server keeps of a job's output is not fetched cut short
+    capped = ServeProcess(SRC, pki, tmp_path / "capped", f"{RUN_PARENT}/capped",
+                          extra=["--log-cap", "1M"])
+    try:
+        assert fleet("context", "add", "capped", "--server", f"127.0.0.1:{capped.port}",
+                     *fleet.files).returncode == 0
+        (tmp_path / "inventory").write_text("capped\n")
+        cut = tmp_path / "five.cut"
+        r = ansible("ansible", "capped", "-m", "fetch", "-a", f"src={there} dest={cut} flat=yes")
+        assert r.returncode == 2 and "--log-cap" in r.stdout and not cut.exists(), r.stdout
+    finally:
+        assert capped.stop() == 0
+    (tmp_path / "inventory").write_text("web1\nweb2\n")
     r = ansible("ansible", "web1", "-vvv", "-e", "ansible_jobworker_memory=300M", "-e",
                 "ansible_jobworker_queue=true", "-m", "shell", "-a",
                 "cat /sys/fs/cgroup/memory$(sed -n 's/^[0-9]*:memory://p' /proc/self/cgroup)"
@@ -4618,6 +4684,77 @@ def test_ctrl_c_stops_the_job_on_every_host(fleet):
     for host in ("web1", "web2"):
         r = fleet("query", "--context", host, ids(host)[0], "--json")
         assert json.loads(r.stdout)["state"] == "stopped"
+
+
+class HoldingProxy:
+    """A TCP proxy to 127.0.0.1:`port` that forwards the client's bytes at once until `after`
+    of them have passed, then holds the rest until release(): a request larger than the
+    handshake and the calls before it is caught in flight (`holding` is set then)."""
+
+    def __init__(self, port, after):
+        self.port, self.after = port, after
+        self.holding, self.released = threading.Event(), threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(("127.0.0.1", self.port))
+                threading.Thread(target=self._pipe, args=(client, server, True),
+                                 daemon=True).start()
+                threading.Thread(target=self._pipe, args=(server, client, False),
+                                 daemon=True).start()
+
+    def _pipe(self, src, dst, upstream):
+        passed = 0
+        with contextlib.suppress(OSError):
+            while data := src.recv(1 << 16):
+                if upstream and passed + len(data) > self.after:
+                    self.holding.set()
+                    self.released.wait()
+                passed += len(data)
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def release(self):
+        self.released.set()
+
+    def close(self):
+        self.release()
+        self.listener.close()
+
+
+@root
+def test_ctrl_c_while_a_start_is_in_flight_stops_that_job_too(fleet, pki, quick_server):
+    """A signal that comes while a host's Start is on its way: the job it starts is stopped as
+    soon as its id comes back (the CLI waits for it), not left running."""
+    proxy = HoldingProxy(quick_server.port, after=64 << 10)
+    try:
+        assert fleet("context", "add", "slow", "--server", proxy.address, "--ca",
+                     str(pki / "ca.crt"), "--cert", str(pki / "client.crt"), "--key",
+                     str(pki / "client.key")).returncode == 0
+        name = f"inflight-{uuid.uuid4().hex[:8]}"
+        big = ["x" * (50 << 10)] * 4   # the Start request is what passes the proxy's 64 KiB
+        proc = subprocess.Popen([*SRC, "run", "--hosts", "slow,web2", "--name", name, "--",
+                                 "sh", "-c", "sleep 600", "sh", *big], env=fleet.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=as_from_a_terminal)
+        assert proxy.holding.wait(60), "the Start never reached the proxy"
+        proc.send_signal(signal.SIGINT)
+        said = proc.stderr.readline()   # it has the signal; then the Start goes on, and returns
+        assert b"SIGINT: stopping the job on" in said, said
+        proxy.release()
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        r = fleet("list", "--context", "web1", "--name", name, "--json")
+        jobs = json.loads(r.stdout)
+        assert len(jobs) == 1 and jobs[0]["state"] == "stopped", jobs
+    finally:
+        proxy.close()
 
 
 # -- connection sharing: this user's mux holds the channels of later calls ----------------------
@@ -5248,6 +5385,32 @@ def _cli_line(*args):
 
 
 SHELL = ("run", "-it", "--env", "PS1=jwp> ", "--", "bash", "--norc", "-i")   # (a prompt to see)
+
+
+@root
+def test_a_terminal_that_hangs_up_under_run_it_stops_the_job_and_a_vast_one_is_the_largest(
+        pki, quick_server, tmp_path, tmux_of):
+    """Its terminal closing sends `run -it` SIGHUP: the job is stopped, though nothing can be
+    said on that terminal any more. A window wider than a server takes (MAX_WINDOW) is sent
+    as the widest it takes, and the session goes on."""
+    name = f"hup-{uuid.uuid4().hex[:8]}"
+    env = cli_env(pki, quick_server.port, base={"PATH": os.environ["PATH"], "TERM": "screen"})
+    t = tmux_of(_cli_line("run", "-it", "--name", name, "--env", "PS1=jwp> ", "--env",
+                          "IGNOREEOF=1000", "--", "bash", "--norc", "-i"), env)
+    t.wait_for("jwp> ")
+    tty = t.tmux("display", "-p", "-t", "t", "#{pane_tty}").strip()
+    subprocess.run(["stty", "-F", tty, "cols", "20000"], check=True, timeout=30)
+
+    def remote_size():   # (asked again until the resize has reached the job's terminal)
+        t.keys("clear; stty size", "Enter")
+        with contextlib.suppress(AssertionError):
+            return t.wait_for_match(rf"^\d+ {jw.MAX_WINDOW}\s*$", timeout=1)
+    wait_for(remote_size, 30, "the job's terminal to be as wide as a server takes")
+    job = lambda: json.loads(cli(SRC, "list", "--name", name, "--json", certs=pki,
+                                 port=quick_server.port).stdout)[0]
+    assert job()["state"] == "running"
+    t.tmux("kill-server")   # (its input's end, a Ctrl-D, does not end this shell: IGNOREEOF)
+    wait_for(lambda: job()["state"] == "stopped", 30, "the job to be stopped")
 
 
 @root
