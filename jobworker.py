@@ -60,7 +60,9 @@ DEFAULT_MAX_JOBS = 1000               # concurrently running jobs
 DEFAULT_MAX_JOBS_PER_OWNER = 256      # ... of one owner
 DEFAULT_MAX_QUEUED = 10_000           # jobs waiting for a slot (Start with queue)
 DEFAULT_MAX_QUEUED_PER_OWNER = 1000   # ... of one owner
-QUEUE_STARTERS = 4                    # threads that start queued jobs whose turn has come
+QUEUE_STARTERS = 16                   # threads that start queued jobs whose turn has come
+QUEUE_STARTS_PER_OWNER = 2            # ... of them one owner's at once (a start that hangs, on
+                                      # a workdir of a hung mount, holds up its owner's only)
 FINISHERS = 8                         # threads that finish ended jobs (drain, usage, rmdir)
 MAX_ARGS = 4096                       # argv entries per job
 MAX_ARGV_BYTES = 256 << 10            # total argv size per job
@@ -2936,18 +2938,23 @@ class Phase(enum.Enum):
     """Where a job is in its life; every change goes through Job.change_phase."""
     QUEUED = "queued"       # accepted while the caps were full: waits in the JobQueue, with
                             # nothing of it in the kernel
+    DEQUEUED = "dequeued"   # queued, and its turn has come (its slot is taken): a starter
+                            # thread is to start it; a Stop now still ends it unrun
     STARTING = "starting"   # accepted; its process is being made (not listed yet, unless it
                             # was queued)
     RUNNING = "running"     # its main process runs
     STOPPING = "stopping"   # a Stop (or its timeout) sent SIGTERM; the main process runs on
     ENDING = "ending"       # the main process has ended: what it left is killed, the rest of
-                            # its output read, its cgroup removed
+                            # its output read, its cgroup removed (or, never ran: its end is
+                            # being written)
     ENDED = "ended"         # its final record is saved (a FinishedJob takes its place)
 
 
 PHASE_CHANGES = {
-    # STARTING: a slot freed; ENDED: stopped, or given up, while queued
-    Phase.QUEUED: {Phase.STARTING, Phase.ENDED},
+    # DEQUEUED: a slot freed; ENDED: stopped, or given up, while queued
+    Phase.QUEUED: {Phase.DEQUEUED, Phase.ENDED},
+    # STARTING: a starter took it; ENDING: a Stop came first (it is ended unrun)
+    Phase.DEQUEUED: {Phase.STARTING, Phase.ENDING},
     # ENDING: it ended before its start was confirmed to the caller (the launcher says both
     # at once); ENDED: its start failed
     Phase.STARTING: {Phase.RUNNING, Phase.ENDING, Phase.ENDED},
@@ -3097,8 +3104,8 @@ class Job(JobEntry):
     it has ended, the table keeps a FinishedJob in its place. A queued job uses the queue's
     cond (`shared`: one of its own costs more than the rest of the job) until someone waits
     on it or it starts; then it gets one of its own (a change of a queued job wakes only its
-    own waiters). The change is made with the shared cond held, so whoever holds job.cond
-    holds the one in use."""
+    own waiters). The change is made with the shared cond held: locked() gives the one in use
+    (a `with job.cond` may take the shared one just as it is swapped)."""
 
     __slots__ = ("status", "cond", "shared", "cgroup", "records", "phase", "ends_as",
                  "output_done", "lost", "pidfd", "pipes", "input", "pending")
@@ -3180,6 +3187,17 @@ class Job(JobEntry):
                 snap.usage = self.cgroup.usage()
         return snap
 
+    @contextlib.contextmanager
+    def locked(self):
+        """The job's cond, acquired: the one in use once it is held (a queued job's shared
+        cond may be swapped for its own between the read and the acquire)."""
+        while True:
+            cond = self.cond
+            with cond:
+                if self.cond is cond:
+                    yield cond
+                    return
+
     def own_cond(self):
         """Give a queued job a cond of its own (a waiter is coming, or it starts); returns
         the job's cond."""
@@ -3222,7 +3240,7 @@ class Job(JobEntry):
         self._wait(lambda: self.final or cancelled())
 
     def wait_started(self, cancelled=None):
-        self._wait(lambda: self.phase not in (Phase.QUEUED, Phase.STARTING)
+        self._wait(lambda: self.phase not in (Phase.QUEUED, Phase.DEQUEUED, Phase.STARTING)
                    or (cancelled is not None and cancelled()))
 
     def signal_main(self, sig):
@@ -3861,6 +3879,7 @@ class JobQueue:
         self._kick = threading.Event()
         self._stopped = False
         self._thread = self._starters = None
+        self._starting = collections.Counter()   # owner -> starts handed out, not yet done
 
     def enqueue(self, status, env, window):
         """The Job, queued, of a job Start accepted (JobSpawner.accept) while the caps were
@@ -3965,13 +3984,33 @@ class JobQueue:
         """Look for a job that may start (a slot freed, or a job came)."""
         self._kick.set()
 
-    def run(self, start, give_up, starters=QUEUE_STARTERS):
+    def cancel_turn(self, job):
+        """End the turn of a job whose turn has come and whose start has not begun: it is
+        ENDING (to be ended unrun) and its slot is given back; False if it is not such a job."""
+        with job.locked():
+            if job.phase is not Phase.DEQUEUED:
+                return False
+            job.change_phase(Phase.ENDING)
+        self.running.give(job.status.owner)
+        return True
+
+    def begin_start(self, job):
+        """A starter takes a job whose turn has come (STARTING); False if a Stop came first
+        (cancel_turn)."""
+        with job.locked():
+            if job.phase is not Phase.DEQUEUED:
+                return False
+            job.change_phase(Phase.STARTING)
+            return True
+
+    def run(self, start, give_up, starters=None):
         """Start the thread that hands each job whose turn has come to start(job), on one of
-        `starters` threads (start must give its slot back if it does not run it: a start that
-        hangs, on a workdir of a hung mount, holds one of them, not the queue), and calls
-        give_up(job) for each whose queue timeout has passed, taken out of its line."""
+        `starters` (QUEUE_STARTERS) threads, QUEUE_STARTS_PER_OWNER of one owner at once
+        (start must give its slot back if it does not run it; one that hangs, on a workdir
+        of a hung mount, holds up its owner, not the queue), and calls give_up(job) for each
+        whose queue timeout has passed, taken out of its line."""
         self._starters = concurrent.futures.ThreadPoolExecutor(
-            starters, "jobworker-dequeue", initializer=name_os_thread)
+            starters or QUEUE_STARTERS, "jobworker-dequeue", initializer=name_os_thread)
         self._thread = NamedThread(self._loop, "jobworker-queue", (start, give_up))
         self._thread.start()
 
@@ -4000,9 +4039,19 @@ class JobQueue:
                 if job.phase is Phase.QUEUED:
                     run(give_up, job)
                 else:
-                    self._starters.submit(run, start, job)
+                    self._starters.submit(self._hand_off, run, start, job)
             if self._stopped:
                 return
+
+    def _hand_off(self, run, start, job):
+        try:
+            run(start, job)
+        finally:   # (its owner may start another)
+            with self.cond:
+                self._starting[job.status.owner] -= 1
+                if not self._starting[job.status.owner]:
+                    del self._starting[job.status.owner]
+            self.kick()
 
     def _next_deadline(self):
         """Seconds until the next queue timeout passes (None: there is none)."""
@@ -4021,18 +4070,20 @@ class JobQueue:
             return None
 
     def _next(self):
-        """The first job of the first owner in turn who may run one more (its slot taken,
-        its phase STARTING, on a cond of its own); None if no one may."""
+        """The first job of the first owner in turn who may run one more and start one more
+        (its slot taken, its phase DEQUEUED, on a cond of its own); None if no one may."""
         with self.cond:
             for owner in list(self._lines):
-                if self.running.try_take(owner):
+                if self._starting[owner] < QUEUE_STARTS_PER_OWNER and \
+                        self.running.try_take(owner):
                     line = self._lines.pop(owner)
                     job = line.pop(0)
                     if line:
                         self._lines[owner] = line   # to the back of the turns
                     self._left(job)
+                    self._starting[owner] += 1
                     with job.own_cond():
-                        job.change_phase(Phase.STARTING)   # (wakes its waiters)
+                        job.change_phase(Phase.DEQUEUED)   # (wakes its waiters)
                     return job
             return None
 
@@ -4519,6 +4570,8 @@ class JobManager(LauncherEvents):
     def _start_queued(self, job):
         """Start a job whose turn has come (the queue took its slot); one that cannot start
         now ends failed, saying why."""
+        if not self.queue.begin_start(job):
+            return   # a Stop came first (cancel_turn)
         job.pending, status = None, job.status
         self.observer.job_dequeued(status, self._clock() - status.queued_at)
         try:
@@ -4534,14 +4587,15 @@ class JobManager(LauncherEvents):
 
     def _dequeue(self, job):
         """End a queued job without running it (stopped); False if it is not queued."""
-        if not isinstance(job, Job) or not self.queue.take_out(job):
+        if not isinstance(job, Job) or not (self.queue.take_out(job) or
+                                            self.queue.cancel_turn(job)):
             return False
         self._end_unrun(job, STOPPED)
         return True
 
     def _end_unrun(self, job, state, failure="", queue_timed_out=False):
         """The end of a job that never ran, out of the queue (or failed as it left it)."""
-        with job.cond:
+        with job.locked():
             s = job.status
             s.state, s.failure, s.queue_timed_out = state, failure, queue_timed_out
             s.started_at, s.ended_at, s.cgroup = 0.0, self._clock(), None   # (it never ran)
@@ -4549,7 +4603,7 @@ class JobManager(LauncherEvents):
         self.store.save(final)
         self.store.forget_pending(job.id)
         self.table.finished(job, FinishedJob(final, job.records))
-        with job.cond:
+        with job.locked():
             job.change_phase(Phase.ENDED)
         self.observer.job_ended(final)
 

@@ -7455,6 +7455,106 @@ def test_a_start_that_hangs_holds_up_neither_the_queue_nor_its_timeouts(fake_man
     assert wait_final(m, stuck.id).exit_code == 0
 
 
+def hanging_starts(m, workdir):
+    """Starts of jobs in `workdir` hang (as on a hung mount) until the returned Event is set."""
+    gate, check = threading.Event(), m.spawner.check_again
+
+    def hanging(status, env):
+        if status.workdir == str(workdir):
+            gate.wait(60)
+        check(status, env)
+    m.spawner.check_again = hanging
+    return gate
+
+
+def test_an_owner_s_starts_that_hang_hold_up_that_owner_only(fake_manager, tmp_path):
+    """Four starts that hang (one owner's workdir on a hung mount) took every thread that
+    starts queued jobs: no other owner's job started again, nor left by a Stop."""
+    n = jw.QUEUE_STARTERS + 2   # more than there are threads to start them
+    m = fake_manager(max_jobs=2 * n, max_jobs_per_owner=2 * n)
+    held = hold(m, owner="hog", n=2 * n - jw.admin_reserve(2 * n))
+    stuck = tmp_path / "stuck"
+    stuck.mkdir()
+    gate = hanging_starts(m, stuck)
+    mallory = [m.start("true", owner="mallory", queue=True, workdir=str(stuck))
+               for _ in range(n)]
+    for s in held[:jw.QUEUE_STARTERS]:   # a slot for each thread that starts queued jobs
+        m.stop(s.id, grace=0)
+    wait_for(lambda: [m.table.get(s.id).phase for s in mallory].count(jw.Phase.STARTING) >=
+             jw.QUEUE_STARTS_PER_OWNER, what="mallory's starts under way")
+    bob = m.start("true", owner="bob", queue=True)   # (queued: mallory's wait before it)
+    m.stop(held[jw.QUEUE_STARTERS].id, grace=0)   # a slot for bob's, whatever mallory holds
+    assert wait_final(m, bob.id).exit_code == 0   # not held up by mallory's
+    for s in held[jw.QUEUE_STARTERS + 1:]:
+        m.stop(s.id, grace=0)
+    waiting = [s for s in mallory if m.table.get(s.id).phase is jw.Phase.QUEUED]
+    assert len(waiting) == n - jw.QUEUE_STARTS_PER_OWNER
+    assert m.stop(waiting[0].id).state == jw.STOPPED   # still in line: ended unrun at once
+    gate.set()
+    assert [wait_final(m, s.id).exit_code for s in mallory if s is not waiting[0]] == \
+        [0] * (n - 1)
+
+
+def test_a_stop_after_a_queued_job_s_turn_came_and_before_its_start_began_ends_it_unrun(
+        fake_manager, tmp_path, monkeypatch):
+    monkeypatch.setattr(jw, "QUEUE_STARTERS", 1)   # one start at a time: the others wait
+    m = queue_manager(fake_manager)
+    held = hold(m, owner="hog")
+    stuck = tmp_path / "stuck"
+    stuck.mkdir()
+    gate = hanging_starts(m, stuck)
+    alice = m.start("true", owner="alice", queue=True, workdir=str(stuck))
+    bob = m.start("true", owner="bob", queue=True)
+    for s in held:
+        m.stop(s.id, grace=0)
+    wait_for(lambda: m.table.get(bob.id).phase is jw.Phase.DEQUEUED, what="bob's turn")
+    final = m.stop(bob.id)   # its start has not begun: no thread is free for it
+    assert (final.state, final.started_at, final.pid) == (jw.STOPPED, 0.0, None)
+    gate.set()
+    assert wait_final(m, alice.id).exit_code == 0
+    assert m.status(bob.id) == dataclasses.replace(final, queue_position=0)
+    assert bob.id not in m.cgroups.made   # it never ran, when its start's thread came free
+
+
+def test_a_job_s_cond_is_the_one_in_use_once_held_though_swapped_meanwhile():
+    """A queued job's shared cond swapped for its own (a waiter came) between the read and the
+    acquire: `with job.cond` would hold the old one, and change_phase raise RuntimeError."""
+    class Watched:   # the shared cond's lock, saying when the ending thread goes for it
+        def __init__(self):
+            self.lock, self.tried = threading.RLock(), threading.Event()
+
+        def __enter__(self):
+            if threading.current_thread() is not main:
+                self.tried.set()
+            return self.lock.__enter__()
+
+        def __exit__(self, *exc):
+            return self.lock.__exit__(*exc)
+
+        def acquire(self, *args):
+            return self.lock.acquire(*args)
+
+        def release(self):
+            self.lock.release()
+    main, watched = threading.current_thread(), Watched()
+    shared = threading.Condition(watched)
+    status = jw.JobStatus(id="j", owner="o", command=["true"], limits=None, state=jw.QUEUED)
+    job = jw.Job(status, None, jw.Phase.QUEUED, shared)
+    done = []
+
+    def end():
+        with job.locked():
+            job.change_phase(jw.Phase.ENDED)
+            done.append(job.cond)
+    with shared:   # the ending thread has read job.cond (shared) and goes for it ...
+        t = threading.Thread(target=end)
+        t.start()
+        assert watched.tried.wait(10)
+        job.cond, job.shared = threading.Condition(), None   # ... as a waiter's own_cond()
+    t.join(10)
+    assert done == [job.cond] and job.phase is jw.Phase.ENDED
+
+
 def test_the_queue_bounds_refuse_saying_which_and_leave_nothing(fake_manager):
     m = queue_manager(fake_manager, max_queued=3, max_queued_per_owner=2)
     hold(m)
