@@ -3939,8 +3939,11 @@ class JobQueue:
         self.kick()
 
     def take_out(self, job):
-        """Take a queued job out of its line (to end it); False if it is not in one (it has
-        started, or ended)."""
+        """Take a job that has not begun to start out of the queue (to end it unrun): out of
+        its line, or out of its turn (cancel_turn); False if it is no such job (its start has
+        begun, or it has ended)."""
+        if self.cancel_turn(job):
+            return True
         with self.cond:
             line = self._lines.get(job.status.owner)
             if job.phase is not Phase.QUEUED or not line or job not in line:
@@ -4033,13 +4036,14 @@ class JobQueue:
             self._kick.wait(self._next_deadline())
             self._kick.clear()
             while not self._stopped:
-                job = self._expired() or self._next()
+                expired = self._expired()
+                if expired is not None:
+                    run(give_up, expired)
+                    continue
+                job = self._next()
                 if job is None:
                     break
-                if job.phase is Phase.QUEUED:
-                    run(give_up, job)
-                else:
-                    self._starters.submit(self._hand_off, run, start, job)
+                self._starters.submit(self._hand_off, run, start, job)
             if self._stopped:
                 return
 
@@ -4059,7 +4063,7 @@ class JobQueue:
             return max(0.0, self._deadlines[0][0] - self._clock()) if self._deadlines else None
 
     def _expired(self):
-        """A job whose queue timeout has passed, out of its line (still QUEUED); or None."""
+        """A job whose queue timeout has passed, out of the queue (take_out); or None."""
         with self.cond:
             while self._deadlines and self._deadlines[0][0] <= self._clock():
                 job = heapq.heappop(self._deadlines)[2]
@@ -4587,8 +4591,7 @@ class JobManager(LauncherEvents):
 
     def _dequeue(self, job):
         """End a queued job without running it (stopped); False if it is not queued."""
-        if not isinstance(job, Job) or not (self.queue.take_out(job) or
-                                            self.queue.cancel_turn(job)):
+        if not isinstance(job, Job) or not self.queue.take_out(job):
             return False
         self._end_unrun(job, STOPPED)
         return True
@@ -4607,11 +4610,11 @@ class JobManager(LauncherEvents):
             job.change_phase(Phase.ENDED)
         self.observer.job_ended(final)
 
-    def stop(self, job_id, grace=None, owner=None):
+    def stop(self, job_id, grace=None, owner=None, gone=lambda: False):
         """SIGTERM every process of the job, SIGKILL after `grace` seconds; returns the final
-        JobStatus once no process of the job remains (a queued job ends at once, without
-        running). Raises JobNotRunning (after it is final) if the job's main process had
-        already ended."""
+        JobStatus once no process of the job remains (a queued job ends at once, unrun), or
+        the status then if gone() says first (looked at twice a second) that the caller has
+        left. JobNotRunning (after it is final) if its main process had already ended."""
         job = self.table.get(job_id, owner)
         if self._dequeue(job):
             return job.snapshot()
@@ -4620,7 +4623,8 @@ class JobManager(LauncherEvents):
         if job.final or not self._stopper.begin(job, grace):
             job.wait_final()   # it ended by itself: the stop comes too late
             raise JobNotRunning(job_id, job.status.state)
-        job.wait_final()
+        while not job.wait_final(0.5) and not gone():
+            pass   # (the stop goes on without the caller)
         return job.snapshot()
 
     def status(self, job_id, owner=None):
@@ -5330,6 +5334,7 @@ class CallContext:
         self.code = None
         self.request = None
         self.counted = False   # holds a slot of the interceptor's calls quota
+        self.connected = False   # counted as a call in flight of its connection (the guard)
         self.began = 0.0       # time.monotonic() when it arrived
         self.ending = None     # the error that ends it before its end (a revocation)
         self.input_bytes = None   # bytes an Attach wrote to its job (the audit line says)
@@ -5482,7 +5487,8 @@ class AuthInterceptor:
         try:
             ctx.caller = authorize(method, context.auth_context(), self.policy, self.revoked)
             if self.connections is not None:
-                self.connections.authenticated(context.peer())
+                self.connections.authenticated(context.peer(), ctx.caller)
+                ctx.connected = True
             if self.calls is not None:   # no identity may hold every handler thread
                 self.calls.take(ctx.caller.identity, ctx.caller.is_admin)
                 ctx.counted = True
@@ -5542,6 +5548,9 @@ class AuthInterceptor:
         if ctx.counted:
             ctx.counted = False
             self.calls.give(ctx.caller.identity)
+        if ctx.connected:
+            ctx.connected = False
+            self.connections.left(ctx.peer())
 
     def revoked_now(self, serials):
         """End the calls in flight of certificates just revoked (UNAUTHENTICATED)."""
@@ -5870,7 +5879,9 @@ class JobService:
 
     def Stop(self, request, context):
         grace = request.grace_seconds if request.HasField("grace_seconds") else None
-        status = self.manager.stop(request.job_id, grace, owner=context.caller.owner_filter)
+        status = self.manager.stop(request.job_id, grace, owner=context.caller.owner_filter,
+                                   gone=lambda: context.ending is not None or
+                                   not context.is_active())   # (revoked, or cancelled)
         return self.pb.StopResponse(status=status_to_proto(self.pb, status))
 
     def Query(self, request, context):
@@ -6069,6 +6080,7 @@ DEFAULT_HANDSHAKE_TIMEOUT = 5.0           # seconds from TCP connect to a finish
 DEFAULT_MAX_CONNECTIONS = 8192            # connections of the gRPC port at once
 DEFAULT_MAX_UNAUTHENTICATED = 512         # ... that have made no authorized call yet
 DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE = 64   # ... from one address
+DEFAULT_MAX_CONNECTIONS_PER_IDENTITY = 64     # idle ones of one identity (admins: no bound)
 FDS_SERVER_PER_JOB = 4                    # a running job's fds in the server: pidfd, 2 pipes,
                                           # the write end of its stdin
 FDS_PER_STREAM = 2                        # a Stream call's open output files
@@ -6086,6 +6098,7 @@ class ServerLimits:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     max_unauthenticated: int = DEFAULT_MAX_UNAUTHENTICATED
     max_unauthenticated_per_source: int = DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE
+    max_connections_per_identity: int = DEFAULT_MAX_CONNECTIONS_PER_IDENTITY
 
     def connection_budget(self, open_files, max_jobs):
         """max_connections, lowered so that the connections leave the fds the jobs, their
@@ -6188,14 +6201,20 @@ class ConnectionGuard:
     (and bounds them only all together, with grpc.max_allowed_incoming_connections), so a
     thread looks at the port's connections in the kernel every GUARD_INTERVAL and shuts down
     the ones past the bounds: first those that never sent a byte, then the idlest, so that a
-    client in the middle of its handshake stays. The interceptor reports
-    authorized calls (authenticated(peer)); their connections are never touched. After a
-    flood, memory freed by the connections is handed back to the system (malloc_trim)."""
+    client in the middle of its handshake stays. The interceptor reports authorized calls
+    (authenticated(peer, caller), left(peer)): a connection with a call in flight, or an
+    admin's, is never touched; of an identity's idle ones, those past `per_identity` are shut
+    down, the idlest first, and past `known_total` in all, those of whoever holds the most.
+    After a flood, memory freed by the connections is handed back to the system
+    (malloc_trim)."""
 
-    def __init__(self, port, total, per_source, metrics=None):
+    def __init__(self, port, total, per_source, metrics=None,
+                 per_identity=DEFAULT_MAX_CONNECTIONS_PER_IDENTITY, known_total=None):
         self.port, self.total, self.per_source = port, total, per_source
         self.metrics = metrics
-        self._known = set()   # (address, port) of connections that made an authorized call
+        self.per_identity, self.known_total = per_identity, known_total
+        self._known = {}   # (address, port) of a connection that made an authorized call ->
+                           # [identity (None: an admin's), its calls in flight]
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = None
@@ -6205,11 +6224,22 @@ class ConnectionGuard:
         self._said = {}       # source -> monotonic time it was last named in the log
         self.closed = 0
 
-    def authenticated(self, peer):
+    def authenticated(self, peer, caller):
+        """A call of `caller` (a Caller) on the connection of `peer` began."""
         key = peer_address(peer)
         if key is not None:
             with self._lock:
-                self._known.add(key)
+                known = self._known.setdefault(key, [None, 0])
+                known[0] = None if caller.is_admin else caller.identity
+                known[1] += 1
+
+    def left(self, peer):
+        """... and ended."""
+        key = peer_address(peer)
+        with self._lock:
+            known = self._known.get(key)
+            if known is not None:
+                known[1] -= 1
 
     def start(self):
         """Start watching; None (and a warning) where the kernel will not tell (no sock_diag)."""
@@ -6243,8 +6273,9 @@ class ConnectionGuard:
         connections = tcp_connections(self.port)
         here = {(c.address, c.port) for c in connections}
         with self._lock:
-            self._known &= here
-            known = set(self._known)
+            for key in self._known.keys() - here:
+                del self._known[key]
+            known = {key: tuple(v) for key, v in self._known.items()}
         # kept first: those whose peer has said something (a TLS client does at once), the
         # most recently active first; those that never sent a byte go first
         waiting = sorted((c for c in connections if (c.address, c.port) not in known),
@@ -6257,6 +6288,11 @@ class ConnectionGuard:
                 continue
             by_source[c.address] = n + 1
             kept += 1
+        for source in {c.address for c in excess}:
+            self._say(source, "closing connections from %s that have not authenticated: past "
+                      "the bound of %d from one address or %d in all", self.per_source,
+                      self.total)
+        excess += self._idle_past_bounds(connections, known)
         if excess:
             self._shut_down(excess)
             self._shed += len(excess)
@@ -6272,6 +6308,42 @@ class ConnectionGuard:
             self._settle = None   # what grpc still held of the flood's connections is freed
             _hand_back_memory(self._peak, settled=True)
         return len(excess)
+
+    def _idle_past_bounds(self, connections, known):
+        """Authorized connections with no call in flight past the bounds (per_identity, and
+        known_total in all), the idlest of each identity first; admins' are never."""
+        held, idle = collections.Counter(), {}
+        for c in connections:
+            identity, calls = known.get((c.address, c.port), (None, 0))
+            if identity is not None:
+                held[identity] += 1
+                if not calls:
+                    idle.setdefault(identity, []).append(c)
+        for conns in idle.values():
+            conns.sort(key=lambda c: c.idle_ms)   # the idlest last
+        excess, total = [], sum(held.values())
+
+        def shed(identity):
+            nonlocal total
+            excess.append(idle[identity].pop())
+            held[identity] -= 1
+            total -= 1
+        for identity, conns in idle.items():
+            while held[identity] > self.per_identity and conns:
+                shed(identity)
+                self._say(identity, "closing idle connections of %s: past the bound of %d of "
+                          "one identity (--max-connections-per-identity)", self.per_identity)
+        while self.known_total is not None and total > self.known_total:
+            most = max((i for i, conns in idle.items() if conns), key=held.get, default=None)
+            if most is None:
+                break
+            shed(most)
+            self._say(most, "closing idle connections of %s: the connections of all who are "
+                      "not admins are past %d", self.known_total)
+        with self._lock:
+            for c in excess:
+                self._known.pop((c.address, c.port), None)
+        return excess
 
     def _shut_down(self, excess):
         """Shut down these connections through this process's own fds of them (grpc then
@@ -6304,15 +6376,15 @@ class ConnectionGuard:
                         self.closed += 1
             if not inodes:
                 break
-        now = time.monotonic()
-        for source in {c.address for c in excess}:
-            if now - self._said.get(source, 0) >= 60:
-                self._said[source] = now
-                log.warning("closing connections from %s that have not authenticated: past "
-                            "the bound of %d from one address or %d in all", source,
-                            self.per_source, self.total)
         if self.metrics:
             self.metrics.connections_closed(len(excess))
+
+    def _say(self, who, message, *args):
+        """A warning about `who` (an address, an identity), once a minute at most."""
+        now = time.monotonic()
+        if now - self._said.get(who, 0) >= 60:
+            self._said[who] = now
+            log.warning(message, who, *args)
 
 
 FLOOD_SETTLE = 5.0   # seconds after a flood: its handshakes in grpc have ended by then
@@ -6418,6 +6490,7 @@ class RpcServer:
             grpc_reflection.enable_server_reflection(
                 (SERVICE_NAME, HealthService.NAME, grpc_reflection.SERVICE_NAME), self.server)
         self.port, self.guard, self.started = None, None, False
+        self.connections = connections
 
     def bind(self):
         """The port bound (a free one for port 0); AddressInUse if it is taken."""
@@ -6443,7 +6516,8 @@ class RpcServer:
         limits = self.limits
         self.guard = self.interceptor.connections = ConnectionGuard(
             self.port, limits.max_unauthenticated, limits.max_unauthenticated_per_source,
-            self.metrics).start()
+            self.metrics, limits.max_connections_per_identity,
+            self.connections - admin_reserve(self.connections)).start()
         self.server.start()
         self.started = True
         self.health.serving()
@@ -6754,11 +6828,27 @@ class MetricsServer:
             sel.register(sock, selectors.EVENT_READ)
 
     def _evict(self, sel, source):
-        """Close the oldest connection still sending its request (of `source`, if given)."""
-        for sock, conn in self._conns.items():
-            if conn.reply is None and (source is None or conn.source == source):
+        """Close a connection still sending its request (of `source`, if given), for a new one:
+        one its peer has closed (a closed one is seen only once read: under a churn of
+        connections, most are), else the oldest that has sent nothing, else the oldest. A
+        scraper, which sends its request at once, is not one of the first two."""
+        waiting = [(sock, conn) for sock, conn in self._conns.items()
+                   if conn.reply is None and (source is None or conn.source == source)]
+        silent = None
+        for sock, conn in waiting:
+            try:
+                said = sock.recv(1, socket.MSG_PEEK)   # (non-blocking)
+            except BlockingIOError:
+                said = None
+            except OSError:
+                said = b""
+            if said == b"":
                 self._drop(sel, sock)
                 return
+            if said is None and not conn.received and silent is None:
+                silent = sock
+        if silent is not None or waiting:
+            self._drop(sel, silent if silent is not None else waiting[0][0])
 
     def _drop(self, sel, sock):
         sel.unregister(sock)
@@ -10053,6 +10143,12 @@ def _args_serve_caps(g):
                    default=DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE, metavar="N",
                    help="... of those, from one address "
                         f"(default {DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE})")
+    g.add_argument("--max-connections-per-identity", type=number,
+                   default=DEFAULT_MAX_CONNECTIONS_PER_IDENTITY, metavar="N",
+                   help="connections of one identity with no call in flight; past it the "
+                        "idlest are closed, and past what is kept for admins in all, those of "
+                        "whoever holds the most (admins: no bound; default "
+                        f"{DEFAULT_MAX_CONNECTIONS_PER_IDENTITY})")
     g.add_argument("--request-timeout", type=_cli_type(_request_timeout, "0.1s to 60s"),
                    default=DEFAULT_REQUEST_TIMEOUT, metavar="DURATION",
                    help="a call whose request message has not arrived this long after the "

@@ -1758,6 +1758,19 @@ class Peer:
                                                resources=pb.ResourceConfig(**resources)),
                                timeout=30).job_id
 
+    def stream_some(self, job_id, text):
+        """Whether `text` is in the job's output so far (read up to its size now)."""
+        size = self.stub.Query(pb.QueryRequest(job_id=job_id), timeout=10).status.output_bytes
+        got, call = b"", self.stub.Stream(pb.StreamRequest(job_id=job_id), timeout=10)
+        try:
+            for msg in call if size else ():
+                got += msg.chunk.data if msg.HasField("chunk") else b""
+                if len(got) >= size or msg.HasField("final_status"):
+                    break
+        finally:
+            call.cancel()
+        return text in got
+
     def stream(self, job_id, offset=0):
         """(stdout, stderr, final status) of a whole stream."""
         out, err, final = b"", b"", None
@@ -2085,12 +2098,23 @@ def test_a_revocation_ends_the_certificate_s_calls_in_flight(pki, tmp_path):
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         theirs = alice.stub.Stream(pb.StreamRequest(job_id=alice.start("sleep", "600")))
         theirs.initial_metadata()
+        # a long unary call too: a Stop of a job that ignores SIGTERM, with a grace of 60 s
+        stubborn = bob.start("sh", "-c", "trap 'echo term' TERM; while :; do sleep 0.1; done")
+        stop = bob.stub.Stop.future(pb.StopRequest(job_id=stubborn, grace_seconds=60),
+                                    timeout=90)
+        admin = Peer(pki, server.port, "admin")
+        wait_for(lambda: admin.stream_some(stubborn, b"term"), 30, "the Stop's SIGTERM")
         revoked.write_text(_serial_of(pki, "bob") + "\n")
         t0 = time.monotonic()
         for call in (stream, watch):
             with pytest.raises(grpc.RpcError) as e:
                 list(call)
             assert e.value.code() == SC.UNAUTHENTICATED and "revoked" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            stop.result()
+        assert e.value.code() == SC.UNAUTHENTICATED and "revoked" in e.value.details()
+        admin.stub.Stop(pb.StopRequest(job_id=stubborn, grace_seconds=0), timeout=30)
+        admin.close()
         assert time.monotonic() - t0 < 10, "ended within a few seconds of the revocation"
         assert theirs.running()                                   # others' calls go on
         assert bob.call("List") == SC.UNAUTHENTICATED
@@ -4400,6 +4424,32 @@ def test_metrics_port_answers_scrapes_while_slow_clients_hold_on(slow, monkeypat
         http.close()
 
 
+@slow   # seconds of connections churned while scrapes are measured
+def test_metrics_port_answers_scrapes_while_connections_churn_from_the_same_address():
+    # No certificate needed: connect() and close() at once, from the scraper's own address. A
+    # closed connection is only seen once read, so the bound per address evicted the oldest
+    # one still sending its request: often the scraper's (7 of 15 scrapes failed).
+    import urllib.request
+    http = jw.MetricsServer("127.0.0.1:0", jw.Metrics(2).registry)
+    attacks = []
+    try:
+        attacks = [Attack("churn", http.port, 4) for _ in range(2)]
+        failed, until = [], time.monotonic() + 3
+        while time.monotonic() < until:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http.port}/metrics",
+                                            timeout=30) as r:
+                    assert r.status == 200 and b"jobworker_info" in r.read()
+            except OSError as e:   # (ConnectionResetError, RemoteDisconnected, ...)
+                failed.append(repr(e))
+        churned = [a.result()["opened"] for a in attacks]
+        assert failed == [] and sum(churned) > 2000, (failed, churned)   # (it was churned)
+    finally:
+        for a in attacks:
+            a.close()
+        http.close()
+
+
 def test_env_errors_never_show_a_value_and_name_alone_passes_this_shell_s(monkeypatch):
     parse = lambda *a: jw.build_parser().parse_args(["start", *a])
     monkeypatch.setenv("JW_TEST_TOKEN", "from-here")
@@ -6009,6 +6059,46 @@ def test_a_flood_of_connections_that_never_start_tls_locks_no_one_out(source, pk
     finally:
         if attack:
             attack.close()
+        assert server.stop() == 0
+
+
+@root
+def test_one_identity_s_idle_connections_cannot_fill_the_server(pki, tmp_path):
+    """A reader's connections that each made one authorized call were never closed: 300 took
+    every connection the server allows (--max-connections), and an admin could not connect.
+    Past --max-connections-per-identity, an identity's idlest go (never one with a call in
+    flight, never an admin's)."""
+    server = ServeProcess(SRC, pki, tmp_path / "state", f"{RUN_PARENT}/conns", extra=[
+        "--max-connections", "64", "--max-connections-per-identity", "8"])
+    read = lambda name: (pki / name).read_bytes()
+    channels, refused = [], 0
+
+    def channel(name):   # a connection of its own
+        channels.append(grpc.secure_channel(
+            f"127.0.0.1:{server.port}", grpc.ssl_channel_credentials(
+                read("ca.crt"), read(f"{name}.key"), read(f"{name}.crt")),
+            options=[("grpc.use_local_subchannel_pool", 1)]))
+        return pb_grpc.JobServiceStub(channels[-1])
+    try:
+        busy = channel("reader").Stream(pb.StreamRequest(job_id=Peer(pki, server.port, "alice")
+                                                         .start("sleep", "600")))
+        assert busy.initial_metadata() is not None   # a call in flight on its connection
+        for _ in range(5):   # 100 more, 20 at a time, each used for one call
+            for stub in [channel("reader") for _ in range(20)]:
+                try:
+                    stub.Info(pb.InfoRequest(), timeout=10)
+                except grpc.RpcError:
+                    refused += 1
+        wait_for(lambda: len(jw.tcp_connections(server.port)) <= 8 + 2, 30,
+                 "the reader's idle connections past its bound to be closed")
+        for _ in range(3):   # fresh admin connections get in, and answer
+            assert channel("admin").List(pb.ListRequest(), timeout=10) is not None
+        assert busy.is_active()   # the reader's one with a call in flight was kept
+        assert any("closing idle connections of reader" in line for line in server.lines)
+        assert refused < 60, refused
+    finally:
+        for ch in channels:
+            ch.close()
         assert server.stop() == 0
 
 

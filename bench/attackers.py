@@ -11,6 +11,9 @@ can do to every other user of the same jobworker server.
     python3 bench/attackers.py slow-http PORT COUNT HOLD [EVERY]
         COUNT connections to an HTTP port that send "GET /metrics HTTP/1.1" and then one byte
         of a header every EVERY seconds (default 5), for HOLD seconds.
+    python3 bench/attackers.py churn PORT SECONDS
+        TCP connections opened and closed at once, without a byte, as fast as they go, for
+        SECONDS.
 
 Each prints "ready" once its connections or calls are open, then, when it is done, one JSON
 object: what the server did to them (how many it ended or closed, and when).
@@ -165,6 +168,19 @@ def slow_http(port, count, hold, every=5.0):
     return {"closed": len(ended), "open_for_max": max(ended) if ended else None}
 
 
+def churn(port, seconds):
+    """How many connections were opened (and closed) in `seconds`."""
+    print("ready", flush=True)
+    opened, until = 0, time.monotonic() + seconds
+    while time.monotonic() < until:
+        try:
+            socket.create_connection(("127.0.0.1", port)).close()
+            opened += 1
+        except OSError:
+            pass
+    return {"opened": opened}
+
+
 def main(argv):
     kind, args = argv[0], argv[1:]
     if kind == "never-send":
@@ -174,8 +190,10 @@ def main(argv):
         result = connect(int(args[0]), int(args[1]), float(args[2]), *args[3:4])
     elif kind == "slow-http":
         result = slow_http(int(args[0]), int(args[1]), float(args[2]), *map(float, args[3:4]))
+    elif kind == "churn":
+        result = churn(int(args[0]), float(args[1]))
     else:
-        raise SystemExit(f"unknown attack {kind!r}: never-send, connect or slow-http")
+        raise SystemExit(f"unknown attack {kind!r}: never-send, connect, slow-http or churn")
     print(json.dumps(result), flush=True)
 
 
