@@ -10323,14 +10323,20 @@ def _args_mux(p):
         "sends each call with the certificate the call named, and ends once no call came "
         f"for {MUX_PERSIST:g}s (JOBWORKER_MUX=DURATION: that long; JOBWORKER_MUX=off or "
         "--no-mux: no mux).")
+    p.epilog = "example: jobworker mux status; JOBWORKER_MUX=off jobworker list"
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     sub.add_parser("status", help="say whether a mux runs: its pid, servers, calls (exit 1 "
-                                  "if none)")
-    sub.add_parser("stop", help="end this user's mux (calls in flight finish)")
-    run = sub.add_parser("run", help="be the mux (what a call starts)")
-    run.add_argument("--socket", required=True, metavar="PATH")
+                                  "if none)", epilog="example: jobworker mux status")
+    sub.add_parser("stop", help="end this user's mux (calls in flight finish)",
+                   epilog="example: jobworker mux stop")
+    run = sub.add_parser("run", help="be the mux (what a call starts)",
+                         epilog="example: jobworker mux run --socket "
+                                "$XDG_RUNTIME_DIR/jobworker/mux-1.sock --persist 10m")
+    run.add_argument("--socket", required=True, metavar="PATH",
+                     help="the Unix socket to take calls on (in a directory of yours only)")
     run.add_argument("--persist", type=_cli_type(_seconds, DURATION_FORM), default=MUX_PERSIST,
-                     metavar="DURATION")
+                     metavar="DURATION",
+                     help=f"end after this long without a call (default {MUX_PERSIST:g}s)")
 
 
 def cmd_mux(args):
