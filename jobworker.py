@@ -21,7 +21,6 @@ is started before any gRPC thread exists.
 import array
 import bisect
 import collections
-import concurrent.futures
 import contextlib
 import dataclasses
 import enum
@@ -30,7 +29,6 @@ import fcntl
 import heapq
 import itertools
 import json
-import logging
 import os
 import queue
 import re
@@ -38,18 +36,31 @@ import select
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import termios
 import threading
 import time
 import types
 import typing
-import uuid
 
 __version__ = "0.1.0"
 
-log = logging.getLogger("jobworker")
+class _Logger:
+    """logging.getLogger(name), made on first use: a CLI call that says nothing does not load
+    logging (nor concurrent.futures, subprocess, uuid: a fifth of its start-up, imported where
+    they are used)."""
+
+    __slots__ = ("_name",)
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        import logging
+        return getattr(logging.getLogger(self._name), attr)
+
+
+log = _Logger("jobworker")
 
 DEFAULT_STATE_DIR = "/var/lib/jobworker"
 DEFAULT_CGROUP_PARENT = "jobworker"   # relative to the server's own cgroup in each hierarchy
@@ -155,6 +166,13 @@ def name_os_thread():
     with contextlib.suppress(OSError):
         with open("/proc/thread-self/comm", "w") as f:
             f.write(threading.current_thread().name.encode()[:15].decode(errors="ignore"))
+
+
+def thread_pool(workers, name=""):
+    """A concurrent.futures.ThreadPoolExecutor whose threads carry their names in the kernel
+    (name_os_thread); concurrent.futures is loaded where a pool is made, not by the CLI."""
+    import concurrent.futures
+    return concurrent.futures.ThreadPoolExecutor(workers, name, initializer=name_os_thread)
 
 
 class NamedThread(threading.Thread):
@@ -2372,6 +2390,7 @@ class LauncherClient:
         return jobs
 
     def _start(self):
+        import subprocess
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         root = os.path.dirname(os.path.abspath(__file__))   # a directory, or the .pyz itself
         build = build_lock(root)
@@ -2525,6 +2544,7 @@ class LauncherClient:
     def _end_process(self):
         """The connection is gone: make sure the launcher is too (one that closed it while
         alive is not trusted with jobs any more; ours is reaped, no zombie stays)."""
+        import subprocess
         if self.process is not None:
             try:
                 self.process.wait(2)
@@ -2545,6 +2565,7 @@ class LauncherClient:
 
     def bye(self):
         """The server stops: the launcher ends whatever still runs, and exits."""
+        import subprocess
         with contextlib.suppress(LauncherError):
             self._request({"op": OP_BYE})
         self._close_socket()
@@ -4012,8 +4033,7 @@ class JobQueue:
         (start must give its slot back if it does not run it; one that hangs, on a workdir
         of a hung mount, holds up its owner, not the queue), and calls give_up(job) for each
         whose queue timeout has passed, taken out of its line."""
-        self._starters = concurrent.futures.ThreadPoolExecutor(
-            starters or QUEUE_STARTERS, "jobworker-dequeue", initializer=name_os_thread)
+        self._starters = thread_pool(starters or QUEUE_STARTERS, "jobworker-dequeue")
         self._thread = NamedThread(self._loop, "jobworker-queue", (start, give_up))
         self._thread.start()
 
@@ -4300,6 +4320,7 @@ class JobSpawner:
     def accept(self, command, args, limits, owner, env, workdir, timeout, name, stdin, term,
                default_pids):
         """The JobStatus of a job to start, and its environment: every field checked."""
+        import uuid
         env = validate_env(env)
         argv = validate_command(command, list(args), env)
         workdir = self.check_workdir(validate_workdir(workdir))
@@ -4487,8 +4508,7 @@ class JobManager(LauncherEvents):
             self.cgroups.setup()
             _set_child_subreaper()
             _cap_by_fd_limit(self._running, raise_fd_limit(), self.max_jobs)
-            self._finisher = concurrent.futures.ThreadPoolExecutor(
-                FINISHERS, "jobworker-finish", initializer=name_os_thread)
+            self._finisher = thread_pool(FINISHERS, "jobworker-finish")
             self._engine = _Engine()
             self._stopper = JobStopper(self._engine, self._finisher, self.grace, clock=self._clock)
             self.supervisor = self.spawner.supervisor = LauncherSupervisor(
@@ -4711,7 +4731,7 @@ class JobManager(LauncherEvents):
         self.queue.stop()   # what is queued stays so, on disk, for the next server
         running = [j for j in self.table.live() if j.phase is not Phase.QUEUED]
         if not keep_jobs and running:
-            with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            with thread_pool(16, "jobworker-close") as pool:
                 list(pool.map(lambda j: self._stop_quietly(j, grace), running))
         self._leaving.set()   # the followers of what is left go on with the next server
         for job in running:
@@ -5015,7 +5035,7 @@ POLICY = {
 # this variable. It must be set before grpc is imported. The interceptor checks the version too.
 TLS12_NO_SHARED_SUITES = "ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES256-GCM-SHA384"
 
-audit_log = logging.getLogger("jobworker.audit")
+audit_log = _Logger("jobworker.audit")
 
 
 def _grpc():
@@ -6464,8 +6484,7 @@ class RpcServer:
         self.manager, self.listen, self.tls, self.limits = manager, listen, tls, limits
         self.revoked, self.metrics = revoked, metrics
         workers = limits.max_streams + UNARY_WORKERS
-        self.pool = concurrent.futures.ThreadPoolExecutor(workers, "jobworker-rpc",
-                                                          initializer=name_os_thread)
+        self.pool = thread_pool(workers, "jobworker-rpc")
         calls = Quota("calls in flight", workers,
                       limits.max_streams_per_owner + UNARY_CALLS_PER_OWNER)
         connections = limits.connection_budget(raise_fd_limit(), manager.max_jobs)
@@ -6919,7 +6938,7 @@ def _preload(cert_pem):
     was checked when the process started; importing nothing after the first connection keeps
     that check true for the server's whole life (and the first calls fast)."""
     import importlib
-    for name in ("base64", "grp", "pwd", "cryptography.x509",
+    for name in ("base64", "grp", "pwd", "uuid", "cryptography.x509",
                  "cryptography.hazmat.primitives.serialization"):
         importlib.import_module(name)
     with contextlib.suppress(AccessDenied):   # a server certificate: parsed, then refused
@@ -7583,6 +7602,7 @@ def start_mux(path, persist):
     """Start this user's mux in the background for later calls, unless one runs (or is
     starting): it holds the lock beside its socket for as long as it runs. The new process is
     this program in a session of its own, with no fd of this one but its build's lock."""
+    import subprocess
     lock = path[:-len(".sock")] + ".lock"
     try:
         fd = os.open(lock, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
@@ -8192,15 +8212,6 @@ def _human_bytes(n, base=1024):
 def _local(ts):
     """A time for people: local, with its zone (--json says UTC)."""
     return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(ts))
-
-
-class _IsoFormatter(logging.Formatter):
-    """Log times in ISO 8601 with their UTC offset: 2026-11-29T04:21:04.593+00:00."""
-
-    def formatTime(self, record, datefmt=None):
-        import datetime
-        return datetime.datetime.fromtimestamp(record.created).astimezone().isoformat(
-            timespec="milliseconds")
 
 
 def _iso(ts):
@@ -9223,6 +9234,7 @@ def fan_out(args, hosts, work):
     """work(host, make_client, result) on every host, `--parallel` at a time; returns the
     HostResults in host order. A signal (Ctrl-C) raises _Signalled here, in the main thread,
     with the results so far on its `results`."""
+    import concurrent.futures
     results = {host: HostResult(host) for host, _ in hosts}
 
     def one(host, make):
@@ -9233,8 +9245,7 @@ def fan_out(args, hosts, work):
             r.error, r.code = str(e), e.code
         except Exception as e:   # one host's trouble is its own line, never the others'
             r.error, r.code = f"{type(e).__name__}: {e}", EXIT_ERROR
-    pool = concurrent.futures.ThreadPoolExecutor(min(args.parallel, len(hosts)),
-                                                 "jobworker-host")
+    pool = thread_pool(min(args.parallel, len(hosts)), "jobworker-host")
     futures = [pool.submit(one, host, make) for host, make in hosts]
     try:
         while not all(f.done() for f in futures):
@@ -9250,6 +9261,7 @@ def fan_out(args, hosts, work):
 def run_on_hosts(args):
     """`run --hosts/--selector`: the job on every host, output prefixed by host, one summary
     line; exit 0 if every host succeeded, else the largest exit status (unreachable: 3)."""
+    import concurrent.futures
     if args.interactive or args.tty:
         raise CliError("-i and -t attach to one job: give one server, not --hosts", EXIT_USAGE)
     hosts = host_clients(args)
@@ -9281,7 +9293,7 @@ def run_on_hosts(args):
         started = [(clients[r.host], r.id) for r in e.results.values() if r.id]
         _say(f"jobworker: {signal.Signals(e.signum).name}: stopping the job on "
              f"{len(started)} host{'s' if len(started) != 1 else ''}")
-        with concurrent.futures.ThreadPoolExecutor(max(1, min(len(started), 32))) as pool:
+        with thread_pool(max(1, min(len(started), 32))) as pool:
             list(pool.map(lambda cj: _stop_quietly(*cj, timeout=None), started))
         try:   # the hosts whose Start was in flight stop theirs (another signal: leave)
             while not all(f.done() for f in e.futures):
@@ -9614,7 +9626,7 @@ def cmd_stop(args):
     if fans_out(args):   # each id looked for on every host chosen: stopped where it is
         hosts = fanout_contexts(args)
         targets = [f"{h}:{t}" for t in args.job_ids for h in hosts]
-        with concurrent.futures.ThreadPoolExecutor(min(args.parallel, len(targets))) as pool:
+        with thread_pool(min(args.parallel, len(targets))) as pool:
             done = dict(zip(targets, pool.map(_outcome(stop), targets)))
         for text in args.job_ids:
             outcomes = [(h, *done[f"{h}:{text}"]) for h in hosts]
@@ -9625,7 +9637,7 @@ def cmd_stop(args):
                     print(f"jobworker: {host}: {text}: {error}", file=sys.stderr)
                     first = first or error.code
         return first
-    with concurrent.futures.ThreadPoolExecutor(min(16, len(args.job_ids))) as pool:
+    with thread_pool(min(16, len(args.job_ids))) as pool:
         for text, done in zip(args.job_ids, pool.map(_outcome(stop), args.job_ids)):
             said, error = done
             if error is None:   # what happened is the result: stdout; errors: stderr
@@ -10156,6 +10168,7 @@ def _args_serve_caps(g):
 
 
 def cmd_serve(args):
+    import logging
     logging.basicConfig(level=logging.INFO, handlers=[_log_handler()])
     if args.keep_jobs and not args.live_restore:
         raise CliError("--keep-jobs needs live restore (drop --no-live-restore)", EXIT_USAGE)
@@ -10197,8 +10210,17 @@ def cmd_serve(args):
 
 
 def _log_handler():
+    """serve's log lines on stderr, their times in ISO 8601 with their UTC offset:
+    2026-11-29T04:21:04.593+00:00."""
+    import datetime
+    import logging
+
+    class IsoFormatter(logging.Formatter):
+        def formatTime(self, record, datefmt=None):
+            return datetime.datetime.fromtimestamp(record.created).astimezone().isoformat(
+                timespec="milliseconds")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_IsoFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(IsoFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     return handler
 
 
@@ -10269,7 +10291,7 @@ def _probe_tls(paths):
     """Serve the certificates on a loopback port and try TLS 1.2 and 1.3 handshakes."""
     import ssl
     grpc = _grpc()
-    server = grpc.server(concurrent.futures.ThreadPoolExecutor(1))
+    server = grpc.server(thread_pool(1))
     pems = [_read_file(paths[w], w) for w in ("ca.crt", "server.crt", "server.key")]
     port = server.add_secure_port("127.0.0.1:0", ServerTLS(*pems).credentials())
     server.start()
@@ -10622,7 +10644,8 @@ def run_main():
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-    logging.shutdown()
+    if "logging" in sys.modules:   # (not loaded by a call that said nothing)
+        sys.modules["logging"].shutdown()
     os._exit(code if isinstance(code, int) else EXIT_ERROR)
 
 

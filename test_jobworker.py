@@ -2783,8 +2783,7 @@ def test_the_server_s_threads_carry_their_names_in_the_kernel_for_top_and_ps():
     thread = jw.NamedThread(lambda: seen.append(comm()), "jobworker-engine")
     thread.start()
     thread.join()
-    with concurrent.futures.ThreadPoolExecutor(1, "jobworker-rpc",
-                                               initializer=jw.name_os_thread) as pool:
+    with jw.thread_pool(1, "jobworker-rpc") as pool:
         seen.append(pool.submit(comm).result())
     assert seen == ["jobworker-engin", "jobworker-rpc_0"]
     assert comm() != "jobworker-engin"   # the calling thread keeps its own
@@ -4176,8 +4175,9 @@ def test_durations_for_grace_and_certs_issue_needs_force(tmp_path):
 def test_log_lines_carry_an_iso_time_with_offset():
     import logging
     record = logging.LogRecord("jobworker", logging.INFO, __file__, 1, "hello", (), None)
-    line = jw._IsoFormatter("%(asctime)s %(message)s").format(record)
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d hello", line), line
+    line = jw._log_handler().format(record)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d INFO jobworker: hello",
+                        line), line
 
 
 @root
