@@ -7307,10 +7307,12 @@ MUX_MAX_CALLS = 256              # calls in flight at once; more go direct
 MUX_MAX_FRAME = 64 << 20
 # Frames: a kind byte, a 4-byte length, the payload. A call: the mux greets (HELLO); the client
 # sends HEAD (JSON), one REQUEST per request message and END when its requests are done; the
-# mux sends one MESSAGE per response, then STATUS (JSON) and closes. Closing the socket before
-# STATUS cancels the call.
+# mux sends one MESSAGE per response (and ALIVE while a call is quiet), then STATUS (JSON) and
+# closes. Closing the socket before STATUS cancels the call.
 MUX_HELLO, MUX_HEAD, MUX_REQUEST, MUX_END = b"J", b"H", b"R", b"E"
-MUX_MESSAGE, MUX_STATUS = b"M", b"S"
+MUX_MESSAGE, MUX_STATUS, MUX_ALIVE = b"M", b"S", b"A"
+MUX_ALIVE_EVERY = 5.0            # seconds: a call quiet this long is told the mux is alive
+MUX_SILENT_FOR = 20.0            # ... and a mux silent this long is taken for gone
 _MUX_FRAME = struct.Struct("!cI")
 
 
@@ -7328,19 +7330,51 @@ def mux_setting(args=None, env=os.environ):
 
 
 def mux_socket_path(env=os.environ):
-    """This user's mux socket: in $XDG_RUNTIME_DIR/jobworker if that is this user's, else in
-    $TMPDIR/jobworker-UID (/tmp); made 0700 if missing. None if neither is this user's alone
-    (made by another user first, or open to others' writes): then no mux is used."""
-    runtime = env.get("XDG_RUNTIME_DIR")
-    bases = ([os.path.join(runtime, "jobworker")] if runtime and os.path.isabs(runtime) else [])
-    bases.append(os.path.join(env.get("TMPDIR") or "/tmp", f"jobworker-{os.geteuid()}"))
-    for base in bases:
+    """This user's mux socket for calls made where this one is: in $XDG_RUNTIME_DIR/jobworker
+    if that runtime dir is this user's alone, else in $TMPDIR/jobworker-UID (/tmp) if $TMPDIR
+    is root's or this user's and no one else may rename in it (sticky); the directory made 0700
+    if missing. None if neither is safe (made by another user first, open to others' writes,
+    or in a directory another user may swap it in): then no mux is used. Its name says the
+    network, mount namespaces and grpc's proxy variables of the call (a mux started in a
+    sandbox serves no call outside it, and none inside one from outside)."""
+    import zlib
+    euid = os.geteuid()
+    runtime = env.get("XDG_RUNTIME_DIR") or ""
+    tmp = env.get("TMPDIR") or "/tmp"
+    bases = [(runtime, os.path.join(runtime, "jobworker"), (euid,))] if runtime else []
+    bases.append((tmp, os.path.join(tmp, f"jobworker-{euid}"), (0, euid)))
+    where = []
+    for ns in ("net", "mnt"):
+        with contextlib.suppress(OSError):
+            where.append(os.readlink(f"/proc/self/ns/{ns}"))
+    where += [f"{k}={env.get(k, '')}" for k in _GRPC_PROXY_VARIABLES]
+    context = f"{zlib.crc32(chr(0).join(where).encode()):08x}"
+    for parent, base, owners in bases:
+        if not os.path.isabs(parent) or not _safe_parent(parent, owners):
+            continue
         try:
             check_private_dir(base, "mux directory")
         except (LocalFileError, OSError):
             continue
-        return os.path.join(base, f"mux-{MUX_PROTOCOL}.sock")
+        return os.path.join(base, f"mux-{MUX_PROTOCOL}-{context}.sock")
     return None
+
+
+# what grpc's core reads from the environment to choose a proxy or a resolver
+_GRPC_PROXY_VARIABLES = ("grpc_proxy", "https_proxy", "http_proxy", "no_grpc_proxy",
+                         "no_proxy", "GRPC_DNS_RESOLVER")
+
+
+def _safe_parent(path, owners):
+    """Whether `path` is a directory (not a symlink) of one of `owners` in which no one else
+    may rename an entry (not writable by group or others, or sticky)."""
+    import stat
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return (stat.S_ISDIR(st.st_mode) and st.st_uid in owners and
+            (not st.st_mode & 0o022 or st.st_mode & stat.S_ISVTX))
 
 
 def _mux_frame(kind, payload=b""):
@@ -7474,7 +7508,8 @@ class _MuxCall:
         try:
             kind, payload = _mux_recv(self._sock)
         except socket.timeout:
-            self._fail("DEADLINE_EXCEEDED", "Deadline Exceeded (the mux did not answer)")
+            self._fail("UNAVAILABLE", f"the mux said nothing for {self._sock.gettimeout():g}s "
+                       "(stopped?)")
             raise self._status from None
         except (OSError, EOFError) as e:
             self._fail("CANCELLED" if self._cancelled else "UNAVAILABLE",
@@ -7483,6 +7518,8 @@ class _MuxCall:
             raise self._status from None
         if kind == MUX_MESSAGE:
             return self._deserialize(payload)
+        if kind == MUX_ALIVE:
+            return next(self)
         said = json.loads(payload) if kind == MUX_STATUS else {
             "code": "INTERNAL", "details": f"the mux sent a frame of kind {kind!r}"}
         if said.get("code") == "OK":
@@ -7525,8 +7562,7 @@ class _MuxMethod:
             return self.direct()(request, timeout=timeout, metadata=metadata)
         head = dict(self.channel.target, method=self.method, kind=self.kind(), timeout=timeout,
                     metadata=[list(kv) for kv in metadata or ()])
-        if timeout is not None and not self.many_responses:   # a mux stuck: the deadline
-            sock.settimeout(timeout + MUX_ANSWER_TIMEOUT)
+        sock.settimeout(MUX_SILENT_FOR)   # (a mux that stopped: the call goes on directly)
         call = _MuxCall(sock, head, request, self.serialize, self.deserialize,
                         self.many_requests)
         return call if self.many_responses else call.result()
@@ -7604,8 +7640,9 @@ def start_mux(path, persist):
     this program in a session of its own, with no fd of this one but its build's lock."""
     import subprocess
     lock = path[:-len(".sock")] + ".lock"
-    try:
-        fd = os.open(lock, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:   # (O_NONBLOCK: a FIFO planted there is never waited on; the mux refuses it)
+        fd = os.open(lock, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW |
+                     os.O_NONBLOCK, 0o600)
     except OSError:
         return None
     try:
@@ -7630,14 +7667,24 @@ def start_mux(path, persist):
             os.close(build)
 
 
+class _MuxTarget:
+    """A channel of the mux: to one server with one certificate, and its calls in flight."""
+
+    def __init__(self, channel, server):
+        self.channel, self.server = channel, server
+        self.calls, self.used = 0, time.monotonic()
+
+
 class Mux:
     """The mux process's work: calls taken on its socket, each relayed on a thread of its own
-    over the channel of its server and certificate (made at first use, closed once unused for
-    `persist`); returns once no call came for `persist` seconds."""
+    over the channel of its server and certificate (made at first use, closed once it has had
+    no call in flight for `persist`); returns once no call came for `persist` seconds. A call
+    quiet for MUX_ALIVE_EVERY is told the mux is alive (its client takes a silent mux for gone)."""
 
     def __init__(self, path, persist):
         self.path, self.persist = path, persist
-        self.channels = {}          # digest -> [channel, last used (monotonic), server]
+        self.targets = {}           # digest of server and PEMs -> _MuxTarget
+        self.relays = set()         # the MuxRelays of the calls in flight
         self.lock = threading.Lock()
         self.calls = 0
         self.last = time.monotonic()
@@ -7645,10 +7692,13 @@ class Mux:
 
     def serve(self):
         """Take the lock, bind the socket, relay calls until idle; False if another mux holds
-        the lock."""
-        lock = os.open(self.path[:-len(".sock")] + ".lock",
-                       os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        the lock (or it is not a file: only a regular file is locked, a FIFO never waited on)."""
+        import stat
+        lock = os.open(self.path[:-len(".sock")] + ".lock", os.O_RDONLY | os.O_CREAT |
+                       os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
         try:
+            if not stat.S_ISREG(os.fstat(lock).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file")
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(lock)
@@ -7677,17 +7727,7 @@ class Mux:
             try:
                 conn, _ = listener.accept()
             except socket.timeout:
-                if self.stopping:
-                    return
-                now = time.monotonic()
-                with self.lock:
-                    idle = self.calls == 0 and now - self.last >= self.persist
-                    stale = [d for d, (_, used, _) in self.channels.items()
-                             if now - used >= self.persist]
-                    closing = [self.channels.pop(d)[0] for d in stale]
-                for channel in closing:
-                    channel.close()
-                if idle:
+                if self.stopping or self._tick():
                     return
                 continue
             if self.stopping:
@@ -7704,25 +7744,47 @@ class Mux:
                 continue
             NamedThread(self._relay, "jobworker-mux-call", (conn,)).start()
 
+    def _tick(self):
+        """Each second: quiet calls told the mux is alive, channels unused for `persist`
+        closed; True once the mux itself has had no call for `persist`."""
+        now = time.monotonic()
+        with self.lock:
+            relays = list(self.relays)
+            stale = [d for d, t in self.targets.items()
+                     if t.calls == 0 and now - t.used >= self.persist]
+            closing = [self.targets.pop(d).channel for d in stale]
+            idle = self.calls == 0 and now - self.last >= self.persist
+        for relay in relays:
+            relay.alive(now)
+        for channel in closing:
+            channel.close()
+        return idle
+
     def _done(self):
         with self.lock:
             self.calls -= 1
             self.last = time.monotonic()
 
-    def _channel(self, head):
+    def _target(self, head):
+        """The target of a call's head, its call counted (_release)."""
         import hashlib
-        target = [head["server"], head["ca"], head["cert"], head["key"]]
-        digest = hashlib.sha256(json.dumps(target).encode()).hexdigest()
+        key = json.dumps([head["server"], head["ca"], head["cert"], head["key"]])
+        digest = hashlib.sha256(key.encode()).hexdigest()
         with self.lock:
-            entry = self.channels.get(digest)
-            if entry is None:
+            target = self.targets.get(digest)
+            if target is None:
                 grpc = _grpc()
                 creds = grpc.ssl_channel_credentials(head["ca"].encode(), head["key"].encode(),
                                                      head["cert"].encode())
-                entry = self.channels[digest] = [client_channel(grpc, target[0], creds), 0,
-                                                 target[0]]
-            entry[1] = time.monotonic()
-            return entry[0]
+                target = self.targets[digest] = _MuxTarget(
+                    client_channel(grpc, head["server"], creds), head["server"])
+            target.calls += 1
+            return target
+
+    def _release(self, target):
+        with self.lock:
+            target.calls -= 1
+            target.used = time.monotonic()
 
     def _relay(self, conn):
         grpc = _grpc()
@@ -7737,13 +7799,21 @@ class Mux:
             if "op" in head:
                 self._op(conn, head["op"])
                 return
-            MuxRelay(conn, self._channel(head), head, grpc).run()
+            target = self._target(head)
+            relay = MuxRelay(conn, target.channel, head, grpc)
+            with self.lock:
+                self.relays.add(relay)
+            try:
+                relay.run()
+            finally:
+                with self.lock:
+                    self.relays.discard(relay)
+                self._release(target)
         except (OSError, EOFError, ValueError, KeyError, TypeError, struct.error):
             pass   # the client went, or is not one: it has nothing to be told
         finally:
             conn.close()
             self._done()
-
 
     def _op(self, conn, op):
         """`jobworker mux status|stop`: what the mux holds, or its end."""
@@ -7754,7 +7824,7 @@ class Mux:
             with self.lock:
                 said = {"code": "OK", "details": json.dumps({
                     "pid": os.getpid(), "calls": self.calls - 1, "persist": self.persist,
-                    "servers": sorted({server for _, _, server in self.channels.values()})})}
+                    "servers": sorted({t.server for t in self.targets.values()})})}
         else:
             said = {"code": "UNIMPLEMENTED", "details": f"no mux op {op!r}"}
         _mux_send(conn, MUX_STATUS, json.dumps(said).encode())
@@ -7770,6 +7840,29 @@ class MuxRelay:
         self.channel = channel
         self.call = None
         self.gone = threading.Event()
+        self._send_lock = threading.Lock()   # a frame at a time: the relay's, or alive()'s
+        self._sent = time.monotonic()
+
+    def _send(self, kind, payload=b""):
+        with self._send_lock:
+            _mux_send(self.conn, kind, payload)
+            self._sent = time.monotonic()
+
+    def alive(self, now):
+        """Tell a client whose call has been quiet for MUX_ALIVE_EVERY that the mux lives (a
+        frame that does not fit now is not needed: the client is being sent its answer)."""
+        if now - self._sent < MUX_ALIVE_EVERY or not self._send_lock.acquire(blocking=False):
+            return
+        try:
+            frame = _mux_frame(MUX_ALIVE)
+            sent = self.conn.send(frame, socket.MSG_DONTWAIT)
+            if sent < len(frame):   # (all of it or none: the frames stay whole)
+                self.conn.sendall(frame[sent:])
+            self._sent = now
+        except OSError:
+            pass
+        finally:
+            self._send_lock.release()
 
     def run(self):
         grpc, head = self.grpc, self.head
@@ -7787,12 +7880,12 @@ class MuxRelay:
                 elif self.gone.is_set():
                     self.call.cancel()
                 for response in self.call:
-                    _mux_send(self.conn, MUX_MESSAGE, response)
+                    self._send(MUX_MESSAGE, response)
             else:   # (a client that leaves a unary call leaves it to its deadline)
                 make = self.channel.stream_unary if many[0] else self.channel.unary_unary
                 response, self.call = make(self.method).with_call(
                     request, timeout=timeout, metadata=metadata)
-                _mux_send(self.conn, MUX_MESSAGE, response)
+                self._send(MUX_MESSAGE, response)
             trailing = self.call.trailing_metadata()
             status = {"code": "OK", "details": "", "trailing": trailing or ()}
         except grpc.RpcError as e:
@@ -7803,7 +7896,7 @@ class MuxRelay:
         except StopIteration:   # no request came
             return
         status["trailing"] = [[k, v] for k, v in status["trailing"] if isinstance(v, str)]
-        _mux_send(self.conn, MUX_STATUS, json.dumps(status).encode())
+        self._send(MUX_STATUS, json.dumps(status).encode())
 
     def _kind(self):
         """(many requests, many responses) of the method, from the head."""
@@ -10353,7 +10446,7 @@ def _args_mux(p):
                    epilog="example: jobworker mux stop")
     run = sub.add_parser("run", help="be the mux (what a call starts)",
                          epilog="example: jobworker mux run --socket "
-                                "$XDG_RUNTIME_DIR/jobworker/mux-1.sock --persist 10m")
+                                "$XDG_RUNTIME_DIR/jobworker/mux-1-0123abcd.sock --persist 10m")
     run.add_argument("--socket", required=True, metavar="PATH",
                      help="the Unix socket to take calls on (in a directory of yours only)")
     run.add_argument("--persist", type=_cli_type(_seconds, DURATION_FORM), default=MUX_PERSIST,
@@ -10371,7 +10464,7 @@ def cmd_mux(args):
     path = mux_socket_path()
     sock = mux_connect(path) if path else None
     if sock is None:
-        print("no mux runs for this user" + (f" ({path})" if path else ""))
+        print("no mux answers for this user here" + (f" ({path})" if path else ""))
         return EXIT_ERROR if args.action == "status" else EXIT_OK
     with sock:
         sock.settimeout(RPC_TIMEOUT)

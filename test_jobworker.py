@@ -4817,7 +4817,7 @@ def mux_env(pki, quick_server, tmp_path):
     run.mkdir(mode=0o700)
     env = MuxEnv(cli_env(pki, quick_server.port), XDG_RUNTIME_DIR=str(run))
     env.pop("JOBWORKER_MUX")
-    env.sock = run / "jobworker" / f"mux-{jw.MUX_PROTOCOL}.sock"
+    env.sock = pathlib.Path(jw.mux_socket_path(env))
     yield env
     pid = mux_pid(env.sock)
     subprocess.run([*SRC, "mux", "stop"], env=env, capture_output=True, timeout=30)
@@ -4929,6 +4929,50 @@ def test_a_mux_killed_under_a_run_leaves_it_to_go_on_directly(pki, quick_server,
 
 
 @root
+def test_a_call_through_the_mux_outlives_the_persist_time(pki, quick_server, mux_env):
+    """The mux closed a channel unused for its persist time counting from when its last call
+    began: a run longer than that lost its stream (and left its job running)."""
+    env = dict(mux_env, JOBWORKER_MUX="1s")
+    mux_cli(env, "run", "true")
+    wait_for(lambda: mux_pid(mux_env.sock), 30, "the mux")
+    r = mux_cli(env, "run", "--", "sh", "-c", "sleep 4; echo done; exit 7")
+    assert (r.returncode, r.stdout, r.stderr) == (7, b"done\n", b"")
+
+
+@root
+@slow   # MUX_SILENT_FOR (20 s) of silence before the call goes on directly
+def test_a_run_whose_mux_is_stopped_goes_on_directly(pki, quick_server, mux_env):
+    mux_cli(mux_env, "run", "true")
+    pid = wait_for(lambda: mux_pid(mux_env.sock), 30, "the mux")
+    p = subprocess.Popen([*SRC, "run", "--", "sh", "-c", "echo up; sleep 3; echo done; exit 7"],
+                         env=mux_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert p.stdout.readline() == b"up\n"
+        os.kill(pid, signal.SIGSTOP)   # it says nothing more, not even that it lives
+        out, err = p.communicate(timeout=120)
+        assert (p.returncode, out) == (7, b"done\n"), err
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+@root
+def test_a_mux_serves_calls_made_where_it_was_started_only(pki, quick_server, mux_env):
+    """A mux started in a network namespace of its own (a sandbox) made every later call go
+    through it, and a call from inside a sandbox reached the network through the host's."""
+    mux_cli(mux_env, "run", "true")
+    wait_for(lambda: mux_pid(mux_env.sock), 30, "the mux")
+    r = subprocess.run(["unshare", "--net", *SRC, "mux", "status"], env=mux_env,
+                       capture_output=True, timeout=60)
+    assert r.returncode == 1 and b"no mux answers" in r.stdout, r
+    r = subprocess.run(["unshare", "--net", *SRC, "query", str(uuid.uuid4())], env=mux_env,
+                       capture_output=True, timeout=60)
+    assert r.returncode == 3 and b"unreachable" in r.stderr.lower(), r   # no network there
+    r = mux_cli(dict(mux_env, https_proxy="http://198.18.0.1:3128"), "mux", "status")
+    assert r.returncode == 1, r   # (another proxy: another mux)
+    assert mux_cli(mux_env, "mux", "status").returncode == 0
+
+
+@root
 def test_an_idle_mux_ends_and_removes_its_socket(pki, quick_server, mux_env):
     assert mux_cli(dict(mux_env, JOBWORKER_MUX="1s"), "run", "true").returncode == 0
     pid = wait_for(lambda: mux_pid(mux_env.sock), 30, "the mux")
@@ -4956,7 +5000,11 @@ def test_no_mux_where_its_directory_is_another_user_s_or_open_to_others(pki, qui
     os.chmod(run, 0o777)
     assert jw.mux_socket_path(env) is None
     os.chmod(run, 0o700)
-    assert jw.mux_socket_path(env) == str(run / f"mux-{jw.MUX_PROTOCOL}.sock")
+    os.chown(run.parent, 65534, 65534)   # a runtime dir of another user (sudo -E keeps it)
+    assert jw.mux_socket_path(env) is None
+    os.chown(run.parent, os.getuid(), os.getgid())
+    assert re.fullmatch(re.escape(str(run / f"mux-{jw.MUX_PROTOCOL}-")) + r"[0-9a-f]{8}\.sock",
+                        jw.mux_socket_path(env))
 
 
 def test_mux_settings_say_what_they_accept(monkeypatch):

@@ -869,7 +869,7 @@ def fig21(certs, state_root, pyz):
     env["JOBWORKER_MUX"] = "off"
 
     def mux_cpu():   # (the mux is started by the first run: its pid is learned then)
-        sock = jw.mux_connect(os.path.join(runtime, "jobworker", f"mux-{jw.MUX_PROTOCOL}.sock"))
+        sock = jw.mux_connect(jw.mux_socket_path(muxed))
         if sock is None:
             return 0.0
         with sock:
