@@ -1099,8 +1099,8 @@ def test_states_and_exit_status_without_the_kernel(fake_manager):
 def test_concurrent_stops_share_one_transition_without_the_kernel(fake_manager):
     from concurrent.futures import ThreadPoolExecutor
     m = fake_manager()
-    job = m.start("sh", ["-c", "trap '' TERM; sleep 600"])
-    wait_for(lambda: m.cgroups.job(job.id).pids(), what="the job")
+    job = m.start("sh", ["-c", "trap '' TERM; echo ready; sleep 600"])
+    wait_for(lambda: m.status(job.id).output_bytes, what="the trap set (the job said ready)")
     with ThreadPoolExecutor(10) as pool:
         finals = list(pool.map(lambda _: m.stop(job.id, grace=0.3), range(10)))
     assert {(s.state, s.signal) for s in finals} == {(jw.STOPPED, signal.SIGKILL)}
@@ -2410,6 +2410,8 @@ def test_missing_program_is_invalid_argument_with_the_os_reason(peers):
 def test_stop_with_grace_period_and_its_validation(peers):
     alice = peers("alice")
     job = alice.start("sh", "-c", "trap '' TERM; echo ready; while :; do sleep 1; done")
+    wait_for(lambda: alice.stub.Query(pb.QueryRequest(job_id=job)).status.output_bytes,
+             what="the trap set (the job said ready)")   # (else SIGTERM would end it)
     for bad in [-1.0, float("nan"), 1e9]:
         with pytest.raises(grpc.RpcError) as e:
             alice.stub.Stop(pb.StopRequest(job_id=job, grace_seconds=bad))
