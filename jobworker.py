@@ -7568,9 +7568,7 @@ class _MuxMethod:
         return call if self.many_responses else call.result()
 
     def kind(self):
-        """grpc's name of the method's kind: unary_unary, unary_stream, ..."""
-        return (f"{'stream' if self.many_requests else 'unary'}_"
-                f"{'stream' if self.many_responses else 'unary'}")
+        return _kind_name(self.many_requests, self.many_responses)
 
     def direct(self):
         return getattr(self.channel.fallback(), self.kind())(
@@ -7604,12 +7602,11 @@ class MuxChannel:
                               many_requests, many_responses)
         return make
 
-    def __getattr__(self, name):
-        kinds = {"unary_unary": (False, False), "unary_stream": (False, True),
-                 "stream_unary": (True, False), "stream_stream": (True, True)}
-        if name not in kinds:
+    def __getattr__(self, name):   # unary_unary, unary_stream, stream_unary, stream_stream
+        kind = name.split("_")
+        if len(kind) != 2 or not set(kind) <= {"unary", "stream"}:
             raise AttributeError(name)
-        return self._method(*kinds[name])
+        return self._method(kind[0] == "stream", kind[1] == "stream")
 
     def close(self):
         if self._first is not None:
@@ -7618,15 +7615,19 @@ class MuxChannel:
             self._channel.close()
 
 
+def _kind_name(many_requests, many_responses):
+    """grpc's name of a method's kind: unary_unary, unary_stream, stream_unary, stream_stream."""
+    return (f"{'stream' if many_requests else 'unary'}_"
+            f"{'stream' if many_responses else 'unary'}")
+
+
 def service_stub(channel, pb, service="JobService"):
     """A stub of `service` on `channel` (a grpc channel or a MuxChannel), made from the
     proto's descriptor: a callable per method, as the generated stub's."""
     stub = types.SimpleNamespace()
     desc = pb.DESCRIPTOR.services_by_name[service]
     for m in desc.methods:
-        kind = {(False, False): "unary_unary", (False, True): "unary_stream",
-                (True, False): "stream_unary", (True, True): "stream_stream"}[
-                    (m.client_streaming, m.server_streaming)]
+        kind = _kind_name(m.client_streaming, m.server_streaming)
         setattr(stub, m.name, getattr(channel, kind)(
             f"/{desc.full_name}/{m.name}",
             request_serializer=getattr(pb, m.input_type.name).SerializeToString,
