@@ -7468,7 +7468,7 @@ class _MuxCall:
 
     def __init__(self, sock, head, requests, serialize, deserialize, many_requests):
         self._sock, self._deserialize = sock, deserialize
-        self._status = self._pump = None
+        self._status = None
         self._cancelled = False
         frames = [_mux_frame(MUX_HEAD, json.dumps(head).encode())]
         if not many_requests:   # in one write: the mux may answer and close before a second
@@ -7478,9 +7478,8 @@ class _MuxCall:
         except OSError:
             pass   # the mux went: reading its answer says so
         if many_requests:
-            self._pump = threading.Thread(target=self._send_all, args=(requests, serialize),
-                                          name="jobworker-mux-requests", daemon=True)
-            self._pump.start()
+            threading.Thread(target=self._send_all, args=(requests, serialize),
+                             name="jobworker-mux-requests", daemon=True).start()
 
     def _send_all(self, requests, serialize):
         try:
