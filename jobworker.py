@@ -3129,7 +3129,7 @@ class Job(JobEntry):
     (a `with job.cond` may take the shared one just as it is swapped)."""
 
     __slots__ = ("status", "cond", "shared", "cgroup", "records", "phase", "ends_as",
-                 "output_done", "lost", "pidfd", "pipes", "input", "pending")
+                 "output_done", "lost", "pidfd", "pipes", "input", "pending", "fds_closed")
 
     def __init__(self, status, cgroup, phase=Phase.STARTING, shared=None, pending=None):
         self.status = status
@@ -3145,6 +3145,7 @@ class Job(JobEntry):
         self.pidfd = None               # of the main process: its exit, if the launcher dies
         self.pipes = {}                 # "out"/"err" -> our copy of the pipe's read end
         self.input = None               # JobInput, of a job with stdin (until it is closed)
+        self.fds_closed = False         # by close_fds: the job has let go of them for good
 
     @classmethod
     def adopted(cls, status, cgroup, state, fds):
@@ -3325,10 +3326,34 @@ class Job(JobEntry):
                            not self.output_done, self.cgroup.pids,
                            piped.copy if piped is not None else (lambda: None))
 
+    def running(self, pid, pidfd, fds):
+        """Its program runs: keep its pidfd and our ends of its stdio (`fds` by STDIO_FDS
+        name). If its end has been finished already, they are closed: on a busy host the
+        launcher's word that a quick job has ended can come before the spawn's reply."""
+        with self.cond:
+            self.status.pid = pid
+            if not self.fds_closed:
+                self.pidfd = pidfd
+                if self.status.stdin == STDIN_TTY:
+                    self.pipes = {"out": fds["master"]}
+                    self.input = JobInput(self.id, STDIN_TTY, os.dup(fds["master"]))
+                else:
+                    self.pipes = {"out": fds["out_r"], "err": fds["err_r"]}
+                    if "in_w" in fds:
+                        self.input = JobInput(self.id, STDIN_PIPE, fds["in_w"])
+                if self.phase is Phase.STARTING:
+                    self.status.state = RUNNING
+                    self.change_phase(Phase.RUNNING)
+                return
+        for fd in (pidfd, *fds.values()):
+            _close_quietly(fd)
+
     def close_fds(self):
+        """Close its pidfd, pipes and input, and any given to running() later."""
         with self.cond:   # (not while _signal_main uses the pidfd)
             fds, self.pidfd, self.pipes = [self.pidfd, *self.pipes.values()], None, {}
             held_input, self.input = self.input, None
+            self.fds_closed = True
         if held_input is not None:
             held_input.close(ended=True)
         for fd in fds:
@@ -4396,18 +4421,7 @@ class JobSpawner:
         for name in ("out_w", "err_w", "in_r", "slave"):
             if name in fds:
                 os.close(fds.pop(name))   # the job's now: EOF when it is done
-        with job.cond:
-            job.status.pid, job.pidfd = pid, pidfd
-            if status.stdin == STDIN_TTY:
-                job.pipes = {"out": fds["master"]}
-                job.input = JobInput(job_id, STDIN_TTY, os.dup(fds["master"]))
-            else:
-                job.pipes = {"out": fds["out_r"], "err": fds["err_r"]}
-                if "in_w" in fds:
-                    job.input = JobInput(job_id, STDIN_PIPE, fds["in_w"])
-            if job.phase is Phase.STARTING:   # (not if it has ended already)
-                job.status.state = RUNNING
-                job.change_phase(Phase.RUNNING)
+        job.running(pid, pidfd, fds)
         return launcher
 
     @staticmethod

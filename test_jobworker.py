@@ -1079,6 +1079,31 @@ def test_a_cgroup_that_cannot_be_joined_fails_start_leaving_nothing(fake_manager
     assert wait_final(m, m.start("true").id).exit_code == 0   # the launcher is fine
 
 
+@pytest.mark.parametrize("stdin", [jw.STDIN_NULL, jw.STDIN_PIPE])
+def test_a_job_whose_end_is_finished_before_its_start_returns_keeps_no_fd(fake_manager,
+                                                                          monkeypatch, stdin):
+    # On a busy host the launcher's word that a quick job has ended, and the finisher's work
+    # on it, can come before the Start's thread is given the spawn's reply: the pidfd and
+    # pipes it then holds must not outlive the job.
+    m = fake_manager()
+    wait_final(m, m.start("true", stdin=stdin).id)   # (threads and pools made, their fds too)
+    finished, close_fds, running = threading.Event(), jw.Job.close_fds, jw.Job.running
+
+    def closed_and_said(job):
+        close_fds(job)
+        finished.set()
+
+    def running_once_its_end_is_finished(job, pid, pidfd, fds):
+        assert finished.wait(30), "the job's end was not finished"
+        running(job, pid, pidfd, fds)
+    monkeypatch.setattr(jw.Job, "close_fds", closed_and_said)
+    monkeypatch.setattr(jw.Job, "running", running_once_its_end_is_finished)
+    before = sorted(os.listdir("/proc/self/fd"))
+    status = m.start("true", stdin=stdin)
+    assert wait_final(m, status.id).exit_code == 0
+    assert sorted(os.listdir("/proc/self/fd")) == before
+
+
 def test_states_and_exit_status_without_the_kernel(fake_manager):
     m = fake_manager()
     a = m.start("sh", ["-c", "echo out; exit 3"])
