@@ -2124,10 +2124,13 @@ def test_a_revocation_ends_the_certificate_s_calls_in_flight(pki, tmp_path):
         theirs = alice.stub.Stream(pb.StreamRequest(job_id=alice.start("sleep", "600")))
         theirs.initial_metadata()
         # a long unary call too: a Stop of a job that ignores SIGTERM, with a grace of 60 s
-        stubborn = bob.start("sh", "-c", "trap 'echo term' TERM; while :; do sleep 0.1; done")
+        stubborn = bob.start("sh", "-c",
+                             "trap 'echo term' TERM; echo ready; while :; do sleep 0.1; done")
+        admin = Peer(pki, server.port, "admin")
+        wait_for(lambda: admin.stream_some(stubborn, b"ready"), 30,
+                 "the trap set (the job said ready)")   # (else SIGTERM would end it)
         stop = bob.stub.Stop.future(pb.StopRequest(job_id=stubborn, grace_seconds=60),
                                     timeout=90)
-        admin = Peer(pki, server.port, "admin")
         wait_for(lambda: admin.stream_some(stubborn, b"term"), 30, "the Stop's SIGTERM")
         revoked.write_text(_serial_of(pki, "bob") + "\n")
         t0 = time.monotonic()
@@ -2626,7 +2629,9 @@ def test_one_owner_cannot_starve_another_or_the_admin(pki, tmp_path):
     alice, bob, admin = (Peer(pki, server.port, n) for n in ("alice", "bob", "admin"))
     pool = ThreadPoolExecutor(80)
     try:
-        stubborn = alice.start("sh", "-c", "trap '' TERM; sleep 600")
+        stubborn = alice.start("sh", "-c", "trap '' TERM; echo ready; sleep 600")
+        wait_for(lambda: alice.stub.Query(pb.QueryRequest(job_id=stubborn)).status.output_bytes,
+                 30, "the trap set (the job said ready)")   # (else a slow Stop would be quick)
         alice.start("sleep", "600")
         assert alice.call("Start") == SC.RESOURCE_EXHAUSTED               # her jobs
         hogs = [alice.stub.Stream(pb.StreamRequest(job_id=stubborn)) for _ in range(2)]
