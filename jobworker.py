@@ -830,7 +830,15 @@ def _wait_populated_zero(events_path, timeout):
 class Cgroup:
     """One job's cgroup, whatever the cgroup version. Made by CgroupDriver.job()."""
 
-    procs_files = ()   # the child writes its pid into each of these before exec
+    # Before exec the child joins the job's cgroups: it writes its pid into each cgroup.procs
+    # file of procs_files, and "0" (the writer itself) into each v1 tasks file. A process that
+    # moves itself as one thread spares the kernel its global threadgroup lock, whose first
+    # taking after a quiet spell waits an RCU grace period (6-18 ms here, against 0.2); the
+    # child has one thread, so the thread is the process.
+    procs_files = ()
+    # A cgroup2 directory (its cgroup.procs among procs_files too) the child is created in
+    # by clone3's CLONE_INTO_CGROUP, which needs no move at all; None where there is none.
+    clone_into = None
 
     def create(self): raise NotImplementedError
     def set_limits(self, limits, devices): raise NotImplementedError
@@ -907,7 +915,9 @@ class CgroupV1(Cgroup):
         self.unified = unified                 # directory in the cgroup2 mount, or None
         self.path = next(iter(dirs.values()))
         self._unique = list(dict.fromkeys(list(dirs.values()) + ([unified] if unified else [])))
-        self.procs_files = tuple(f"{d}/cgroup.procs" for d in self._unique)
+        self.procs_files = tuple(f"{d}/tasks" for d in dict.fromkeys(dirs.values())) + (
+            (f"{unified}/cgroup.procs",) if unified else ())
+        self.clone_into = unified
         self._track = unified or dirs.get("freezer") or dirs.get("pids") or self.path
 
     def create(self):
@@ -1013,6 +1023,7 @@ class CgroupV2(Cgroup):
     def __init__(self, path):
         self.path = path
         self.procs_files = (f"{path}/cgroup.procs",)
+        self.clone_into = path
 
     def create(self):
         try:
@@ -1509,10 +1520,11 @@ LAUNCHER_SOCKET, LAUNCHER_LOCK = "launcher.sock", "launcher.lock"
 _READ_SIZE = 1 << 20
 
 # -- the launcher protocol ----------------------------------------------------------------------
-# Every message is a JSON object with an "op". A field a peer may ignore can be added freely;
-# a new op, or a field a peer must understand, bumps LAUNCHER_PROTOCOL (and the fingerprint
-# test_jobworker.py keeps of the ops and of SpawnRequest's fields): a server refuses a
-# launcher of another version, touching nothing (exit 11).
+# Every message is a JSON object with an "op". A field a peer may ignore can be added freely
+# (to SpawnRequest: named in its IGNORABLE); a new op, or a field a peer must understand,
+# bumps LAUNCHER_PROTOCOL (and the fingerprint test_jobworker.py keeps of the ops and of
+# SpawnRequest's fields): a server refuses a launcher of another version, touching nothing
+# (exit 11), so an upgrade that needs no bump keeps the jobs running.
 LAUNCHER_PROTOCOL = 3
 
 # the server's requests                  # what goes with them
@@ -1558,7 +1570,7 @@ class SpawnRequest:
     argv: list
     env: dict
     cwd: str
-    procs: list              # cgroup.procs files the child writes its pid into
+    procs: list              # the files by which the child joins its cgroups (Cgroup's)
     hide: list = dataclasses.field(default_factory=list)   # paths covered in its mount ns
     empty_file: str = ""     # what covers a hidden file
     nofile: list = None      # its RLIMIT_NOFILE (soft, hard); None: the launcher's
@@ -1566,6 +1578,9 @@ class SpawnRequest:
     gid: int = None
     stdio: str = STDIN_NULL  # STDIN_MODES: what its stdin is (and the fds that come along)
     seq: int = 0             # the server's number for the reply
+    into: str = ""           # Cgroup.clone_into (a launcher that ignores it joins it by procs)
+    # fields a launcher of this protocol may not know, and serves right without
+    IGNORABLE: typing.ClassVar = ("into",)
 
     def encode(self):
         return dict(dataclasses.asdict(self), op=OP_SPAWN)
@@ -1666,16 +1681,17 @@ def _hide_paths(libc, paths, empty_file):
 
 
 def _child_exec(req, exe, ignored, procs, stdio, ctty, err_pipe, libc):
-    """In the forked child: join the cgroups (their cgroup.procs files open as `procs`), hide
-    the server's files, set up session and fds (`stdio`: what becomes 0, 1 and 2, None for
-    /dev/null; `ctty`: a terminal slave that becomes the controlling terminal, or None), drop
-    privileges, exec (`exe` if found before the fork, else a search as execvpe's). Never
-    returns; a failure is reported on err_pipe as "SPAWN_kind:errno:message"."""
+    """In the forked child: join the cgroups (`procs`: each file's fd and what to write, None
+    for its pid: see Cgroup.procs_files), hide the server's files, set up session and fds
+    (`stdio`: what becomes 0, 1 and 2, None for /dev/null; `ctty`: a terminal slave that
+    becomes the controlling terminal, or None), drop privileges, exec (`exe` if found before
+    the fork, else a search as execvpe's). Never returns; a failure is reported on err_pipe
+    as "SPAWN_kind:errno:message"."""
     stage = SPAWN_CGROUP
     try:
         pid = str(os.getpid()).encode()
-        for fd in procs:
-            os.write(fd, pid)
+        for fd, text in procs:
+            os.write(fd, text or pid)
         if req.hide:
             stage = SPAWN_NAMESPACE
             _hide_paths(libc, req.hide, req.empty_file)
@@ -1744,6 +1760,30 @@ def _fork(libc):
     Returns the pid (0 in the child)."""
     import ctypes
     pid = libc.fork()
+    if pid < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return pid
+
+
+SYS_CLONE3 = 435                   # the same number on every architecture
+CLONE_INTO_CGROUP = 0x200000000
+_CLONE_ARGS_SIZE = 88              # struct clone_args up to its cgroup field (kernel 5.7)
+# clone3's answers that mean it (or CLONE_INTO_CGROUP) is not there: an older kernel, or a
+# seccomp filter (docker's says ENOSYS) -- the launcher forks from then on
+_NO_CLONE_INTO = (errno.ENOSYS, errno.E2BIG)
+
+
+def _clone_into(libc, cgroup_fd):
+    """clone3(2) with CLONE_INTO_CGROUP: _fork(), the child created in the cgroup2 directory
+    open as `cgroup_fd` (it never exists outside it, and no cgroup.procs write is needed).
+    Safe where _fork is; glibc's own fork steps are skipped as well, so the child must not
+    rely on its cached thread id (raise(), pthread mutex owners). Returns the pid (0 in the
+    child); raises OSError as the kernel answered."""
+    import ctypes
+    args = (ctypes.c_uint64 * 11)()   # flags, pidfd, child_tid, parent_tid, exit_signal,
+    args[0], args[4], args[10] = CLONE_INTO_CGROUP, signal.SIGCHLD, cgroup_fd   # ..., cgroup
+    pid = libc.syscall(ctypes.c_long(SYS_CLONE3), args, ctypes.c_size_t(_CLONE_ARGS_SIZE))
     if pid < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
@@ -1902,6 +1942,7 @@ class LauncherProcess:
         self.progress = {}        # job id -> LauncherJob with output not yet reported
         self.served = False       # a server has connected at least once
         self.greeted = False      # the connected server has said hello: frames may go to it
+        self.clone_into = True    # clone3 with CLONE_INTO_CGROUP may be tried
         self.ep = select.epoll()
         # what the server may ask, and whether the handler keeps the fds that came with it
         self.ops = {OP_HELLO: (self._hello, False), OP_SPAWN: (self._spawn, True),
@@ -2050,36 +2091,56 @@ class LauncherProcess:
             self._send(dict(reply, error=SPAWN_OUTPUT, errno=e.errno, detail=e.strerror))
             return
         # What can be done before fork is: in the child every line of Python costs page faults.
-        report_r = report_w = None
+        report_r = report_w = into = None
         procs, stage = [], SPAWN_CGROUP
         try:
-            for path in req.procs:   # the child writes its pid into each
+            for path in req.procs:   # (Cgroup.procs_files says what the child writes)
                 try:
-                    procs.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+                    procs.append((os.open(path, os.O_WRONLY | os.O_CLOEXEC),
+                                  b"0" if path.endswith("/tasks") else None))
                 except OSError as e:
                     if e.errno in (errno.EMFILE, errno.ENFILE):
                         stage = SPAWN_FDS   # as when the kernel drops fds sent to us
                     raise
+            if req.into and self.clone_into:
+                into = os.open(req.into, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                born_in = [p for p, path in zip(procs, req.procs)   # (its cgroup.procs is
+                           if path != f"{req.into}/cgroup.procs"]   # not written)
             stage = SPAWN_FORK
             report_r, report_w = os.pipe2(os.O_CLOEXEC)
             exe = _first_on_path(req.argv[0], req.env)
-            pid = _fork(self.libc)
+            pid, cloned = self._fork_into(into)
         except OSError as e:
-            for fd in (*fds, *procs, report_r, report_w):
+            for fd in (*fds, *(fd for fd, _ in procs), into, report_r, report_w):
                 if fd is not None:
                     _close_quietly(fd)
             writer.close()
             self._send(dict(reply, error=stage, errno=e.errno, detail=e.strerror))
             return
         if pid == 0:
-            _child_exec(req, exe, self.ignored, procs, stdio, ctty, report_w, self.libc)
-        for fd in (*theirs, report_w, *procs):
+            _child_exec(req, exe, self.ignored, born_in if cloned else procs, stdio, ctty,
+                        report_w, self.libc)
+        for fd in (*theirs, report_w, *(fd for fd, _ in procs), *([into] if into else [])):
             os.close(fd)
         pidfd = os.pidfd_open(pid)   # before any reaping: the pid cannot be reused yet
         pending = PendingSpawn(req, pid, pidfd, writer, pipes, stdin)
         self.spawning[report_r] = pending
         self.children[pid] = pending
         self.ep.register(report_r, select.EPOLLIN)
+
+    def _fork_into(self, into):
+        """(pid, whether the child was created in the cgroup open as `into`): by clone3 where
+        the kernel can, else by fork (the child then joins it by its cgroup.procs)."""
+        if into is not None:
+            try:
+                return _clone_into(self.libc, into), True
+            except OSError as e:
+                if e.errno in (errno.EAGAIN, errno.ENOMEM):
+                    raise
+                # (any other answer: fork, and the child's write says what is wrong, if
+                # anything is)
+                self.clone_into = e.errno not in _NO_CLONE_INTO
+        return _fork(self.libc), False
 
     def _exec_report(self, fd):
         pending = self.spawning[fd]
@@ -4453,6 +4514,7 @@ class JobSpawner:
         env = {"PATH": JOB_PATH, "LANG": JOB_LANG, "HOME": "/root"}
         req = SpawnRequest(job=job.id, dir=job_dir, cap=self.log_cap, argv=job.status.command,
                            env=env, cwd=job.status.workdir, procs=list(job.cgroup.procs_files),
+                           into=job.cgroup.clone_into or "",
                            hide=list(self._hide), empty_file=self._empty_file,
                            nofile=list(self.job_nofile), stdio=job.status.stdin)
         if self._user:

@@ -559,7 +559,17 @@ def test_default_pids_limit_applies(manager):
 
 @root
 @v1_only
-def test_child_is_in_every_job_cgroup_before_exec(manager):
+@pytest.mark.parametrize("into", ["clone3", "not sent", "refused"])
+def test_child_is_in_every_job_cgroup_before_exec(manager, monkeypatch, tmp_path, into):
+    # clone3 creates it in the cgroup2 dir; a request without `into` (an older server's) and
+    # a clone3 the kernel refuses (not a cgroup: EBADF) leave it to fork and join by writes
+    request = jw.JobSpawner.request
+
+    def with_into(self, *a):
+        req = request(self, *a)
+        req.into = {"clone3": req.into, "not sent": "", "refused": str(tmp_path)}[into]
+        return req
+    monkeypatch.setattr(jw.JobSpawner, "request", with_into)
     job = manager.start("cat", ["/proc/self/cgroup"])
     out, _, _ = output(manager, job.id)
     lines = {line.split(":", 2)[1]: line.split(":", 2)[2] for line in out.decode().splitlines()}
@@ -569,6 +579,48 @@ def test_child_is_in_every_job_cgroup_before_exec(manager):
         assert lines[key].endswith(f"/{job.id}"), (controller, lines[key])
     if drv.unified_parent:
         assert lines[""].endswith(f"/{job.id}")
+
+
+CLONE_INTO = """
+import ctypes, errno, os, sys
+import jobworker as jw
+libc = ctypes.CDLL(None, use_errno=True)
+try:   # not a cgroup: refused (the launcher then forks)
+    pid = jw._clone_into(libc, os.open(sys.argv[2], os.O_RDONLY | os.O_DIRECTORY))
+except OSError as e:
+    assert e.errno == errno.EBADF, e
+else:
+    os._exit(0) if pid == 0 else sys.exit("clone3 into a plain directory was not refused")
+r, w = os.pipe()
+pid = jw._clone_into(libc, os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY))
+if pid == 0:
+    os.write(w, open("/proc/self/cgroup", "rb").read())
+    os._exit(0)
+os.close(w)
+print(os.read(r, 65536).decode(), end="")
+assert os.waitpid(pid, 0)[1] == 0
+"""
+
+
+@root
+def test_clone3_creates_the_child_in_its_cgroup2_directory(tmp_path):
+    # the launcher's fast path: were clone3 refused here, it would fork (and this would fail)
+    mount = _unified_mount()
+    if mount is None:
+        pytest.skip("no cgroup2 mount on this host")
+    own = jw._join(mount, "/", jw._own_cgroups("/proc/self/cgroup")["unified"])
+    driver = jw.CgroupV2Driver(own, f"{RUN_PARENT}-clone3")
+    driver.setup()
+    cg = driver.job(str(uuid.uuid4()))
+    cg.create()
+    try:
+        r = subprocess.run([sys.executable, "-c", CLONE_INTO, cg.clone_into, str(tmp_path)],
+                           cwd=HERE, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert f"0::{cg.path[len(mount):]}" in r.stdout.splitlines(), r.stdout
+    finally:
+        cg.remove()
+        driver.remove_parent()
 
 
 @root
@@ -1029,19 +1081,31 @@ def test_signals_ignored_by_the_server_are_default_in_the_job(tmp_path):
 # The launcher protocol as this build speaks it. A change to its ops or to what a spawn
 # request carries must bump LAUNCHER_PROTOCOL (a server refuses a launcher of another
 # version, so jobs are never handed to a peer that misreads them): then record it here.
+# A spawn request's field that a launcher of the same version may ignore (SpawnRequest's
+# IGNORABLE) needs no bump, and is recorded in the second table; each has a test that a
+# launcher ignoring it serves right.
 LAUNCHER_PROTOCOLS = {
     2: ("hello spawn take_over forget ping bye | job ready spawned out eof exit pong | "
         "job dir cap argv env cwd procs hide empty_file nofile uid gid seq"),
     3: ("hello spawn take_over forget close_input ping bye | job ready spawned out eof exit "
         "pong | job dir cap argv env cwd procs hide empty_file nofile uid gid stdio seq"),
 }
+LAUNCHER_IGNORABLE = {
+    3: "into",   # test_child_is_in_every_job_cgroup_before_exec
+}
 
 
 def test_the_launcher_protocol_changes_only_with_its_version():
+    ignorable = jw.SpawnRequest.IGNORABLE
     spoken = " | ".join([" ".join(jw.SERVER_OPS), " ".join(jw.LAUNCHER_OPS),
-                         " ".join(f.name for f in dataclasses.fields(jw.SpawnRequest))])
+                         " ".join(f.name for f in dataclasses.fields(jw.SpawnRequest)
+                                  if f.name not in ignorable)])
     assert LAUNCHER_PROTOCOLS.get(jw.LAUNCHER_PROTOCOL) == spoken, \
         "the launcher protocol changed: bump LAUNCHER_PROTOCOL and record it here"
+    assert LAUNCHER_IGNORABLE.get(jw.LAUNCHER_PROTOCOL, "") == " ".join(ignorable), \
+        "a field a launcher may ignore was added: record it here, with its test"
+    assert all(f.default == "" for f in dataclasses.fields(jw.SpawnRequest)
+               if f.name in ignorable)   # (absent: what an older server sends)
     req = jw.SpawnRequest(job="j", dir="/d", cap=1, argv=["p", "x"], env={"A": "b"}, cwd="/",
                           procs=["/p"], nofile=[5, 6], uid=7, gid=8, seq=9)
     message = json.loads(json.dumps(req.encode()))   # as it crosses the socket
