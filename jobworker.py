@@ -9012,6 +9012,8 @@ class AttachSession:
         self.call = None
         self._take = threading.Lock()      # one call's requests take from the queue at a time
         self._pushback = None              # taken by a call that had ended: the next one's
+        self._size_lock = threading.Lock()
+        self._sent_size = None             # the window size this call was last sent
 
     def run(self, offset):
         """Attach from `offset` (None: the current end of the output) until the job ends:
@@ -9080,8 +9082,10 @@ class AttachSession:
         """The request stream of one Attach call, until `ended`."""
         pb = self.pb
         yield pb.AttachRequest(start=start)
-        if self.raw:
-            self.window_changed.set()   # the size now, whatever it was at start
+        if self.raw:   # the size now, whatever it was at start, on every call
+            with self._size_lock:
+                self._sent_size = None
+            self.window_changed.set()
         if self.input_ended or self.cut:   # (again, after a reconnect: the end is idempotent)
             if not self.tty:
                 yield pb.AttachRequest(eof=True)
@@ -9092,9 +9096,9 @@ class AttachSession:
         while not self.finished and not ended.is_set():
             if self.window_changed.is_set() and self.raw:
                 self.window_changed.clear()
-                size = local_window()
-                if size:
-                    yield pb.AttachRequest(resize=pb.WindowSize(rows=size[0], columns=size[1]))
+                resize = self._resize()
+                if resize is not None:
+                    yield resize
             item = self._next_input(ended)
             if item is None:
                 continue
@@ -9106,6 +9110,16 @@ class AttachSession:
                 yield pb.AttachRequest(eof=True)
                 return
             yield item
+
+    def _resize(self):
+        """An AttachRequest of this terminal's window size if it is not the one last sent,
+        else None."""
+        with self._size_lock:   # (the size is read under it: the last one sent is the latest)
+            size = local_window()
+            if size is None or size == self._sent_size:
+                return None
+            self._sent_size = size
+        return self.pb.AttachRequest(resize=self.pb.WindowSize(rows=size[0], columns=size[1]))
 
     def _read_directly(self):
         buf = memoryview(bytearray(INPUT_CHUNK))
@@ -9150,6 +9164,11 @@ class AttachSession:
             if self.keys:
                 data, detach = self._scan(data)
             if data:
+                # A key typed after the window changed reaches the job after its new size:
+                # SIGWINCH alone may be handled after the keys are sent.
+                resize = self._resize() if self.raw else None
+                if resize is not None:
+                    self.queue.put(resize)
                 self.queue.put(encode_attach_input(data))
             if detach:
                 self.detached.set()

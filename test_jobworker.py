@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import errno
 import datetime
+import fcntl
 import glob
 import hashlib
 import itertools
@@ -33,6 +34,7 @@ import stat
 import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 import uuid
@@ -5551,6 +5553,20 @@ class Tmux:
         return wait_for(lambda: re.search(pattern, self.screen(), re.M), timeout,
                         f"{pattern!r} on the screen")
 
+    def resize(self, rows, columns):
+        """Resize the window; returns once its terminal has the size (tmux may apply it to
+        the terminal later than it takes the keys sent after)."""
+        self.tmux("resize-window", "-t", "t", "-x", str(columns), "-y", str(rows))
+        tty = self.tmux("display", "-p", "-t", "t", "#{pane_tty}").strip()
+
+        def size():
+            fd = os.open(tty, os.O_RDONLY | os.O_NOCTTY)
+            try:
+                return struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, bytes(8)))[:2]
+            finally:
+                os.close(fd)
+        wait_for(lambda: size() == (rows, columns), 30, f"the terminal to be {rows}x{columns}")
+
     def wait_dead(self, timeout=30):
         wait_for(lambda: self.tmux("display", "-p", "-t", "t", "#{pane_dead}").strip() == "1",
                  timeout, "the pane's command to end")
@@ -5617,9 +5633,12 @@ def test_run_it_is_a_remote_terminal_under_a_real_one(pki, quick_server, tmp_pat
     t.keys("stty size; echo TERM=$TERM", "Enter")
     t.wait_for("TERM=screen")
     assert "30 100" in t.screen()
-    t.tmux("resize-window", "-t", "t", "-x", "120", "-y", "40")
-    t.keys("clear; stty size", "Enter")
-    t.wait_for("40 120")
+    # keys typed at once after a resize see the new size (SIGWINCH alone may come later)
+    for rows, columns in ((35, 110), (25, 90), (33, 107), (28, 95), (36, 111), (26, 93),
+                          (34, 104), (40, 120)):
+        t.resize(rows, columns)
+        t.keys("clear; stty size", "Enter")
+        t.wait_for(f"{rows} {columns}")
     t.keys("clear; sleep 100", "Enter")
     wait_for(lambda: subprocess.run(["pgrep", "-x", "-f", "sleep 100"],
                                     stdout=subprocess.DEVNULL).returncode == 0,
