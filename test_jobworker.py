@@ -6767,7 +6767,6 @@ def test_proto_works_unchanged_from_grpc_js(grpc_js, pki, api):
 # ================================================================================================
 
 
-import fcntl
 import importlib.util
 import tempfile
 import zipfile
