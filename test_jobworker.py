@@ -7439,7 +7439,10 @@ def test_a_full_host_queues_in_order_round_robin_between_owners_within_the_caps(
             running = [s for s in m.list() if s.state == jw.RUNNING]
             assert len(running) == 2
             m.stop(running[0].id, grace=0)
-            settled = lambda: not any(j.phase is jw.Phase.STARTING for j in m.table.live())
+            # (a job whose turn came is DEQUEUED before it is STARTING: the queue is empty
+            # then, but it has not begun)
+            settled = lambda: not any(j.phase in (jw.Phase.DEQUEUED, jw.Phase.STARTING)
+                                      for j in m.table.live())
             now = wait_for(lambda: [s.id for s in m.list() if s.state == jw.RUNNING]
                            if settled() and (sum(s.state == jw.RUNNING for s in m.list()) == 2
                                              or m.queue.total == 0) else None,
