@@ -1766,7 +1766,9 @@ def _fork(libc):
     return pid
 
 
-SYS_CLONE3 = 435                   # the same number on every architecture
+SYS_CLONE3 = 435                   # on these machines (alpha's and mips' differ)
+_CLONE3_MACHINES = ("x86_64", "aarch64", "i686", "armv7l", "armv8l", "ppc64le", "s390x",
+                    "riscv64", "loongarch64")
 CLONE_INTO_CGROUP = 0x200000000
 _CLONE_ARGS_SIZE = 88              # struct clone_args up to its cgroup field (kernel 5.7)
 # clone3's answers that mean it (or CLONE_INTO_CGROUP) is not there: an older kernel, or a
@@ -1942,7 +1944,8 @@ class LauncherProcess:
         self.progress = {}        # job id -> LauncherJob with output not yet reported
         self.served = False       # a server has connected at least once
         self.greeted = False      # the connected server has said hello: frames may go to it
-        self.clone_into = True    # clone3 with CLONE_INTO_CGROUP may be tried
+        # clone3 with CLONE_INTO_CGROUP may be tried (until the kernel says it has none)
+        self.clone_into = os.uname().machine in _CLONE3_MACHINES
         self.ep = select.epoll()
         # what the server may ask, and whether the handler keeps the fds that came with it
         self.ops = {OP_HELLO: (self._hello, False), OP_SPAWN: (self._spawn, True),
@@ -2120,7 +2123,8 @@ class LauncherProcess:
         if pid == 0:
             _child_exec(req, exe, self.ignored, born_in if cloned else procs, stdio, ctty,
                         report_w, self.libc)
-        for fd in (*theirs, report_w, *(fd for fd, _ in procs), *([into] if into else [])):
+        for fd in (*theirs, report_w, *(fd for fd, _ in procs),
+                   *([into] if into is not None else [])):
             os.close(fd)
         pidfd = os.pidfd_open(pid)   # before any reaping: the pid cannot be reused yet
         pending = PendingSpawn(req, pid, pidfd, writer, pipes, stdin)
