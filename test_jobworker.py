@@ -587,20 +587,25 @@ CLONE_INTO = """
 import ctypes, errno, os, sys
 import jobworker as jw
 libc = ctypes.CDLL(None, use_errno=True)
-try:   # not a cgroup: refused (the launcher then forks)
-    pid = jw._clone_into(libc, os.open(sys.argv[2], os.O_RDONLY | os.O_DIRECTORY))
-except OSError as e:
-    assert e.errno == errno.EBADF, e
-else:
-    os._exit(0) if pid == 0 else sys.exit("clone3 into a plain directory was not refused")
 r, w = os.pipe()
-pid = jw._clone_into(libc, os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY))
+try:
+    pid = jw._clone_into(libc, os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY))
+except OSError as e:
+    if e.errno in jw._NO_CLONE_INTO:
+        sys.exit(f"no clone3 here: {e}")
+    raise
 if pid == 0:
     os.write(w, open("/proc/self/cgroup", "rb").read())
     os._exit(0)
 os.close(w)
 print(os.read(r, 65536).decode(), end="")
 assert os.waitpid(pid, 0)[1] == 0
+try:   # not a cgroup: refused (the launcher then forks)
+    pid = jw._clone_into(libc, os.open(sys.argv[2], os.O_RDONLY | os.O_DIRECTORY))
+except OSError as e:
+    assert e.errno == errno.EBADF, e
+else:
+    os._exit(0) if pid == 0 else sys.exit("clone3 into a plain directory was not refused")
 """
 
 
@@ -618,6 +623,8 @@ def test_clone3_creates_the_child_in_its_cgroup2_directory(tmp_path):
     try:
         r = subprocess.run([sys.executable, "-c", CLONE_INTO, cg.clone_into, str(tmp_path)],
                            cwd=HERE, capture_output=True, text=True, timeout=30)
+        if r.stderr.startswith("no clone3 here"):   # (a kernel before 5.7, or seccomp)
+            pytest.skip(r.stderr.strip())
         assert r.returncode == 0, r.stderr
         assert f"0::{cg.path[len(mount):]}" in r.stdout.splitlines(), r.stdout
     finally:
