@@ -583,6 +583,16 @@ def test_child_is_in_every_job_cgroup_before_exec(manager, monkeypatch, tmp_path
         assert lines[""].endswith(f"/{job.id}")
 
 
+def unified_driver(parent):
+    """(the cgroup2 mount, a CgroupV2Driver on it with `parent` below this process's own
+    cgroup there); skips the test where there is no cgroup2 mount."""
+    mount = _unified_mount()
+    if mount is None:
+        pytest.skip("no cgroup2 mount on this host")
+    own = jw._join(mount, "/", jw._own_cgroups("/proc/self/cgroup")["unified"])
+    return mount, jw.CgroupV2Driver(own, parent)
+
+
 CLONE_INTO = """
 import ctypes, errno, os, sys
 import jobworker as jw
@@ -612,11 +622,7 @@ else:
 @root
 def test_clone3_creates_the_child_in_its_cgroup2_directory(tmp_path):
     # the launcher's fast path: were clone3 refused here, it would fork (and this would fail)
-    mount = _unified_mount()
-    if mount is None:
-        pytest.skip("no cgroup2 mount on this host")
-    own = jw._join(mount, "/", jw._own_cgroups("/proc/self/cgroup")["unified"])
-    driver = jw.CgroupV2Driver(own, f"{RUN_PARENT}-clone3")
+    mount, driver = unified_driver(f"{RUN_PARENT}-clone3")
     driver.setup()
     cg = driver.job(str(uuid.uuid4()))
     cg.create()
@@ -635,11 +641,8 @@ def test_clone3_creates_the_child_in_its_cgroup2_directory(tmp_path):
 @root
 def test_unified_mount_mechanics_create_attach_kill_events_remove(make_manager):
     """The v2 implementation on this host's real cgroup2 mount (no controllers here)."""
-    mount = _unified_mount()
-    if mount is None:
-        pytest.skip("no cgroup2 mount on this host")
-    own = jw._join(mount, "/", jw._own_cgroups("/proc/self/cgroup")["unified"])
-    driver = jw.CgroupV2Driver(own, f"{RUN_PARENT}-v2")
+    mount, driver = unified_driver(f"{RUN_PARENT}-v2")
+    own = driver.own
     m = make_manager(cgroups=driver, default_pids=None)
     job = m.start("sh", ["-c", "trap '' TERM; cat /proc/self/cgroup; setsid sleep 600 & echo $!; "
                                "sleep 600"])
